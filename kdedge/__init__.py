@@ -1,0 +1,75 @@
+"""kdedge: distill a large teacher into a small student and ship it to the edge.
+
+The public API takes plain PyTorch objects::
+
+    import kdedge
+    data = kdedge.load_dataset("fashion-mnist")
+    teacher, _, _ = kdedge.resolve_teacher("resnet", data.spec)
+    student = kdedge.create_model(kdedge.ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28)))
+    result = kdedge.distill(student, teacher, data.train, data.test, config=kdedge.DistillConfig(epochs=5))
+
+Importing kdedge loads torch but no optional backend (onnxruntime, TensorRT).
+"""
+
+__version__ = "0.1.0"
+
+from kdedge.config import DistillConfig, TrainConfig, load_config  # noqa: E402
+from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset  # noqa: E402
+from kdedge.distill import Evaluation, FrozenTeacher, HintonLoss, LossParts, evaluate, teacher_logits  # noqa: E402
+from kdedge.errors import (  # noqa: E402
+    BackendUnavailable,
+    ConfigError,
+    DataError,
+    ExportError,
+    KdedgeError,
+    ModelError,
+    ParityError,
+)
+from kdedge.models import (  # noqa: E402
+    ModelSpec,
+    count_flops,
+    count_parameters,
+    create_model,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from kdedge.runs import RunResult, distill, resolve_student, resolve_teacher, run_distill, run_train, train  # noqa: E402
+
+__all__ = [
+    "ArrayDataset",
+    "BackendUnavailable",
+    "ConfigError",
+    "DataError",
+    "DataSplits",
+    "DatasetSpec",
+    "DistillConfig",
+    "Evaluation",
+    "ExportError",
+    "FrozenTeacher",
+    "HintonLoss",
+    "KdedgeError",
+    "LossParts",
+    "ModelError",
+    "ModelSpec",
+    "ParityError",
+    "RunResult",
+    "TrainConfig",
+    "__version__",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "distill",
+    "evaluate",
+    "load_checkpoint",
+    "load_config",
+    "load_dataset",
+    "load_weights",
+    "resolve_student",
+    "resolve_teacher",
+    "run_distill",
+    "run_train",
+    "save_checkpoint",
+    "teacher_logits",
+    "train",
+]

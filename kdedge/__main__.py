@@ -1,0 +1,5 @@
+import sys
+
+from kdedge.cli import main
+
+sys.exit(main())

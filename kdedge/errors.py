@@ -1,0 +1,46 @@
+"""kdedge's exceptions.
+
+Every error a user can cause derives from :class:`KdedgeError`. The CLI turns each one into a
+single line on stderr and exit code 2; a traceback means a bug in kdedge, not bad input.
+Messages say what was expected, what was found and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KdedgeError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "ExportError",
+    "ParityError",
+    "BackendUnavailable",
+]
+
+
+class KdedgeError(Exception):
+    """Base class for every error caused by input, configuration or environment."""
+
+
+class ConfigError(KdedgeError):
+    """A configuration value, flag or YAML key is invalid."""
+
+
+class DataError(KdedgeError):
+    """A dataset cannot be found, read, or does not fit the model."""
+
+
+class ModelError(KdedgeError):
+    """A model name, checkpoint or architecture cannot be resolved or loaded."""
+
+
+class ExportError(KdedgeError):
+    """A model cannot be exported."""
+
+
+class ParityError(ExportError):
+    """An exported model's outputs differ from the reference beyond tolerance."""
+
+
+class BackendUnavailable(KdedgeError):
+    """An optional runtime (onnxruntime, TensorRT, CUDA) is not installed or not usable."""

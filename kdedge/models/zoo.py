@@ -1,0 +1,253 @@
+"""The model zoo: architectures by name, model specs, checkpoints and shipped weights.
+
+A model is named ``arch`` or ``arch@width`` (``tiny_cnn@0.5``). A checkpoint is a safetensors
+file whose metadata records the :class:`ModelSpec` and the :class:`DatasetSpec`, so it can be
+rebuilt and checked against data without the code that trained it. Weights are only ever read
+through safetensors or ``torch.load(weights_only=True)`` — never unrestricted pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdedge.data.spec import DatasetSpec
+from kdedge.errors import ModelError
+from kdedge.models import architectures
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "Checkpoint",
+    "parse_model_name",
+    "create_model",
+    "count_parameters",
+    "count_flops",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "pretrained_path",
+    "state_dict_sha256",
+]
+
+CHECKPOINT_FORMAT = 1
+
+ModelFactory = Callable[[int, tuple[int, int, int], float], nn.Module]
+
+#: Architecture name -> factory(num_classes, input_shape, width).
+MODELS: dict[str, ModelFactory] = {
+    "resnet": architectures.resnet,
+    "tiny_cnn": architectures.tiny_cnn,
+    "dw_cnn": architectures.dw_cnn,
+    "mlp": architectures.mlp,
+}
+
+#: (architecture, width, dataset) -> weights file shipped in kdedge/models/weights/.
+PRETRAINED: dict[tuple[str, float, str], str] = {
+    ("resnet", 1.0, "fashion-mnist"): "resnet-fashion-mnist.safetensors",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Enough to rebuild a zoo model: architecture, width and the data's shape."""
+
+    arch: str
+    width: float
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return self.arch if self.width == 1.0 else f"{self.arch}@{self.width:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        try:
+            return cls(str(d["arch"]), float(d["width"]), int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"malformed model spec in checkpoint ({exc!r})") from None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model and what its metadata says."""
+
+    model: nn.Module
+    spec: ModelSpec
+    data: DatasetSpec | None
+    path: Path
+    sha256: str
+    extra: dict[str, Any]
+
+
+def parse_model_name(name: str) -> tuple[str, float]:
+    """``"tiny_cnn@0.5"`` -> ``("tiny_cnn", 0.5)``; validates both parts."""
+    arch, _, width_text = name.partition("@")
+    if arch not in MODELS:
+        raise ModelError(f"unknown model {arch!r}; expected one of {', '.join(sorted(MODELS))} (optionally NAME@WIDTH, e.g. tiny_cnn@0.5)")
+    width = 1.0
+    if width_text:
+        try:
+            width = float(width_text)
+        except ValueError:
+            raise ModelError(f"bad width in {name!r}: expected a number after '@', e.g. {arch}@0.5") from None
+        if not 0.05 <= width <= 16:
+            raise ModelError(f"width {width:g} in {name!r} is out of range; expected 0.05..16")
+    return arch, width
+
+
+def create_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialized model for ``spec`` (initialization follows the global RNG)."""
+    if spec.arch not in MODELS:
+        raise ModelError(f"unknown model {spec.arch!r}; expected one of {', '.join(sorted(MODELS))}")
+    return MODELS[spec.arch](spec.num_classes, spec.input_shape, spec.width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on a single sample (``torch.utils.flop_counter``; 1 MAC = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def state_dict_sha256(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, shapes, dtypes and bytes, in sorted key order."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    spec: ModelSpec | None,
+    data: DatasetSpec | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model``'s weights and specs as one safetensors file.
+
+    ``spec`` None (a model from outside the zoo) stores the weights without an architecture:
+    reload them with :func:`load_weights` into the same module.
+    """
+    from safetensors.torch import save_file
+
+    meta = {"format": CHECKPOINT_FORMAT, "model": spec.to_dict() if spec else None, "data": data.to_dict() if data else None, "extra": extra or {}}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"kdedge": json.dumps(meta, sort_keys=True)})
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise ModelError(f"{path}: no such checkpoint; expected a .safetensors file or a run directory holding model.safetensors")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); is it truncated or corrupt?") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
+        raise ModelError(f"{path}: cannot load weights with torch.load(weights_only=True) ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return state, {}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights from safetensors or a ``torch.save``d state dict into ``model``, strictly.
+
+    Raises:
+        ModelError: The file is unreadable, or its tensors do not fit the architecture.
+    """
+    path = Path(path)
+    state, _ = _read_state(path)
+    _load_strict(model, state, path)
+    return model
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys()) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"shape mismatch {len(wrong)} (e.g. {'; '.join(wrong[:2])})")
+        raise ModelError(f"{path}: weights do not fit {type(model).__name__}: {', '.join(parts)}; was it saved from another architecture or width?")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild a model from a kdedge checkpoint (a ``.safetensors`` file or a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    state, meta = _read_state(path)
+    if "kdedge" not in meta:
+        raise ModelError(f"{path}: has no kdedge metadata, so its architecture is unknown; load it into a model with kdedge.load_weights")
+    try:
+        info = json.loads(meta["kdedge"])
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: kdedge metadata is not valid JSON; the file is corrupt") from None
+    if not info.get("model"):
+        raise ModelError(f"{path}: was saved from a model outside the zoo, so its architecture is unknown; load it into that model with kdedge.load_weights")
+    spec = ModelSpec.from_dict(info["model"])
+    data = DatasetSpec.from_dict(info["data"]) if info.get("data") else None
+    model = create_model(spec)
+    _load_strict(model, state, path)
+    return Checkpoint(model=model, spec=spec, data=data, path=path, sha256=_file_sha256(path), extra=info.get("extra") or {})
+
+
+def pretrained_path(arch: str, width: float, dataset: str) -> Path | None:
+    """The shipped weights for ``arch@width`` trained on ``dataset``, if kdedge has them."""
+    file_name = PRETRAINED.get((arch, width, dataset))
+    if file_name is None:
+        return None
+    path = Path(str(resources.files("kdedge.models") / "weights" / file_name))
+    return path if path.is_file() else None
