@@ -98,6 +98,19 @@ def distill(config_file: str | None, quiet: bool, **params: Any) -> None:
     _summary(result)
 
 
+@cli.command()
+@click.argument("name", default="fashion-mnist")
+def data(name: str) -> None:
+    """Find built-in dataset NAME locally (or download it) and print its directory.
+
+    Looks in $KDEDGE_DATA/NAME, ~/.cache/kdedge/NAME and /usr/share/datasets/NAME, then
+    downloads the official files into ~/.cache/kdedge/NAME, checking their sha256.
+    """
+    from kdedge.data import locate_dataset
+
+    click.echo(str(locate_dataset(name)))
+
+
 def _summary(result: Any) -> None:
     m = result.metrics
     line = f"{m['model']['name']}: test accuracy {m['test']['accuracy']:.4f}, macro F1 {m['test']['macro_f1']:.4f}, {m['model']['params']:,} params"

@@ -158,12 +158,13 @@ def train(
         test_data: Evaluated after every epoch and at the end.
         config: Optimizer, schedule, epochs, seed, ...; ``config.model``/``config.data`` are ignored here.
         spec: Recorded in the checkpoint so the model can be rebuilt by name.
-        out: Run directory to write (must not exist).
+        out: Run directory to write (must not exist); defaults to ``config.out``; None writes nothing.
         progress: Show a progress bar per epoch.
         on_epoch: Called with each epoch's history row when it completes.
     """
     config = config or TrainConfig()
     loss = HintonLoss(alpha=0.0, label_smoothing=config.label_smoothing)
+    out = out if out is not None else config.out
     return _run("train", model, train_data, test_data, config=config, loss=loss, teacher=None, spec=spec, out=out, progress=progress, extra_metrics={}, on_epoch=on_epoch)
 
 
@@ -194,12 +195,13 @@ def distill(
         config: α, T, optimizer, schedule, epochs, seed, cache mode.
         student_spec: Recorded in the checkpoint so the student can be rebuilt by name.
         teacher_name: Recorded in ``metrics.json``.
-        out: Run directory to write (must not exist).
+        out: Run directory to write (must not exist); defaults to ``config.out``; None writes nothing.
         progress: Show a progress bar per epoch.
         on_epoch: Called with each epoch's history row when it completes.
     """
     config = config or DistillConfig()
-    _check_out(config.out if out is None else out)
+    out = out if out is not None else config.out
+    _check_out(out)
     device = resolve_device(config.device)
     frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last)
     teacher_test = evaluate(frozen.model, test_data, device=device) if test_data is not None else None

@@ -1,7 +1,7 @@
 """Datasets: IDX and NPZ readers, built-in datasets and the dataset spec."""
 
 from kdedge.data.idx import parse_idx, read_idx, write_idx
-from kdedge.data.sources import BUILTIN_DATASETS, cache_dir, load_dataset, load_idx_dir, load_npz
+from kdedge.data.sources import BUILTIN_DATASETS, cache_dir, find_builtin, load_dataset, load_idx_dir, load_npz, locate_dataset
 from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "load_dataset",
     "load_idx_dir",
     "load_npz",
+    "locate_dataset",
+    "find_builtin",
     "parse_idx",
     "read_idx",
     "write_idx",

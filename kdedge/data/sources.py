@@ -25,7 +25,17 @@ from kdedge.data.idx import read_idx
 from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits
 from kdedge.errors import DataError
 
-__all__ = ["BUILTIN_DATASETS", "BuiltinDataset", "load_dataset", "load_idx_dir", "load_npz", "fetch_builtin", "cache_dir"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "BuiltinDataset",
+    "cache_dir",
+    "fetch_builtin",
+    "find_builtin",
+    "load_dataset",
+    "load_idx_dir",
+    "load_npz",
+    "locate_dataset",
+]
 
 _ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -40,6 +50,7 @@ class BuiltinDataset:
     std: tuple[float, ...]
     files: dict[str, tuple[str, str]]  # role -> (file name, sha256 of the official file)
     mirrors: tuple[str, ...]
+    debian_package: str | None = None  # installs the files into /usr/share/datasets/<name>
 
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
@@ -56,6 +67,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             "test_labels": ("t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
         },
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        debian_package="dataset-fashion-mnist",
     ),
     "mnist": BuiltinDataset(
         name="mnist",
@@ -140,13 +152,39 @@ def fetch_builtin(builtin: BuiltinDataset, dest: Path, *, timeout: float = 30.0)
             raise DataError("; ".join(errors))
 
 
-def _resolve_builtin(builtin: BuiltinDataset) -> Path:
+def find_builtin(name: str) -> Path | None:
+    """The first search directory that holds all four files of built-in dataset ``name``."""
+    builtin = _builtin(name)
     for directory in _search_dirs(builtin.name):
         if all(_find_file(directory, builtin.files[r][0]) for r in _ROLES):
             return directory
+    return None
+
+
+def _builtin(name: str) -> BuiltinDataset:
+    try:
+        return BUILTIN_DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown built-in dataset {name!r}; expected one of {', '.join(BUILTIN_DATASETS)}") from None
+
+
+def locate_dataset(name: str) -> Path:
+    """Find built-in dataset ``name`` locally or download it; returns its directory.
+
+    Raises:
+        DataError: Not found locally and the download failed (or ``KDEDGE_OFFLINE`` is set).
+    """
+    return _resolve_builtin(_builtin(name))
+
+
+def _resolve_builtin(builtin: BuiltinDataset) -> Path:
+    found = find_builtin(builtin.name)
+    if found is not None:
+        return found
     searched = ", ".join(str(d) for d in _search_dirs(builtin.name))
+    debian = f"install Debian's {builtin.debian_package} package, or " if builtin.debian_package else ""
     hint = (
-        f"install Debian's dataset-{builtin.name} package, or put the four IDX files "
+        f"{debian}put the four IDX files "
         f"({', '.join(f[0] for f in builtin.files.values())}) in $KDEDGE_DATA/{builtin.name}, "
         "or pass --data DIR"
     )

@@ -1,0 +1,44 @@
+# kdedge: two commands from a fresh clone — `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdedge-installed
+# The development environment pins torch to the CPU wheel (the library itself only needs torch>=2.4).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install data demo test test-fast bench teacher clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: found locally ($$KDEDGE_DATA, ~/.cache/kdedge, /usr/share/datasets), else Debian's
+# package when we may install it, else the official files (sha256-checked) via `kdedge data`.
+data: $(STAMP)
+	@KDEDGE_OFFLINE=1 $(VENV)/bin/kdedge data fashion-mnist >/dev/null 2>&1 \
+	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	       && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null; } \
+	  || true
+	@$(VENV)/bin/kdedge data fashion-mnist
+
+demo: data
+	$(VENV)/bin/kdedge distill
+
+test: data
+	$(PY) -m pytest -q
+
+test-fast: data
+	$(PY) -m pytest -q -m "not slow"
+
+bench: data
+	$(PY) benchmarks/kd_vs_scratch.py
+
+teacher: data
+	$(PY) scripts/train_teacher.py
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,63 @@
+"""Shared fixtures. Tiny models are defined here; real data comes from the built-in dataset."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdedge.data import find_builtin, write_idx
+
+# Where the real Fashion-MNIST lives before the tests re-point the cache (it may be in the cache).
+_FMNIST_DIR = find_builtin("fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own kdedge cache (logit files) so tests never see each other's."""
+    monkeypatch.setenv("KDEDGE_CACHE", str(tmp_path_factory.mktemp("kdedge-cache")))
+    if _FMNIST_DIR is not None and "KDEDGE_DATA" not in os.environ:
+        monkeypatch.setenv("KDEDGE_DATA", str(_FMNIST_DIR.parent))
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    """The real Fashion-MNIST (installed by `make test`)."""
+    from kdedge.data import load_dataset
+
+    return load_dataset("fashion-mnist")
+
+
+class TinyNet(nn.Module):
+    """A 1x8x8 -> K classifier small enough to train in milliseconds."""
+
+    def __init__(self, num_classes: int = 3, channels: int = 1, size: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * size * size, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def make_idx_dir(path, *, n_train=60, n_test=20, size=8, classes=3, seed=0, compress=True, names=None):
+    """Write a small MNIST-style dataset with a learnable signal (class = brightest band)."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    names = names or {
+        "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+        "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+    }
+    suffix = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = rng.integers(0, classes, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+        band = size // classes
+        for i, c in enumerate(y):
+            x[i, c * band:(c + 1) * band] += 150
+        write_idx(path / (names[f"{split}_images"] + suffix), x, compress=compress)
+        write_idx(path / (names[f"{split}_labels"] + suffix), y, compress=compress)
+    return path

@@ -1,0 +1,114 @@
+"""The teacher-logit cache: correct logits, keyed by teacher and data, never for augmented inputs."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge.config import DistillConfig
+from kdedge.data import ArrayDataset, load_idx_dir
+from kdedge.distill import FrozenTeacher, HintonLoss, fit, logit_cache_key, teacher_logits
+
+from conftest import TinyNet, make_idx_dir
+
+
+class CountingNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.samples = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.samples += x.shape[0]
+        return super().forward(x)
+
+
+def _data(tmp_path, seed=0):
+    return load_idx_dir(make_idx_dir(tmp_path / f"d{seed}", seed=seed))
+
+
+def test_cached_logits_equal_direct_inference(tmp_path):
+    data = _data(tmp_path)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(TinyNet())
+    cached = teacher_logits(teacher, data.train, cache_dir=tmp_path / "cache", batch_size=7)
+    with torch.no_grad():
+        direct = teacher.model(data.train.inputs())
+    torch.testing.assert_close(cached.tensor(), direct, atol=1e-6, rtol=0)
+    idx = torch.tensor([5, 0, 59])
+    torch.testing.assert_close(cached[idx], direct[idx], atol=1e-6, rtol=0)
+    assert not cached.hit and cached.path.is_file()
+
+
+def test_disk_cache_hit_skips_the_teacher(tmp_path):
+    data = _data(tmp_path)
+    net = CountingNet()
+    first = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
+    calls = net.calls
+    second = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
+    assert second.hit and net.calls == calls
+    assert second.key == first.key
+    torch.testing.assert_close(second.tensor(), first.tensor())
+
+
+def test_key_changes_with_teacher_weights(tmp_path):
+    data = _data(tmp_path)
+    torch.manual_seed(0)
+    net = TinyNet()
+    key = logit_cache_key(FrozenTeacher(net), data.train)
+    with torch.no_grad():
+        net.fc.bias[0] += 1e-3
+    assert logit_cache_key(FrozenTeacher(net), data.train) != key
+
+
+def test_key_changes_with_batchnorm_statistics(tmp_path):
+    data = _data(tmp_path)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.zeros(2, 1, 8, 8))
+    key = logit_cache_key(FrozenTeacher(net), data.train)
+    net[1].running_mean += 0.1  # buffers, not parameters, changed
+    assert logit_cache_key(FrozenTeacher(net), data.train) != key
+
+
+def test_key_changes_with_data(tmp_path):
+    a, b = _data(tmp_path, 0), _data(tmp_path, 1)
+    teacher = FrozenTeacher(TinyNet())
+    assert logit_cache_key(teacher, a.train) != logit_cache_key(teacher, b.train)
+    # One changed pixel is a different dataset.
+    images = a.train.images.clone()
+    images[0, 0, 0, 0] ^= 1
+    changed = ArrayDataset(images, a.train.labels, a.spec)
+    assert logit_cache_key(teacher, changed) != logit_cache_key(teacher, a.train)
+
+
+def test_torn_cache_file_is_recomputed(tmp_path):
+    data = _data(tmp_path)
+    teacher = FrozenTeacher(TinyNet())
+    first = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
+    np.save(first.path, np.zeros((3, 3), np.float32))  # wrong shape: e.g. another tool wrote it
+    again = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
+    assert not again.hit
+    torch.testing.assert_close(again.tensor(), first.tensor())
+
+
+def _distill(tmp_path, *, augment):
+    data = _data(tmp_path)
+    teacher_net = CountingNet()
+    cfg = DistillConfig(epochs=3, batch_size=16, augment=augment, device="cpu", lr=0.01)
+    history, cached = fit(TinyNet(), data.train, config=cfg, loss=HintonLoss(0.5, 2.0), teacher=FrozenTeacher(teacher_net),
+                          cache_dir=tmp_path / "cache", progress=False)
+    return teacher_net, history, cached, data
+
+
+def test_cache_means_one_teacher_pass(tmp_path):
+    teacher_net, history, cached, data = _distill(tmp_path, augment=False)
+    assert cached is not None
+    assert teacher_net.samples == len(data.train)  # once over the data, not once per epoch
+    assert all(h["train_kd_loss"] > 0 for h in history)
+
+
+def test_augmentation_never_uses_the_cache(tmp_path):
+    teacher_net, history, cached, data = _distill(tmp_path, augment=True)
+    assert cached is None
+    assert teacher_net.samples == 3 * len(data.train)  # the teacher saw every augmented batch
+    assert not list((tmp_path / "cache").glob("*.npy"))
