@@ -101,13 +101,14 @@ class DistillConfig(_RunConfig):
     """Knowledge distillation (``kdedge distill``) with Hinton's loss.
 
     The defaults are the recipe ``benchmarks/kd_vs_scratch.py`` measures: the shipped
-    Fashion-MNIST teacher into ``tiny_cnn``.
+    Fashion-MNIST teacher into ``tiny_cnn`` for 15 epochs with α = 0.5, T = 2 (chosen from
+    α ∈ {0.5, 0.7, 0.9} × T ∈ {1, 2, 4} on seed 0; T = 4 under-fitted this student).
     """
 
     teacher: str = "resnet"
     student: str = "tiny_cnn"
-    alpha: float = 0.9
-    temperature: float = 4.0
+    alpha: float = 0.5
+    temperature: float = 2.0
     cache: str = "disk"
     epochs: int = 15
 
