@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -44,10 +45,12 @@ _HELP = {
 def _options_from(cls: type[_RunConfig]):
     """One click option per config field; defaults stay in the dataclass, not in click."""
 
+    hints = typing.get_type_hints(cls)
+
     def decorate(func):
         for f in reversed(fields(cls)):
             flag = "--" + f.name.replace("_", "-")
-            types_ = [t for t in _allowed_types(f.type) if t is not type(None)]
+            types_ = [t for t in _allowed_types(hints[f.name]) if t is not type(None)]
             default = f.default if f.default is not MISSING else None
             show = f" [default: {default}]" if default not in (None, "") else ""
             if types_ == [bool]:

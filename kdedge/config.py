@@ -124,8 +124,6 @@ class DistillConfig(_RunConfig):
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # annotations are ours, from this module
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return tuple(t for a in typing.get_args(annotation) for t in _allowed_types(a))
@@ -141,9 +139,10 @@ def _describe(types_: tuple[type, ...]) -> str:
 
 def _check_types(cfg: _RunConfig) -> None:
     problems = []
+    hints = typing.get_type_hints(type(cfg))  # resolves the string annotations of `from __future__`
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        allowed = _allowed_types(f.type)
+        allowed = _allowed_types(hints[f.name])
         if isinstance(value, bool) and bool not in allowed:
             problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
         elif isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
