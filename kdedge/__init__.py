@@ -8,12 +8,14 @@ The public API takes plain PyTorch objects::
     student = kdedge.create_model(kdedge.ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28)))
     result = kdedge.distill(student, teacher, data.train, data.test, config=kdedge.DistillConfig(epochs=5))
 
-Importing kdedge loads torch but no optional backend (onnxruntime, TensorRT).
+    bundle = kdedge.export_model(result.model, "export/", data=data)  # ONNX FP32 + INT8, parity-checked
+
+Importing kdedge loads torch but neither onnx, onnxruntime nor TensorRT; they load on first use.
 """
 
 __version__ = "0.1.0"
 
-from kdedge.config import DistillConfig, TrainConfig, load_config  # noqa: E402
+from kdedge.config import DistillConfig, ExportConfig, TrainConfig, load_config  # noqa: E402
 from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset  # noqa: E402
 from kdedge.distill import Evaluation, FrozenTeacher, HintonLoss, LossParts, evaluate, teacher_logits  # noqa: E402
 from kdedge.errors import (  # noqa: E402
@@ -25,6 +27,7 @@ from kdedge.errors import (  # noqa: E402
     ModelError,
     ParityError,
 )
+from kdedge.exporters import ExportResult, export_checkpoint, export_model  # noqa: E402
 from kdedge.models import (  # noqa: E402
     ModelSpec,
     count_flops,
@@ -45,7 +48,9 @@ __all__ = [
     "DatasetSpec",
     "DistillConfig",
     "Evaluation",
+    "ExportConfig",
     "ExportError",
+    "ExportResult",
     "FrozenTeacher",
     "HintonLoss",
     "KdedgeError",
@@ -61,6 +66,8 @@ __all__ = [
     "create_model",
     "distill",
     "evaluate",
+    "export_checkpoint",
+    "export_model",
     "load_checkpoint",
     "load_config",
     "load_dataset",

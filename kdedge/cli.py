@@ -101,6 +101,52 @@ def distill(config_file: str | None, quiet: bool, **params: Any) -> None:
     _summary(result)
 
 
+
+@cli.command()
+@click.argument("source")
+@click.option("--format", "formats", multiple=True, help="onnx, onnx-int8, onnx-fp16, tensorrt; repeat or comma-separate. [default: onnx,onnx-int8]")
+@click.option("--data", help="Dataset for parity, calibration and accuracy [default: the one recorded in the checkpoint].")
+@click.option("--opset", type=int, help="ONNX opset (18..23). [default: 18]")
+@click.option("--parity-samples", type=int, help="Real test inputs compared with PyTorch (batch N; the first 16 also at batch 1). [default: 1000]")
+@click.option("--calibration-samples", type=int, help="Training inputs that calibrate static INT8. [default: 512]")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), help="Static INT8 calibration. [default: minmax]")
+@click.option("--quantization", type=click.Choice(["static", "dynamic"]), help="INT8 mode: static QDQ (calibrated) or dynamic. [default: static]")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Per-channel INT8 weight scales. [default: per-channel]")
+@click.option("--reduce-range/--full-range", "reduce_range", default=None, help="7-bit INT8 weights for CPU (avoids x86 U8S8 saturation; measured +0.6 pt on the teacher). [default: reduce-range]")
+@click.option("--allow-mismatch", is_flag=True, default=None, help="Keep artifacts that fail parity (the failure is recorded in export.json).")
+@click.option("--no-evaluate", "evaluate", flag_value=False, default=None, help="Skip measuring each artifact's test accuracy.")
+@click.option("--slim", is_flag=True, default=None, help="Simplify the ONNX graph with onnxslim when that removes nodes.")
+@click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "int8"]), help="TensorRT engine precision. [default: fp16]")
+@click.option("--trt-batch", help="TensorRT batch profile MIN,OPT,MAX. [default: 1,32,256]")
+@click.option("--trt-workspace-mib", type=int, help="TensorRT builder workspace in MiB. [default: 1024]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
+@click.option("--out", help="Export directory to create (default runs/export-<time>); must not exist.")
+def export(source: str, config_file: str | None, formats: tuple[str, ...], **params: Any) -> None:
+    """Export SOURCE (a run directory, a .safetensors checkpoint or a shipped zoo name) to ONNX,
+    INT8, FP16 and TensorRT, checking every artifact against PyTorch on real test inputs.
+    """
+    from kdedge.config import ExportConfig
+    from kdedge.errors import BackendUnavailable
+    from kdedge.exporters import export_checkpoint
+
+    overrides = {k: v for k, v in params.items() if v is not None}
+    if formats:
+        overrides["formats"] = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
+    config = load_config(ExportConfig, config_file, overrides)
+    result = export_checkpoint(source, config)
+    for a in result.artifacts:
+        p = a.parity["outputs"][0] if a.parity else None
+        parts = [f"{a.path:<22} {a.bytes / 1024:8.1f} KiB"]
+        if p:
+            parts.append(f"max|Δ| {p['max_abs_diff']:.2e}  argmax {p['argmax_agreement']:.2%}{'' if a.parity['passed'] else '  PARITY FAILED (kept: --allow-mismatch)'}")
+        if a.accuracy:
+            parts.append(f"test acc {a.accuracy['accuracy']:.4f}" + (f" (Δ {-a.accuracy['drop_vs_fp32_pt']:+.2f} pt)" if "drop_vs_fp32_pt" in a.accuracy else ""))
+        click.echo("  ".join(parts))
+    click.echo(f"wrote {result.out}")
+    if result.skipped:
+        raise BackendUnavailable("; ".join(f"{fmt} not built: {why}" for fmt, why in result.skipped.items()) + f" (the ONNX artifacts are in {result.out})")
+
+
 @cli.command()
 @click.argument("name", default="fashion-mnist")
 def data(name: str) -> None:

@@ -17,19 +17,40 @@ import yaml
 
 from kdedge.errors import ConfigError
 
-__all__ = ["TrainConfig", "DistillConfig", "load_config", "config_from_dict", "config_to_yaml"]
+__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "load_config", "config_from_dict", "config_to_yaml"]
 
-C = TypeVar("C", bound="_RunConfig")
+C = TypeVar("C", bound="_Config")
 
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULES = ("cosine", "constant")
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "bf16")
 _CACHES = ("disk", "memory", "off")
+EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZATION_MODES = ("static", "dynamic")
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class _Config:
+    """Typed, validated configuration: checks types, then gathers every problem before raising."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        problems = self._problems()
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 @dataclass
-class _RunConfig:
+class _RunConfig(_Config):
     """Fields shared by every training run."""
 
     data: str = "fashion-mnist"
@@ -52,12 +73,6 @@ class _RunConfig:
     channels_last: bool = True
     threads: int | None = None
     out: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        problems = self._problems()
-        if problems:
-            raise ConfigError("invalid config: " + "; ".join(problems))
 
     def _problems(self) -> list[str]:
         p = []
@@ -84,9 +99,6 @@ class _RunConfig:
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return p
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -123,7 +135,63 @@ class DistillConfig(_RunConfig):
         return p
 
 
-def _allowed_types(annotation: Any) -> tuple[type, ...]:
+@dataclass
+class ExportConfig(_Config):
+    """Export of a checkpoint (``kdedge export``): formats, parity, INT8 calibration, TensorRT.
+
+    Parity is always checked against the PyTorch model on ``parity_samples`` real test inputs, at
+    batch 1 and batch N. Tolerances per precision: FP32 max |Δ| ≤ ``fp32_atol``; FP16 max |Δ| ≤
+    ``fp16_atol`` + ``fp16_rtol``·max|reference|; argmax must agree except on near-ties
+    (reference top-2 margin ≤ 2× the tolerance). INT8 is judged by argmax agreement
+    (≥ ``int8_min_agreement``) and its measured test accuracy.
+    """
+
+    formats: tuple[str, ...] = ("onnx", "onnx-int8")
+    data: str | None = None
+    opset: int = 18
+    parity_samples: int = 1000
+    calibration_samples: int = 512
+    calibration_method: str = "minmax"
+    quantization: str = "static"
+    per_channel: bool = True
+    reduce_range: bool = True
+    allow_mismatch: bool = False
+    fp32_atol: float = 1e-4
+    fp16_atol: float = 1e-2
+    fp16_rtol: float = 1e-2
+    int8_min_agreement: float = 0.95
+    evaluate: bool = True
+    slim: bool = False
+    trt_precision: str = "fp16"
+    trt_batch: tuple[int, ...] = (1, 32, 256)
+    trt_workspace_mib: int = 1024
+    out: str | None = None
+
+    def _problems(self) -> list[str]:
+        p = []
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad or not self.formats:
+            p.append(f"formats must be one or more of {', '.join(EXPORT_FORMATS)}, got {', '.join(self.formats) or 'none'}")
+        if not 18 <= self.opset <= 23:
+            p.append(f"opset must be in 18..23 (the dynamo exporter's range), got {self.opset}")
+        for name in ("parity_samples", "calibration_samples", "trt_workspace_mib"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                p.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("fp32_atol", "fp16_atol", "fp16_rtol"):
+            if not getattr(self, name) >= 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.int8_min_agreement <= 1:
+            p.append(f"int8_min_agreement must be in [0, 1], got {self.int8_min_agreement}")
+        b = self.trt_batch
+        if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
+            p.append(f"trt_batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {','.join(map(str, b))}")
+        return p
+
+
+def _allowed_types(annotation: Any) -> tuple[Any, ...]:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return tuple(t for a in typing.get_args(annotation) for t in _allowed_types(a))
@@ -132,17 +200,40 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
     return (annotation,)
 
 
-def _describe(types_: tuple[type, ...]) -> str:
+def _element_type(annotation: Any) -> type | None:
+    """``tuple[int, ...]`` -> ``int``; None for a non-sequence annotation."""
+    if typing.get_origin(annotation) in (tuple, list):
+        return typing.get_args(annotation)[0]
+    return None
+
+
+def _describe(types_: tuple[Any, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in types_)
+    out = []
+    for t in types_:
+        element = _element_type(t)
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        out.append(f"a list of {plural.get(element, str(element))}" if element else names.get(t, getattr(t, "__name__", str(t))))
+    return " or ".join(out)
 
 
-def _check_types(cfg: _RunConfig) -> None:
+def _check_types(cfg: _Config) -> None:
     problems = []
     hints = typing.get_type_hints(type(cfg))  # resolves the string annotations of `from __future__`
-    for f in fields(cfg):
+    for f in fields(cfg):  # type: ignore[arg-type]
         value = getattr(cfg, f.name)
         allowed = _allowed_types(hints[f.name])
+        element = next((e for e in map(_element_type, allowed) if e is not None), None)
+        if element is not None:
+            if isinstance(value, str):  # "onnx,onnx-int8" from a flag or YAML
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) for v in value):
+                    raise TypeError
+                setattr(cfg, f.name, tuple(element(v) for v in value))
+            except (TypeError, ValueError):
+                problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
+            continue
         if isinstance(value, bool) and bool not in allowed:
             problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
         elif isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
@@ -187,5 +278,5 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
     return config_from_dict(cls, values, source=str(path) if path else "config")
 
 
-def config_to_yaml(cfg: _RunConfig) -> str:
+def config_to_yaml(cfg: _Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

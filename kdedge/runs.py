@@ -8,9 +8,6 @@ and renamed into place, so an interrupted run leaves no half-written directory.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdedge import __version__
+from kdedge._fs import atomic_dir
 from kdedge.config import DistillConfig, TrainConfig, _RunConfig, config_to_yaml
 from kdedge.data import DataSplits, DatasetSpec, cache_dir, load_dataset
 from kdedge.data.spec import ArrayDataset
@@ -39,7 +37,6 @@ from kdedge.models.zoo import (
     parse_model_name,
     pretrained_path,
     save_checkpoint,
-    state_dict_sha256,
 )
 
 __all__ = ["RunResult", "train", "distill", "run_train", "run_distill", "resolve_teacher", "resolve_student", "default_out"]
@@ -86,17 +83,11 @@ def _model_summary(model: nn.Module, spec: ModelSpec | None, data: DatasetSpec |
 
 def _write_run(out: Path, model: nn.Module, spec: ModelSpec | None, data: DatasetSpec | None, metrics: dict, config: _RunConfig) -> None:
     """Write the run directory atomically: build it under a temporary name, then rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         cfg = config.to_dict() | {"out": str(out)}
         save_checkpoint(tmp / "model.safetensors", model, spec, data, extra={"kdedge_version": __version__, "test_accuracy": metrics.get("test", {}).get("accuracy")})
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "config.yaml").write_text(config_to_yaml(type(config)(**cfg)))
-        os.rename(tmp, out)  # fails if out appeared meanwhile: never merge into another run
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _run(

@@ -11,6 +11,23 @@ from torch import nn
 
 from kdedge.data import find_builtin, write_idx
 
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` or `tensorrt` skip, with the reason, where the hardware or library is absent."""
+    has_cuda = torch.cuda.is_available()
+    has_trt = _importable("tensorrt")
+    for item in items:
+        if "tensorrt" in item.keywords and not (has_trt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (pip install 'kdedge-distill[tensorrt]')" if not has_trt else "needs a CUDA GPU"))
+        elif "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 # Where the real Fashion-MNIST lives before the tests re-point the cache (it may be in the cache).
 _FMNIST_DIR = find_builtin("fashion-mnist")
 

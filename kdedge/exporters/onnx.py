@@ -1,0 +1,228 @@
+"""PyTorch -> ONNX with the dynamo exporter: a dynamic batch dimension, one self-contained file.
+
+``torch.onnx.export`` writes weights to a separate ``.onnx.data`` file by default; a bundle that
+copies only the ``.onnx`` would lose them. Below the 2 GB protobuf limit kdedge therefore embeds
+the weights (``external_data=False``). The file is written under a temporary name, checked with
+``onnx.checker`` (full check, with shape inference) and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdedge.errors import ExportError
+
+__all__ = ["OnnxExport", "export_onnx", "set_metadata", "read_metadata", "check_onnx", "HalfPrecision", "PROTOBUF_LIMIT"]
+
+#: Protobuf messages (and so single-file ONNX models) cannot exceed 2 GiB.
+PROTOBUF_LIMIT = 2**31 - 1
+# Headroom for the graph itself next to the weights.
+_EMBED_LIMIT = PROTOBUF_LIMIT - 64 * 2**20
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    files: list[Path]  # path, plus its .data file when the weights had to stay external
+    opset: int
+    precision: str
+    nodes: int
+    nodes_before_slim: int | None = None
+
+
+class HalfPrecision(nn.Module):
+    """Runs ``model`` in FP16 behind FP32 inputs and outputs (the FP16 variant's default I/O).
+
+    Exporting this wrapper gives an ONNX graph whose weights and activations are FP16, with one
+    ``Cast`` at the input and one at the output, so callers keep feeding ``float32``.
+    """
+
+    def __init__(self, model: nn.Module, *, fp16_io: bool = False) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half().eval()
+        self.fp16_io = fp16_io
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp16_io:
+            return self.model(x)
+        return self.model(x.to(torch.float16)).to(torch.float32)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs progress and warns about absent torchvision ops; keep the CLI clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line: torch.onnx wraps the useful message in 'step k/3 failed'."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_shape: tuple[int, ...],
+    input_name: str = "input",
+    output_name: str = "logits",
+    opset: int = 18,
+    precision: str = "fp32",
+    fp16_io: bool = False,
+    metadata: dict[str, str] | None = None,
+    slim: bool = False,
+) -> OnnxExport:
+    """Export ``model`` (eval mode, on the CPU) to ONNX with a dynamic batch dimension.
+
+    Args:
+        model: A classifier ``(B, *input_shape) -> (B, K)``; it is not modified.
+        path: The ``.onnx`` file to write.
+        input_shape: One sample's shape, e.g. ``(1, 28, 28)``.
+        input_name: Graph input name (the batch dimension is named ``batch``).
+        output_name: Graph output name.
+        opset: ONNX opset of the default domain (the dynamo exporter supports 18 and up).
+        precision: ``fp32``, or ``fp16`` (weights and activations in half precision).
+        fp16_io: With ``precision="fp16"``, take and return ``float16`` instead of ``float32``.
+        metadata: Written to the model's ``metadata_props``.
+        slim: Run onnxslim and keep its graph when it has fewer nodes.
+
+    Raises:
+        ExportError: The model cannot be traced or converted, or the result fails the checker.
+    """
+    path = Path(path)
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision must be fp32 or fp16 for an ONNX export, got {precision!r} (INT8 comes from kdedge.exporters.quantize_int8)")
+    was_training = model.training
+    model = model.eval().cpu()
+    module: nn.Module = HalfPrecision(model, fp16_io=fp16_io) if precision == "fp16" else model
+    dtype = torch.float16 if precision == "fp16" and fp16_io else torch.float32
+    # Batch 2, not 1: torch.export specializes dimensions of size 1 to constants.
+    example = torch.zeros(2, *input_shape, dtype=dtype)
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    external = _param_bytes(module) > _EMBED_LIMIT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                program = torch.onnx.export(
+                    module,
+                    (example,),
+                    dynamic_shapes=({0: batch},),
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=external,
+                    optimize=True,
+                    verbose=False,
+                )
+        except Exception as exc:  # torch.export/ONNX translation raise many types; all are "cannot export"
+            raise ExportError(
+                f"cannot export {type(model).__name__} to ONNX ({_root_cause(exc)}); the model must be traceable by torch.export "
+                "(no data-dependent Python control flow, only ops with ONNX translations)"
+            ) from None
+        if program is None:
+            raise ExportError(f"torch.onnx.export returned no program for {type(model).__name__}")
+        import onnx
+
+        proto = program.model_proto
+        nodes_before = len(proto.graph.node)
+        if slim:
+            proto = _slim(proto)
+        if metadata:
+            set_metadata(proto, metadata)
+        data_name = f"{path.name}.data"
+        if external:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        else:
+            onnx.save_model(proto, str(tmp))
+        check_onnx(tmp)
+        files = [path]
+        if external:
+            os.replace(tmp.parent / data_name, path.parent / data_name)
+            files.append(path.parent / data_name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return OnnxExport(path=path, files=files, opset=opset, precision=precision, nodes=len(proto.graph.node), nodes_before_slim=nodes_before if slim else None)
+
+
+def _slim(proto):
+    """onnxslim's graph when it is smaller; the exporter's own optimizer already folds BatchNorm."""
+    try:
+        import onnxslim
+    except ImportError:
+        raise ExportError("--slim needs onnxslim: pip install onnxslim") from None
+    with _quiet_exporter():
+        slimmed = onnxslim.slim(copy.deepcopy(proto))
+    return slimmed if slimmed is not None and len(slimmed.graph.node) < len(proto.graph.node) else proto
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Set (replace) ``metadata_props`` entries of an ``onnx.ModelProto``."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.items():
+        value = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` as a dict (weights are not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_onnx(path: str | Path) -> None:
+    """``onnx.checker`` with ``full_check`` (shape inference included); ExportError on failure."""
+    import onnx
+
+    try:
+        # The path form also validates models with external data and those near 2 GB.
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, OSError) as exc:
+        raise ExportError(f"{path}: not a valid ONNX model ({_first_line(exc)}); is it truncated or corrupt?") from None
+    except Exception as exc:  # protobuf DecodeError and friends for files that are not ONNX at all
+        raise ExportError(f"{path}: cannot be parsed as ONNX ({type(exc).__name__}: {_first_line(exc)}); is it truncated or corrupt?") from None

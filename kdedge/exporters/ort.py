@@ -1,0 +1,72 @@
+"""onnxruntime sessions and batched inference — the reference runtime for every ONNX artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdedge.errors import BackendUnavailable, ExportError
+
+__all__ = ["onnxruntime", "ort_session", "ort_predict", "ort_version"]
+
+
+def onnxruntime():
+    """The onnxruntime module, or BackendUnavailable naming the package to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
+    return ort
+
+
+def ort_version() -> str:
+    return onnxruntime().__version__
+
+
+def ort_session(
+    path: str | Path,
+    *,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    optimization: str = "all",
+):
+    """An ``InferenceSession`` on ``path`` (CPU by default) with a clear error for a bad file.
+
+    Args:
+        path: The ONNX model.
+        providers: Execution providers in priority order; default ``["CPUExecutionProvider"]``.
+        threads: Intra-op threads (default: onnxruntime's choice, one per physical core).
+        optimization: Graph optimization level: ``disable``, ``basic``, ``extended`` or ``all``.
+    """
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    options.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    providers = providers or ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise BackendUnavailable(
+            f"onnxruntime {ort.__version__} has no {', '.join(missing)} (available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for CUDA/TensorRT execution providers"
+        )
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"{path}: onnxruntime cannot load it ({first}); is the file truncated, corrupt or not ONNX?") from None
+
+
+def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """The first output of ``session`` over ``inputs`` ``(N, ...)``, run in batches, concatenated."""
+    name = session.get_inputs()[0].name
+    outputs = [session.run(None, {name: np.ascontiguousarray(inputs[i : i + batch_size])})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(outputs, axis=0)

@@ -1,0 +1,198 @@
+"""INT8 with onnxruntime's quantizer: static QDQ from real calibration data, or dynamic.
+
+Static quantization inserts QuantizeLinear/DequantizeLinear pairs whose scales come from
+running the FP32 model over calibration samples (``minmax``, ``entropy`` or ``percentile``);
+weights are quantized per output channel. Two activation encodings are offered:
+
+* ``cpu`` (default): uint8 asymmetric activations, int8 symmetric weights (U8S8) — the fast
+  path of onnxruntime's x86 kernels (VNNI).
+  With ``reduce_range`` (the default in :class:`~kdedge.config.ExportConfig`) weights use 7 bits:
+  onnxruntime's fused x86 U8S8 kernels can saturate 16-bit intermediate sums, and on the shipped
+  teacher that cost 0.5 pt of accuracy (93.56 % vs 94.07 % for the same QDQ graph run unfused);
+  with 7-bit weights the fused kernels gave 94.17 %.
+* ``tensorrt``: int8 *symmetric* activations and weights (zero point 0), the only Q/DQ form
+  TensorRT's explicit quantization accepts.
+
+Whether INT8 is faster is a measurement, not a given: on a ~100 k-parameter CNN at batch 1 the
+quantize/dequantize overhead can exceed the saved arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdedge.errors import DataError, ExportError
+from kdedge.exporters.onnx import check_onnx, read_metadata, set_metadata
+
+__all__ = ["QuantizationInfo", "quantize_int8"]
+
+
+@dataclass
+class QuantizationInfo:
+    """How an INT8 artifact was made (recorded in ``export.json``)."""
+
+    mode: str
+    method: str | None
+    calibration_samples: int
+    per_channel: bool
+    encoding: str  # "U8S8" or "S8S8-symmetric"
+    reduce_range: bool = False
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # The calibrators print progress to stdout; the quantizer logs advice through the root logger.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _input_info(path: Path) -> tuple[str, tuple]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    graph_input = next(i for i in proto.graph.input if i.name not in initializers)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in graph_input.type.tensor_type.shape.dim)
+    return graph_input.name, dims
+
+
+def _check_calibration(calibration: np.ndarray, dims: tuple, name: str) -> np.ndarray:
+    calibration = np.asarray(calibration)
+    expected = tuple(d if isinstance(d, int) and d > 0 else "N" for d in dims)
+    fits = calibration.ndim == len(dims) and all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(dims[1:], calibration.shape[1:]))
+    if not fits or len(calibration) == 0:
+        raise DataError(
+            f"calibration data has shape {tuple(calibration.shape)}, but input {name!r} expects {expected}; "
+            "pass preprocessed samples of the model's input shape (N, C, H, W)"
+        )
+    if not np.issubdtype(calibration.dtype, np.floating):
+        raise DataError(f"calibration data has dtype {calibration.dtype}; expected float32 inputs, normalized as for the model")
+    if not np.isfinite(calibration).all():
+        raise DataError("calibration data contains NaN or infinity; expected finite, normalized inputs")
+    return np.ascontiguousarray(calibration, dtype=np.float32)
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    *,
+    calibration: np.ndarray | None,
+    mode: str = "static",
+    method: str = "minmax",
+    per_channel: bool = True,
+    target: str = "cpu",
+    reduce_range: bool = False,
+    calibration_batch: int = 64,
+) -> QuantizationInfo:
+    """Quantize an FP32 ONNX model to INT8 (QDQ), keeping its metadata.
+
+    Args:
+        fp32_path: The FP32 model (from :func:`export_onnx`).
+        out_path: Where to write the INT8 model.
+        calibration: Preprocessed real inputs ``(N, C, H, W)`` for static quantization.
+        mode: ``static`` (QDQ, calibrated) or ``dynamic`` (weights only; activations per batch).
+        method: Calibration method for static mode: ``minmax``, ``entropy`` or ``percentile``.
+        per_channel: Per-output-channel weight scales.
+        target: ``cpu`` (U8S8) or ``tensorrt`` (symmetric S8S8, zero points 0).
+        reduce_range: 7-bit weights (``cpu`` target only), avoiding the saturation of onnxruntime's
+            fused x86 U8S8 kernels.
+        calibration_batch: Samples per calibration batch.
+
+    Raises:
+        DataError: The calibration data does not fit the model's input.
+        ExportError: onnxruntime cannot quantize the model.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if mode not in ("static", "dynamic"):
+        raise ExportError(f"INT8 mode must be static or dynamic, got {mode!r}")
+    if target not in ("cpu", "tensorrt"):
+        raise ExportError(f"INT8 target must be cpu or tensorrt, got {target!r}")
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    if mode == "static" and method not in methods:
+        raise ExportError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    name, dims = _input_info(fp32_path)
+    reduce_range = reduce_range and target == "cpu"
+    samples = 0
+    if mode == "static":
+        if calibration is None:
+            raise DataError("static INT8 quantization needs calibration data: real, preprocessed training inputs (N, C, H, W)")
+        calibration = _check_calibration(calibration, dims, name)
+        samples = len(calibration)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(range(0, samples, calibration_batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self._batches, None)
+            return None if start is None else {name: calibration[start : start + calibration_batch]}  # type: ignore[index]
+
+    metadata = read_metadata(fp32_path)
+    with tempfile.TemporaryDirectory(prefix="kdedge-int8-") as work:
+        pre = Path(work) / "pre.onnx"
+        tmp_out = Path(work) / "int8.onnx"
+        try:
+            with _quiet():
+                # Shape inference and graph cleanup first, as onnxruntime's quantization guide advises.
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+                if mode == "static":
+                    symmetric = target == "tensorrt"
+                    quantize_static(
+                        str(pre),
+                        str(tmp_out),
+                        _Reader(),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method],
+                        reduce_range=reduce_range,
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibTensorRangeSymmetric": symmetric},
+                    )
+                else:
+                    quantize_dynamic(str(pre), str(tmp_out), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range)
+        except (DataError, ExportError):
+            raise
+        except Exception as exc:  # the quantizer raises bare Exceptions and onnxruntime errors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"onnxruntime cannot quantize {fp32_path.name} to INT8 ({mode}): {first}") from None
+        import onnx
+
+        proto = onnx.load(str(tmp_out))
+        info = QuantizationInfo(mode=mode, method=method if mode == "static" else None, calibration_samples=samples, per_channel=per_channel,
+                                encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"),
+                                reduce_range=reduce_range)
+        set_metadata(proto, metadata | {"kdedge.precision": "int8", "kdedge.quantization": f"{info.mode}/{info.method or '-'}/{info.encoding}"})
+        final_tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        try:
+            onnx.save_model(proto, str(final_tmp))
+            check_onnx(final_tmp)
+            os.replace(final_tmp, out_path)
+        finally:
+            final_tmp.unlink(missing_ok=True)
+    return info
