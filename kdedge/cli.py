@@ -148,6 +148,46 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], **par
 
 
 @cli.command()
+@click.argument("models", nargs=-1)
+@click.option("--teacher", help="The teacher (run dir, checkpoint, export dir, .onnx, .plan or shipped name); MODELs are then compared with it.")
+@click.option("--data", help="Dataset whose test images feed latency batches and accuracy. [default: fashion-mnist]")
+@click.option("--targets", help="Comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt. [default: torch-cpu,ort-cpu]")
+@click.option("--batch-sizes", help="Comma-separated batch sizes. [default: 1,8,32,128]")
+@click.option("--threads", type=int, help="Intra-op threads for torch and onnxruntime [default: each runtime's choice].")
+@click.option("--streams", type=int, help="Also measure throughput with K concurrent sessions. [default: 1 = off]")
+@click.option("--warmup-iters", type=int, help="Warm-up calls before timing. [default: 10]")
+@click.option("--min-iters", type=int, help="Timed calls at least. [default: 50]")
+@click.option("--min-s", type=float, help="Timed seconds at least. [default: 1.0]")
+@click.option("--test-limit", type=int, help="Use only the first N test images for accuracy.")
+@click.option("--no-accuracy", "accuracy", flag_value=False, default=None, help="Skip measuring accuracy.")
+@click.option("--export-variants", help="ONNX variants exported from checkpoints for ort-* targets. [default: fp32,int8]")
+@click.option("--no-plots", "plots", flag_value=False, default=None, help="Skip the PNG plots.")
+@click.option("--compare", "compare", nargs=2, type=click.Path(), help="Compare two reports (A B): ratios B/A, flagged beyond measured noise.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
+@click.option("--out", help="Report directory to create (default runs/bench-<time>); must not exist.")
+def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str] | None, config_file: str | None, **params: Any) -> None:
+    """Latency, throughput, accuracy and size of MODELs (run dirs, checkpoints, export dirs, .onnx, .plan)
+    on each target, with teacher-vs-student ratios when --teacher is given.
+    """
+    if compare:
+        from kdedge.bench.report import compare_reports, load_report, render_comparison
+
+        click.echo(render_comparison(compare_reports(load_report(compare[0]), load_report(compare[1]))))
+        return
+    from kdedge.bench.harness import run_bench
+    from kdedge.config import BenchConfig
+
+    overrides = {k: v for k, v in params.items() if v is not None}
+    config = load_config(BenchConfig, config_file, overrides)
+    report, out = run_bench(list(models), teacher=teacher, config=config, log=click.echo)
+    for c in report["comparison"]:
+        if c["batch"] == min(config.batch_sizes):
+            click.echo(f"student {c['student_variant']}@{c['student_target']} vs teacher {c['teacher_variant']}@{c['teacher_target']} (batch {c['batch']}): "
+                       f"{c['latency_speedup']:.1f}x faster, accuracy {c.get('accuracy_delta_pt', float('nan')):+.2f} pt")
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
 @click.argument("name", default="fashion-mnist")
 def data(name: str) -> None:
     """Find built-in dataset NAME locally (or download it) and print its directory.

@@ -17,7 +17,7 @@ import yaml
 
 from kdedge.errors import ConfigError
 
-__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "load_config", "config_from_dict", "config_to_yaml"]
+__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "BenchConfig", "load_config", "config_from_dict", "config_to_yaml"]
 
 C = TypeVar("C", bound="_Config")
 
@@ -30,6 +30,8 @@ EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZATION_MODES = ("static", "dynamic")
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
+BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+EXPORT_VARIANTS = ("fp32", "int8", "fp16")
 
 
 class _Config:
@@ -188,6 +190,55 @@ class ExportConfig(_Config):
         b = self.trt_batch
         if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
             p.append(f"trt_batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {','.join(map(str, b))}")
+        return p
+
+
+@dataclass
+class BenchConfig(_Config):
+    """Benchmarking (``kdedge bench``): targets, batch sizes, timing policy, accuracy.
+
+    Each measurement warms up for ``warmup_iters`` calls and ``warmup_s`` seconds, then times single
+    calls until both ``min_iters`` samples and ``min_s`` seconds are reached. A checkpoint run on
+    an onnxruntime target is first exported (parity-checked) to each of ``export_variants``.
+    """
+
+    data: str = "fashion-mnist"
+    targets: tuple[str, ...] = ("torch-cpu", "ort-cpu")
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    threads: int | None = None
+    warmup_iters: int = 10
+    warmup_s: float = 0.2
+    min_iters: int = 50
+    min_s: float = 1.0
+    streams: int = 1
+    accuracy: bool = True
+    accuracy_batch: int = 256
+    test_limit: int | None = None
+    export_variants: tuple[str, ...] = ("fp32", "int8")
+    channels_last: bool = False
+    plots: bool = True
+    out: str | None = None
+
+    def _problems(self) -> list[str]:
+        p = []
+        bad = [t for t in self.targets if t not in BENCH_TARGETS]
+        if bad or not self.targets:
+            p.append(f"targets must be one or more of {', '.join(BENCH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
+        bad = [v for v in self.export_variants if v not in EXPORT_VARIANTS]
+        if bad:
+            p.append(f"export_variants must be among {', '.join(EXPORT_VARIANTS)}, got {', '.join(bad)}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            p.append(f"batch_sizes must be positive integers, got {', '.join(map(str, self.batch_sizes)) or 'none'}")
+        for name in ("warmup_iters", "min_iters", "streams", "accuracy_batch"):
+            if getattr(self, name) < (0 if name == "warmup_iters" else 1):
+                p.append(f"{name} must be >= {0 if name == 'warmup_iters' else 1}, got {getattr(self, name)}")
+        for name in ("warmup_s", "min_s"):
+            if not getattr(self, name) >= 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("threads", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                p.append(f"{name} must be >= 1 or null, got {v}")
         return p
 
 

@@ -35,7 +35,13 @@ class TimingPolicy:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Summary of latency samples in milliseconds (percentiles: numpy's linear interpolation)."""
+    """Summary of latency samples in milliseconds (percentiles: numpy's linear interpolation).
+
+    ``drift`` measures how the machine changed *during* the run: the samples, in the order they
+    were taken, are cut into 10 chunks, and drift is max/min of the chunks' medians minus 1 (0 for
+    fewer than 100 samples). A shared or throttling machine shows drift that no warm-up removes;
+    ``kdedge bench --compare`` treats it as noise.
+    """
 
     n: int
     mean_ms: float
@@ -46,6 +52,7 @@ class LatencyStats:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    drift: float = 0.0
 
     @classmethod
     def from_samples(cls, samples_ms: np.ndarray | list[float]) -> LatencyStats:
@@ -53,6 +60,10 @@ class LatencyStats:
         if s.size == 0:
             raise ValueError("no latency samples")
         p50, p90, p95, p99 = np.percentile(s, [50, 90, 95, 99])
+        drift = 0.0
+        if s.size >= 100:
+            medians = [float(np.median(c)) for c in np.array_split(s, 10)]
+            drift = max(medians) / max(min(medians), 1e-12) - 1
         return cls(
             n=int(s.size),
             mean_ms=float(s.mean()),
@@ -63,6 +74,7 @@ class LatencyStats:
             p95_ms=float(p95),
             p99_ms=float(p99),
             max_ms=float(s.max()),
+            drift=drift,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,339 @@
+"""The benchmark harness: models x variants x targets x batch sizes -> rows of measurements.
+
+A *model* is what a user names (a checkpoint, run directory, export directory, ``.onnx`` or
+``.plan``); its *variants* are the forms it can run in (``torch-fp32``, ``onnx-fp32``,
+``onnx-int8``, ``onnx-fp16``, ``trt-fp16``...); a *target* is a runtime on a device
+(``torch-cpu``, ``ort-cpu``, ``trt``...). Each (model, variant, target) gets one runner; accuracy
+is measured through that runner on the test set, latency at every batch size on real test inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge import __version__
+from kdedge.bench.env import capture_environment, current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from kdedge.bench.runners import TARGETS, Runner, make_runner, target_available
+from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
+from kdedge.config import BenchConfig, ExportConfig
+from kdedge.data import DataSplits
+from kdedge.distill.metrics import evaluation_from_predictions
+from kdedge.errors import BackendUnavailable, ConfigError, ModelError
+
+__all__ = ["BenchModel", "REPORT_SCHEMA", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
+
+REPORT_SCHEMA = 1
+
+
+@dataclass
+class BenchModel:
+    """A model to benchmark: a torch module and/or artifact files, with what is known about its size.
+
+    Attributes:
+        name: Shown in reports.
+        role: ``teacher``, ``student`` or ``model``; a teacher and students get a comparison.
+        module: The PyTorch model (for ``torch-*`` targets, and exported on the fly for ``ort-*``).
+        artifacts: Variant name -> file, e.g. ``{"onnx-int8": Path("model.int8.onnx")}``.
+        params: Parameter count; FLOPs per sample (``torch.utils.flop_counter``); checkpoint bytes.
+    """
+
+    name: str
+    role: str = "model"
+    module: nn.Module | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    params: int | None = None
+    flops: int | None = None
+    bytes: int | None = None
+    source: str = ""
+
+
+def _onnx_params(path: Path) -> int | None:
+    """Parameter count of an FP32/FP16 ONNX model: elements of its floating-point initializers."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # the runner reports an unreadable file with a clear message
+        return None
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    return int(sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in floats))
+
+
+def _precision(variant: str) -> str:
+    return variant.rsplit("-", 1)[-1]
+
+
+def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None = None) -> BenchModel:
+    """A :class:`BenchModel` from a run directory, checkpoint, export directory, ``.onnx``/``.plan`` or shipped zoo name."""
+    from kdedge.models.zoo import count_flops, count_parameters, load_checkpoint, parse_model_name, pretrained_path
+
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "export.json").is_file():
+        manifest = json.loads((path / "export.json").read_text())
+        artifacts = {}
+        for a in manifest.get("artifacts", []):
+            kind = "trt" if a["format"] == "tensorrt" else "onnx"
+            if a.get("details", {}).get("for") == "tensorrt":
+                continue  # the symmetric INT8 ONNX only feeds TensorRT
+            artifacts[f"{kind}-{a['precision']}"] = path / a["path"]
+        fp32 = artifacts.get("onnx-fp32")
+        return BenchModel(name=manifest.get("model") or path.name, role=role, artifacts=artifacts, params=_onnx_params(fp32) if fp32 else None,
+                          bytes=fp32.stat().st_size if fp32 else None, source=str(path))
+    if path.is_file() and path.suffix == ".onnx":
+        from kdedge.exporters.onnx import read_metadata
+
+        try:
+            precision = read_metadata(path).get("kdedge.precision", "fp32")
+        except Exception:  # unreadable metadata is reported when the runner loads the file
+            precision = "fp32"
+        return BenchModel(name=path.stem, role=role, artifacts={f"onnx-{precision}": path}, params=_onnx_params(path) if precision != "int8" else None,
+                          bytes=path.stat().st_size, source=str(path))
+    if path.is_file() and path.suffix in (".plan", ".engine"):
+        meta_path = path.with_name(path.name + ".json")
+        precision = json.loads(meta_path.read_text()).get("precision", "fp16") if meta_path.is_file() else "fp16"
+        return BenchModel(name=path.stem, role=role, artifacts={f"trt-{precision}": path}, bytes=path.stat().st_size, source=str(path))
+    if not path.exists():
+        try:
+            arch, width = parse_model_name(ref)
+        except ModelError as exc:
+            raise ModelError(f"{ref}: no such file or directory, nor a shipped model name ({exc})") from None
+        shipped = pretrained_path(arch, width, data_name or "fashion-mnist")
+        if shipped is None:
+            raise ModelError(f"{ref}: kdedge ships no weights for it on {data_name or 'fashion-mnist'}; pass a run directory or checkpoint")
+        path = shipped
+    ckpt = load_checkpoint(path)
+    return BenchModel(name=ckpt.spec.name, role=role, module=ckpt.model.eval(), params=count_parameters(ckpt.model),
+                      flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path))
+
+
+def _ensure_onnx(model: BenchModel, data: DataSplits, config: BenchConfig, workdir: Path) -> None:
+    """Export the module to the configured ONNX variants (parity-checked) when an ORT target needs them."""
+    wanted = [v for v in config.export_variants if f"onnx-{v}" not in model.artifacts]
+    if model.module is None or not wanted:
+        return
+    from kdedge.exporters import export_model
+
+    formats = ["onnx"] + [{"int8": "onnx-int8", "fp16": "onnx-fp16"}[v] for v in wanted if v != "fp32"]
+    out = workdir / f"{model.role}-{model.name}".replace("/", "_")
+    result = export_model(model.module, out, data=data, config=ExportConfig(formats=tuple(formats), evaluate=False, parity_samples=256), model_name=model.name)
+    for a in result.artifacts:
+        model.artifacts.setdefault(f"onnx-{a.precision}", out / a.path)
+
+
+def _variants_for(model: BenchModel, target: str) -> list[tuple[str, Path | None]]:
+    runtime, device = TARGETS[target]
+    if runtime == "torch":
+        if model.module is None:
+            return []
+        return [("torch-fp32", None)] + ([("torch-fp16", None)] if device == "cuda" else [])
+    prefix = "trt-" if runtime == "tensorrt" else "onnx-"
+    return [(v, p) for v, p in sorted(model.artifacts.items()) if v.startswith(prefix)]
+
+
+def _accuracy(runner: Runner, data: DataSplits, batch_size: int) -> dict[str, Any]:
+    logits = runner.predict(data.test.inputs().numpy(), batch_size=batch_size)
+    ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, data.spec.num_classes)
+    return {"top1": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples}
+
+
+def _multi_stream(make: Callable[[], Callable[[], Any]], streams: int, seconds: float, batch: int) -> dict[str, Any]:
+    """Throughput with ``streams`` concurrent callers, each with its own prepared runner."""
+    calls = [make() for _ in range(streams)]
+    counts = [0] * streams
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        fn = calls[i]
+        while not stop.is_set():
+            fn()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(max(seconds, 0.5))
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {"streams": streams, "seconds": elapsed, "throughput_per_s": sum(counts) * batch / elapsed}
+
+
+def benchmark(
+    models: list[BenchModel],
+    data: DataSplits,
+    config: BenchConfig | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every (model, variant, target, batch size); returns the report as a dict.
+
+    Args:
+        models: What to measure; ``role="teacher"`` on one of them adds teacher-vs-student ratios.
+        data: Real inputs: test images for latency batches and for accuracy.
+        config: Targets, batch sizes, timing policy, threads.
+        log: Called with one line per finished measurement (e.g. ``print``).
+
+    Raises:
+        BackendUnavailable: A requested target's runtime is missing (the message names the package).
+        ConfigError: A batch size the model's runtime cannot take.
+    """
+    config = config or BenchConfig()
+    log = log or (lambda _line: None)
+    _check_roles(models)
+    for target in config.targets:
+        why = target_available(target)
+        if why:
+            raise BackendUnavailable(why)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if config.test_limit:
+        data = data.limit(test=config.test_limit)
+    policy = TimingPolicy(warmup_iters=config.warmup_iters, warmup_s=config.warmup_s, min_iters=config.min_iters, min_s=config.min_s)
+    inputs = data.test.inputs().numpy()
+    max_batch = max(config.batch_sizes)
+    if max_batch > len(inputs):
+        inputs = np.concatenate([inputs] * (max_batch // len(inputs) + 1))  # real images, repeated to fill the batch
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
+        if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):
+            for m in models:
+                _ensure_onnx(m, data, config, Path(work))
+        for model in models:
+            for target in config.targets:
+                runtime, device = TARGETS[target]
+                for variant, path in _variants_for(model, target):
+                    rss_before = current_rss_bytes()
+                    reset_peak_rss()
+                    if device != "cpu":
+                        torch.cuda.reset_peak_memory_stats()
+                    runner = make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads, channels_last=config.channels_last)
+                    for b in config.batch_sizes:
+                        runner.check_batch(b)
+                    accuracy = _accuracy(runner, data, min(config.accuracy_batch, getattr(runner, "max_batch", config.accuracy_batch))) if config.accuracy else None
+                    artifact_bytes = path.stat().st_size if path is not None else model.bytes
+                    group = []
+                    for b in config.batch_sizes:
+                        call = runner.prepare(inputs[:b])
+                        stats = (measure_cuda if runner.on_device_timing else measure)(call, policy)
+                        row = {
+                            "model": model.name, "role": model.role, "variant": variant, "target": target, "runtime": runtime, "device": device,
+                            "precision": _precision(variant), "batch": b, "threads": config.threads, "latency_ms": stats.to_dict(),
+                            "throughput_per_s": b / (stats.p50_ms / 1e3), "accuracy": accuracy, "params": model.params, "flops": model.flops,
+                            "bytes": artifact_bytes, "timing": "cuda-events" if runner.on_device_timing else "host",
+                        }
+                        if config.streams > 1:  # K independent sessions/copies, each fed by its own thread
+                            def fresh(b: int = b, path: Path | None = path, variant: str = variant, target: str = target) -> Callable[[], Any]:
+                                return make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads).prepare(inputs[:b])
+
+                            row["multi_stream"] = _multi_stream(fresh, config.streams, config.min_s, b)
+                        group.append(row)
+                        log(f"{model.name:<12} {variant:<11} {target:<10} batch {b:>4}  p50 {stats.p50_ms:9.4f} ms  {row['throughput_per_s']:>12,.0f}/s")
+                    peak = peak_rss_bytes()
+                    gpu_peak = int(torch.cuda.max_memory_allocated()) if device != "cpu" and runtime == "torch" else None
+                    for row in group:
+                        row["memory"] = {"peak_rss_bytes": peak, "rss_before_bytes": rss_before, "gpu_peak_bytes": gpu_peak}
+                    rows.extend(group)
+                    del runner
+    report = {
+        "schema": REPORT_SCHEMA,
+        "kdedge_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "env": capture_environment(config.threads),
+        "config": config.to_dict(),
+        "data": {"name": data.spec.name, "test_samples": len(data.test)},
+        "models": [{"name": m.name, "role": m.role, "source": m.source, "params": m.params, "flops": m.flops, "bytes": m.bytes,
+                    "variants": sorted(m.artifacts)} for m in models],
+        "rows": rows,
+    }
+    report["comparison"] = compare_models(rows)
+    return report
+
+
+def _key(row: dict) -> tuple:
+    return (row["variant"], row["target"], row["batch"])
+
+
+def compare_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Teacher vs student ratios: each student row against the teacher's FP32 rows at the same batch.
+
+    Two baselines per student row: the teacher on the same target in its FP32 form, and the teacher
+    in PyTorch eager on the CPU (what a user runs before adopting kdedge).
+    """
+    teachers = [r for r in rows if r["role"] == "teacher"]
+    students = [r for r in rows if r["role"] == "student"]
+    if not teachers or not students:
+        return []
+    by_key = {(r["target"], r["variant"], r["batch"]): r for r in teachers}
+    out = []
+    for s in students:
+        same_runtime_fp32 = "torch-fp32" if s["runtime"] == "torch" else ("onnx-fp32" if s["runtime"] == "onnxruntime" else None)
+        baselines = []
+        if same_runtime_fp32 and (s["target"], same_runtime_fp32, s["batch"]) in by_key:
+            baselines.append(by_key[(s["target"], same_runtime_fp32, s["batch"])])
+        eager = by_key.get(("torch-cpu", "torch-fp32", s["batch"]))
+        if eager is not None and eager not in baselines:
+            baselines.append(eager)
+        for t in baselines:
+            c: dict[str, Any] = {
+                "student": s["model"], "student_variant": s["variant"], "student_target": s["target"],
+                "teacher": t["model"], "teacher_variant": t["variant"], "teacher_target": t["target"], "batch": s["batch"],
+                "latency_speedup": t["latency_ms"]["p50_ms"] / s["latency_ms"]["p50_ms"],
+                "throughput_speedup": s["throughput_per_s"] / t["throughput_per_s"],
+            }
+            if s.get("params") and t.get("params"):
+                c["params_ratio"] = t["params"] / s["params"]
+            if s.get("flops") and t.get("flops"):
+                c["flops_ratio"] = t["flops"] / s["flops"]
+            if s.get("bytes") and t.get("bytes"):
+                c["bytes_ratio"] = t["bytes"] / s["bytes"]
+            if s.get("accuracy") and t.get("accuracy"):
+                c["accuracy_delta_pt"] = 100 * (s["accuracy"]["top1"] - t["accuracy"]["top1"])
+                c["accuracy_retention"] = s["accuracy"]["top1"] / t["accuracy"]["top1"]
+            out.append(c)
+    return out
+
+
+def _check_roles(models: list[BenchModel]) -> None:
+    if sum(m.role == "teacher" for m in models) > 1:
+        raise ConfigError("at most one teacher per benchmark; pass the others as models")
+
+
+def run_bench(models: list[str], *, teacher: str | None = None, config: BenchConfig | None = None, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+    """``kdedge bench``: resolve model references and data, benchmark, write the report directory.
+
+    Returns:
+        The report and the directory it was written to (``config.out`` or ``runs/bench-<time>``).
+    """
+    from kdedge.bench.report import write_report
+    from kdedge.data import load_dataset
+    from kdedge.runs import default_out
+
+    config = config or BenchConfig()
+    out = Path(config.out) if config.out else default_out("bench")
+    if out.exists():
+        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
+    if not models and teacher is None:
+        raise ConfigError("nothing to benchmark; pass one or more MODELs (run directory, checkpoint, export directory, .onnx or .plan)")
+    for target in config.targets:  # fail before loading anything when a runtime is missing
+        why = target_available(target)
+        if why:
+            raise BackendUnavailable(why)
+    data = load_dataset(config.data, test_limit=config.test_limit)
+    resolved = [resolve_bench_model(teacher, role="teacher", data_name=config.data)] if teacher else []
+    resolved += [resolve_bench_model(m, role="student" if teacher else "model", data_name=config.data) for m in models]
+    report = benchmark(resolved, data, config, log=log)
+    write_report(report, out, plots=config.plots)
+    return report, out

@@ -1,0 +1,198 @@
+"""Runners: one interface over PyTorch eager, onnxruntime and TensorRT engines.
+
+A runner turns a prepared batch into a zero-argument callable that performs exactly one inference
+(input already in place, on the runner's device), so the timer measures the model and not the
+input pipeline. ``predict`` runs whole arrays for accuracy through the same runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge.errors import BackendUnavailable, ConfigError
+
+__all__ = ["Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "target_available"]
+
+#: target name -> (runtime, device). A target's runners are built from the model's variants.
+TARGETS: dict[str, tuple[str, str]] = {
+    "torch-cpu": ("torch", "cpu"),
+    "torch-cuda": ("torch", "cuda"),
+    "ort-cpu": ("onnxruntime", "cpu"),
+    "ort-cuda": ("onnxruntime", "cuda"),
+    "ort-trt": ("onnxruntime", "tensorrt"),
+    "trt": ("tensorrt", "cuda"),
+}
+
+_ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class Runner(Protocol):
+    """What the harness needs from a runtime."""
+
+    runtime: str  # torch | onnxruntime | tensorrt
+    device: str  # cpu | cuda
+    precision: str  # fp32 | fp16 | int8
+    threads: int | None
+    on_device_timing: bool  # time with CUDA events rather than the host clock
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        """A callable that runs one inference on ``batch`` (already placed where the runtime needs it)."""
+        ...
+
+    def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+        """First-output logits for ``x`` ``(N, ...)`` as float32 on the host."""
+        ...
+
+    def check_batch(self, batch: int) -> None:
+        """Raise ConfigError when the runtime cannot take this batch size."""
+        ...
+
+
+def target_available(target: str) -> str | None:
+    """None when ``target`` can run here, else why not (naming the package that provides it)."""
+    if target not in TARGETS:
+        return f"unknown target {target!r}; expected one of {', '.join(TARGETS)}"
+    runtime, device = TARGETS[target]
+    if device in ("cuda", "tensorrt") and not torch.cuda.is_available():
+        return f"{target} needs a CUDA GPU and torch built with CUDA; none is visible here"
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return f"{target} needs onnxruntime: pip install onnxruntime (onnxruntime-gpu for CUDA/TensorRT)"
+        provider = _ORT_PROVIDERS[device][0]
+        if provider not in ort.get_available_providers():
+            return f"{target} needs onnxruntime's {provider}, which this onnxruntime {ort.__version__} build lacks; pip install onnxruntime-gpu"
+    if runtime == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return f"{target} needs TensorRT: pip install 'kdedge-distill[tensorrt]'"
+    return None
+
+
+@dataclass
+class TorchRunner:
+    """PyTorch eager, in eval mode under ``inference_mode``; FP16 by casting a copy of the model."""
+
+    model: nn.Module
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int | None = None
+    channels_last: bool = False
+    runtime: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        self._dtype = dtype
+        model = copy.deepcopy(self.model).eval().to(self.device, dtype)  # never round the caller's weights
+        self._model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.on_device_timing = self.device == "cuda"
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self._dtype)
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.ndim == 4 else t
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        x, model = self._tensor(batch), self._model
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+
+    def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([self._model(self._tensor(x[i : i + batch_size])).float().cpu().numpy() for i in range(0, len(x), batch_size)])
+
+    def check_batch(self, batch: int) -> None:
+        return None
+
+
+class OrtRunner:
+    """An onnxruntime session (CPU, CUDA or TensorRT execution provider) on an ONNX file."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None, session: Any = None) -> None:
+        from kdedge.exporters.ort import ort_session
+
+        self.path, self.device, self.precision, self.threads = Path(path), device, precision, threads
+        self.session = session if session is not None else ort_session(self.path, providers=_ORT_PROVIDERS[device], threads=threads)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self._batch_dim = inp.shape[0] if inp.shape else None
+        self.on_device_timing = False  # session.run copies in and out: host time is the user's latency
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
+        run, names = self.session.run, None
+        return lambda: run(names, feed)
+
+    def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[i : i + batch_size], dtype=self.input_dtype)})[0] for i in range(0, len(x), batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def check_batch(self, batch: int) -> None:
+        if isinstance(self._batch_dim, int) and self._batch_dim > 0 and batch != self._batch_dim:
+            raise ConfigError(f"{self.path.name} has a fixed batch size of {self._batch_dim}; batch {batch} is not allowed (export with a dynamic batch)")
+
+
+class TensorRTRunner:
+    """A serialized TensorRT engine; inputs live on the GPU, timing uses CUDA events."""
+
+    runtime, device = "tensorrt", "cuda"
+
+    def __init__(self, path: str | Path, *, precision: str = "fp16", threads: int | None = None) -> None:
+        from kdedge.exporters.tensorrt import TensorRTEngine
+
+        self.path, self.precision, self.threads = Path(path), precision, threads
+        self.engine = TensorRTEngine(self.path)
+        profile = self.engine.metadata.get("profile", {})
+        self.min_batch, self.max_batch = int(profile.get("min", 1)), int(profile.get("max", 2**31))
+        self.on_device_timing = True
+
+    def check_batch(self, batch: int) -> None:
+        if not self.min_batch <= batch <= self.max_batch:
+            raise ConfigError(f"{self.path.name}'s optimization profile allows batch {self.min_batch}..{self.max_batch}, not {batch}; rebuild with --trt-batch")
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
+        return lambda: self.engine(x)
+
+    def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+        step = min(batch_size, self.max_batch)
+        return np.concatenate([self.engine(torch.from_numpy(x[i : i + step])).float().cpu().numpy() for i in range(0, len(x), step)])
+
+
+def make_runner(target: str, *, module: nn.Module | None = None, path: str | Path | None = None, precision: str = "fp32",
+                threads: int | None = None, channels_last: bool = False) -> Runner:
+    """The runner for ``target`` over a torch ``module`` or an artifact ``path``."""
+    why = target_available(target)
+    if why:
+        raise BackendUnavailable(why)
+    runtime, device = TARGETS[target]
+    if runtime == "torch":
+        if module is None:
+            raise ConfigError(f"{target} runs PyTorch modules; pass a checkpoint or run directory, not {path}")
+        return TorchRunner(module, device=device, precision=precision, threads=threads, channels_last=channels_last)
+    if runtime == "onnxruntime":
+        if path is None:
+            raise ConfigError(f"{target} runs ONNX files; export the model first")
+        return OrtRunner(path, device=device, precision=precision, threads=threads)
+    if path is None:
+        raise ConfigError(f"{target} runs TensorRT engines (.plan); build one with kdedge export --format tensorrt")
+    return TensorRTRunner(path, precision=precision, threads=threads)
