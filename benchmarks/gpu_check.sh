@@ -15,4 +15,10 @@ PY="${PYTHON:-python3}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
   "$PY" -c "import torch, onnx, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| onnx', onnx.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
   "$PY" benchmarks/gpu_check.py --student "$STUDENT" --out "$OUT_DIR/gpu_check.json" "$@"
+  # The harness itself on the GPU: torch eager FP32/FP16 with CUDA events, teacher vs student.
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    rm -rf "$OUT_DIR/bench-cuda"
+    "$PY" -m kdedge bench "$STUDENT" --teacher resnet --targets torch-cuda --batch-sizes 1,32,256,1024 --min-s 0.5 --out "$OUT_DIR/bench-cuda"
+    sed -n '/## Teacher vs student/,$p' "$OUT_DIR/bench-cuda/report.md"
+  fi
 } 2>&1 | tee "$OUT_DIR/gpu_check.log"
