@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kdedge.config import DistillConfig, TrainConfig, _allowed_types, _RunConfig, load_config
+from kdedge.config import CompressConfig, DistillConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
 from kdedge.errors import KdedgeError
 
 _HELP = {
@@ -39,6 +39,18 @@ _HELP = {
     "alpha": "Weight of the distillation term in [0, 1]; 0 is plain supervised training.",
     "temperature": "Softmax temperature T of the distillation term.",
     "cache": "Teacher-logit cache: disk (~/.cache/kdedge/logits), memory or off.",
+    "formats": "Export formats, comma-separated: onnx, onnx-int8, onnx-fp16, tensorrt.",
+    "calibration_samples": "Training images that calibrate static INT8.",
+    "calibration_method": "INT8 calibration: minmax, entropy or percentile.",
+    "parity_samples": "Test images every artifact is compared with PyTorch on.",
+    "targets": "Benchmark targets, comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt.",
+    "batch_sizes": "Benchmark batch sizes, comma-separated.",
+    "bench_min_s": "Timed seconds per benchmark measurement.",
+    "bench_threads": "Intra-op threads while benchmarking (default: each runtime's choice).",
+    "min_retention": "Gate: student accuracy / teacher accuracy must reach this.",
+    "max_quant_drop": "Gate: INT8 may lose at most this many accuracy points vs FP32.",
+    "min_speedup": "Gate (optional): recommended artifact's batch-1 p50 speedup over the teacher in eager PyTorch.",
+    "archive": "Also write BUNDLE.tar.gz.",
 }
 
 
@@ -50,7 +62,7 @@ def _options_from(cls: type[_RunConfig]):
     def decorate(func):
         for f in reversed(fields(cls)):
             flag = "--" + f.name.replace("_", "-")
-            types_ = [t for t in _allowed_types(hints[f.name]) if t is not type(None)]
+            types_ = [str if _element_type(t) else t for t in _allowed_types(hints[f.name]) if t is not type(None)]  # lists: "a,b,c"
             default = f.default if f.default is not MISSING else None
             show = f" [default: {default}]" if default not in (None, "") else ""
             if types_ == [bool]:
@@ -187,6 +199,54 @@ def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str]
     click.echo(f"wrote {out}")
 
 
+@cli.command("compress-and-export")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@_options_from(CompressConfig)
+def compress_and_export_cmd(config_file: str | None, quiet: bool, **params: Any) -> None:
+    """Teacher -> distilled student -> parity-checked ONNX (FP32, INT8; FP16/TensorRT on GPUs) ->
+    benchmark vs the teacher -> gates -> a verifiable deployment bundle.
+
+    With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn, benchmarked on the CPU.
+    Exit codes: 0 bundle written, 2 bad input, 3 a gate failed (candidate kept at OUT.rejected).
+    """
+    _run_bundle(_config(CompressConfig, config_file, params), quiet)
+
+
+@cli.command()
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False), help="The deployment config (YAML keys of compress-and-export).")
+@click.option("--out", help="Bundle directory to create; overrides the config's out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def build(config_file: str, out: str | None, quiet: bool) -> None:
+    """Build a deployment bundle from a committed config (for CI pipelines).
+
+    Same config and seed on the CPU -> identical student weights and artifacts, and a manifest
+    equal apart from timestamps and timings.
+    """
+    _run_bundle(load_config(CompressConfig, config_file, {"out": out} if out else {}), quiet)
+
+
+def _run_bundle(config: Any, quiet: bool) -> None:
+    from kdedge.bundle import compress_and_export
+
+    result = compress_and_export(config, progress=not quiet, log=None if quiet else click.echo)
+    m = result.manifest
+    for target, rec in m["recommended"].items():
+        click.echo(f"recommended for {target}: {rec['artifact']} ({rec['p50_ms']:.4f} ms at batch {rec['batch']}, accuracy {rec['accuracy']:.4f})")
+    click.echo("gates: " + ", ".join(f"{k} {g['value']:.4g} (limit {g['limit']}) ok" for k, g in m["gates"].items()))
+    click.echo(f"wrote {result.out}" + (f" and {result.archive}" if result.archive else ""))
+
+
+@cli.command()
+@click.argument("bundle")
+def verify(bundle: str) -> None:
+    """Check a bundle (directory or .tar.gz): every sha256 in its manifest, and each ONNX model on a smoke batch."""
+    from kdedge.bundle import verify_bundle
+
+    summary = verify_bundle(bundle)
+    click.echo(f"ok: {summary['files']} files match the manifest, {summary['onnx_models_run']} ONNX models ran")
+
+
 @cli.command()
 @click.argument("name", default="fashion-mnist")
 def data(name: str) -> None:
@@ -216,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="kdedge", standalone_mode=False)
     except KdedgeError as exc:
         click.echo(f"kdedge: error: {exc}", err=True)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 3: a gate failed (the input was fine, the model was not good enough)
     except click.exceptions.Abort:
         click.echo("kdedge: interrupted", err=True)
         return 130

@@ -17,7 +17,7 @@ import yaml
 
 from kdedge.errors import ConfigError
 
-__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "BenchConfig", "load_config", "config_from_dict", "config_to_yaml"]
+__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "BenchConfig", "CompressConfig", "load_config", "config_from_dict", "config_to_yaml"]
 
 C = TypeVar("C", bound="_Config")
 
@@ -239,6 +239,58 @@ class BenchConfig(_Config):
             v = getattr(self, name)
             if v is not None and v < 1:
                 p.append(f"{name} must be >= 1 or null, got {v}")
+        return p
+
+
+@dataclass
+class CompressConfig(DistillConfig):
+    """``kdedge compress-and-export`` and ``kdedge build``: distill, export, benchmark, gate, bundle.
+
+    The defaults are the embedded default run: the shipped teacher into ``tiny_cnn`` on
+    Fashion-MNIST, 6 epochs (not the 15 of ``kdedge distill``, so the whole run fits in about
+    three minutes on a 2-core CPU), ONNX FP32 + INT8 benchmarked on the CPU. Gates: the student
+    keeps ``min_retention`` of the teacher's accuracy, INT8 loses at most ``max_quant_drop``
+    points, and (optionally) the recommended artifact is ``min_speedup``× faster than the teacher
+    in eager PyTorch at batch 1.
+    """
+
+    epochs: int = 6
+    formats: tuple[str, ...] = ("onnx", "onnx-int8")
+    calibration_samples: int = 512
+    calibration_method: str = "minmax"
+    parity_samples: int = 1000
+    targets: tuple[str, ...] = ("torch-cpu", "ort-cpu")
+    batch_sizes: tuple[int, ...] = (1, 32)
+    bench_min_s: float = 0.5
+    bench_threads: int | None = None
+    min_retention: float = 0.98
+    max_quant_drop: float = 0.5
+    min_speedup: float | None = None
+    archive: bool = False
+
+    def _problems(self) -> list[str]:
+        p = super()._problems()
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad or "onnx" not in self.formats:
+            p.append(f"formats must include onnx and be among {', '.join(EXPORT_FORMATS)}, got {', '.join(self.formats) or 'none'}")
+        bad = [t for t in self.targets if t not in BENCH_TARGETS]
+        if bad or not self.targets:
+            p.append(f"targets must be one or more of {', '.join(BENCH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            p.append(f"batch_sizes must be positive integers, got {', '.join(map(str, self.batch_sizes)) or 'none'}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            p.append(f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}")
+        for name in ("calibration_samples", "parity_samples"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.bench_min_s >= 0:
+            p.append(f"bench_min_s must be >= 0, got {self.bench_min_s}")
+        if not 0 <= self.min_retention <= 2:
+            p.append(f"min_retention must be in [0, 2] (student accuracy / teacher accuracy), got {self.min_retention}")
+        if not self.max_quant_drop >= 0:
+            p.append(f"max_quant_drop must be >= 0 (accuracy points), got {self.max_quant_drop}")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            p.append(f"min_speedup must be > 0 or null, got {self.min_speedup}")
         return p
 
 

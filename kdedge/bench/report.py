@@ -10,7 +10,7 @@ from kdedge._fs import atomic_dir
 from kdedge.bench.harness import REPORT_SCHEMA
 from kdedge.errors import ConfigError
 
-__all__ = ["write_report", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
+__all__ = ["write_report", "write_report_files", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -148,11 +148,18 @@ def write_report(report: dict[str, Any], out: str | Path, *, plots: bool = True)
     if out.exists():
         raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
     with atomic_dir(out) as tmp:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(render_markdown(report))
-        if plots:
-            write_plots(report, tmp / "plots")
+        write_report_files(report, tmp, plots=plots)
     return out
+
+
+def write_report_files(report: dict[str, Any], directory: Path, *, plots: bool = True) -> list[Path]:
+    """``report.json``, ``report.md`` and ``plots/*.png`` inside an existing ``directory``."""
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(render_markdown(report))
+    written = [directory / "report.json", directory / "report.md"]
+    if plots:
+        written += write_plots(report, directory / "plots")
+    return written
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -165,6 +166,9 @@ def save_checkpoint(
     meta = {"format": CHECKPOINT_FORMAT, "model": spec.to_dict() if spec else None, "data": data.to_dict() if data else None, "extra": extra or {}}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"kdedge": json.dumps(meta, sort_keys=True)})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)  # safetensors writes 0600; a shipped checkpoint is as readable as any file
 
 
 def _file_sha256(path: Path) -> str:

@@ -1,0 +1,172 @@
+"""compress-and-export, bundles, verify and build: end to end on a small slice of the real data."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdedge.cli import main
+from kdedge.data import find_builtin
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# A small but real run: 2,000 training and 500 test images, 1 epoch, short benchmark.
+SMALL = {"train_limit": 2000, "test_limit": 500, "epochs": 1, "batch_sizes": [1, 8], "bench_min_s": 0.05, "parity_samples": 200,
+         "calibration_samples": 128, "cache": "memory", "min_retention": 0.5, "max_quant_drop": 3.0, "archive": True}
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def deploy_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "deploy.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, deploy_yaml):
+    out = tmp_path_factory.mktemp("bundles") / "b1"
+    assert main(["build", "--config", str(deploy_yaml), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_bundle_layout_and_manifest(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["schema"] == 1
+    for key in ("kdedge_version", "created", "teacher", "student", "data", "input", "preprocessing", "labels", "artifacts", "gates", "recommended", "files"):
+        assert key in m, key
+    assert m["input"] == {"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW"}
+    assert len(m["labels"]) == 10 and m["data"]["test_samples"] == 500
+    assert {a["path"] for a in m["artifacts"]} == {"models/model.onnx", "models/model.int8.onnx"}
+    assert all(a["parity"]["passed"] for a in m["artifacts"])
+    assert m["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
+    assert m["gates"]["min_retention"]["passed"] and m["gates"]["min_retention"]["limit"] == 0.5
+    for name in ("student.safetensors", "config.yaml", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
+        assert (bundle / name).is_file() and name in {f["path"] for f in m["files"]}
+    assert (bundle.parent / "b1.tar.gz").is_file()
+
+
+def test_verify_accepts_the_bundle_and_its_archive(bundle, capsys):
+    for target in (bundle, bundle.parent / "b1.tar.gz"):
+        code, out, err = _run(capsys, "verify", target)
+        assert code == 0, err
+        assert "ONNX models ran" in out
+
+
+def test_verify_catches_one_flipped_byte_in_any_file(bundle, capsys):
+    files = [f["path"] for f in json.loads((bundle / "manifest.json").read_text())["files"]]
+    assert len(files) >= 8
+    for rel in files:
+        path = bundle / rel
+        data = bytearray(path.read_bytes())
+        original = bytes(data)
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        try:
+            code, _, err = _run(capsys, "verify", bundle)
+        finally:
+            path.write_bytes(original)
+        assert code == 2, rel
+        assert f"{rel}: sha256 mismatch" in err and len(err.strip().splitlines()) == 1
+    assert _run(capsys, "verify", bundle)[0] == 0  # restored
+
+
+def test_verify_names_missing_files_and_bad_input(bundle, tmp_path, capsys):
+    code, _, err = _run(capsys, "verify", tmp_path)
+    assert code == 2 and "no manifest.json" in err
+    (tmp_path / "x.tar.gz").write_bytes(b"not a tar")
+    code, _, err = _run(capsys, "verify", tmp_path / "x.tar.gz")
+    assert code == 2 and "not a readable .tar.gz bundle" in err
+
+
+def test_build_is_reproducible(bundle, deploy_yaml, tmp_path):
+    """Same config and seed on the CPU: identical weights and artifacts; manifests equal apart from time."""
+    out = tmp_path / "b2"
+    assert main(["build", "--config", str(deploy_yaml), "--out", str(out), "--quiet"]) == 0
+    assert (out / "student.safetensors").read_bytes() == (bundle / "student.safetensors").read_bytes()
+    m1, m2 = (json.loads((b / "manifest.json").read_text()) for b in (bundle, out))
+
+    def timeless(m):
+        m = {k: v for k, v in m.items() if k not in ("created", "timings_s", "recommended", "performance")}
+        m["files"] = [f for f in m["files"] if f["deterministic"]]
+        return m
+
+    assert timeless(m1) == timeless(m2)
+    deterministic = {f["path"] for f in m1["files"] if f["deterministic"]}
+    assert {"student.safetensors", "config.yaml", "models/model.onnx", "models/model.int8.onnx"} <= deterministic
+
+
+def test_gate_failure_publishes_no_bundle(tmp_path, deploy_yaml, capsys):
+    out2 = tmp_path / "strict"
+    code, _, err = _run(capsys, "compress-and-export", "--config", deploy_yaml, "--min-retention", "1.5", "--no-archive", "--out", out2, "--quiet")
+    assert code == 3
+    line = err.strip().splitlines()
+    assert len(line) == 1 and "gate failed, no bundle published: min_retention:" in line[0] and "vs limit 1.5" in line[0]
+    assert not out2.exists() and (tmp_path / "strict.rejected" / "manifest.json").is_file()
+    rejected = json.loads((tmp_path / "strict.rejected" / "manifest.json").read_text())
+    assert rejected["gates"]["min_retention"]["passed"] is False
+
+
+def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path, deploy_yaml):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdedge", "build", "--config", str(deploy_yaml), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # wait until the bundle is being written: its ONNX model exists in the temporary directory
+            if list(tmp_path.glob(".killed.tmp-*/models/model.onnx")):
+                break
+            if proc.poll() is not None:
+                pytest.fail("the build finished before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("the build never started writing")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # only a hidden temporary directory may remain
+
+
+def _consumer_example() -> str:
+    text = README.read_text()
+    match = re.search(r"<!-- consumer-example -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its consumer example"
+    return match.group(1)
+
+
+def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
+    code = _consumer_example()
+    assert len(code.strip().splitlines()) <= 30
+    assert "kdedge" not in code.split("bundle, images")[0]  # imports nothing from kdedge
+    script = tmp_path / "consume.py"
+    script.write_text(code)
+    images = next(p for p in find_builtin("fashion-mnist").iterdir() if p.name.startswith("t10k-images"))
+    out = subprocess.run([sys.executable, "-I", str(script), str(bundle), str(images)], capture_output=True, text=True, check=True).stdout.strip()
+    labels = json.loads((bundle / "manifest.json").read_text())["labels"]
+    assert out in labels
+    # It must agree with the student in PyTorch on that image.
+    import torch
+
+    from kdedge.data import load_dataset
+    from kdedge.models import load_checkpoint
+
+    student = load_checkpoint(bundle / "student.safetensors").model.eval()
+    with torch.inference_mode():
+        expected = labels[int(student(load_dataset("fashion-mnist").test.inputs(slice(0, 1))).argmax())]
+    assert out == expected
