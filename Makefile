@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kdedge-installed
 # The development environment pins torch to the CPU wheel (the library itself only needs torch>=2.4).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data demo test test-fast bench teacher clean
+.PHONY: install data demo test test-fast bench bench-deploy teacher clean
 
 install: $(STAMP)
 
@@ -25,8 +25,9 @@ data: $(STAMP)
 	  || true
 	@$(VENV)/bin/kdedge data fashion-mnist
 
+# The embedded default: shipped teacher -> tiny_cnn -> ONNX FP32/INT8 -> CPU benchmark -> gates -> runs/bundle-<time>.
 demo: data
-	$(VENV)/bin/kdedge distill
+	$(VENV)/bin/kdedge compress-and-export
 
 test: data
 	$(PY) -m pytest -q
@@ -36,6 +37,11 @@ test-fast: data
 
 bench: data
 	$(PY) benchmarks/kd_vs_scratch.py
+
+bench-deploy: data
+	$(PY) benchmarks/export_check.py
+	$(PY) benchmarks/teacher_vs_student.py
+	$(PY) benchmarks/harness_overhead.py
 
 teacher: data
 	$(PY) scripts/train_teacher.py

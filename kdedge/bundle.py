@@ -35,7 +35,7 @@ from kdedge import __version__
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
 from kdedge.errors import ConfigError, KdedgeError
 
-__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundleResult", "compress_and_export", "verify_bundle", "recommend", "evaluate_gates"]
+__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundleResult", "compress_and_export", "resolve_auto", "verify_bundle", "recommend", "evaluate_gates"]
 
 MANIFEST_SCHEMA = 1
 
@@ -164,6 +164,21 @@ def _write_archive(bundle: Path) -> Path:
     return archive
 
 
+def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The formats and targets ``auto`` means on this machine (see :class:`CompressConfig`)."""
+    import importlib.util
+
+    cuda = torch.cuda.is_available()
+    trt = cuda and importlib.util.find_spec("tensorrt") is not None
+    formats = config.formats
+    if formats == ("auto",):
+        formats = ("onnx", "onnx-int8") + (("onnx-fp16",) if cuda else ()) + (("tensorrt",) if trt else ())
+    targets = config.targets
+    if targets == ("auto",):
+        targets = ("torch-cpu", "ort-cpu") + (("torch-cuda",) if cuda else ()) + (("trt",) if trt else ())
+    return formats, targets
+
+
 def compress_and_export(config: CompressConfig | None = None, *, progress: bool = False, log: Callable[[str], None] | None = None) -> BundleResult:
     """The main job: distill the teacher into the student, export, benchmark, gate and bundle.
 
@@ -185,6 +200,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    formats, targets = resolve_auto(config)
 
     data = load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
     teacher, teacher_spec, teacher_name = resolve_teacher(config.teacher, data.spec)
@@ -205,7 +221,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
         (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
         start = time.perf_counter()
-        export_cfg = ExportConfig(formats=config.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
+        export_cfg = ExportConfig(formats=formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                                   parity_samples=config.parity_samples)
         exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=student_spec.name,
                                 source_sha256=_sha256(tmp / "student.safetensors"))
@@ -219,7 +235,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
                                 artifacts={_artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
         teacher_bm = BenchModel(teacher_spec.name, role="teacher", module=teacher, params=count_parameters(teacher),
                                 flops=count_flops(teacher, tuple(data.spec.input_shape)), source=teacher_name)
-        bench_cfg = BenchConfig(data=config.data, targets=config.targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
+        bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
                                 threads=config.bench_threads, export_variants=("fp32", "int8"), warmup_s=0.1, min_iters=20)
         report = benchmark([teacher_bm, student_bm], data, bench_cfg, log=log)
         write_report_files(report, tmp)
@@ -253,6 +269,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
             "gates": gates,
             "recommended": recommended,
             "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)]},
+            "resolved": {"formats": list(formats), "targets": list(targets)},
             "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": distill_cfg.device},
             "timings_s": timings,
         }

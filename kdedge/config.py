@@ -248,18 +248,20 @@ class CompressConfig(DistillConfig):
 
     The defaults are the embedded default run: the shipped teacher into ``tiny_cnn`` on
     Fashion-MNIST, 6 epochs (not the 15 of ``kdedge distill``, so the whole run fits in about
-    three minutes on a 2-core CPU), ONNX FP32 + INT8 benchmarked on the CPU. Gates: the student
+    three minutes on a 2-core CPU). ``formats: auto`` is ONNX FP32 + INT8, plus FP16 where a CUDA
+    GPU is visible and a TensorRT engine where TensorRT also imports; ``targets: auto`` is
+    torch-cpu and ort-cpu, plus torch-cuda and trt likewise. Gates: the student
     keeps ``min_retention`` of the teacher's accuracy, INT8 loses at most ``max_quant_drop``
     points, and (optionally) the recommended artifact is ``min_speedup``× faster than the teacher
     in eager PyTorch at batch 1.
     """
 
     epochs: int = 6
-    formats: tuple[str, ...] = ("onnx", "onnx-int8")
+    formats: tuple[str, ...] = ("auto",)
     calibration_samples: int = 512
     calibration_method: str = "minmax"
     parity_samples: int = 1000
-    targets: tuple[str, ...] = ("torch-cpu", "ort-cpu")
+    targets: tuple[str, ...] = ("auto",)
     batch_sizes: tuple[int, ...] = (1, 32)
     bench_min_s: float = 0.5
     bench_threads: int | None = None
@@ -271,11 +273,11 @@ class CompressConfig(DistillConfig):
     def _problems(self) -> list[str]:
         p = super()._problems()
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
-        if bad or "onnx" not in self.formats:
-            p.append(f"formats must include onnx and be among {', '.join(EXPORT_FORMATS)}, got {', '.join(self.formats) or 'none'}")
+        if self.formats != ("auto",) and (bad or "onnx" not in self.formats):
+            p.append(f"formats must be auto, or include onnx and be among {', '.join(EXPORT_FORMATS)}; got {', '.join(self.formats) or 'none'}")
         bad = [t for t in self.targets if t not in BENCH_TARGETS]
-        if bad or not self.targets:
-            p.append(f"targets must be one or more of {', '.join(BENCH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
+        if self.targets != ("auto",) and (bad or not self.targets):
+            p.append(f"targets must be auto, or one or more of {', '.join(BENCH_TARGETS)}; got {', '.join(self.targets) or 'none'}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             p.append(f"batch_sizes must be positive integers, got {', '.join(map(str, self.batch_sizes)) or 'none'}")
         if self.calibration_method not in CALIBRATION_METHODS:

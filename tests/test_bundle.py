@@ -170,3 +170,21 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     with torch.inference_mode():
         expected = labels[int(student(load_dataset("fashion-mnist").test.inputs(slice(0, 1))).argmax())]
     assert out == expected
+
+
+def test_auto_formats_and_targets_follow_the_machine():
+    import torch
+
+    from kdedge.bundle import resolve_auto
+    from kdedge.config import CompressConfig
+    from kdedge.errors import ConfigError
+
+    formats, targets = resolve_auto(CompressConfig())
+    assert formats[:2] == ("onnx", "onnx-int8") and targets[:2] == ("torch-cpu", "ort-cpu")
+    if not torch.cuda.is_available():
+        assert formats == ("onnx", "onnx-int8") and targets == ("torch-cpu", "ort-cpu")
+    assert resolve_auto(CompressConfig(formats=("onnx",), targets=("ort-cpu",))) == (("onnx",), ("ort-cpu",))
+    with pytest.raises(ConfigError, match="formats must be auto, or include onnx"):
+        CompressConfig(formats=("onnx-int8",))
+    with pytest.raises(ConfigError, match="min_retention must be in"):
+        CompressConfig(min_retention=-1)
