@@ -26,6 +26,7 @@ _SCHEDULES = ("cosine", "constant")
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "bf16")
 _CACHES = ("disk", "memory", "off")
+_LOSSES = ("hinton", "dkd")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZATION_MODES = ("static", "dynamic")
@@ -121,13 +122,21 @@ class DistillConfig(_RunConfig):
 
     teacher: str = "resnet"
     student: str = "tiny_cnn"
+    loss: str = "hinton"
     alpha: float = 0.5
     temperature: float = 2.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
     cache: str = "disk"
     epochs: int = 15
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        if self.loss not in _LOSSES:
+            p.append(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
+        for name in ("dkd_alpha", "dkd_beta"):
+            if not getattr(self, name) >= 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1:
             p.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:

@@ -24,7 +24,7 @@ from kdedge.config import DistillConfig, TrainConfig, _RunConfig, config_to_yaml
 from kdedge.data import DataSplits, DatasetSpec, cache_dir, load_dataset
 from kdedge.data.spec import ArrayDataset
 from kdedge.distill.loop import fit, resolve_device
-from kdedge.distill.losses import HintonLoss
+from kdedge.distill.losses import DistillLoss, DKDLoss, HintonLoss
 from kdedge.distill.metrics import Evaluation, evaluate
 from kdedge.distill.teacher import FrozenTeacher
 from kdedge.errors import ConfigError, DataError, ModelError
@@ -97,7 +97,7 @@ def _run(
     test_data: Dataset | DataLoader | None,
     *,
     config: _RunConfig,
-    loss: HintonLoss,
+    loss: DistillLoss,
     teacher: FrozenTeacher | None,
     spec: ModelSpec | None,
     out: str | Path | None,
@@ -202,11 +202,18 @@ def distill(
         "sha256": frozen.fingerprint(),
         "test": teacher_test.to_dict() if teacher_test else None,
     } | {k: v for k, v in _model_summary(frozen.model, None, data_spec).items() if k != "name"}
-    loss = HintonLoss(alpha=config.alpha, temperature=config.temperature, label_smoothing=config.label_smoothing)
+    loss = make_loss(config)
     result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress, extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch)
     result.teacher_test = teacher_test
     frozen.model.cpu()
     return result
+
+
+def make_loss(config: DistillConfig) -> HintonLoss | DKDLoss:
+    """The distillation loss a config names: ``hinton`` (α, T) or ``dkd`` (dkd_alpha, dkd_beta, T)."""
+    if config.loss == "dkd":
+        return DKDLoss(alpha=config.dkd_alpha, beta=config.dkd_beta, temperature=config.temperature, label_smoothing=config.label_smoothing)
+    return HintonLoss(alpha=config.alpha, temperature=config.temperature, label_smoothing=config.label_smoothing)
 
 
 def _check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
@@ -218,8 +225,13 @@ def _check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
 
 
 def resolve_teacher(ref: str, data: DatasetSpec) -> tuple[nn.Module, ModelSpec, str]:
-    """A teacher from a run directory, a ``.safetensors`` checkpoint or a shipped zoo name."""
+    """A teacher from a run directory, a ``.safetensors`` checkpoint, an ``.onnx`` file or a shipped zoo name."""
     path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".onnx":
+        from kdedge.distill.onnx_teacher import OnnxTeacherModule
+
+        module = OnnxTeacherModule(path, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
+        return module, ModelSpec("onnx", 1.0, data.num_classes, tuple(data.input_shape)), str(path)  # type: ignore[arg-type]
     if path.exists():
         ckpt = load_checkpoint(path)
         _check_fits(f"teacher {ref}", ckpt.spec, data)

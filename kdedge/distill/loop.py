@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset
 from kdedge.distill.augment import augment_batch
-from kdedge.distill.losses import HintonLoss
+from kdedge.distill.losses import DistillLoss
 from kdedge.distill.metrics import evaluate
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
 
@@ -112,7 +112,7 @@ def fit(
     train: Dataset | DataLoader,
     *,
     config: _RunConfig,
-    loss: HintonLoss,
+    loss: DistillLoss,
     teacher: FrozenTeacher | None = None,
     test: Dataset | DataLoader | None = None,
     cache_dir: str | Path | None = None,

@@ -1,0 +1,65 @@
+"""A teacher the user only has as an ONNX file: its logits come from onnxruntime.
+
+:class:`OnnxTeacherModule` is an ``nn.Module`` (no parameters, no gradients) so everything that
+takes a teacher — :class:`~kdedge.distill.teacher.FrozenTeacher`, the logit cache, ``evaluate`` —
+works unchanged. The file's sha256 is registered as a buffer, so the logit-cache key changes
+whenever the ONNX file does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge.errors import DataError
+
+__all__ = ["OnnxTeacherModule"]
+
+
+class OnnxTeacherModule(nn.Module):
+    """Runs an ONNX classifier ``(B, C, H, W) -> (B, K)`` in onnxruntime on the CPU.
+
+    Args:
+        path: The ``.onnx`` file.
+        input_shape: ``(C, H, W)`` the data has; checked against the graph's input.
+        num_classes: ``K`` the data has; checked against the graph's output.
+        threads: onnxruntime intra-op threads (default: its choice).
+
+    Raises:
+        ExportError: The file cannot be loaded by onnxruntime.
+        DataError: Its input or output does not fit the data.
+    """
+
+    def __init__(self, path: str | Path, *, input_shape: tuple[int, ...], num_classes: int, threads: int | None = None) -> None:
+        super().__init__()
+        from kdedge.exporters.ort import ort_session
+
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads=threads)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise DataError(f"{self.path.name}: an ONNX teacher must have one input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
+        self.input_name = inputs[0].name
+        shape = inputs[0].shape
+        fixed = [d if isinstance(d, int) else None for d in shape[1:]]
+        if len(shape) != 1 + len(input_shape) or any(f is not None and f != want for f, want in zip(fixed, input_shape)):
+            raise DataError(f"{self.path.name}: input {self.input_name!r} has shape {shape}, but the data's samples are {tuple(input_shape)}; "
+                            "export the teacher for this data's (batch, C, H, W) inputs")
+        if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
+            raise DataError(f"{self.path.name}: input {self.input_name!r} is {inputs[0].type}; expected float inputs (normalized images)")
+        self._dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        probe = self.session.run(None, {self.input_name: np.zeros((1, *input_shape), self._dtype)})[0]
+        if probe.ndim != 2 or probe.shape[1] != num_classes:
+            raise DataError(f"{self.path.name}: output {outputs[0].name!r} has shape {tuple(probe.shape)} for one sample, "
+                            f"but the data has {num_classes} classes; expected (batch, {num_classes}) logits")
+        digest = hashlib.sha256(self.path.read_bytes()).digest()
+        self.register_buffer("onnx_sha256", torch.frombuffer(bytearray(digest), dtype=torch.uint8))  # identifies it in cache keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = np.ascontiguousarray(x.detach().float().cpu().numpy(), dtype=self._dtype)
+        logits = self.session.run(None, {self.input_name: feed})[0]
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32)).to(x.device)

@@ -1,0 +1,63 @@
+"""Distilling from a teacher the user has only as ONNX: logits from onnxruntime, cached like any teacher's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdedge.cli import main
+from kdedge.data import load_dataset
+from kdedge.distill.onnx_teacher import OnnxTeacherModule
+from kdedge.distill.teacher import FrozenTeacher, teacher_logits
+from kdedge.errors import DataError
+from kdedge.exporters import export_onnx
+
+from conftest import TinyNet, make_idx_dir
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=120, n_test=40)))
+    torch.manual_seed(0)
+    teacher = TinyNet(num_classes=3).eval()
+    path = tmp_path / "teacher.onnx"
+    export_onnx(teacher, path, input_shape=(1, 8, 8))
+    return data, teacher, path
+
+
+def test_onnx_teacher_logits_match_torch_and_are_cached(tiny, tmp_path):
+    data, teacher, path = tiny
+    onnx_teacher = FrozenTeacher(OnnxTeacherModule(path, input_shape=(1, 8, 8), num_classes=3))
+    cache = tmp_path / "cache"
+    from_onnx = teacher_logits(onnx_teacher, data.train, cache_dir=cache)
+    from_torch = teacher_logits(FrozenTeacher(teacher), data.train, cache_dir=cache)
+    assert not from_onnx.hit and (cache / f"{from_onnx.key}.npy").is_file()
+    assert from_onnx.key != from_torch.key  # the cache tells the two teachers apart
+    assert torch.allclose(from_onnx.tensor(), from_torch.tensor(), atol=1e-4, rtol=0)
+    again = teacher_logits(FrozenTeacher(OnnxTeacherModule(path, input_shape=(1, 8, 8), num_classes=3)), data.train, cache_dir=cache)
+    assert again.hit and again.key == from_onnx.key
+
+
+def test_distill_from_onnx_teacher_via_cli(tiny, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    _, _, path = tiny
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", str(path), "--student", "mlp@0.25", "--data", str(data_dir), "--epochs", "2", "--batch-size", "32",
+                 "--cache", "memory", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher"]["name"] == str(path) and metrics["teacher_cache"]["hit"] is False
+    assert metrics["teacher"]["test"]["accuracy"] > 0.0
+
+
+def test_onnx_teacher_that_does_not_fit_the_data(tiny, tmp_path, capsys):
+    _, _, path = tiny
+    with pytest.raises(DataError, match=r"has shape \['batch', 1, 8, 8\], but the data's samples are \(1, 28, 28\)"):
+        OnnxTeacherModule(path, input_shape=(1, 28, 28), num_classes=3)
+    with pytest.raises(DataError, match=r"but the data has 10 classes; expected \(batch, 10\) logits"):
+        OnnxTeacherModule(path, input_shape=(1, 8, 8), num_classes=10)
+    code = main(["distill", "--teacher", str(path), "--epochs", "1", "--train-limit", "100", "--test-limit", "50", "--quiet", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "but the data's samples are (1, 28, 28)" in err[0]
