@@ -203,8 +203,8 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
     formats, targets = resolve_auto(config)
 
     data = load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
-    teacher, teacher_spec, teacher_name = resolve_teacher(config.teacher, data.spec)
-    student, student_spec = resolve_student(config.student, data.spec, config.seed)
+    teacher, teacher_spec, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
+    student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
     log(f"distilling {teacher_name} -> {student_spec.name} on {data.spec.name} ({len(data.train)} train / {len(data.test)} test, {config.epochs} epochs)")
     start = time.perf_counter()
     distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})

@@ -122,6 +122,9 @@ class DistillConfig(_RunConfig):
 
     teacher: str = "resnet"
     student: str = "tiny_cnn"
+    teacher_weights: str | None = None
+    student_weights: str | None = None
+    flops_budget: float | None = None
     loss: str = "hinton"
     alpha: float = 0.5
     temperature: float = 2.0
@@ -132,6 +135,10 @@ class DistillConfig(_RunConfig):
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        if self.student == "auto" and self.flops_budget is None:
+            p.append("student auto needs flops_budget (FLOPs per sample, e.g. --flops-budget 3e6)")
+        if self.flops_budget is not None and not self.flops_budget > 0:
+            p.append(f"flops_budget must be > 0, got {self.flops_budget}")
         if self.loss not in _LOSSES:
             p.append(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
         for name in ("dkd_alpha", "dkd_beta"):

@@ -28,18 +28,21 @@ from kdedge.distill.losses import DistillLoss, DKDLoss, HintonLoss
 from kdedge.distill.metrics import Evaluation, evaluate
 from kdedge.distill.teacher import FrozenTeacher
 from kdedge.errors import ConfigError, DataError, ModelError
+from kdedge.models.byo import is_factory_ref
 from kdedge.models.zoo import (
+    MODELS,
     ModelSpec,
     count_flops,
     count_parameters,
     create_model,
     load_checkpoint,
+    load_weights,
     parse_model_name,
     pretrained_path,
     save_checkpoint,
 )
 
-__all__ = ["RunResult", "train", "distill", "run_train", "run_distill", "resolve_teacher", "resolve_student", "default_out"]
+__all__ = ["auto_student", "make_loss", "RunResult", "train", "distill", "run_train", "run_distill", "resolve_teacher", "resolve_student", "default_out"]
 
 
 @dataclass
@@ -224,9 +227,18 @@ def _check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
         )
 
 
-def resolve_teacher(ref: str, data: DatasetSpec) -> tuple[nn.Module, ModelSpec, str]:
-    """A teacher from a run directory, a ``.safetensors`` checkpoint, an ``.onnx`` file or a shipped zoo name."""
+def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None) -> tuple[nn.Module, ModelSpec, str]:
+    """A teacher from a run directory, a ``.safetensors`` checkpoint, an ``.onnx`` file, a shipped zoo
+    name, or a factory (``package.module:factory``, ``file.py:factory``) with ``weights``."""
     path = Path(ref).expanduser()
+    if not path.exists() and is_factory_ref(ref):
+        spec = ModelSpec(ref, 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+        model = create_model(spec)
+        if weights:
+            load_weights(model, weights)
+        return model, spec, ref + (f" ({weights})" if weights else "")
+    if weights:
+        raise ConfigError(f"--teacher-weights applies to a factory teacher (module:factory); {ref} already carries its weights")
     if path.is_file() and path.suffix == ".onnx":
         from kdedge.distill.onnx_teacher import OnnxTeacherModule
 
@@ -248,17 +260,44 @@ def resolve_teacher(ref: str, data: DatasetSpec) -> tuple[nn.Module, ModelSpec, 
     return ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})"
 
 
-def resolve_student(ref: str, data: DatasetSpec, seed: int) -> tuple[nn.Module, ModelSpec]:
-    """A fresh zoo model (seeded) by name, or a checkpoint to fine-tune."""
+def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int]:
+    """The zoo model with the most FLOPs per sample within ``flops_budget`` (widths 0.25..2)."""
+    best: tuple[int, int, ModelSpec] | None = None
+    for arch in sorted(MODELS):
+        for width in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+            spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+            model = create_model(spec)
+            flops, params = count_flops(model, spec.input_shape), count_parameters(model)
+            if flops <= flops_budget and (best is None or (flops, params) > best[:2]):
+                best = (flops, params, spec)
+    if best is None:
+        raise ConfigError(f"no zoo student fits {flops_budget:,.0f} FLOPs per sample on {tuple(data.input_shape)} inputs; raise --flops-budget")
+    return best[2], best[0]
+
+
+def resolve_student(ref: str, data: DatasetSpec, seed: int, *, weights: str | None = None, flops_budget: float | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A fresh zoo model (seeded) by name, ``auto`` under a FLOPs budget, a factory, or a checkpoint to fine-tune."""
     path = Path(ref).expanduser()
     if path.exists():
+        if weights:
+            raise ConfigError(f"--student-weights applies to a zoo name or factory; {ref} already carries its weights")
         ckpt = load_checkpoint(path)
         _check_fits(f"model {ref}", ckpt.spec, data)
         return ckpt.model, ckpt.spec
-    arch, width = parse_model_name(ref)
-    spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+    if ref == "auto":
+        if flops_budget is None:
+            raise ConfigError("--student auto needs --flops-budget (FLOPs per sample)")
+        spec, _ = auto_student(data, flops_budget)
+    elif is_factory_ref(ref):
+        spec = ModelSpec(ref, 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+    else:
+        arch, width = parse_model_name(ref)
+        spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
     torch.manual_seed(seed)  # initialization is part of the seeded run
-    return create_model(spec), spec
+    model = create_model(spec)
+    if weights:
+        load_weights(model, weights)
+    return model, spec
 
 
 def _load_data(config: _RunConfig) -> DataSplits:
@@ -277,6 +316,6 @@ def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Calla
     """``kdedge distill``: resolve data, teacher and student from ``config``, distill, write the run."""
     out = _check_out(config.out) or default_out("distill")
     data = _load_data(config)
-    teacher, _, teacher_name = resolve_teacher(config.teacher, data.spec)
-    student, spec = resolve_student(config.student, data.spec, config.seed)
+    teacher, _, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
+    student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
     return distill(student, teacher, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher_name, out=out, progress=progress, on_epoch=on_epoch)

@@ -112,7 +112,14 @@ def parse_model_name(name: str) -> tuple[str, float]:
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialized model for ``spec`` (initialization follows the global RNG)."""
+    """A freshly initialized model for ``spec`` (initialization follows the global RNG).
+
+    ``spec.arch`` may also be a factory reference (``package.module:factory``, ``file.py:factory``).
+    """
+    from kdedge.models.byo import build_from_factory, is_factory_ref
+
+    if is_factory_ref(spec.arch):
+        return build_from_factory(spec.arch, num_classes=spec.num_classes, input_shape=spec.input_shape)
     if spec.arch not in MODELS:
         raise ModelError(f"unknown model {spec.arch!r}; expected one of {', '.join(sorted(MODELS))}")
     return MODELS[spec.arch](spec.num_classes, spec.input_shape, spec.width)
