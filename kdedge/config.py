@@ -26,7 +26,7 @@ _SCHEDULES = ("cosine", "constant")
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "bf16")
 _CACHES = ("disk", "memory", "off")
-_LOSSES = ("hinton", "dkd")
+_LOSSES = ("hinton", "dkd", "fitnets", "at")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZATION_MODES = ("static", "dynamic")
@@ -130,6 +130,10 @@ class DistillConfig(_RunConfig):
     temperature: float = 2.0
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
+    dkd_warmup: float = 1.0
+    student_layer: str | None = None
+    teacher_layer: str | None = None
+    feature_weight: float | None = None
     cache: str = "disk"
     epochs: int = 15
 
@@ -141,6 +145,10 @@ class DistillConfig(_RunConfig):
             p.append(f"flops_budget must be > 0, got {self.flops_budget}")
         if self.loss not in _LOSSES:
             p.append(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
+        if self.loss in ("fitnets", "at") and not (self.student_layer and self.teacher_layer):
+            p.append(f"loss {self.loss} needs student_layer and teacher_layer (module names, e.g. --student-layer features.3 --teacher-layer stages.1)")
+        if self.feature_weight is not None and not self.feature_weight >= 0:
+            p.append(f"feature_weight must be >= 0, got {self.feature_weight}")
         for name in ("dkd_alpha", "dkd_beta"):
             if not getattr(self, name) >= 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -49,12 +49,15 @@ def test_dkd_loss_parts_and_gradient():
     s = torch.randn(8, 5, generator=g, requires_grad=True)
     t, y = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
     loss = DKDLoss(alpha=1.0, beta=8.0, temperature=4.0)
-    parts = loss(s, y, t)
+    parts = loss(s, y, t)  # ramp 1 until the loop reports progress
     tckd, nckd, _ = dkd_terms(s, t, y, 4.0)
     assert parts.kd.item() == pytest.approx(16 * (tckd.mean() + 8 * nckd.mean()).item(), rel=1e-6)
     assert parts.total.item() == pytest.approx(parts.task.item() + parts.kd.item(), rel=1e-6)
     parts.total.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
+    loss.set_progress(0.25)  # a quarter into the 1-epoch warm-up: a quarter of the DKD term
+    quarter = loss(s, y, t)
+    assert quarter.total.item() == pytest.approx(quarter.task.item() + 0.25 * quarter.kd.item(), rel=1e-6)
     with pytest.raises(ConfigError, match="beta must be >= 0"):
         DKDLoss(beta=-1)
 

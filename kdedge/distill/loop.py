@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset
 from kdedge.distill.augment import augment_batch
+from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
 from kdedge.distill.metrics import evaluate
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
@@ -141,9 +142,10 @@ def fit(
     if isinstance(train, ArrayDataset) and device.type != "cpu":
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
 
+    needs_features = getattr(loss, "needs_features", False)
     cached: TeacherLogits | None = None
     cache_seconds = 0.0
-    if loss.needs_teacher and use_cache and not config.augment and isinstance(train, ArrayDataset):
+    if loss.needs_teacher and use_cache and not needs_features and not config.augment and isinstance(train, ArrayDataset):
         # Never for augmented inputs: the cache holds logits of the un-augmented images.
         cached = teacher_logits(teacher, train, cache_dir=cache_dir)  # type: ignore[arg-type]
         cache_seconds = cached.seconds
@@ -152,69 +154,98 @@ def fit(
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    hooks: list[FeatureHooks] = []
+    if needs_features:
+        # Features come from forward hooks; the teacher runs on every batch (no logit cache).
+        hooks = [FeatureHooks(model, [loss.student_layer]), FeatureHooks(teacher.model, [loss.teacher_layer])]  # type: ignore[attr-defined,union-attr]
+        probe = next(_batches(train, 2, torch.Generator().manual_seed(0), device))[1]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+            teacher(probe)  # type: ignore[misc]
+        model.train(was_training)
+        loss.term.build(hooks[0].outputs[loss.student_layer].shape, hooks[1].outputs[loss.teacher_layer].shape)  # type: ignore[attr-defined]
+        loss.to(device)  # type: ignore[attr-defined]
     optimizer = make_optimizer(model, config)
+    extra = [p for p in getattr(loss, "parameters", lambda: [])() if p.requires_grad]  # e.g. the FitNets regressor
+    if extra:
+        optimizer.add_param_group({"params": extra, "weight_decay": config.weight_decay})
     steps = _num_batches(train, config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps))
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     )
     history: list[dict] = []
-    with _Progress(progress) as bar:
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            task_id = bar.add(f"epoch {epoch}/{config.epochs}", steps)
-            start = time.perf_counter()
-            teacher_time = 0.0
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, task, kd, correct
-            seen = 0
-            for i, (idx, x, y) in enumerate(_batches(train, config.batch_size, generator, device)):
-                if config.augment:
-                    x = augment_batch(x, generator, erasing=config.random_erasing)
-                x = x.contiguous(memory_format=memory_format)
-                t_logits = None
-                if loss.needs_teacher:
-                    if cached is not None and idx is not None:
-                        t_logits = cached[idx].to(device, non_blocking=True)
+    try:
+        with _Progress(progress) as bar:
+            for epoch in range(1, config.epochs + 1):
+                model.train()
+                task_id = bar.add(f"epoch {epoch}/{config.epochs}", steps)
+                start = time.perf_counter()
+                teacher_time = 0.0
+                sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, task, kd, correct, feature
+                seen = 0
+                for i, (idx, x, y) in enumerate(_batches(train, config.batch_size, generator, device)):
+                    if config.augment:
+                        x = augment_batch(x, generator, erasing=config.random_erasing)
+                    x = x.contiguous(memory_format=memory_format)
+                    t_logits = None
+                    if loss.needs_teacher:
+                        if cached is not None and idx is not None:
+                            t_logits = cached[idx].to(device, non_blocking=True)
+                        else:
+                            t0 = time.perf_counter()
+                            t_logits = teacher(x)  # type: ignore[misc]
+                            teacher_time += time.perf_counter() - t0
+                    if hasattr(loss, "set_progress"):
+                        loss.set_progress(epoch - 1 + i / steps)  # e.g. DKD's warm-up
+                    with autocast:
+                        logits = model(x)
+                    if needs_features:
+                        # clone(): the teacher ran under inference_mode; its feature must be a normal tensor for autograd.
+                        t_feat = hooks[1].outputs[loss.teacher_layer].clone()  # type: ignore[attr-defined]
+                        parts = loss(logits, y, t_logits, student_feature=hooks[0].outputs[loss.student_layer], teacher_feature=t_feat)  # type: ignore[call-arg,attr-defined]
                     else:
-                        t0 = time.perf_counter()
-                        t_logits = teacher(x)  # type: ignore[misc]
-                        teacher_time += time.perf_counter() - t0
-                with autocast:
-                    logits = model(x)
-                parts = loss(logits, y, t_logits)
-                optimizer.zero_grad(set_to_none=True)
-                parts.total.backward()
-                optimizer.step()
-                scheduler.step()
-                n = y.shape[0]
-                seen += n
-                with torch.no_grad():
-                    sums += torch.stack([parts.total.detach() * n, parts.task * n, parts.kd * n, (logits.argmax(1) == y).sum()]).double()
-                if progress and (i % 20 == 0 or i == steps - 1):
-                    s = (sums / seen).tolist()
-                    bar.update(task_id, advance=0, stats=f"loss {s[0]:.4f} acc {s[3]:.3f}")
-                bar.update(task_id, advance=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
-            total, task, kd, correct = (sums / max(seen, 1)).tolist()
-            row = {
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": total,
-                "train_task_loss": task,
-                "train_kd_loss": kd,
-                "train_accuracy": correct,
-                "seconds": seconds,
-                "teacher_seconds": teacher_time + (cache_seconds if epoch == 1 else 0.0),
-            }
-            if test is not None:
-                ev = evaluate(model, test, device=device)
-                row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
-            history.append(row)
-            if on_epoch is not None:
-                on_epoch(row)
-            if progress:
-                extra = f" test acc {row['test_accuracy']:.4f}" if test is not None else ""
-                bar.update(task_id, stats=f"loss {total:.4f} acc {correct:.3f}{extra}")
+                        parts = loss(logits, y, t_logits)
+                    optimizer.zero_grad(set_to_none=True)
+                    parts.total.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    n = y.shape[0]
+                    seen += n
+                    with torch.no_grad():
+                        feature = parts.feature if parts.feature is not None else torch.zeros((), device=device)
+                        sums += torch.stack([parts.total.detach() * n, parts.task * n, parts.kd * n, (logits.argmax(1) == y).sum(), feature * n]).double()
+                    if progress and (i % 20 == 0 or i == steps - 1):
+                        s = (sums / seen).tolist()
+                        bar.update(task_id, advance=0, stats=f"loss {s[0]:.4f} acc {s[3]:.3f}")
+                    bar.update(task_id, advance=1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
+                total, task, kd, correct, feature_loss = (sums / max(seen, 1)).tolist()
+                row = {
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": total,
+                    "train_task_loss": task,
+                    "train_kd_loss": kd,
+                    **({"train_feature_loss": feature_loss} if needs_features else {}),
+                    "train_accuracy": correct,
+                    "seconds": seconds,
+                    "teacher_seconds": teacher_time + (cache_seconds if epoch == 1 else 0.0),
+                }
+                if test is not None:
+                    ev = evaluate(model, test, device=device)
+                    row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
+                history.append(row)
+                if on_epoch is not None:
+                    on_epoch(row)
+                if progress:
+                    extra = f" test acc {row['test_accuracy']:.4f}" if test is not None else ""
+                    bar.update(task_id, stats=f"loss {total:.4f} acc {correct:.3f}{extra}")
+    finally:
+        for h in hooks:
+            h.remove()
     return history, cached
