@@ -32,7 +32,9 @@ METHODS: dict[str, dict] = {
     "kd": {"loss": "hinton", "alpha": 0.5, "temperature": 2.0},
     "fitnets": {"loss": "fitnets", "alpha": 0.5, "temperature": 2.0, "student_layer": "features.3", "teacher_layer": "stages.1", "feature_weight": 1.0},
     "at": {"loss": "at", "alpha": 0.5, "temperature": 2.0, "student_layer": "features.3", "teacher_layer": "stages.1", "feature_weight": 1000.0},
-    "dkd": {"loss": "dkd", "temperature": 4.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 2.0},
+    # The paper's T 4 / beta 8 diverged on this BN-free student even with a 2-epoch warm-up (10 % accuracy);
+    # T 2 / beta 2 / 1-epoch warm-up trained (92.59 % on seed 0 in a probe).
+    "dkd": {"loss": "dkd", "temperature": 2.0, "dkd_alpha": 1.0, "dkd_beta": 2.0, "dkd_warmup": 1.0},
 }
 
 
