@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "file_sha256", "umask"]
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is restored at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -28,7 +39,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a published directory follows the umask
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a published directory follows the umask
         yield tmp
         os.rename(tmp, out)
     except BaseException:

@@ -16,7 +16,6 @@ Layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from kdedge import __version__
+from kdedge._fs import file_sha256, umask
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
 from kdedge.errors import ConfigError, KdedgeError
 
@@ -57,13 +57,6 @@ class BundleResult:
     report: dict[str, Any]
     archive: Path | None = None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _artifact_variant(a: dict[str, Any]) -> str:
@@ -140,7 +133,7 @@ def _files_entry(root: Path, skip: set[str]) -> list[dict[str, Any]]:
         if rel in skip:
             continue
         deterministic = not any(rel == t or (t.endswith("/") and rel.startswith(t)) for t in _TIMING_FILES)
-        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": _sha256(path), "deterministic": deterministic})
+        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": file_sha256(path), "deterministic": deterministic})
     return files
 
 
@@ -215,7 +208,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a published bundle follows the umask
     try:
         save_checkpoint(tmp / "student.safetensors", result.model, student_spec, data.spec, extra={"kdedge_version": __version__, "test_accuracy": student_acc})
         # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
@@ -223,8 +216,9 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         start = time.perf_counter()
         export_cfg = ExportConfig(formats=formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                                   parity_samples=config.parity_samples)
+        student_sha256 = file_sha256(tmp / "student.safetensors")
         exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=student_spec.name,
-                                source_sha256=_sha256(tmp / "student.safetensors"))
+                                source_sha256=student_sha256)
         timings["export"] = time.perf_counter() - start
         log("exported " + ", ".join(a.path for a in exported.artifacts) + (f" (skipped: {', '.join(exported.skipped)})" if exported.skipped else ""))
 
@@ -250,7 +244,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "teacher": {"name": teacher_name, "model": teacher_spec.name, "sha256": state_dict_sha256(teacher), "params": teacher_bm.params,
                         "flops": teacher_bm.flops, "test_accuracy": teacher_acc},
-            "student": {"model": student_spec.to_dict(), "weights": "student.safetensors", "sha256": _sha256(tmp / "student.safetensors"),
+            "student": {"model": student_spec.to_dict(), "weights": "student.safetensors", "sha256": student_sha256,
                         "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": student_acc,
                         "test_macro_f1": result.test.macro_f1},
             "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
@@ -346,7 +340,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             continue
         if f.stat().st_size != entry["bytes"]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
     onnx_run = 0
     bad_hash = {p.split(":")[0] for p in problems}

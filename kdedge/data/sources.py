@@ -8,7 +8,6 @@ downloaded into the cache and their sha256 checked; ``KDEDGE_OFFLINE=1`` skips t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 from kdedge.data.idx import read_idx
 from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits
+from kdedge._fs import file_sha256
 from kdedge.errors import DataError
 
 __all__ = [
@@ -101,13 +101,6 @@ def _search_dirs(name: str) -> list[Path]:
     return dirs
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _find_file(directory: Path, file_name: str) -> Path | None:
     """``file_name`` (``*.gz``) or its uncompressed twin in ``directory``."""
@@ -138,7 +131,7 @@ def fetch_builtin(builtin: BuiltinDataset, dest: Path, *, timeout: float = 30.0)
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, out)
-                got = _sha256(tmp)
+                got = file_sha256(tmp)
                 if got != sha:
                     errors.append(f"{url}: sha256 {got[:12]}… != expected {sha[:12]}…")
                     continue
@@ -295,7 +288,7 @@ def load_idx_dir(
              _labels(arrays["train_labels"], str(files["train_labels"])))
     test = (_stack_images(arrays["test_images"], str(files["test_images"])),
             _labels(arrays["test_labels"], str(files["test_labels"])))
-    hashes = {role: _sha256(path) for role, path in files.items()}
+    hashes = {role: file_sha256(path) for role, path in files.items()}
     return _build(name or str(directory), train, test, labels=labels, norm=norm, files=hashes)
 
 
@@ -333,7 +326,7 @@ def load_npz(path: str | Path, *, test_fraction: float = 1 / 7) -> DataSplits:
     labels = None
     if "labels" in arrays:
         labels = tuple(str(v) for v in arrays["labels"].tolist())
-    return _build(str(path), train, test, labels=labels, files={"npz": _sha256(path)})
+    return _build(str(path), train, test, labels=labels, files={"npz": file_sha256(path)})
 
 
 def load_dataset(name_or_path: str, *, train_limit: int | None = None, test_limit: int | None = None) -> DataSplits:

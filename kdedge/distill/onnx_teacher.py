@@ -8,13 +8,13 @@ whenever the ONNX file does.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdedge._fs import file_sha256
 from kdedge.errors import DataError
 
 __all__ = ["OnnxTeacherModule"]
@@ -56,7 +56,7 @@ class OnnxTeacherModule(nn.Module):
         if probe.ndim != 2 or probe.shape[1] != num_classes:
             raise DataError(f"{self.path.name}: output {outputs[0].name!r} has shape {tuple(probe.shape)} for one sample, "
                             f"but the data has {num_classes} classes; expected (batch, {num_classes}) logits")
-        digest = hashlib.sha256(self.path.read_bytes()).digest()
+        digest = bytes.fromhex(file_sha256(self.path))
         self.register_buffer("onnx_sha256", torch.frombuffer(bytearray(digest), dtype=torch.uint8))  # identifies it in cache keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

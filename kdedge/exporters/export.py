@@ -9,7 +9,6 @@ TensorRT (or a GPU) is missing, the ONNX artifacts are still written and the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from kdedge import __version__
-from kdedge._fs import atomic_dir
+from kdedge._fs import atomic_dir, file_sha256
 from kdedge.config import ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, load_dataset
 from kdedge.distill.metrics import evaluation_from_predictions
@@ -74,13 +73,6 @@ def tolerances(config: ExportConfig) -> dict[str, Tolerance]:
         "int8": Tolerance(atol=None, min_agreement=config.int8_min_agreement),
     }
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | None, input_name: str = "input") -> dict[str, str]:
@@ -168,7 +160,7 @@ def export_model(
             reference_logits = model(parity_inputs).numpy()
 
         def add(path: Path, fmt: str, precision: str, parity: ParityReport | None, accuracy: dict | None, details: dict) -> Artifact:
-            a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=_sha256(path),
+            a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
                          parity=parity.to_dict() if parity else None, accuracy=accuracy, details=details)
             artifacts.append(a)
             return a
@@ -287,7 +279,7 @@ def _tensorrt_artifact(tmp: Path, config: ExportConfig, spec: DatasetSpec, parit
         ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, spec.num_classes)
         accuracy = {"accuracy": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples, "runtime": report.runtime}
     return Artifact(path=engine_path.name, format="tensorrt", precision=config.trt_precision, bytes=engine_path.stat().st_size,
-                    sha256=_sha256(engine_path), parity=report.to_dict(), accuracy=accuracy, details={"engine": meta})
+                    sha256=file_sha256(engine_path), parity=report.to_dict(), accuracy=accuracy, details={"engine": meta})
 
 
 def export_checkpoint(source: str | Path, config: ExportConfig | None = None) -> ExportResult:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdedge._fs import atomic_write_bytes
+from kdedge._fs import atomic_write_bytes, file_sha256
 from kdedge.errors import BackendUnavailable, ExportError
 
 __all__ = [
@@ -219,7 +219,7 @@ def build_engine(plan: EnginePlan, out_path: str | Path) -> dict[str, Any]:
     if serialized is None:
         raise ExportError(f"TensorRT failed to build a {plan.precision} engine from {Path(plan.onnx).name}; see the TensorRT log above")
     engine_bytes = bytes(serialized)
-    onnx_sha = hashlib.sha256(Path(plan.onnx).read_bytes()).hexdigest()
+    onnx_sha = file_sha256(Path(plan.onnx))
     meta = engine_metadata(plan, trt_version=trt.__version__, gpu=gpu, engine_bytes=engine_bytes, onnx_sha256=onnx_sha, build_seconds=seconds)
     atomic_write_bytes(out_path, engine_bytes)
     atomic_write_bytes(out_path.with_name(out_path.name + ".json"), (json.dumps(meta, indent=2) + "\n").encode())

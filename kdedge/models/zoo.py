@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdedge._fs import file_sha256, umask
 from kdedge.data.spec import DatasetSpec
 from kdedge.errors import ModelError
 from kdedge.models import architectures
@@ -173,13 +174,7 @@ def save_checkpoint(
     meta = {"format": CHECKPOINT_FORMAT, "model": spec.to_dict() if spec else None, "data": data.to_dict() if data else None, "extra": extra or {}}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"kdedge": json.dumps(meta, sort_keys=True)})
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)  # safetensors writes 0600; a shipped checkpoint is as readable as any file
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    os.chmod(path, 0o666 & ~umask())  # safetensors writes 0600; a shipped checkpoint is as readable as any file
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -252,7 +247,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     data = DatasetSpec.from_dict(info["data"]) if info.get("data") else None
     model = create_model(spec)
     _load_strict(model, state, path)
-    return Checkpoint(model=model, spec=spec, data=data, path=path, sha256=_file_sha256(path), extra=info.get("extra") or {})
+    return Checkpoint(model=model, spec=spec, data=data, path=path, sha256=file_sha256(path), extra=info.get("extra") or {})
 
 
 def pretrained_path(arch: str, width: float, dataset: str) -> Path | None:
