@@ -35,6 +35,17 @@ BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "t
 EXPORT_VARIANTS = ("fp32", "int8", "fp16")
 
 
+def _choices(cfg: Any, *pairs: tuple[str, tuple[str, ...]]) -> list[str]:
+    """A problem for each ``(field, allowed)`` whose value is not among the allowed ones."""
+    return [f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}" for name, allowed in pairs if getattr(cfg, name) not in allowed]
+
+
+def _batch_sizes(values: tuple[int, ...]) -> list[str]:
+    if not values or any(b < 1 for b in values):
+        return [f"batch_sizes must be positive integers, got {', '.join(map(str, values)) or 'none'}"]
+    return []
+
+
 class _Config:
     """Typed, validated configuration: checks types, then gathers every problem before raising."""
 
@@ -98,9 +109,7 @@ class _RunConfig(_Config):
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.random_erasing <= 1:
             p.append(f"random_erasing must be in [0, 1], got {self.random_erasing}")
-        for name, allowed in (("optimizer", _OPTIMIZERS), ("schedule", _SCHEDULES), ("device", _DEVICES), ("precision", _PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                p.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        p += _choices(self, ("optimizer", _OPTIMIZERS), ("schedule", _SCHEDULES), ("device", _DEVICES), ("precision", _PRECISIONS))
         return p
 
 
@@ -143,8 +152,7 @@ class DistillConfig(_RunConfig):
             p.append("student auto needs flops_budget (FLOPs per sample, e.g. --flops-budget 3e6)")
         if self.flops_budget is not None and not self.flops_budget > 0:
             p.append(f"flops_budget must be > 0, got {self.flops_budget}")
-        if self.loss not in _LOSSES:
-            p.append(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
+        p += _choices(self, ("loss", _LOSSES))
         if self.loss in ("fitnets", "at") and not (self.student_layer and self.teacher_layer):
             p.append(f"loss {self.loss} needs student_layer and teacher_layer (module names, e.g. --student-layer features.3 --teacher-layer stages.1)")
         if self.feature_weight is not None and not self.feature_weight >= 0:
@@ -156,8 +164,7 @@ class DistillConfig(_RunConfig):
             p.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             p.append(f"temperature must be > 0, got {self.temperature}")
-        if self.cache not in _CACHES:
-            p.append(f"cache must be one of {', '.join(_CACHES)}, got {self.cache!r}")
+        p += _choices(self, ("cache", _CACHES))
         return p
 
 
@@ -203,9 +210,7 @@ class ExportConfig(_Config):
         for name in ("parity_samples", "calibration_samples", "trt_workspace_mib"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, allowed in (("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                p.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        p += _choices(self, ("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS))
         for name in ("fp32_atol", "fp16_atol", "fp16_rtol"):
             if not getattr(self, name) >= 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -251,8 +256,7 @@ class BenchConfig(_Config):
         bad = [v for v in self.export_variants if v not in EXPORT_VARIANTS]
         if bad:
             p.append(f"export_variants must be among {', '.join(EXPORT_VARIANTS)}, got {', '.join(bad)}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            p.append(f"batch_sizes must be positive integers, got {', '.join(map(str, self.batch_sizes)) or 'none'}")
+        p += _batch_sizes(self.batch_sizes)
         for name in ("warmup_iters", "min_iters", "streams", "accuracy_batch"):
             if getattr(self, name) < (0 if name == "warmup_iters" else 1):
                 p.append(f"{name} must be >= {0 if name == 'warmup_iters' else 1}, got {getattr(self, name)}")
@@ -302,10 +306,8 @@ class CompressConfig(DistillConfig):
         bad = [t for t in self.targets if t not in BENCH_TARGETS]
         if self.targets != ("auto",) and (bad or not self.targets):
             p.append(f"targets must be auto, or one or more of {', '.join(BENCH_TARGETS)}; got {', '.join(self.targets) or 'none'}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            p.append(f"batch_sizes must be positive integers, got {', '.join(map(str, self.batch_sizes)) or 'none'}")
-        if self.calibration_method not in CALIBRATION_METHODS:
-            p.append(f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}")
+        p += _batch_sizes(self.batch_sizes)
+        p += _choices(self, ("calibration_method", CALIBRATION_METHODS))
         for name in ("calibration_samples", "parity_samples"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
