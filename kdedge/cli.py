@@ -29,10 +29,11 @@ _HELP = {
     "random_erasing": "Probability of random erasing when --augment is on.",
     "seed": "Seed for initialization, shuffling and augmentation.",
     "device": "auto, cpu or cuda.",
-    "precision": "fp32, or bf16 autocast.",
+    "precision": "fp32, bf16 autocast (CPU or CUDA), or fp16 autocast with a gradient scaler (CUDA).",
     "channels_last": "Channels-last memory format (measured faster for the zoo CNNs on x86 CPUs).",
     "threads": "torch intra-op threads (default: torch's choice).",
-    "out": "Run directory to create (default runs/<command>-<time>); must not exist.",
+    "out": "Run directory to create (default runs/<command>-<time>); must not exist. Per-epoch checkpoints go to OUT.partial/.",
+    "resume": "Continue a killed run from OUT.partial/checkpoint.pt (same --out and settings).",
     "model": "Zoo model to train, NAME or NAME@WIDTH (resnet, tiny_cnn, dw_cnn, mlp), or package.module:factory / file.py:factory.",
     "teacher": "Shipped zoo teacher name, a run directory, a .safetensors checkpoint, an .onnx file, or package.module:factory / file.py:factory.",
     "student": "Zoo student NAME or NAME@WIDTH, auto (with --flops-budget), package.module:factory / file.py:factory, or a checkpoint to fine-tune.",
@@ -271,6 +272,8 @@ def data(name: str) -> None:
 
 
 def _summary(result: Any) -> None:
+    if result.out is None:
+        return  # a non-zero rank under torchrun: rank 0 reports and writes
     m = result.metrics
     line = f"{m['model']['name']}: test accuracy {m['test']['accuracy']:.4f}, macro F1 {m['test']['macro_f1']:.4f}, {m['model']['params']:,} params"
     if "teacher" in m and m["teacher"].get("test"):

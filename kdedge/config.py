@@ -24,7 +24,7 @@ C = TypeVar("C", bound="_Config")
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULES = ("cosine", "constant")
 _DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("fp32", "bf16")
+_PRECISIONS = ("fp32", "bf16", "fp16")
 _CACHES = ("disk", "memory", "off")
 _LOSSES = ("hinton", "dkd", "fitnets", "at")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
@@ -87,6 +87,7 @@ class _RunConfig(_Config):
     channels_last: bool = True
     threads: int | None = None
     out: str | None = None
+    resume: bool = False
 
     def _problems(self) -> list[str]:
         p = []
@@ -300,6 +301,8 @@ class CompressConfig(DistillConfig):
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        if self.resume:
+            p.append("resume applies to kdedge train and kdedge distill; a bundle build always starts from scratch (drop --resume)")
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if self.formats != ("auto",) and (bad or "onnx" not in self.formats):
             p.append(f"formats must be auto, or include onnx and be among {', '.join(EXPORT_FORMATS)}; got {', '.join(self.formats) or 'none'}")

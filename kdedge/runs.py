@@ -8,6 +8,7 @@ and renamed into place, so an interrupted run leaves no half-written directory.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from kdedge._fs import atomic_dir
 from kdedge.config import DistillConfig, TrainConfig, _RunConfig, config_to_yaml
 from kdedge.data import DataSplits, DatasetSpec, cache_dir, load_dataset
 from kdedge.data.spec import ArrayDataset
+from kdedge.distill import distributed as dist_
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.losses import DistillLoss, DKDLoss, HintonLoss
 from kdedge.distill.metrics import Evaluation, evaluate
@@ -42,7 +44,7 @@ from kdedge.models.zoo import (
     save_checkpoint,
 )
 
-__all__ = ["auto_student", "make_loss", "RunResult", "train", "distill", "run_train", "run_distill", "resolve_teacher", "resolve_student", "default_out"]
+__all__ = ["checkpoint_path", "auto_student", "make_loss", "RunResult", "train", "distill", "run_train", "run_distill", "resolve_teacher", "resolve_student", "default_out"]
 
 
 @dataclass
@@ -69,6 +71,12 @@ def _check_out(out: str | Path | None) -> Path | None:
     if out.exists():
         raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
     return out
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its per-epoch checkpoint until it finishes: ``OUT.partial/checkpoint.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial") / "checkpoint.pt"
 
 
 def _spec_of(data: Dataset | DataLoader) -> DatasetSpec | None:
@@ -109,11 +117,19 @@ def _run(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
     out_path = _check_out(out)
+    resume = getattr(config, "resume", False)
+    ckpt = checkpoint_path(out_path) if out_path is not None else None
+    if resume and ckpt is None:
+        raise ConfigError("--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)")
+    if not resume and ckpt is not None and ckpt.exists():
+        raise ConfigError(f"{ckpt.parent} holds the checkpoint of an unfinished run; continue it with --resume, or remove {ckpt.parent} to start over")
+    ctx = dist_.context()
     data_spec = _spec_of(train_data)
     use_cache = getattr(config, "cache", "off") != "off"
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
     start = time.perf_counter()
-    history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, cache_dir=cache_path, use_cache=use_cache, progress=progress, on_epoch=on_epoch)
+    history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, cache_dir=cache_path, use_cache=use_cache, progress=progress, on_epoch=on_epoch,
+                          checkpoint=ckpt, resume=resume)
     device = resolve_device(config.device)
     test_eval = evaluate(model, test_data, device=device) if test_data is not None else None
     model.cpu()
@@ -128,8 +144,14 @@ def _run(
     } | extra_metrics
     if cached is not None:
         metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None}
+    if ctx.enabled:
+        metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
+    if not ctx.is_main:
+        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None)  # only rank 0 writes
     if out_path is not None:
         _write_run(out_path, model, spec, data_spec, metrics, config)
+        if ckpt is not None:
+            shutil.rmtree(ckpt.parent, ignore_errors=True)  # the run is complete: its checkpoint is no longer needed
     return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path)
 
 
@@ -314,18 +336,39 @@ def _load_data(config: _RunConfig) -> DataSplits:
     return load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
 
 
+def _out_for(config: _RunConfig, kind: str) -> Path:
+    if config.resume and config.out is None:
+        raise ConfigError("--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)")
+    return _check_out(config.out) or default_out(kind)
+
+
 def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """``kdedge train``: resolve data and model from ``config``, train, write the run directory."""
-    out = _check_out(config.out) or default_out("train")
-    data = _load_data(config)
-    model, spec = resolve_student(config.model, data.spec, config.seed)
-    return train(model, data.train, data.test, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
+    """``kdedge train``: resolve data and model from ``config``, train, write the run directory.
+
+    Launched by ``torchrun`` with several processes, it joins their process group and trains
+    with DistributedDataParallel; only rank 0 writes the run directory.
+    """
+    out = _out_for(config, "train")
+    dist_.init_from_env(config.device)
+    try:
+        data = _load_data(config)
+        model, spec = resolve_student(config.model, data.spec, config.seed)
+        return train(model, data.train, data.test, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
+    finally:
+        dist_.shutdown()
 
 
 def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """``kdedge distill``: resolve data, teacher and student from ``config``, distill, write the run."""
-    out = _check_out(config.out) or default_out("distill")
-    data = _load_data(config)
-    teacher, _, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
-    student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
-    return distill(student, teacher, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher_name, out=out, progress=progress, on_epoch=on_epoch)
+    """``kdedge distill``: resolve data, teacher and student from ``config``, distill, write the run.
+
+    Under ``torchrun`` it runs distributed, like :func:`run_train`.
+    """
+    out = _out_for(config, "distill")
+    dist_.init_from_env(config.device)
+    try:
+        data = _load_data(config)
+        teacher, _, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
+        student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
+        return distill(student, teacher, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher_name, out=out, progress=progress, on_epoch=on_epoch)
+    finally:
+        dist_.shutdown()

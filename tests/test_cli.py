@@ -94,7 +94,9 @@ def test_failure_while_writing_leaves_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(kdedge.runs, "save_checkpoint", boom)
     with pytest.raises(OSError):
         main(["train", "--data", str(d), "--epochs", "1", "--out", str(tmp_path / "runs" / "r"), "--quiet"])
-    assert list((tmp_path / "runs").iterdir()) == []  # neither the run nor its temporary directory
+    # Neither the run nor its temporary directory; only the last epoch's checkpoint, to --resume from.
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r.partial"]
+    assert [p.name for p in (tmp_path / "runs" / "r.partial").iterdir()] == ["checkpoint.pt"]
 
 
 def test_entry_point_has_no_traceback(tmp_path):

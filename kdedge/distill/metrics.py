@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdedge.data.spec import ArrayDataset
 
-__all__ = ["Evaluation", "evaluate", "evaluation_from_predictions", "predict_logits"]
+__all__ = ["Evaluation", "evaluate", "evaluation_from_confusion", "evaluation_from_predictions", "predict_logits"]
 
 
 @dataclass
@@ -34,9 +34,17 @@ class Evaluation:
 
 def evaluation_from_predictions(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> Evaluation:
     """Metrics for integer ``predictions`` against ``targets`` (both ``(N,)``)."""
+    return evaluation_from_confusion(_confusion(predictions, targets, num_classes))
+
+
+def _confusion(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     predictions = predictions.to(torch.int64).cpu()
     targets = targets.to(torch.int64).cpu()
-    confusion = torch.bincount(targets * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+    return torch.bincount(targets * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def evaluation_from_confusion(confusion: torch.Tensor) -> Evaluation:
+    """Metrics from a ``(K, K)`` confusion matrix (rows: true class, columns: prediction)."""
     tp = confusion.diag().double()
     predicted = confusion.sum(0).double()
     actual = confusion.sum(1).double()
@@ -44,7 +52,7 @@ def evaluation_from_predictions(predictions: torch.Tensor, targets: torch.Tensor
     recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
-    n = int(targets.numel())
+    n = int(confusion.sum())
     return Evaluation(
         accuracy=float(tp.sum() / max(n, 1)),
         macro_precision=float(precision.mean()),
@@ -78,7 +86,21 @@ def predict_logits(model: nn.Module, data: Dataset | DataLoader, *, batch_size: 
 
 
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | None = None, batch_size: int = 1000, device: torch.device | str = "cpu") -> Evaluation:
-    """Accuracy, macro precision/recall/F1 and the confusion matrix of ``model`` on ``data``."""
+    """Accuracy, macro precision/recall/F1 and the confusion matrix of ``model`` on ``data``.
+
+    Under DDP each rank scores a contiguous shard of an :class:`ArrayDataset` and the confusion
+    matrices are summed, so every rank returns the metrics of the whole set.
+    """
+    from kdedge.distill import distributed as dist_
+
+    ctx = dist_.context()
+    if ctx.enabled and isinstance(data, ArrayDataset):
+        lo, hi = len(data) * ctx.rank // ctx.world_size, len(data) * (ctx.rank + 1) // ctx.world_size
+        logits, labels = predict_logits(model, ArrayDataset(data.images[lo:hi], data.labels[lo:hi], data.spec), batch_size=batch_size, device=device)
+        k = num_classes or data.spec.num_classes
+        confusion = _confusion(logits.argmax(1) if len(logits) else torch.empty(0), labels, k)
+        backend_device = device if torch.distributed.get_backend() == "nccl" else "cpu"
+        return evaluation_from_confusion(dist_.all_reduce_sum(confusion.to(backend_device)).cpu())
     logits, labels = predict_logits(model, data, batch_size=batch_size, device=device)
     k = num_classes or logits.shape[1]
     return evaluation_from_predictions(logits.argmax(1), labels, k)

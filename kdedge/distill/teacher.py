@@ -85,9 +85,11 @@ def logit_cache_key(teacher: FrozenTeacher, data: ArrayDataset) -> str:
 
 
 @torch.inference_mode()
-def _compute(teacher: FrozenTeacher, data: ArrayDataset, batch_size: int) -> torch.Tensor:
-    chunks = [teacher(data.inputs(slice(i, i + batch_size), device=teacher.device)).cpu() for i in range(0, len(data), batch_size)]
-    return torch.cat(chunks)
+def _compute(teacher: FrozenTeacher, data: ArrayDataset, batch_size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Logits of samples ``lo:hi`` (all by default)."""
+    hi = len(data) if hi is None else hi
+    chunks = [teacher(data.inputs(slice(i, min(i + batch_size, hi)), device=teacher.device)).cpu() for i in range(lo, hi, batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
 def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500) -> TeacherLogits:
@@ -99,19 +101,28 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
         cache_dir: Where ``<key>.npy`` files live; None keeps the logits in memory only.
         batch_size: Inference batch size.
     """
+    from kdedge.distill import distributed as dist_
+
+    ctx = dist_.context()
     key = logit_cache_key(teacher, data)
     path = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            if array.ndim == 2 and array.shape[0] == len(data) and array.dtype == np.float32:
-                return TeacherLogits(array, key=key, path=path, hit=True)
-        except (ValueError, OSError):
-            pass  # unreadable or torn file: recompute and replace it
+    array = _read_cache(path, len(data)) if path is not None else None
+    # Under DDP every rank must take the same branch: use the file only if every rank could read it.
+    if ctx.enabled and not dist_.all_true(array is not None, device=teacher.device if _nccl() else "cpu"):
+        array = None
+    if array is not None:
+        return TeacherLogits(array, key=key, path=path, hit=True)
     start = time.perf_counter()
-    logits = _compute(teacher, data, batch_size)
+    if ctx.enabled:
+        # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
+        bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
+        lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
+        part = _compute(teacher, data, batch_size, lo, hi)
+        logits = dist_.all_gather_rows(part.to(teacher.device) if _nccl() else part).cpu()
+    else:
+        logits = _compute(teacher, data, batch_size)
     seconds = time.perf_counter() - start
-    if path is None:
+    if path is None or not ctx.is_main:
         return TeacherLogits(logits, key=key, seconds=seconds)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".npy")
@@ -123,3 +134,21 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
         if os.path.exists(tmp):
             os.unlink(tmp)
     return TeacherLogits(logits, key=key, path=path, seconds=seconds)
+
+
+def _nccl() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def _read_cache(path: Path, rows: int) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        return None  # unreadable or torn file: recompute and replace it
+    if array.ndim == 2 and array.shape[0] == rows and array.dtype == np.float32:
+        return array
+    return None

@@ -1,0 +1,67 @@
+"""Per-epoch training state: written atomically, read back without unpickling code.
+
+A checkpoint holds everything the next epoch depends on — model, optimizer, scheduler, loss
+parameters (e.g. the FitNets regressor), gradient scaler, the shuffling generator and every
+rank's RNG states, the history so far, the run's config and the teacher-logit cache key — so a
+resumed run continues bit for bit where the killed one stopped (same threads, same hardware).
+
+The file is a ``torch.save`` archive of tensors, numbers, strings, lists and dicts, loaded with
+``torch.load(weights_only=True)``: a planted pickle payload is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdedge._fs import umask
+from kdedge.errors import ConfigError
+
+__all__ = ["FORMAT", "save_state", "load_state", "config_differences"]
+
+FORMAT = "kdedge-train-state-v1"
+
+#: config keys a resumed run may change: they do not alter the numbers (or are where the state lives)
+RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device"})
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a reader sees the previous checkpoint or this one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint is as readable as the run directory
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_state`; anything else is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}; the run to resume never finished an epoch there — run again without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, ... : all are bad input here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--resume: {path} is not a readable kdedge checkpoint ({first[:200]}); remove it and run without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"--resume: {path} is not a kdedge training checkpoint (expected format {FORMAT}); remove it and run without --resume")
+    return state
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every setting that changed and would change the numbers."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -1,0 +1,59 @@
+"""DistributedDataParallel under torchrun (gloo, 2 CPU processes) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kdedge.data import load_dataset
+from kdedge.distill.teacher import FrozenTeacher, teacher_logits
+from kdedge.runs import resolve_teacher
+
+ARGS = ["distill", "--train-limit", "4000", "--test-limit", "1000", "--epochs", "2", "--cache", "disk", "--quiet", "--seed", "0"]
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                                reason="torchrun is not on PATH")
+
+
+def _run(cmd: list[str], cache: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"KDEDGE_CACHE": cache, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_process_gloo_distillation_matches_one_process(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    ddp_out, single_out = tmp_path / "runs" / "ddp", tmp_path / "single" / "run"
+    ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *ARGS, "--out", str(ddp_out)], str(tmp_path / "cache-ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = _run([sys.executable, "-m", "kdedge", *ARGS, "--threads", "1", "--out", str(single_out)], str(tmp_path / "cache-single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    # Written once, by rank 0: one run directory, one "wrote" line, no checkpoint left behind.
+    assert sorted(p.name for p in ddp_out.parent.iterdir()) == ["ddp"]
+    assert ddp.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in ddp_out.iterdir()) == ["config.yaml", "metrics.json", "model.safetensors"]
+
+    a = json.loads((ddp_out / "metrics.json").read_text())
+    b = json.loads((single_out / "metrics.json").read_text())
+    assert a["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert "distributed" not in b
+    # The global batch is split across ranks, so both runs take the same steps on the same samples.
+    assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.005, (a["test"]["accuracy"], b["test"]["accuracy"])
+    assert a["test"]["num_samples"] == b["test"]["num_samples"] == 1000  # sharded evaluation covers the whole set once
+    assert a["teacher"]["test"]["confusion"] == b["teacher"]["test"]["confusion"]
+    assert a["teacher_cache"]["key"] == b["teacher_cache"]["key"]
+
+    # The logit cache computed in shards and gathered equals the single-process teacher's logits.
+    files = list((tmp_path / "cache-ddp" / "logits").glob("*.npy"))
+    assert [f.name for f in files] == [a["teacher_cache"]["key"] + ".npy"]
+    data = load_dataset("fashion-mnist", train_limit=4000)
+    teacher, _, _ = resolve_teacher("resnet", data.spec)
+    expected = teacher_logits(FrozenTeacher(teacher), data.train).tensor().numpy()
+    np.testing.assert_allclose(np.load(files[0]), expected, rtol=0, atol=1e-4)
