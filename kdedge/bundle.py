@@ -22,9 +22,10 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -293,6 +294,37 @@ def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
     return (pixels - mean) / std
 
 
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a bundle archive holding only regular files and directories below one folder.
+
+    Stricter than tarfile's ``data`` filter, and independent of the Python patch level: any
+    absolute path, ``..`` component, link (symbolic or hard), device or FIFO is refused before it
+    is written, and no member may overwrite another.
+    """
+    root = dest.resolve()
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:  # streamed: members are judged one by one, in order
+            parts = PurePosixPath(member.name).parts
+            kind = "file" if member.isfile() else "directory" if member.isdir() else "symbolic link" if member.issym() else \
+                "hard link" if member.islnk() else "device or FIFO"
+            if not parts or member.name.startswith("/") or ".." in parts or kind not in ("file", "directory"):
+                raise VerifyError(
+                    f"{archive}: refusing archive member {member.name!r} ({kind}); a bundle archive holds only regular files "
+                    "and directories inside one folder — it was not written by kdedge or was tampered with"
+                )
+            target = dest.joinpath(*parts)
+            if not target.resolve().is_relative_to(root):
+                raise VerifyError(f"{archive}: archive member {member.name!r} would land outside the extraction folder")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a body
+            with source, open(target, "xb") as out:  # "x": a duplicate member cannot overwrite an earlier one
+                shutil.copyfileobj(source, out, 1 << 20)
+
+
 def verify_bundle(path: str | Path) -> dict[str, Any]:
     """Recompute every sha256 in the manifest and run each ONNX artifact on a smoke batch.
 
@@ -309,9 +341,8 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         with tempfile.TemporaryDirectory(prefix="kdedge-verify-") as tmp:
             try:
-                with tarfile.open(path, "r:gz") as tar:
-                    tar.extractall(tmp, filter="data")
-            except (tarfile.TarError, OSError, EOFError) as exc:
+                _safe_extract(path, Path(tmp))
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
                 raise VerifyError(f"{path}: not a readable .tar.gz bundle ({exc})") from None
             roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
             if len(roots) != 1:

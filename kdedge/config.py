@@ -7,6 +7,7 @@ and wrong types, and validation gathers every problem before raising one :class:
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -35,9 +36,18 @@ BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "t
 EXPORT_VARIANTS = ("fp32", "int8", "fp16")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: a YAML alias bomb must not be expanded to be printed."""
+    return _REPR.repr(value)
+
+
 def _choices(cfg: Any, *pairs: tuple[str, tuple[str, ...]]) -> list[str]:
     """A problem for each ``(field, allowed)`` whose value is not among the allowed ones."""
-    return [f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}" for name, allowed in pairs if getattr(cfg, name) not in allowed]
+    return [f"{name} must be one of {', '.join(allowed)}, got {_short(getattr(cfg, name))}" for name, allowed in pairs if getattr(cfg, name) not in allowed]
 
 
 def _batch_sizes(values: tuple[int, ...]) -> list[str]:
@@ -362,18 +372,18 @@ def _check_types(cfg: _Config) -> None:
             if isinstance(value, str):  # "onnx,onnx-int8" from a flag or YAML
                 value = [v.strip() for v in value.split(",") if v.strip()]
             try:
-                if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) for v in value):
+                if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (str, int, float)) for v in value):
                     raise TypeError
                 setattr(cfg, f.name, tuple(element(v) for v in value))
             except (TypeError, ValueError):
-                problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
+                problems.append(f"{f.name} must be {_describe(allowed)}, got {_short(value)}")
             continue
         if isinstance(value, bool) and bool not in allowed:
-            problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
+            problems.append(f"{f.name} must be {_describe(allowed)}, got {_short(value)}")
         elif isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
             setattr(cfg, f.name, float(value))
         elif not isinstance(value, allowed):
-            problems.append(f"{f.name} must be {_describe(allowed)}, got {value!r}")
+            problems.append(f"{f.name} must be {_describe(allowed)}, got {_short(value)}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -92,6 +92,52 @@ def test_verify_names_missing_files_and_bad_input(bundle, tmp_path, capsys):
     assert code == 2 and "not a readable .tar.gz bundle" in err
 
 
+def _crafted(path: Path, bundle: Path, evil: "tarfile.TarInfo", body: bytes = b"") -> Path:
+    """The real bundle's archive with one hostile member appended."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(bundle, arcname=bundle.name)
+        tar.addfile(evil, io.BytesIO(body) if evil.isfile() else None)
+    return path
+
+
+def _member(name: str, kind: bytes, **attrs):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    return info
+
+
+@pytest.mark.parametrize("evil, what", [
+    (lambda t: _member("b1/../../escaped.txt", b"0", size=4), "'b1/../../escaped.txt' (file)"),
+    (lambda t: _member(str(t / "absolute.txt"), b"0", size=4), "absolute.txt' (file)"),
+    (lambda t: _member("b1/models/link.onnx", b"2", linkname="/etc/passwd"), "(symbolic link)"),
+    (lambda t: _member("b1/inner-link", b"2", linkname="manifest.json"), "(symbolic link)"),
+    (lambda t: _member("b1/hard", b"1", linkname="b1/manifest.json"), "(hard link)"),
+    (lambda t: _member("b1/dev", b"3", devmajor=1, devminor=3), "(device or FIFO)"),
+    (lambda t: _member("b1/fifo", b"6"), "(device or FIFO)"),
+])
+def test_verify_refuses_crafted_archives_without_writing_outside(bundle, tmp_path, capsys, evil, what):
+    member = evil(tmp_path)
+    archive = _crafted(tmp_path / "crafted.tar.gz", bundle, member, b"pwnd")
+    code, _, err = _run(capsys, "verify", archive)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "refusing archive member" in err and what in err
+    assert not (tmp_path.parent / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
+
+
+def test_verify_refuses_a_member_that_overwrites_another(bundle, tmp_path, capsys):
+    manifest = (bundle / "manifest.json").read_bytes()
+    archive = _crafted(tmp_path / "dup.tar.gz", bundle, _member("b1/manifest.json", b"0", size=len(manifest)), manifest)
+    code, _, err = _run(capsys, "verify", archive)
+    assert code == 2 and "not a readable .tar.gz bundle" in err and "File exists" in err
+
+
 def test_build_is_reproducible(bundle, deploy_yaml, tmp_path):
     """Same config and seed on the CPU: identical weights and artifacts; manifests equal apart from time."""
     out = tmp_path / "b2"

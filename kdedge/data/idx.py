@@ -9,6 +9,7 @@ never a silently short array.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -65,12 +66,7 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
         source: A name for error messages.
     """
     if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{source}: corrupt or truncated gzip stream ({exc}); re-download the file"
-            ) from None
+        data = _gunzip(data, source)
     if len(data) < 4:
         raise DataError(f"{source}: file is {len(data)} bytes, too short for an IDX header")
     zero, code, ndim = data[:2], data[2], data[3]
@@ -99,6 +95,35 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
         )
     array = np.frombuffer(data, dtype=dtype, count=count, offset=header_len).reshape(dims)
     return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _gunzip(data: bytes, source: str) -> bytes:
+    """Decompress no more than the header declares (+1 byte to detect trailing data).
+
+    A gzip bomb — a small file inflating to gigabytes — is refused after reading its header's
+    worth of bytes rather than exhausting memory.
+    """
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            head += f.read(4 * ndim) if 1 <= ndim <= 8 else b""
+            body = 0
+            if len(head) == 4 + 4 * ndim and head[2] in _DTYPES and 1 <= ndim <= 8:
+                count = 1
+                for d in struct.unpack(f">{ndim}I", head[4:]):
+                    count *= d
+                body = min(count, _MAX_ELEMENTS) * _DTYPES[head[2]].itemsize
+            chunks, want = [head], body + 1
+            while want > 0:  # in chunks: a header may claim far more than the stream holds
+                chunk = f.read(min(want, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                want -= len(chunk)
+            return b"".join(chunks)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{source}: corrupt or truncated gzip stream ({exc}); re-download the file") from None
 
 
 def write_idx(path: str | Path, array: np.ndarray, *, compress: bool = False) -> None:

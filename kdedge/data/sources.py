@@ -191,14 +191,23 @@ def _resolve_builtin(builtin: BuiltinDataset) -> Path:
     return dest
 
 
+_MAX_CLASSES = 100_000
+
+
 def _stack_images(images: np.ndarray, source: str) -> torch.Tensor:
     if images.ndim == 3:  # (N, H, W) -> (N, 1, H, W)
         images = images[:, None]
     if images.ndim != 4:
         raise DataError(f"{source}: images must be (N, H, W) or (N, C, H, W), found shape {images.shape}")
-    if images.dtype != np.uint8:
-        images = images.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{source}: images must hold integer or floating-point pixels, found dtype {images.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_float = images.astype(np.float32)
+    if not np.isfinite(as_float).all():
+        raise DataError(f"{source}: images hold values that are not finite in float32 (NaN, inf or beyond ±3.4e38); clean the data")
+    return torch.from_numpy(np.ascontiguousarray(as_float))
 
 
 def _labels(labels: np.ndarray, source: str) -> torch.Tensor:
@@ -206,6 +215,8 @@ def _labels(labels: np.ndarray, source: str) -> torch.Tensor:
         raise DataError(f"{source}: labels must be a 1-D integer array, found {labels.dtype} of shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise DataError(f"{source}: labels must be non-negative class indices, found {labels.min()}")
+    if labels.size and labels.max() >= _MAX_CLASSES:
+        raise DataError(f"{source}: labels go up to {labels.max()}; kdedge handles at most {_MAX_CLASSES:,} classes — are these class indices?")
     return torch.from_numpy(labels.astype(np.int64))
 
 
