@@ -114,7 +114,7 @@ class _RunConfig(_Config):
             p.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             p.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if self.epochs >= 1 and not 0 <= self.warmup_epochs < self.epochs:
             p.append(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

@@ -54,8 +54,9 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ... : all are bad input here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--resume: {path} is not a readable kdedge checkpoint ({first[:200]}); remove it and run without --resume") from None
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__  # torch's messages run to paragraphs
+        raise ConfigError(f"--resume: {path} is not a readable kdedge checkpoint ({first}); remove it and run without --resume") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"--resume: {path} is not a kdedge training checkpoint (expected format {FORMAT}); remove it and run without --resume")
     return state

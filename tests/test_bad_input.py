@@ -1,0 +1,165 @@
+"""The README's bad-input table, row by row: each input gives its one line and its exit code.
+
+The table in README.md (between the ``bad-input-table`` markers) and ``CASES`` below must list
+the same rows; a test checks that, so a row cannot be documented without being tested.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_idx_dir
+from kdedge.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _tiny(tmp: Path) -> str:
+    return str(make_idx_dir(tmp / "data", n_train=64, n_test=16))
+
+
+def _truncated_idx(tmp: Path) -> list[str]:
+    root = make_idx_dir(tmp / "data", compress=False)
+    f = root / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-10])
+    return ["train", "--data", str(root), "--out", str(tmp / "r")]
+
+
+def _pickled_npz(tmp: Path) -> list[str]:
+    np.savez(tmp / "d.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    return ["train", "--data", str(tmp / "d.npz"), "--out", str(tmp / "r")]
+
+
+def _yaml(text: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        (tmp / "c.yaml").write_text(text)
+        return ["distill", "--config", str(tmp / "c.yaml"), "--out", str(tmp / "r")]
+    return make
+
+
+def _out_exists(tmp: Path) -> list[str]:
+    (tmp / "r").mkdir()
+    return ["train", "--data", _tiny(tmp), "--out", str(tmp / "r")]
+
+
+def _unfinished(tmp: Path) -> list[str]:
+    (tmp / "r.partial").mkdir()
+    (tmp / "r.partial" / "checkpoint.pt").write_bytes(b"")
+    return ["train", "--data", _tiny(tmp), "--out", str(tmp / "r")]
+
+
+def _resume_changed(tmp: Path) -> list[str]:
+    data = _tiny(tmp)
+    args = ["train", "--data", data, "--out", str(tmp / "r"), "--epochs", "2", "--batch-size", "16", "--quiet"]
+    import kdedge.runs
+
+    original = kdedge.runs._write_run
+    kdedge.runs._write_run = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # die after the last checkpoint
+    try:
+        assert main(args) == 130
+    finally:
+        kdedge.runs._write_run = original
+    return [*args[:-1], "--lr", "0.2", "--resume"]
+
+
+def _bad_checkpoint(tmp: Path) -> list[str]:
+    (tmp / "r.partial").mkdir()
+    (tmp / "r.partial" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    return ["train", "--data", _tiny(tmp), "--out", str(tmp / "r"), "--resume"]
+
+
+def _factory_file(tmp: Path) -> list[str]:
+    (tmp / "nets.py").write_text("def make(num_classes, input_shape):\n    raise ValueError('width must be even')\n")
+    return ["distill", "--data", _tiny(tmp), "--teacher", f"{tmp / 'nets.py'}:make", "--out", str(tmp / "r")]
+
+
+def _onnx_teacher_wrong_input(tmp: Path) -> list[str]:
+    from kdedge.exporters import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    export_onnx(model, tmp / "t.onnx", input_shape=(1, 28, 28))
+    return ["distill", "--data", _tiny(tmp), "--teacher", str(tmp / "t.onnx"), "--out", str(tmp / "r")]
+
+
+def _bundle_with_flipped_byte(tmp: Path) -> list[str]:
+    b = tmp / "bundle"
+    b.mkdir()
+    (b / "model.onnx").write_bytes(b"\x00" * 8)
+    manifest = {"schema": 1, "artifacts": [], "files": [{"path": "model.onnx", "bytes": 8, "sha256": "0" * 64}]}
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    return ["verify", str(b)]
+
+
+def _archive_with_link(tmp: Path) -> list[str]:
+    info = tarfile.TarInfo("bundle/model.onnx")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tarfile.open(tmp / "b.tar.gz", "w:gz") as tar:
+        tar.addfile(info)
+    return ["verify", str(tmp / "b.tar.gz")]
+
+
+#: README row input -> (build argv in tmp, fragment of the one-line message, exit code)
+CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
+    "unknown dataset name": (lambda t: ["train", "--data", "fashion-mnsit", "--out", str(t / "r")], "unknown dataset 'fashion-mnsit'", 2),
+    "truncated or corrupt IDX file": (_truncated_idx, "truncated: header says shape", 2),
+    ".npz holding pickled objects": (_pickled_npz, "not a readable .npz archive", 2),
+    "config key that does not exist": (_yaml("epocs: 3\n"), "unknown key(s) epocs", 2),
+    "config file that is not YAML": (_yaml("epochs: [3\n"), "not valid YAML at line", 2),
+    "value out of range": (lambda t: ["train", "--epochs", "0", "--out", str(t / "r")], "epochs must be >= 1, got 0", 2),
+    "value of the wrong type": (_yaml("epochs: ten\n"), "epochs must be an integer, got 'ten'", 2),
+    "`--out` that already exists": (_out_exists, "already exists; pass another --out or remove it", 2),
+    "`--out` whose last run was killed, without `--resume`": (_unfinished, "holds the checkpoint of an unfinished run; continue it with --resume", 2),
+    "`--resume` with changed settings": (_resume_changed, "the config differs from the checkpoint's (lr: 0.05 -> 0.2)", 2),
+    "`--resume` with a damaged checkpoint": (_bad_checkpoint, "is not a readable kdedge checkpoint", 2),
+    "`--precision fp16` without a GPU": (lambda t: ["train", "--data", _tiny(t), "--device", "cpu", "--precision", "fp16", "--out", str(t / "r")],
+                                         "fp16 needs a CUDA device", 2),
+    "factory module that cannot be imported": (lambda t: ["distill", "--data", _tiny(t), "--teacher", "no_such_pkg.nets:make", "--out", str(t / "r")],
+                                               "no module named 'no_such_pkg'", 2),
+    "factory that raises": (_factory_file, "the factory raised ValueError: width must be even", 2),
+    "hooked layer that does not exist": (lambda t: ["distill", "--train-limit", "64", "--test-limit", "16", "--loss", "fitnets", "--student-layer", "features.99",
+                                                    "--teacher-layer", "stages.1", "--quiet", "--out", str(t / "r")], "no layer named 'features.99'", 2),
+    "ONNX teacher whose input does not fit the data": (_onnx_teacher_wrong_input, "but the data's samples are (1, 8, 8)", 2),
+    "bundle file whose bytes changed": (_bundle_with_flipped_byte, "model.onnx: sha256 mismatch", 2),
+    "bundle archive with a link or `..` path": (_archive_with_link, "refusing archive member 'bundle/model.onnx' (symbolic link)", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_row(name, tmp_path, capsys):
+    build, fragment, code = CASES[name]
+    argv = build(tmp_path)
+    existed = (tmp_path / "r").exists()
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdedge: error: "), err
+    assert fragment in lines[0], lines[0]
+    assert (tmp_path / "r").exists() == existed  # never a half-written output
+
+
+def _readme_rows() -> list[tuple[str, str, int]]:
+    text = README.read_text()
+    block = re.search(r"<!-- bad-input-table -->(.*?)<!-- /bad-input-table -->", text, re.S)
+    assert block, "README.md lacks the bad-input table markers"
+    rows = []
+    for line in block.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows.append((cells[0], cells[1].strip("`"), int(cells[2])))
+    return rows
+
+
+def test_readme_table_lists_exactly_the_tested_rows():
+    rows = _readme_rows()
+    assert [r[0] for r in rows] == list(CASES)
+    for name, message, code in rows:
+        assert CASES[name][1] in message, (name, message)
+        assert CASES[name][2] == code, name
