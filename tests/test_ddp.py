@@ -57,3 +57,18 @@ def test_two_process_gloo_distillation_matches_one_process(tmp_path):
     teacher, _, _ = resolve_teacher("resnet", data.spec)
     expected = teacher_logits(FrozenTeacher(teacher), data.train).tensor().numpy()
     np.testing.assert_allclose(np.load(files[0]), expected, rtol=0, atol=1e-4)
+
+
+def test_ddp_steps_equal_one_process_steps_without_batchnorm(tmp_path):
+    """With no BatchNorm (whose statistics are per rank) 2 ranks x 64 samples is one step on 128:
+    the weights agree to float summation order."""
+    from safetensors.torch import load_file
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["distill", "--student", "mlp", "--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--cache", "memory", "--quiet"]
+    ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *args, "--out", str(tmp_path / "ddp")], str(tmp_path / "c1"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = _run([sys.executable, "-m", "kdedge", *args, "--threads", "1", "--out", str(tmp_path / "one")], str(tmp_path / "c2"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
