@@ -52,6 +52,13 @@ def test_parse_idx_raises_only_data_error(data):
     assert isinstance(array, np.ndarray)
 
 
+def test_empty_shape_with_huge_sides_is_refused():
+    # Found by hypothesis in CI: 0 elements, but sides numpy cannot represent.
+    data = b"\x00\x00\x08\x06" + b"\x00" * 16 + b"\x00\x065\x06\x00\x00g\x00\x00\x00"
+    with pytest.raises(DataError, match="implausibly large"):
+        parse_idx(data)
+
+
 def test_gzip_bomb_is_not_inflated_past_the_header_size():
     # 64 MiB of zeros compress to ~64 KiB; the header claims 4 bytes of body.
     bomb = gzip.compress(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 4) + bytes(64 << 20), mtime=0)

@@ -84,7 +84,10 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     count = 1
     for d in dims:
         count *= d
-    if count > _MAX_ELEMENTS:
+    extent = 1
+    for d in dims:
+        extent *= max(d, 1)  # an empty array with a 2**32 side is still not a shape numpy can hold
+    if count > _MAX_ELEMENTS or extent > _MAX_ELEMENTS:
         raise DataError(f"{source}: header claims shape {dims}, which is implausibly large; the file is corrupt")
     expected = header_len + count * dtype.itemsize
     if len(data) != expected:
