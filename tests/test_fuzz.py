@@ -54,7 +54,7 @@ def test_parse_idx_raises_only_data_error(data):
 
 def test_empty_shape_with_huge_sides_is_refused():
     # Found by hypothesis in CI: 0 elements, but sides numpy cannot represent.
-    data = b"\x00\x00\x08\x06" + b"\x00" * 16 + b"\x00\x065\x06\x00\x00g\x00\x00\x00"
+    data = bytes.fromhex("00000806000000000000000000000000000000063506000067000000")
     with pytest.raises(DataError, match="implausibly large"):
         parse_idx(data)
 
