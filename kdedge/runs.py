@@ -73,6 +73,9 @@ def _check_out(out: str | Path | None) -> Path | None:
     return out
 
 
+_RESUME_NEEDS_OUT = "--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)"
+
+
 def checkpoint_path(out: str | Path) -> Path:
     """Where a run writing ``out`` keeps its per-epoch checkpoint until it finishes: ``OUT.partial/checkpoint.pt``."""
     out = Path(out)
@@ -120,7 +123,7 @@ def _run(
     resume = getattr(config, "resume", False)
     ckpt = checkpoint_path(out_path) if out_path is not None else None
     if resume and ckpt is None:
-        raise ConfigError("--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)")
+        raise ConfigError(_RESUME_NEEDS_OUT)
     if not resume and ckpt is not None and ckpt.exists():
         raise ConfigError(f"{ckpt.parent} holds the checkpoint of an unfinished run; continue it with --resume, or remove {ckpt.parent} to start over")
     ctx = dist_.context()
@@ -338,7 +341,7 @@ def _load_data(config: _RunConfig) -> DataSplits:
 
 def _out_for(config: _RunConfig, kind: str) -> Path:
     if config.resume and config.out is None:
-        raise ConfigError("--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)")
+        raise ConfigError(_RESUME_NEEDS_OUT)
     return _check_out(config.out) or default_out(kind)
 
 

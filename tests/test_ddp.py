@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from kdedge.data import load_dataset
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits

@@ -50,7 +50,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert again.returncode == 2 and "--resume" in err and "Traceback" not in err
 
     resumed = _kdedge(*TRAIN, "--out", str(killed), "--resume")
-    out, err = resumed.communicate()
+    _, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert not ckpt.parent.exists()  # removed once the run directory is written
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -81,12 +82,8 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{source}: truncated header: {ndim} dimensions need {header_len} bytes, file has {len(data)}")
     dims = struct.unpack(f">{ndim}I", data[4:header_len])
     dtype = _DTYPES[code]
-    count = 1
-    for d in dims:
-        count *= d
-    extent = 1
-    for d in dims:
-        extent *= max(d, 1)  # an empty array with a 2**32 side is still not a shape numpy can hold
+    count = math.prod(dims)
+    extent = math.prod(max(d, 1) for d in dims)  # an empty array with a 2**32 side is still not a shape numpy can hold
     if count > _MAX_ELEMENTS or extent > _MAX_ELEMENTS:
         raise DataError(f"{source}: header claims shape {dims}, which is implausibly large; the file is corrupt")
     expected = header_len + count * dtype.itemsize
@@ -113,9 +110,7 @@ def _gunzip(data: bytes, source: str) -> bytes:
             head += f.read(4 * ndim) if 1 <= ndim <= 8 else b""
             body = 0
             if len(head) == 4 + 4 * ndim and head[2] in _DTYPES and 1 <= ndim <= 8:
-                count = 1
-                for d in struct.unpack(f">{ndim}I", head[4:]):
-                    count *= d
+                count = math.prod(struct.unpack(f">{ndim}I", head[4:]))
                 body = min(count, _MAX_ELEMENTS) * _DTYPES[head[2]].itemsize
             chunks, want = [head], body + 1
             while want > 0:  # in chunks: a header may claim far more than the stream holds

@@ -82,33 +82,41 @@ def shard(index: torch.Tensor, ctx: DistContext, *, pad_from: torch.Tensor | Non
     return index[ctx.rank :: ctx.world_size]
 
 
+def _comm_device() -> torch.device:
+    """Where the backend's collectives take their tensors: the current GPU for nccl, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it."""
+    """Sum ``tensor`` over all ranks, in place, wherever it lives; returns it."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        comm = tensor.to(_comm_device())
+        dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+        if comm is not tensor:
+            tensor.copy_(comm)
     return tensor
 
 
-def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+def all_true(flag: bool) -> bool:
     """True when ``flag`` is true on every rank (so all ranks take the same branch)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``rows`` ``(n_r, ...)`` in rank order; shards may differ in length."""
+    """Concatenate every rank's ``rows`` ``(n_r, ...)`` in rank order, on ``rows``' device; shards may differ in length."""
     if not (dist.is_available() and dist.is_initialized()):
         return rows
-    world = dist.get_world_size()
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    world, comm = dist.get_world_size(), _comm_device()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=comm)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     sizes = [int(c.item()) for c in counts]
-    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=comm)
     padded[: rows.shape[0]] = rows
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(rows.device)

@@ -314,7 +314,7 @@ def fit(
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
                 dist_.all_reduce_sum(sums)
-                total, task, kd, correct, feature_loss, seen = (sums / sums[5].clamp_min(1)).tolist()
+                total, task, kd, correct, feature_loss, _samples = (sums / sums[5].clamp_min(1)).tolist()
                 row = {
                     "epoch": epoch,
                     "lr": optimizer.param_groups[0]["lr"],
@@ -331,13 +331,13 @@ def fit(
                     row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
                 history.append(row)
                 if checkpoint is not None:
-                    rng = _get_rng(generator, aug_generator, ctx, device)  # a collective: every rank takes part
+                    rng = _get_rng(generator, aug_generator, device)  # a collective: every rank takes part
                     if ctx.is_main:
                         save_state(checkpoint, {
                             "epoch": epoch, "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "loss": loss.state_dict() if isinstance(loss, nn.Module) else {}, "rng": rng, "history": history,
-                            "cache_key": cached.key if cached is not None else None, "world_size": ctx.world_size,
+                            "cache_key": cached.key if cached is not None else None,
                         })
                 if on_epoch is not None:
                     on_epoch(row)
@@ -350,14 +350,10 @@ def fit(
     return history, cached
 
 
-def _get_rng(generator: torch.Generator, aug_generator: torch.Generator, ctx: dist_.DistContext, device: torch.device) -> dict[str, torch.Tensor]:
+def _get_rng(generator: torch.Generator, aug_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """RNG states: the shared shuffling generator, and per rank (gathered) the global and augmentation streams."""
     def gathered(t: torch.Tensor) -> torch.Tensor:
-        if not ctx.enabled:
-            return t[None]
-        # nccl gathers CUDA tensors, gloo CPU ones
-        comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        return dist_.all_gather_rows(t[None].to(comm)).cpu()
+        return dist_.all_gather_rows(t[None])  # (world, state bytes); one row without DDP
 
     rng = {"shuffle": generator.get_state(), "torch": gathered(torch.get_rng_state()), "augment": gathered(aug_generator.get_state())}
     if device.type == "cuda":

@@ -99,8 +99,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int |
         logits, labels = predict_logits(model, ArrayDataset(data.images[lo:hi], data.labels[lo:hi], data.spec), batch_size=batch_size, device=device)
         k = num_classes or data.spec.num_classes
         confusion = _confusion(logits.argmax(1) if len(logits) else torch.empty(0), labels, k)
-        backend_device = device if torch.distributed.get_backend() == "nccl" else "cpu"
-        return evaluation_from_confusion(dist_.all_reduce_sum(confusion.to(backend_device)).cpu())
+        return evaluation_from_confusion(dist_.all_reduce_sum(confusion))
     logits, labels = predict_logits(model, data, batch_size=batch_size, device=device)
     k = num_classes or logits.shape[1]
     return evaluation_from_predictions(logits.argmax(1), labels, k)

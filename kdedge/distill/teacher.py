@@ -108,7 +108,7 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
     path = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
     array = _read_cache(path, len(data)) if path is not None else None
     # Under DDP every rank must take the same branch: use the file only if every rank could read it.
-    if ctx.enabled and not dist_.all_true(array is not None, device=teacher.device if _nccl() else "cpu"):
+    if ctx.enabled and not dist_.all_true(array is not None):
         array = None
     if array is not None:
         return TeacherLogits(array, key=key, path=path, hit=True)
@@ -118,7 +118,7 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
         bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
         lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
         part = _compute(teacher, data, batch_size, lo, hi)
-        logits = dist_.all_gather_rows(part.to(teacher.device) if _nccl() else part).cpu()
+        logits = dist_.all_gather_rows(part)
     else:
         logits = _compute(teacher, data, batch_size)
     seconds = time.perf_counter() - start
@@ -134,12 +134,6 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
         if os.path.exists(tmp):
             os.unlink(tmp)
     return TeacherLogits(logits, key=key, path=path, seconds=seconds)
-
-
-def _nccl() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def _read_cache(path: Path, rows: int) -> np.ndarray | None:
