@@ -31,7 +31,7 @@ from kdedge.bench.runners import OrtRunner  # noqa: E402
 from kdedge.bench.timing import LatencyStats, TimingPolicy, measure  # noqa: E402
 from kdedge.data import load_dataset  # noqa: E402
 from kdedge.exporters import export_onnx  # noqa: E402
-from kdedge.exporters.ort import ort_session  # noqa: E402
+from kdedge.ort import ort_session  # noqa: E402
 from kdedge.models.zoo import ModelSpec, create_model, load_checkpoint  # noqa: E402
 
 

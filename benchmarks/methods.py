@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdedge.config import DistillConfig, TrainConfig  # noqa: E402
 from kdedge.data import load_dataset  # noqa: E402
-from kdedge.runs import distill, resolve_student, resolve_teacher, train  # noqa: E402
+from kdedge.resolve import resolve_student, resolve_teacher  # noqa: E402
+from kdedge.runs import distill, train  # noqa: E402
 
 #: method -> DistillConfig overrides (on top of the kdedge distill defaults)
 METHODS: dict[str, dict] = {

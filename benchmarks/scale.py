@@ -31,7 +31,8 @@ from kdedge.config import DistillConfig  # noqa: E402
 from kdedge.data import load_dataset  # noqa: E402
 from kdedge.distill.loop import fit  # noqa: E402
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits  # noqa: E402
-from kdedge.runs import make_loss, resolve_student, resolve_teacher  # noqa: E402
+from kdedge.distill import make_loss  # noqa: E402
+from kdedge.resolve import resolve_student, resolve_teacher  # noqa: E402
 
 
 def processes(procs: list[int], train_limit: int, cores: int) -> list[dict]:

@@ -13,12 +13,11 @@ The public API takes plain PyTorch objects::
 Importing kdedge loads torch but neither onnx, onnxruntime nor TensorRT; they load on first use.
 """
 
-__version__ = "0.1.0"
-
-from kdedge.config import DistillConfig, ExportConfig, TrainConfig, load_config  # noqa: E402
-from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset  # noqa: E402
-from kdedge.distill import Evaluation, FrozenTeacher, HintonLoss, LossParts, evaluate, teacher_logits  # noqa: E402
-from kdedge.errors import (  # noqa: E402
+from kdedge._version import __version__
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, TrainConfig, load_config
+from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset
+from kdedge.distill import FrozenTeacher, HintonLoss, LossParts, teacher_logits
+from kdedge.errors import (
     BackendUnavailable,
     ConfigError,
     DataError,
@@ -27,8 +26,9 @@ from kdedge.errors import (  # noqa: E402
     ModelError,
     ParityError,
 )
-from kdedge.exporters import ExportResult, export_checkpoint, export_model  # noqa: E402
-from kdedge.models import (  # noqa: E402
+from kdedge.exporters import ExportResult, export_checkpoint, export_model
+from kdedge.metrics import Evaluation, evaluate
+from kdedge.models import (
     ModelSpec,
     count_flops,
     count_parameters,
@@ -37,11 +37,14 @@ from kdedge.models import (  # noqa: E402
     load_weights,
     save_checkpoint,
 )
-from kdedge.runs import RunResult, distill, resolve_student, resolve_teacher, run_distill, run_train, train  # noqa: E402
+from kdedge.resolve import resolve_student, resolve_teacher
+from kdedge.runs import RunResult, distill, run_distill, run_train, train
 
 __all__ = [
     "ArrayDataset",
     "BackendUnavailable",
+    "BenchConfig",
+    "CompressConfig",
     "ConfigError",
     "DataError",
     "DataSplits",

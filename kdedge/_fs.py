@@ -7,10 +7,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "file_sha256", "umask"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "default_out", "file_sha256", "new_dir", "umask"]
 
 
 def umask() -> int:
@@ -55,3 +56,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def default_out(kind: str) -> Path:
+    """Where a command writes when no ``--out`` is given: ``runs/<kind>-<local time>``."""
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_dir(out: str | Path | None, kind: str) -> Path:
+    """``out`` (or :func:`default_out`) as a directory that does not exist yet.
+
+    Raises:
+        ConfigError: It exists; every command refuses to write into an existing directory.
+    """
+    from kdedge.errors import ConfigError
+
+    path = Path(out) if out is not None else default_out(kind)
+    if path.exists():
+        raise ConfigError(f"output directory {path} already exists; pass another --out or remove it")
+    return path

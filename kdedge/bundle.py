@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdedge import __version__
-from kdedge._fs import file_sha256, umask
+from kdedge._version import __version__
+from kdedge._fs import file_sha256, new_dir, umask
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
 from kdedge.errors import ConfigError, KdedgeError
 
@@ -185,13 +185,12 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
     from kdedge.data import load_dataset
     from kdedge.exporters import export_model
     from kdedge.models.zoo import count_flops, count_parameters, save_checkpoint, state_dict_sha256
-    from kdedge.runs import default_out, distill, resolve_student, resolve_teacher
+    from kdedge.resolve import resolve_student, resolve_teacher
+    from kdedge.runs import distill
 
     config = config or CompressConfig()
     log = log or (lambda _line: None)
-    out = Path(config.out) if config.out else default_out("bundle")
-    if out.exists():
-        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
+    out = new_dir(config.out, "bundle")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     formats, targets = resolve_auto(config)
@@ -379,7 +378,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         if a["format"] != "onnx" or a["path"] in bad_hash or not (path / a["path"]).is_file():
             continue
         try:
-            from kdedge.exporters.ort import ort_session
+            from kdedge.ort import ort_session
 
             session = ort_session(path / a["path"])
             out = session.run(None, {session.get_inputs()[0].name: _smoke_inputs(manifest)})[0]

@@ -61,12 +61,12 @@ def _resume_changed(tmp: Path) -> list[str]:
     args = ["train", "--data", data, "--out", str(tmp / "r"), "--epochs", "2", "--batch-size", "16", "--quiet"]
     import kdedge.runs
 
-    original = kdedge.runs._write_run
-    kdedge.runs._write_run = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # die after the last checkpoint
+    original = kdedge.runs.write_run
+    kdedge.runs.write_run = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # die after the last checkpoint
     try:
         assert main(args) == 130
     finally:
-        kdedge.runs._write_run = original
+        kdedge.runs.write_run = original
     return [*args[:-1], "--lr", "0.2", "--resume"]
 
 

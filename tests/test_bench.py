@@ -56,8 +56,11 @@ def test_measure_honours_warmup_and_both_minimums():
     assert s.n == 25 and len(calls) == 32  # 7 warm-up calls are not samples
     calls.clear()
     start = time.perf_counter()
-    s = measure(fn, TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=3, min_s=0.05))
-    assert s.n > 3 and time.perf_counter() - start >= 0.05  # ran on until the duration was reached
+    # A call of a few µs: 0.05 s is thousands of calls, far from the 100k cap on any machine.
+    s = measure(lambda: time.sleep(1e-6), TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=3, min_s=0.05))
+    assert 3 < s.n < 100_000 and time.perf_counter() - start >= 0.05  # ran on until the duration was reached
+    capped = measure(fn, TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=3, min_s=60.0, max_iters=500))
+    assert capped.n == 500  # max_iters bounds a run whose duration is not reached
     slow = measure(lambda: time.sleep(0.002), TimingPolicy(warmup_iters=1, warmup_s=0, min_iters=5, min_s=0))
     assert 1.9 <= slow.p50_ms <= 20
 

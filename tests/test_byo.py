@@ -13,7 +13,7 @@ from kdedge.data import DatasetSpec, load_dataset
 from kdedge.errors import ConfigError, ModelError
 from kdedge.models import load_checkpoint
 from kdedge.models.byo import build_from_factory, is_factory_ref
-from kdedge.runs import auto_student
+from kdedge.resolve import auto_student
 
 from conftest import make_idx_dir
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import kdedge.runs
+import kdedge.rundir
 from kdedge.cli import main
 from kdedge.config import DistillConfig
 from kdedge.models import load_checkpoint
@@ -91,7 +91,7 @@ def test_failure_while_writing_leaves_nothing(capsys, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(kdedge.runs, "save_checkpoint", boom)
+    monkeypatch.setattr(kdedge.rundir, "save_checkpoint", boom)
     with pytest.raises(OSError):
         main(["train", "--data", str(d), "--epochs", "1", "--out", str(tmp_path / "runs" / "r"), "--quiet"])
     # Neither the run nor its temporary directory; only the last epoch's checkpoint, to --resume from.

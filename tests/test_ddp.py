@@ -13,7 +13,7 @@ import pytest
 
 from kdedge.data import load_dataset
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits
-from kdedge.runs import resolve_teacher
+from kdedge.resolve import resolve_teacher
 
 ARGS = ["distill", "--train-limit", "4000", "--test-limit", "1000", "--epochs", "2", "--cache", "disk", "--quiet", "--seed", "0"]
 

@@ -15,7 +15,7 @@ from torch import nn
 from kdedge.config import ExportConfig
 from kdedge.errors import DataError, ExportError, ParityError
 from kdedge.exporters import Tolerance, check_onnx, check_parity, export_model, export_onnx, quantize_int8, read_metadata
-from kdedge.exporters.ort import ort_session
+from kdedge.ort import ort_session
 from kdedge.models.zoo import ModelSpec, create_model, load_checkpoint, pretrained_path
 
 
@@ -54,9 +54,13 @@ def test_teacher_fp32_parity_on_1000_real_images(teacher_export):
 
 def test_teacher_onnx_accuracy_matches_pytorch(teacher_export, teacher):
     result, data = teacher_export
+    model = teacher.model.eval()  # export_model leaves the caller's model in the mode it was given (train, fresh from load_checkpoint)
     with torch.inference_mode():
-        torch_correct = int((teacher.model(data.test.inputs()).argmax(1) == data.test.labels).sum())
-    assert round(result.artifact("model.onnx").accuracy["accuracy"] * 2000) == torch_correct
+        logits = model(data.test.inputs())
+    torch_correct = int((logits.argmax(1) == data.test.labels).sum())
+    top2 = logits.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] <= 1e-3).sum())  # the only images another CPU's kernels may flip
+    assert abs(round(result.artifact("model.onnx").accuracy["accuracy"] * 2000) - torch_correct) <= near_ties
     assert result.artifact("model.onnx").accuracy["samples"] == 2000
 
 

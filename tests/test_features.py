@@ -65,7 +65,7 @@ def test_distill_with_feature_loss(tmp_path, capsys, loss):
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(0 < row["train_feature_loss"] < float("inf") for row in metrics["history"])
     assert "teacher_cache" not in metrics  # features need the teacher on every batch: no logit cache
-    from kdedge.distill import evaluate
+    from kdedge.metrics import evaluate
     from kdedge.models import load_checkpoint
 
     # The saved student is the trained one: it reproduces the recorded accuracy.

@@ -14,9 +14,10 @@ from kdedge.config import DistillConfig
 from kdedge.data import load_dataset
 from kdedge.distill.checkpoint import load_state
 from kdedge.distill.loop import fit
-from kdedge.distill.metrics import evaluate
+from kdedge.metrics import evaluate
 from kdedge.distill.teacher import FrozenTeacher
-from kdedge.runs import make_loss, resolve_student, resolve_teacher
+from kdedge.distill import make_loss
+from kdedge.resolve import resolve_student, resolve_teacher
 
 pytestmark = pytest.mark.gpu
 

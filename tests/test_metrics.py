@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdedge.distill import evaluation_from_predictions
+from kdedge.metrics import evaluation_from_predictions
 
 
 def test_golden_macro_metrics():

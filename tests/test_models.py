@@ -119,7 +119,7 @@ def test_shipped_teacher():
 
 def test_shipped_teacher_accuracy(fmnist):
     """Threshold: the shipped teacher on the first 2,000 test images (full-set figure in README)."""
-    from kdedge.distill import evaluate
+    from kdedge.metrics import evaluate
 
     ckpt = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
     ev = evaluate(ckpt.model, fmnist.test.take(2000))

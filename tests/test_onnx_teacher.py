@@ -9,7 +9,7 @@ import torch
 
 from kdedge.cli import main
 from kdedge.data import load_dataset
-from kdedge.distill.onnx_teacher import OnnxTeacherModule
+from kdedge.models.onnx_teacher import OnnxTeacherModule
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits
 from kdedge.errors import DataError
 from kdedge.exporters import export_onnx

@@ -19,7 +19,8 @@ from kdedge.distill.checkpoint import load_state
 from kdedge.distill.loop import fit
 from kdedge.distill.teacher import FrozenTeacher
 from kdedge.errors import ConfigError
-from kdedge.runs import checkpoint_path, make_loss
+from kdedge.distill import make_loss
+from kdedge.rundir import checkpoint_path
 
 TRAIN = ["train", "--train-limit", "6000", "--test-limit", "500", "--epochs", "3", "--threads", "1", "--quiet"]
 

@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge import __version__
+from kdedge._version import __version__
+from kdedge.bench.report import REPORT_SCHEMA, write_report
 from kdedge.bench.env import capture_environment, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from kdedge.bench.runners import TARGETS, Runner, make_runner, target_available
 from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
 from kdedge.config import BenchConfig, ExportConfig
 from kdedge.data import DataSplits
-from kdedge.distill.metrics import evaluation_from_predictions
+from kdedge.metrics import evaluation_from_predictions
+from kdedge._fs import new_dir
 from kdedge.errors import BackendUnavailable, ConfigError, ModelError
 
-__all__ = ["BenchModel", "REPORT_SCHEMA", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
-
-REPORT_SCHEMA = 1
+__all__ = ["BenchModel", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
 
 
 @dataclass
@@ -262,10 +262,6 @@ def benchmark(
     return report
 
 
-def _key(row: dict) -> tuple:
-    return (row["variant"], row["target"], row["batch"])
-
-
 def compare_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Teacher vs student ratios: each student row against the teacher's FP32 rows at the same batch.
 
@@ -317,14 +313,10 @@ def run_bench(models: list[str], *, teacher: str | None = None, config: BenchCon
     Returns:
         The report and the directory it was written to (``config.out`` or ``runs/bench-<time>``).
     """
-    from kdedge.bench.report import write_report
     from kdedge.data import load_dataset
-    from kdedge.runs import default_out
 
     config = config or BenchConfig()
-    out = Path(config.out) if config.out else default_out("bench")
-    if out.exists():
-        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
+    out = new_dir(config.out, "bench")
     if not models and teacher is None:
         raise ConfigError("nothing to benchmark; pass one or more MODELs (run directory, checkpoint, export directory, .onnx or .plan)")
     for target in config.targets:  # fail before loading anything when a runtime is missing

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdedge._fs import atomic_dir
-from kdedge.bench.harness import REPORT_SCHEMA
+from kdedge._fs import atomic_dir, new_dir
 from kdedge.errors import ConfigError
 
-__all__ = ["write_report", "write_report_files", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
+__all__ = ["REPORT_SCHEMA", "write_report", "write_report_files", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
+
+#: Version of ``report.json``'s layout; :func:`load_report` refuses others.
+REPORT_SCHEMA = 1
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -144,9 +146,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def write_report(report: dict[str, Any], out: str | Path, *, plots: bool = True) -> Path:
     """Write ``report.json``, ``report.md`` and ``plots/`` into a new directory ``out`` (atomically)."""
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
+    out = new_dir(out, "bench")
     with atomic_dir(out) as tmp:
         write_report_files(report, tmp, plots=plots)
     return out

@@ -127,7 +127,7 @@ class OrtRunner:
     runtime = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None, session: Any = None) -> None:
-        from kdedge.exporters.ort import ort_session
+        from kdedge.ort import ort_session
 
         self.path, self.device, self.precision, self.threads = Path(path), device, precision, threads
         self.session = session if session is not None else ort_session(self.path, providers=_ORT_PROVIDERS[device], threads=threads)

@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset
-from kdedge.distill import distributed as dist_
+import kdedge.distributed as dist_
 from kdedge.distill.augment import augment_batch
 from kdedge.distill.checkpoint import config_differences, load_state, save_state
 from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
-from kdedge.distill.metrics import evaluate
+from kdedge.metrics import evaluate
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
 from kdedge.errors import ConfigError
 
@@ -158,7 +158,7 @@ def fit(
     running the teacher on each batch.
 
     Under ``torchrun`` (a default process group initialized, see
-    :func:`kdedge.distill.distributed.init_from_env`) the student is wrapped in
+    :func:`kdedge.distributed.init_from_env`) the student is wrapped in
     DistributedDataParallel, each rank trains on its slice of every global batch, the logit cache
     is computed in shards and gathered, and metrics are summed over ranks. The frozen teacher is
     never wrapped.

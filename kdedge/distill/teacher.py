@@ -101,7 +101,7 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
         cache_dir: Where ``<key>.npy`` files live; None keeps the logits in memory only.
         batch_size: Inference batch size.
     """
-    from kdedge.distill import distributed as dist_
+    import kdedge.distributed as dist_
 
     ctx = dist_.context()
     key = logit_cache_key(teacher, data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge import __version__
-from kdedge._fs import atomic_dir, file_sha256
+from kdedge._version import __version__
+from kdedge._fs import atomic_dir, file_sha256, new_dir
 from kdedge.config import ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, load_dataset
-from kdedge.distill.metrics import evaluation_from_predictions
+from kdedge.metrics import evaluation_from_predictions
 from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
-from kdedge.exporters.onnx import export_onnx
-from kdedge.exporters.ort import ort_predict, ort_session
+from kdedge.exporters.onnx import cpu_eval, export_onnx
+from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_parity, compare_outputs
 from kdedge.exporters.quantize import quantize_int8
 
@@ -120,11 +121,13 @@ def export_model(
     config: ExportConfig | None = None,
     model_name: str | None = None,
     source_sha256: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` to every format in ``config.formats``, checking each against PyTorch.
 
     Args:
-        model: A classifier ``(B, C, H, W) -> (B, K)`` in any mode; it is exported in eval mode.
+        model: A classifier ``(B, C, H, W) -> (B, K)`` in any mode, on any device; it is exported
+            in eval mode from the CPU and left as it was.
         out: The export directory to create (must not exist).
         data: Real data: the first ``config.parity_samples`` test inputs drive parity, a seeded
             sample of ``config.calibration_samples`` training inputs calibrates INT8, and the
@@ -132,6 +135,7 @@ def export_model(
         config: Formats, tolerances, calibration, TensorRT profile.
         model_name: Recorded in the metadata (default: the class name).
         source_sha256: sha256 of the checkpoint the model came from, recorded in the metadata.
+        log: Called with one line per stage (export, parity, calibration, accuracy).
 
     Raises:
         ParityError: An artifact's outputs differ from PyTorch beyond tolerance (unless
@@ -139,98 +143,114 @@ def export_model(
         ExportError, DataError: The model cannot be exported, or the data does not fit it.
     """
     config = config or ExportConfig()
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
-    spec = data.spec
-    model = model.eval().cpu()
+    out = new_dir(out, "export")
     model_name = model_name or type(model).__name__
-    tol = tolerances(config)
-    parity_inputs = data.test.inputs(slice(0, config.parity_samples))
-    with torch.inference_mode():
-        out_shape = model(parity_inputs[:2]).shape
-    _check_data(None, int(out_shape[-1]), spec)
-
-    artifacts: list[Artifact] = []
-    skipped: dict[str, str] = {}
-    timings: dict[str, float] = {}
-    meta = onnx_metadata(spec, model_name=model_name, source_sha256=source_sha256)
-    with atomic_dir(out) as tmp:
-        with torch.inference_mode():
-            reference_logits = model(parity_inputs).numpy()
-
-        def add(path: Path, fmt: str, precision: str, parity: ParityReport | None, accuracy: dict | None, details: dict) -> Artifact:
-            a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
-                         parity=parity.to_dict() if parity else None, accuracy=accuracy, details=details)
-            artifacts.append(a)
-            return a
-
-        def checked(path: Path, precision: str) -> tuple[Any, ParityReport, dict | None]:
-            session = ort_session(path)
-            report = check_parity(path, lambda _x: reference_logits, parity_inputs, tolerance=tol[precision], allow_mismatch=config.allow_mismatch, session=session)
-            return session, report, (_accuracy(session, data) if config.evaluate else None)
-
-        start = time.perf_counter()
-        fp32 = export_onnx(model, tmp / "model.onnx", input_shape=tuple(spec.input_shape), opset=config.opset, metadata=meta, slim=config.slim)
-        timings["export_fp32"] = time.perf_counter() - start
-        start = time.perf_counter()
-        _, report, fp32_acc = checked(fp32.path, "fp32")
-        timings["parity_fp32"] = time.perf_counter() - start
-        add(fp32.path, "onnx", "fp32", report, fp32_acc, {"opset": fp32.opset, "nodes": fp32.nodes, "nodes_before_slim": fp32.nodes_before_slim})
-
+    with cpu_eval(model) as cpu_model, atomic_dir(out) as tmp:
+        writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
+                                 meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
+        fp32 = writer.fp32()
         if "onnx-int8" in config.formats:
-            start = time.perf_counter()
-            calibration = _calibration(data, config.calibration_samples) if config.quantization == "static" else None
-            info = quantize_int8(fp32.path, tmp / "model.int8.onnx", calibration=calibration, mode=config.quantization,
-                                 method=config.calibration_method, per_channel=config.per_channel, reduce_range=config.reduce_range)
-            timings["quantize_int8"] = time.perf_counter() - start
-            _, report, acc = checked(tmp / "model.int8.onnx", "int8")
-            if acc and fp32_acc:
-                acc["drop_vs_fp32_pt"] = 100 * (fp32_acc["accuracy"] - acc["accuracy"])
-            add(tmp / "model.int8.onnx", "onnx", "int8", report, acc, {"quantization": asdict(info)})
-
-        want_trt = "tensorrt" in config.formats
-        trt_reason = None
+            writer.int8(fp32)
+        trt_reason = _tensorrt_unavailable() if "tensorrt" in config.formats else None
+        if trt_reason:
+            writer.skipped["tensorrt"] = trt_reason
+        want_trt = "tensorrt" in config.formats and not trt_reason
+        if "onnx-fp16" in config.formats or (want_trt and config.trt_precision == "fp16"):
+            writer.fp16()
         if want_trt:
-            trt_reason = _tensorrt_unavailable()
-            if trt_reason:
-                skipped["tensorrt"] = trt_reason
-        need_fp16 = "onnx-fp16" in config.formats or (want_trt and not trt_reason and config.trt_precision == "fp16")
-        if need_fp16:
-            start = time.perf_counter()
-            fp16 = export_onnx(model, tmp / "model.fp16.onnx", input_shape=tuple(spec.input_shape), opset=config.opset,
-                               precision="fp16", metadata=meta | {"kdedge.precision": "fp16"})
-            timings["export_fp16"] = time.perf_counter() - start
-            _, report, acc = checked(fp16.path, "fp16")
-            add(fp16.path, "onnx", "fp16", report, acc, {"opset": fp16.opset, "nodes": fp16.nodes, "io": "float32"})
-
-        if want_trt and not trt_reason:
-            if config.trt_precision == "int8":
-                info = quantize_int8(fp32.path, tmp / "model.int8-trt.onnx", calibration=_calibration(data, config.calibration_samples),
-                                     method=config.calibration_method, per_channel=config.per_channel, target="tensorrt")
-                _, report, acc = checked(tmp / "model.int8-trt.onnx", "int8")
-                add(tmp / "model.int8-trt.onnx", "onnx", "int8", report, acc, {"quantization": asdict(info), "for": "tensorrt"})
-            start = time.perf_counter()
-            artifacts.append(_tensorrt_artifact(tmp, config, spec, parity_inputs, reference_logits, tol, data))
-            timings["tensorrt"] = time.perf_counter() - start
-
+            writer.tensorrt(fp32)
         manifest = {
             "schema": EXPORT_SCHEMA,
             "kdedge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": model_name,
             "source_sha256": source_sha256,
-            "data": spec.to_dict(),
-            "input": json.loads(meta["kdedge.input"]),
-            "preprocessing": json.loads(meta["kdedge.preprocessing"]),
-            "reference": {"runtime": f"torch {torch.__version__} cpu", "parity_samples": int(len(parity_inputs))},
+            "data": data.spec.to_dict(),
+            "input": json.loads(writer.meta["kdedge.input"]),
+            "preprocessing": json.loads(writer.meta["kdedge.preprocessing"]),
+            "reference": {"runtime": f"torch {torch.__version__} cpu", "parity_samples": int(len(writer.parity_inputs))},
             "config": config.to_dict(),
-            "artifacts": [asdict(a) for a in artifacts],
-            "skipped": skipped,
-            "seconds": timings,
+            "artifacts": [asdict(a) for a in writer.artifacts],
+            "skipped": writer.skipped,
+            "seconds": writer.timings,
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return ExportResult(out=out, artifacts=artifacts, skipped=skipped, manifest=manifest)
+    return ExportResult(out=out, artifacts=writer.artifacts, skipped=writer.skipped, manifest=manifest)
+
+
+class _ArtifactWriter:
+    """Writes the artifacts of one export into ``tmp``, each checked against the PyTorch reference."""
+
+    def __init__(self, model: nn.Module, tmp: Path, *, data: DataSplits, config: ExportConfig, log: Callable[[str], None], meta: dict[str, str]) -> None:
+        self.model, self.tmp, self.data, self.config, self.log, self.meta = model, tmp, data, config, log, meta
+        self.tol = tolerances(config)
+        self.parity_inputs = data.test.inputs(slice(0, config.parity_samples))
+        with torch.inference_mode():
+            self.reference = model(self.parity_inputs).numpy()  # (N, K): what every artifact must reproduce
+        _check_data(None, int(self.reference.shape[-1]), data.spec)
+        self.artifacts: list[Artifact] = []
+        self.skipped: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        self.timings[key] = time.perf_counter() - start
+        return result
+
+    def _checked(self, path: Path, precision: str, fmt: str, details: dict[str, Any], *, fp32_accuracy: dict | None = None) -> Artifact:
+        """Parity (and accuracy) of ``path`` in onnxruntime; the artifact is recorded only when it passes."""
+        self.log(f"parity: {path.name} vs PyTorch on {len(self.parity_inputs)} test images ({precision} tolerance)")
+        session = ort_session(path)
+        report = self._timed(f"parity_{path.stem}", lambda: check_parity(path, lambda _x: self.reference, self.parity_inputs, tolerance=self.tol[precision],
+                                                                            allow_mismatch=self.config.allow_mismatch, session=session))
+        accuracy = None
+        if self.config.evaluate:
+            self.log(f"accuracy: {path.name} on {len(self.data.test)} test images")
+            accuracy = _accuracy(session, self.data)
+            if fp32_accuracy:
+                accuracy["drop_vs_fp32_pt"] = 100 * (fp32_accuracy["accuracy"] - accuracy["accuracy"])
+        a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
+                     parity=report.to_dict(), accuracy=accuracy, details=details)
+        self.artifacts.append(a)
+        return a
+
+    def fp32(self) -> Artifact:
+        self.log(f"export: ONNX FP32 (opset {self.config.opset})")
+        shape = tuple(self.data.spec.input_shape)
+        fp32 = self._timed("export_fp32", lambda: export_onnx(self.model, self.tmp / "model.onnx", input_shape=shape, opset=self.config.opset,
+                                                               metadata=self.meta, slim=self.config.slim))
+        return self._checked(fp32.path, "fp32", "onnx", {"opset": fp32.opset, "nodes": fp32.nodes, "nodes_before_slim": fp32.nodes_before_slim})
+
+    def int8(self, fp32: Artifact) -> Artifact:
+        c = self.config
+        static = c.quantization == "static"
+        self.log(f"int8: {'calibrating on %d training images (%s)' % (min(c.calibration_samples, len(self.data.train)), c.calibration_method) if static else 'dynamic quantization'}")
+        calibration = _calibration(self.data, c.calibration_samples) if static else None
+        path = self.tmp / "model.int8.onnx"
+        info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
+                                                                   method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range))
+        return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
+
+    def fp16(self) -> Artifact:
+        self.log("export: ONNX FP16 (FP32 inputs and outputs)")
+        path = self.tmp / "model.fp16.onnx"
+        fp16 = self._timed("export_fp16", lambda: export_onnx(self.model, path, input_shape=tuple(self.data.spec.input_shape), opset=self.config.opset,
+                                                               precision="fp16", metadata=self.meta | {"kdedge.precision": "fp16"}))
+        return self._checked(fp16.path, "fp16", "onnx", {"opset": fp16.opset, "nodes": fp16.nodes, "io": "float32"})
+
+    def tensorrt(self, fp32: Artifact) -> Artifact:
+        c = self.config
+        if c.trt_precision == "int8":
+            self.log(f"int8 (TensorRT): symmetric Q/DQ, calibrating on {min(c.calibration_samples, len(self.data.train))} training images")
+            path = self.tmp / "model.int8-trt.onnx"
+            info = quantize_int8(self.tmp / fp32.path, path, calibration=_calibration(self.data, c.calibration_samples),
+                                 method=c.calibration_method, per_channel=c.per_channel, target="tensorrt")
+            self._checked(path, "int8", "onnx", {"quantization": asdict(info), "for": "tensorrt"})
+        self.log(f"export: TensorRT {c.trt_precision} engine (batch {','.join(map(str, c.trt_batch))})")
+        a = self._timed("tensorrt", lambda: _tensorrt_artifact(self.tmp, c, self.data.spec, self.parity_inputs, self.reference, self.tol, self.data))
+        self.artifacts.append(a)
+        return a
 
 
 def _tensorrt_unavailable() -> str | None:
@@ -289,12 +309,9 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None) ->
     the checkpoint.
     """
     from kdedge.models.zoo import load_checkpoint, parse_model_name, pretrained_path
-    from kdedge.runs import default_out
 
     config = config or ExportConfig()
-    out = Path(config.out) if config.out else default_out("export")
-    if out.exists():
-        raise ConfigError(f"output directory {out} already exists; pass another --out or remove it")
+    out = new_dir(config.out, "export")
     path = Path(source).expanduser()
     if not path.exists():
         try:

@@ -78,6 +78,25 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode on the CPU, leaving the caller's model as it was.
+
+    A model with any tensor off the CPU is copied there (the caller's stays on its device); each
+    submodule's train/eval flag is restored afterwards, so a user's deliberately frozen BatchNorm
+    inside a training model stays frozen.
+    """
+    on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+    modes = [(m, m.training) for m in model.modules()]
+    target = model if on_cpu else copy.deepcopy(model).cpu()
+    target.eval()
+    try:
+        yield target
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -107,10 +126,10 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     slim: bool = False,
 ) -> OnnxExport:
-    """Export ``model`` (eval mode, on the CPU) to ONNX with a dynamic batch dimension.
+    """Export ``model`` (in eval mode, on the CPU) to ONNX with a dynamic batch dimension.
 
     Args:
-        model: A classifier ``(B, *input_shape) -> (B, K)``; it is not modified.
+        model: A classifier ``(B, *input_shape) -> (B, K)`` on any device; it is not modified (not even moved).
         path: The ``.onnx`` file to write.
         input_shape: One sample's shape, e.g. ``(1, 28, 28)``.
         input_name: Graph input name (the batch dimension is named ``batch``).
@@ -127,8 +146,13 @@ def export_onnx(
     path = Path(path)
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16 for an ONNX export, got {precision!r} (INT8 comes from kdedge.exporters.quantize_int8)")
-    was_training = model.training
-    model = model.eval().cpu()
+    with cpu_eval(model) as cpu_model:
+        return _export(cpu_model, path, input_shape=input_shape, input_name=input_name, output_name=output_name, opset=opset,
+                       precision=precision, fp16_io=fp16_io, metadata=metadata, slim=slim)
+
+
+def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input_name: str, output_name: str, opset: int, precision: str,
+            fp16_io: bool, metadata: dict[str, str] | None, slim: bool) -> OnnxExport:
     module: nn.Module = HalfPrecision(model, fp16_io=fp16_io) if precision == "fp16" else model
     dtype = torch.float16 if precision == "fp16" and fp16_io else torch.float32
     # Batch 2, not 1: torch.export specializes dimensions of size 1 to constants.
@@ -180,7 +204,6 @@ def export_onnx(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        model.train(was_training)
     return OnnxExport(path=path, files=files, opset=opset, precision=precision, nodes=len(proto.graph.node), nodes_before_slim=nodes_before if slim else None)
 
 

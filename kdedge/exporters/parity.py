@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdedge.errors import ParityError
-from kdedge.exporters.ort import ort_predict, ort_session, ort_version
+from kdedge.ort import ort_session, ort_version
 
 __all__ = ["Tolerance", "OutputParity", "ParityReport", "check_parity", "compare_outputs"]
 
@@ -199,7 +199,3 @@ def check_parity(
         raise ParityError(f"{Path(artifact).name} does not match PyTorch: " + "; ".join(failures) + " (pass --allow-mismatch to keep it anyway)")
     return report
 
-
-def predict_onnx(artifact: str | Path, inputs: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """First-output predictions of an ONNX file over ``inputs`` on the CPU."""
-    return ort_predict(ort_session(artifact), inputs, batch_size=batch_size)

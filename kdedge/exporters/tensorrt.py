@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,3 @@ class TensorRTEngine:
         torch.cuda.current_stream().wait_stream(self.stream)
         return outputs[0] if len(outputs) == 1 else outputs
 
-
-def plan_to_dict(plan: EnginePlan) -> dict[str, Any]:
-    return asdict(plan)

@@ -36,7 +36,7 @@ class OnnxTeacherModule(nn.Module):
 
     def __init__(self, path: str | Path, *, input_shape: tuple[int, ...], num_classes: int, threads: int | None = None) -> None:
         super().__init__()
-        from kdedge.exporters.ort import ort_session
+        from kdedge.ort import ort_session
 
         self.path = Path(path)
         self.session = ort_session(self.path, threads=threads)

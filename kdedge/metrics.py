@@ -91,7 +91,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int |
     Under DDP each rank scores a contiguous shard of an :class:`ArrayDataset` and the confusion
     matrices are summed, so every rank returns the metrics of the whole set.
     """
-    from kdedge.distill import distributed as dist_
+    import kdedge.distributed as dist_
 
     ctx = dist_.context()
     if ctx.enabled and isinstance(data, ArrayDataset):

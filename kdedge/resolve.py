@@ -1,0 +1,116 @@
+"""From what a user names (``--teacher``, ``--student``, ``--model``) to a model that fits the data.
+
+A reference is a zoo name (``tiny_cnn@0.5``), ``auto`` (the largest zoo student within a FLOPs
+budget), a factory (``package.module:factory``, ``file.py:factory``), a run directory, a
+``.safetensors`` checkpoint or, for teachers, an ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdedge.data.spec import DatasetSpec
+from kdedge.errors import ConfigError, DataError, ModelError
+from kdedge.models.byo import is_factory_ref
+from kdedge.models.zoo import (
+    MODELS,
+    ModelSpec,
+    count_flops,
+    count_parameters,
+    create_model,
+    load_checkpoint,
+    load_weights,
+    parse_model_name,
+    pretrained_path,
+)
+
+__all__ = ["auto_student", "check_fits", "resolve_student", "resolve_teacher"]
+
+
+def check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
+    """DataError unless ``spec``'s classes and input shape are ``data``'s."""
+    if spec.num_classes != data.num_classes or tuple(spec.input_shape) != tuple(data.input_shape):
+        raise DataError(
+            f"{what} expects {spec.num_classes} classes and inputs {tuple(spec.input_shape)}, but data {data.name!r} has "
+            f"{data.num_classes} classes and inputs {tuple(data.input_shape)}; use a {what} trained on this data"
+        )
+
+
+def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None) -> tuple[nn.Module, ModelSpec, str]:
+    """A teacher from a run directory, a ``.safetensors`` checkpoint, an ``.onnx`` file, a shipped zoo
+    name, or a factory (``package.module:factory``, ``file.py:factory``) with ``weights``.
+
+    Returns:
+        The model, its spec, and a description for logs and manifests.
+    """
+    path = Path(ref).expanduser()
+    if not path.exists() and is_factory_ref(ref):
+        spec = ModelSpec(ref, 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+        model = create_model(spec)
+        if weights:
+            load_weights(model, weights)
+        return model, spec, ref + (f" ({weights})" if weights else "")
+    if weights:
+        raise ConfigError(f"--teacher-weights applies to a factory teacher (module:factory); {ref} already carries its weights")
+    if path.is_file() and path.suffix == ".onnx":
+        from kdedge.models.onnx_teacher import OnnxTeacherModule
+
+        module = OnnxTeacherModule(path, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
+        return module, ModelSpec("onnx", 1.0, data.num_classes, tuple(data.input_shape)), str(path)  # type: ignore[arg-type]
+    if path.exists():
+        ckpt = load_checkpoint(path)
+        check_fits(f"teacher {ref}", ckpt.spec, data)
+        return ckpt.model, ckpt.spec, str(ckpt.path)
+    arch, width = parse_model_name(ref)
+    shipped = pretrained_path(arch, width, data.name)
+    if shipped is None:
+        raise ModelError(
+            f"kdedge ships no {ref} weights for {data.name!r}; pass a run directory or checkpoint as --teacher "
+            f"(train one with: kdedge train --model {ref} --data {data.name} --out DIR)"
+        )
+    ckpt = load_checkpoint(shipped)
+    check_fits(f"teacher {ref}", ckpt.spec, data)
+    return ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})"
+
+
+def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int]:
+    """The zoo model with the most FLOPs per sample within ``flops_budget`` (widths 0.25..2)."""
+    best: tuple[int, int, ModelSpec] | None = None
+    for arch in sorted(MODELS):
+        for width in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+            spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+            model = create_model(spec)
+            flops, params = count_flops(model, spec.input_shape), count_parameters(model)
+            if flops <= flops_budget and (best is None or (flops, params) > best[:2]):
+                best = (flops, params, spec)
+    if best is None:
+        raise ConfigError(f"no zoo student fits {flops_budget:,.0f} FLOPs per sample on {tuple(data.input_shape)} inputs; raise --flops-budget")
+    return best[2], best[0]
+
+
+def resolve_student(ref: str, data: DatasetSpec, seed: int, *, weights: str | None = None, flops_budget: float | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A fresh zoo model (seeded) by name, ``auto`` under a FLOPs budget, a factory, or a checkpoint to fine-tune."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if weights:
+            raise ConfigError(f"--student-weights applies to a zoo name or factory; {ref} already carries its weights")
+        ckpt = load_checkpoint(path)
+        check_fits(f"model {ref}", ckpt.spec, data)
+        return ckpt.model, ckpt.spec
+    if ref == "auto":
+        if flops_budget is None:
+            raise ConfigError("--student auto needs --flops-budget (FLOPs per sample)")
+        spec, _ = auto_student(data, flops_budget)
+    elif is_factory_ref(ref):
+        spec = ModelSpec(ref, 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+    else:
+        arch, width = parse_model_name(ref)
+        spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+    torch.manual_seed(seed)  # initialization is part of the seeded run
+    model = create_model(spec)
+    if weights:
+        load_weights(model, weights)
+    return model, spec
