@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdedge.data.idx import read_idx
-from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits
+from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, pixel_scale
 from kdedge._fs import file_sha256
 from kdedge.errors import DataError
 
@@ -187,7 +187,7 @@ def _resolve_builtin(builtin: BuiltinDataset) -> Path:
     try:
         fetch_builtin(builtin, dest)
     except DataError as exc:
-        raise DataError(f"dataset {builtin.name!r} not found in {searched} and the download failed ({exc}); {hint}") from None
+        raise DataError(f"dataset {builtin.name!r} not found in {searched} and the download failed ({exc}); {hint}") from exc
     return dest
 
 
@@ -221,7 +221,7 @@ def _labels(labels: np.ndarray, source: str) -> torch.Tensor:
 
 
 def _normalization(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.to(torch.float64) / (255.0 if images.dtype == torch.uint8 else 1.0)
+    x = images.to(torch.float64) * pixel_scale(images.dtype)  # the scale ArrayDataset applies
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
@@ -244,6 +244,9 @@ def _build(
             raise DataError(f"{name}: the {split} split is empty")
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"{name}: train images are {tuple(xtr.shape[1:])} but test images are {tuple(xte.shape[1:])}")
+    if pixel_scale(xtr.dtype) != pixel_scale(xte.dtype):  # one spec, one scale: both splits must be stored alike
+        raise DataError(f"{name}: train images are stored as {str(xtr.dtype).removeprefix('torch.')} but test images as "
+                        f"{str(xte.dtype).removeprefix('torch.')}; store both splits as uint8 pixels, or both as float")
     num_classes = int(max(ytr.max(), yte.max())) + 1
     if labels is None:
         labels = tuple(str(i) for i in range(num_classes))
@@ -257,6 +260,7 @@ def _build(
         labels=labels,
         mean=mean,
         std=std,
+        scale=pixel_scale(xtr.dtype),  # derived from how the pixels are stored, never assumed
         files=files or {},
     )
     return DataSplits(ArrayDataset(xtr, ytr, spec), ArrayDataset(xte, yte, spec), spec)
@@ -317,7 +321,7 @@ def load_npz(path: str | Path, *, test_fraction: float = 1 / 7) -> DataSplits:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; expected an .npz with arrays x and y") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc}); expected arrays x and y (or x_train/y_train/x_test/y_test)") from None
+        raise DataError(f"{path}: not a readable .npz archive ({exc}); expected arrays x and y (or x_train/y_train/x_test/y_test)") from exc
     src = str(path)
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         train = (_stack_images(arrays["x_train"], src), _labels(arrays["y_train"], src))

@@ -7,6 +7,7 @@ deployment knows how to preprocess an input and name an output without the train
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +17,23 @@ from torch.utils.data import Dataset
 
 from kdedge.errors import DataError
 
-__all__ = ["DatasetSpec", "ArrayDataset", "DataSplits"]
+__all__ = ["DatasetSpec", "ArrayDataset", "DataSplits", "UINT8_SCALE", "pixel_scale"]
+
+UINT8_SCALE = 1.0 / 255.0
+
+# The built-in datasets of the kdedge versions whose specs did not record `scale` yet: their
+# files are uint8 IDX, so 1/255 is what those specs meant. A closed, historical list: every spec
+# written since records its scale.
+_LEGACY_UINT8_BUILTINS = ("fashion-mnist", "mnist")
+
+
+def pixel_scale(dtype: torch.dtype) -> float:
+    """The scale that brings stored pixels of ``dtype`` to the range mean/std were measured in.
+
+    ``uint8`` pixels are 0..255 and become ``[0, 1]``; floating-point storage (and integer types
+    other than uint8, which the loaders convert to float32) is used as stored.
+    """
+    return UINT8_SCALE if dtype == torch.uint8 else 1.0
 
 
 @dataclass(frozen=True)
@@ -28,9 +45,16 @@ class DatasetSpec:
         input_shape: One sample's shape, ``(channels, height, width)``.
         num_classes: Number of output classes.
         labels: One human-readable name per class index.
-        mean: Per-channel mean subtracted after scaling pixels to ``[0, 1]``.
+        mean: Per-channel mean subtracted after multiplying the stored pixels by ``scale``.
         std: Per-channel standard deviation divided after subtracting ``mean``.
+        scale: What stored pixels are multiplied by first: ``1/255`` for ``uint8`` storage, ``1.0``
+            for floating-point storage (:func:`pixel_scale`). The loaders derive it from the data;
+            :class:`ArrayDataset` applies this value and refuses one that is not its images'.
+            None only in a spec read from a file written before kdedge recorded it (see
+            :meth:`from_dict`).
         files: sha256 of each source file, by role (``train_images``...), for provenance.
+
+    An input is ``x = (pixel * scale - mean[c]) / std[c]``.
     """
 
     name: str
@@ -39,6 +63,7 @@ class DatasetSpec:
     labels: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    scale: float | None = UINT8_SCALE
     files: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +79,8 @@ class DatasetSpec:
             problems.append(f"mean/std need one value per channel ({channels}), got {len(self.mean)}/{len(self.std)}")
         if any(s <= 0 for s in self.std):
             problems.append(f"std must be positive, got {self.std}")
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            problems.append(f"scale must be a positive number (1/255 for uint8 pixels, 1.0 for float), got {self.scale!r}")
         if problems:
             raise DataError(f"invalid dataset spec for {self.name!r}: " + "; ".join(problems))
 
@@ -67,14 +94,27 @@ class DatasetSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetSpec:
+        """The spec :meth:`to_dict` wrote, or one written before ``scale`` was recorded.
+
+        A spec without ``scale`` comes from a kdedge that scaled uint8 pixels by 1/255 and used
+        float pixels as stored, without saying which the data was. For the built-in datasets of
+        those versions (uint8 IDX files) that is 1/255; for any other data the file cannot tell,
+        so ``scale`` is None (unknown) rather than a guess that could be wrong by 255x.
+        """
         try:
+            name = str(d["name"])
+            if "scale" in d:
+                scale = None if d["scale"] is None else float(d["scale"])
+            else:
+                scale = UINT8_SCALE if name in _LEGACY_UINT8_BUILTINS else None
             return cls(
-                name=str(d["name"]),
+                name=name,
                 input_shape=tuple(int(v) for v in d["input_shape"]),  # type: ignore[arg-type]
                 num_classes=int(d["num_classes"]),
                 labels=tuple(str(v) for v in d["labels"]),
                 mean=tuple(float(v) for v in d["mean"]),
                 std=tuple(float(v) for v in d["std"]),
+                scale=scale,
                 files=dict(d.get("files", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -84,15 +124,20 @@ class DatasetSpec:
 class ArrayDataset(Dataset):
     """An in-memory image-classification dataset that normalizes on access.
 
-    Images are kept as stored (``uint8`` pixels are scaled by 1/255; float images are used as
-    they are), so a 60k-image set costs 47 MB rather than 188 MB. Besides the per-item
+    Images are kept as stored and multiplied by ``spec.scale`` on access (1/255 for ``uint8``
+    pixels, 1.0 for float images), so a 60k-image set costs 47 MB rather than 188 MB. Besides the per-item
     ``Dataset`` protocol it offers :meth:`inputs` for whole batches, which the training loop
     uses to avoid 60k Python calls per epoch.
 
     Args:
         images: ``(N, C, H, W)`` tensor, ``uint8`` or floating point.
         labels: ``(N,)`` integer class indices.
-        spec: The dataset's spec; its normalization is applied by :meth:`inputs`.
+        spec: The dataset's spec; its normalization (``scale``, ``mean``, ``std``) is applied by
+            :meth:`inputs`, so what the spec declares is what the model sees.
+
+    Raises:
+        DataError: Shapes, labels or the spec's ``scale`` do not fit the images (a ``uint8`` set
+            needs scale 1/255, a float set 1.0: :func:`pixel_scale`).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec) -> None:
@@ -108,14 +153,20 @@ class ArrayDataset(Dataset):
             raise DataError(
                 f"labels must lie in [0, {spec.num_classes - 1}], found [{int(labels.min())}, {int(labels.max())}]"
             )
+        expected = pixel_scale(images.dtype)
+        if spec.scale is None or not math.isclose(spec.scale, expected, rel_tol=1e-6):
+            raise DataError(
+                f"images stored as {str(images.dtype).removeprefix('torch.')} take pixel scale {expected:.6g}, but spec {spec.name!r} "
+                f"declares scale {spec.scale!r}; build the spec with scale=kdedge.data.spec.pixel_scale(images.dtype) (or load the data with kdedge.load_dataset)"
+            )
         self.images = images
         self.labels = labels.to(torch.int64)
         self.spec = spec
-        scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        # x_norm = (x * scale - mean) / std = x * a + b, one fused multiply-add per batch.
-        self._a = scale / std
+        # x_norm = (x * scale - mean) / std = x * a + b, one fused multiply-add per batch. The
+        # scale is the spec's own, the value exported metadata and manifests declare.
+        self._a = spec.scale / std
         self._b = -mean / std
         self._fingerprint: str | None = None
 
