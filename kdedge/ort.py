@@ -15,8 +15,8 @@ def onnxruntime():
     """The onnxruntime module, or BackendUnavailable naming the package to install."""
     try:
         import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
+    except ImportError as exc:  # chained: a broken install (a missing shared library) fails here too
+        raise BackendUnavailable("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu for CUDA)") from exc
     return ort
 
 
@@ -62,7 +62,7 @@ def ort_session(
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ExportError(f"{path}: onnxruntime cannot load it ({first}); is the file truncated, corrupt or not ONNX?") from None
+        raise ExportError(f"{path}: onnxruntime cannot load it ({first}); is the file truncated, corrupt or not ONNX?") from exc
 
 
 def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

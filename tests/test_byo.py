@@ -63,7 +63,7 @@ def test_train_teacher_then_distill_with_byo_teacher_and_student(byo, capsys):
     tmp, data_dir = byo
     teacher_ref, student_ref = f"{tmp}/my_models.py:big", f"{tmp}/my_models.py:small"
     assert main(["train", "--model", teacher_ref, "--data", str(data_dir), "--epochs", "2", "--quiet", "--out", str(tmp / "teacher")]) == 0
-    torch.save(load_checkpoint(tmp / "teacher").model.state_dict(), tmp / "teacher.pt")  # weights as a plain state dict
+    torch.save(load_checkpoint(tmp / "teacher", trust_code=True).model.state_dict(), tmp / "teacher.pt")  # weights as a plain state dict
     out = tmp / "run"
     code = main(["distill", "--teacher", teacher_ref, "--teacher-weights", str(tmp / "teacher.pt"), "--student", student_ref, "--data", str(data_dir),
                  "--epochs", "2", "--cache", "memory", "--quiet", "--out", str(out)])
@@ -71,7 +71,7 @@ def test_train_teacher_then_distill_with_byo_teacher_and_student(byo, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     teacher_metrics = json.loads((tmp / "teacher" / "metrics.json").read_text())
     assert metrics["teacher"]["test"]["accuracy"] == teacher_metrics["test"]["accuracy"]  # the trained weights were loaded
-    ckpt = load_checkpoint(out)  # rebuilt through the recorded factory reference
+    ckpt = load_checkpoint(out, trust_code=True)  # rebuilt through the recorded factory reference (our own file: trusted)
     assert ckpt.spec.arch == student_ref and sum(p.numel() for p in ckpt.model.parameters()) == 2 * 9 + 2 + 2 * 64 * 3 + 3
 
 

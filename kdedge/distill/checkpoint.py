@@ -26,7 +26,7 @@ __all__ = ["FORMAT", "save_state", "load_state", "config_differences"]
 FORMAT = "kdedge-train-state-v1"
 
 #: config keys a resumed run may change: they do not alter the numbers (or are where the state lives)
-RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device"})
+RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks"})
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -56,7 +56,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # truncated file, foreign pickle, ... : all are bad input here
         text = str(exc).strip()
         first = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__  # torch's messages run to paragraphs
-        raise ConfigError(f"--resume: {path} is not a readable kdedge checkpoint ({first}); remove it and run without --resume") from None
+        raise ConfigError(f"--resume: {path} is not a readable kdedge checkpoint ({first}); remove it and run without --resume") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"--resume: {path} is not a kdedge training checkpoint (expected format {FORMAT}); remove it and run without --resume")
     return state

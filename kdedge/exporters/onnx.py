@@ -180,7 +180,7 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
             raise ExportError(
                 f"cannot export {type(model).__name__} to ONNX ({_root_cause(exc)}); the model must be traceable by torch.export "
                 "(no data-dependent Python control flow, only ops with ONNX translations)"
-            ) from None
+            ) from exc  # the exporter's traceback points at the model line it could not trace (kdedge --debug)
         if program is None:
             raise ExportError(f"torch.onnx.export returned no program for {type(model).__name__}")
         import onnx
@@ -211,8 +211,8 @@ def _slim(proto):
     """onnxslim's graph when it is smaller; the exporter's own optimizer already folds BatchNorm."""
     try:
         import onnxslim
-    except ImportError:
-        raise ExportError("--slim needs onnxslim: pip install onnxslim") from None
+    except ImportError as exc:  # chained: an installed but broken onnxslim fails here too
+        raise ExportError("--slim needs onnxslim: pip install onnxslim") from exc
     with _quiet_exporter():
         slimmed = onnxslim.slim(copy.deepcopy(proto))
     return slimmed if slimmed is not None and len(slimmed.graph.node) < len(proto.graph.node) else proto
@@ -246,6 +246,6 @@ def check_onnx(path: str | Path) -> None:
         # The path form also validates models with external data and those near 2 GB.
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, OSError) as exc:
-        raise ExportError(f"{path}: not a valid ONNX model ({_first_line(exc)}); is it truncated or corrupt?") from None
+        raise ExportError(f"{path}: not a valid ONNX model ({_first_line(exc)}); is it truncated or corrupt?") from exc
     except Exception as exc:  # protobuf DecodeError and friends for files that are not ONNX at all
-        raise ExportError(f"{path}: cannot be parsed as ONNX ({type(exc).__name__}: {_first_line(exc)}); is it truncated or corrupt?") from None
+        raise ExportError(f"{path}: cannot be parsed as ONNX ({type(exc).__name__}: {_first_line(exc)}); is it truncated or corrupt?") from exc

@@ -117,82 +117,82 @@ def quantize_int8(
         DataError: The calibration data does not fit the model's input.
         ExportError: onnxruntime cannot quantize the model.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if mode not in ("static", "dynamic"):
         raise ExportError(f"INT8 mode must be static or dynamic, got {mode!r}")
     if target not in ("cpu", "tensorrt"):
         raise ExportError(f"INT8 target must be cpu or tensorrt, got {target!r}")
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    if mode == "static" and method not in methods:
-        raise ExportError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    if mode == "static" and method not in _METHODS:
+        raise ExportError(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
     name, dims = _input_info(fp32_path)
     reduce_range = reduce_range and target == "cpu"
-    samples = 0
     if mode == "static":
         if calibration is None:
             raise DataError("static INT8 quantization needs calibration data: real, preprocessed training inputs (N, C, H, W)")
         calibration = _check_calibration(calibration, dims, name)
-        samples = len(calibration)
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter(range(0, samples, calibration_batch))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            start = next(self._batches, None)
-            return None if start is None else {name: calibration[start : start + calibration_batch]}  # type: ignore[index]
-
+    info = QuantizationInfo(mode=mode, method=method if mode == "static" else None, calibration_samples=len(calibration) if mode == "static" else 0,  # type: ignore[arg-type]
+                            per_channel=per_channel, reduce_range=reduce_range,
+                            encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"))
     metadata = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory(prefix="kdedge-int8-") as work:
-        pre = Path(work) / "pre.onnx"
         tmp_out = Path(work) / "int8.onnx"
-        try:
-            with _quiet():
-                # Shape inference and graph cleanup first, as onnxruntime's quantization guide advises.
-                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-                if mode == "static":
-                    symmetric = target == "tensorrt"
-                    quantize_static(
-                        str(pre),
-                        str(tmp_out),
-                        _Reader(),
-                        quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel,
-                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        reduce_range=reduce_range,
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibTensorRangeSymmetric": symmetric},
-                    )
-                else:
-                    quantize_dynamic(str(pre), str(tmp_out), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range)
-        except (DataError, ExportError):
-            raise
-        except Exception as exc:  # the quantizer raises bare Exceptions and onnxruntime errors
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ExportError(f"onnxruntime cannot quantize {fp32_path.name} to INT8 ({mode}): {first}") from None
-        import onnx
-
-        proto = onnx.load(str(tmp_out))
-        info = QuantizationInfo(mode=mode, method=method if mode == "static" else None, calibration_samples=samples, per_channel=per_channel,
-                                encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"),
-                                reduce_range=reduce_range)
-        set_metadata(proto, metadata | {"kdedge.precision": "int8", "kdedge.quantization": f"{info.mode}/{info.method or '-'}/{info.encoding}"})
-        final_tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        try:
-            onnx.save_model(proto, str(final_tmp))
-            check_onnx(final_tmp)
-            os.replace(final_tmp, out_path)
-        finally:
-            final_tmp.unlink(missing_ok=True)
+        _run_quantizer(fp32_path, Path(work) / "pre.onnx", tmp_out, info, calibration={name: calibration} if mode == "static" else None,
+                       symmetric=target == "tensorrt", calibration_batch=calibration_batch)
+        _write_checked(tmp_out, out_path, metadata | {"kdedge.precision": "int8", "kdedge.quantization": f"{info.mode}/{info.method or '-'}/{info.encoding}"})
     return info
+
+
+#: kdedge's calibration method names -> onnxruntime.quantization.CalibrationMethod member names.
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def _run_quantizer(fp32_path: Path, pre: Path, out: Path, info: QuantizationInfo, *, calibration: dict[str, np.ndarray] | None, symmetric: bool,
+                   calibration_batch: int) -> None:
+    """onnxruntime's pre-processing, then static (calibrated QDQ) or dynamic quantization into ``out``."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        """The calibration inputs in batches of ``calibration_batch``."""
+
+        def __init__(self) -> None:
+            (self._name, self._data), = calibration.items()  # type: ignore[union-attr]
+            self._starts = iter(range(0, len(self._data), calibration_batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self._starts, None)
+            return None if start is None else {self._name: self._data[start : start + calibration_batch]}
+
+    try:
+        with _quiet():
+            # Shape inference and graph cleanup first, as onnxruntime's quantization guide advises.
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            if info.mode == "static":
+                quantize_static(
+                    str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=info.per_channel,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, _METHODS[info.method]), reduce_range=info.reduce_range,  # type: ignore[index]
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibTensorRangeSymmetric": symmetric},
+                )
+            else:
+                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=info.per_channel, reduce_range=info.reduce_range)
+    except (DataError, ExportError):
+        raise
+    except Exception as exc:  # the quantizer raises bare Exceptions and onnxruntime errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"onnxruntime cannot quantize {fp32_path.name} to INT8 ({info.mode}): {first}") from exc
+
+
+def _write_checked(quantized: Path, out_path: Path, metadata: dict[str, str]) -> None:
+    """``quantized`` with ``metadata`` to ``out_path``: written aside, checked by onnx.checker, renamed into place."""
+    import onnx
+
+    proto = onnx.load(str(quantized))
+    set_metadata(proto, metadata)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save_model(proto, str(tmp))
+        check_onnx(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -170,8 +170,8 @@ def tensorrt_module():
     """The tensorrt module, or BackendUnavailable saying how to get it."""
     try:
         import tensorrt as trt
-    except ImportError:
-        raise BackendUnavailable("TensorRT is not installed; pip install 'kdedge-distill[tensorrt]' on a machine with an NVIDIA GPU") from None
+    except ImportError as exc:
+        raise BackendUnavailable("TensorRT is not installed; pip install 'kdedge-distill[tensorrt]' on a machine with an NVIDIA GPU") from exc
     return trt
 
 

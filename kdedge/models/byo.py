@@ -3,7 +3,11 @@
 The factory is called with ``num_classes`` and ``input_shape`` when its signature accepts them
 (``factory(num_classes=10, input_shape=(1, 28, 28))``), else with no arguments, and must return an
 ``nn.Module``. Checkpoints of such models record the reference, so ``load_checkpoint`` can rebuild
-them wherever the factory is importable.
+them wherever the factory is importable — only with ``trust_code=True`` (``--trust-code``), since
+that imports and runs the code a file names. A reference the user passes directly is trusted.
+
+Errors from the user's code are one :class:`ModelError` line, chained to the original exception so
+``kdedge --debug`` (``KDEDGE_DEBUG=1``) can show the traceback inside the user's file.
 """
 
 from __future__ import annotations
@@ -46,16 +50,17 @@ def load_factory(ref: str) -> Callable[..., nn.Module]:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file: any error it raises is reported, not re-raised
+        except Exception as exc:  # the user's file: any error it raises becomes one line, its traceback the cause
             sys.modules.pop(name, None)
-            raise ModelError(f"{ref}: importing {path.name} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ModelError(f"{ref}: importing {path.name} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
-            raise ModelError(f"{ref}: no module named {exc.name!r}; is the package installed, or did you mean path/to/file.py:{attr}?") from None
+            # Chained: the missing module may be one the user's package imports, not the package itself.
+            raise ModelError(f"{ref}: no module named {exc.name!r}; is the package installed, or did you mean path/to/file.py:{attr}?") from exc
         except Exception as exc:
-            raise ModelError(f"{ref}: importing {target} failed ({type(exc).__name__}: {exc})") from None
+            raise ModelError(f"{ref}: importing {target} failed ({type(exc).__name__}: {exc})") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         options = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
@@ -75,7 +80,7 @@ def build_from_factory(ref: str, *, num_classes: int, input_shape: tuple[int, ..
         model = factory(**kwargs)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelError(f"{ref}: the factory raised {type(exc).__name__}: {first}") from None
+        raise ModelError(f"{ref}: the factory raised {type(exc).__name__}: {first}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"{ref}: the factory returned {type(model).__name__}, expected a torch.nn.Module")
     _check_output(ref, model, num_classes, tuple(input_shape))
@@ -92,7 +97,7 @@ def _check_output(ref: str, model: nn.Module, num_classes: int, input_shape: tup
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as exc:
-        raise ModelError(f"{ref}: the model fails on inputs of shape (2, {', '.join(map(str, input_shape))}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelError(f"{ref}: the model fails on inputs of shape (2, {', '.join(map(str, input_shape))}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):

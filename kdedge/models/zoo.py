@@ -188,11 +188,11 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 meta = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"{path}: not a readable safetensors file ({exc}); is it truncated or corrupt?") from None
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); is it truncated or corrupt?") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
-        raise ModelError(f"{path}: cannot load weights with torch.load(weights_only=True) ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise ModelError(f"{path}: cannot load weights with torch.load(weights_only=True) ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -229,8 +229,20 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild a model from a kdedge checkpoint (a ``.safetensors`` file or a run directory)."""
+def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint:
+    """Rebuild a model from a kdedge checkpoint (a ``.safetensors`` file or a run directory).
+
+    Args:
+        path: The checkpoint, or a run directory holding ``model.safetensors``.
+        trust_code: Allow a checkpoint whose architecture is a factory reference
+            (``file.py:factory``, ``package.module:factory``) to import and run that code. Off by
+            default: opening a file someone sent you must not run their code.
+
+    Raises:
+        ModelError: The file is unreadable, names code without ``trust_code``, or its weights do not fit.
+    """
+    from kdedge.models.byo import is_factory_ref
+
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -244,6 +256,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not info.get("model"):
         raise ModelError(f"{path}: was saved from a model outside the zoo, so its architecture is unknown; load it into that model with kdedge.load_weights")
     spec = ModelSpec.from_dict(info["model"])
+    if is_factory_ref(spec.arch) and not trust_code:  # refused before anything is imported
+        raise ModelError(
+            f"{path}: its architecture comes from code, {spec.arch!r}; loading it would import and run that code. "
+            "If you trust it, pass --trust-code (trust_code=True in Python)"
+        )
     data = DatasetSpec.from_dict(info["data"]) if info.get("data") else None
     model = create_model(spec)
     _load_strict(model, state, path)
