@@ -50,7 +50,8 @@ def main() -> int:
     args = p.parse_args()
 
     data = kdedge.load_dataset(args.data, train_limit=args.train_limit)
-    teacher, _, teacher_name = kdedge.resolve_teacher(args.teacher, data.spec)
+    resolved = kdedge.resolve_teacher(args.teacher, data.spec)
+    teacher, teacher_name = resolved.model, resolved.name
     common = dict(data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device, train_limit=args.train_limit)
     rows = []
     for seed in args.seeds:

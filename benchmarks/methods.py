@@ -62,7 +62,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("fashion-mnist", train_limit=args.train_limit)
-    teacher, _, _ = resolve_teacher("resnet", data.spec)
+    teacher = resolve_teacher("resnet", data.spec).model
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

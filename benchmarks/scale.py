@@ -87,7 +87,7 @@ def _teacher_forward(teacher: torch.nn.Module, x: torch.Tensor, device: torch.de
 
 def precision_matrix(device: torch.device, train_limit: int, teacher_samples: int) -> list[dict]:
     data = load_dataset("fashion-mnist", train_limit=train_limit, test_limit=1000)
-    teacher, _, _ = resolve_teacher("resnet", data.spec)
+    teacher = resolve_teacher("resnet", data.spec).model
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     rows = []
     frozen = FrozenTeacher(teacher, device=device)

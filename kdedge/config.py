@@ -98,6 +98,7 @@ class _RunConfig(_Config):
     threads: int | None = None
     out: str | None = None
     resume: bool = False
+    sanity_checks: bool = True
 
     def _problems(self) -> list[str]:
         p = []
@@ -143,6 +144,8 @@ class DistillConfig(_RunConfig):
     teacher: str = "resnet"
     student: str = "tiny_cnn"
     teacher_weights: str | None = None
+    teacher_mean: tuple[float, ...] | None = None
+    teacher_std: tuple[float, ...] | None = None
     student_weights: str | None = None
     flops_budget: float | None = None
     loss: str = "hinton"
@@ -159,6 +162,10 @@ class DistillConfig(_RunConfig):
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        if (self.teacher_mean is None) != (self.teacher_std is None):
+            p.append("teacher_mean and teacher_std go together: give both (e.g. --teacher-mean 0 --teacher-std 1 for a teacher trained on pixels/255)")
+        elif self.teacher_std is not None and (len(self.teacher_std) != len(self.teacher_mean or ()) or any(not v > 0 for v in self.teacher_std)):
+            p.append(f"teacher_std must be positive and as long as teacher_mean, got mean {self.teacher_mean} and std {self.teacher_std}")
         if self.student == "auto" and self.flops_budget is None:
             p.append("student auto needs flops_budget (FLOPs per sample, e.g. --flops-budget 3e6)")
         if self.flops_budget is not None and not self.flops_budget > 0:
@@ -240,9 +247,11 @@ class BenchConfig(_Config):
     Each measurement warms up for ``warmup_iters`` calls and ``warmup_s`` seconds, then times single
     calls until both ``min_iters`` samples and ``min_s`` seconds are reached. A checkpoint run on
     an onnxruntime target is first exported (parity-checked) to each of ``export_variants``.
+    ``data`` None means the dataset recorded with the models (checkpoint, ``export.json``, ONNX
+    metadata); a name or path that differs from a recorded one is refused.
     """
 
-    data: str = "fashion-mnist"
+    data: str | None = None
     targets: tuple[str, ...] = ("torch-cpu", "ort-cpu")
     batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
     threads: int | None = None
@@ -261,6 +270,8 @@ class BenchConfig(_Config):
 
     def _problems(self) -> list[str]:
         p = []
+        if self.data is not None and not self.data.strip():
+            p.append("data must be a dataset name or path, or null for the dataset recorded with the models, got ''")
         bad = [t for t in self.targets if t not in BENCH_TARGETS]
         if bad or not self.targets:
             p.append(f"targets must be one or more of {', '.join(BENCH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
@@ -368,6 +379,8 @@ def _check_types(cfg: _Config) -> None:
         value = getattr(cfg, f.name)
         allowed = _allowed_types(hints[f.name])
         element = next((e for e in map(_element_type, allowed) if e is not None), None)
+        if element is not None and value is None and type(None) in allowed:
+            continue  # an optional list left unset
         if element is not None:
             if isinstance(value, str):  # "onnx,onnx-int8" from a flag or YAML
                 value = [v.strip() for v in value.split(",") if v.strip()]

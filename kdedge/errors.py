@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "KdedgeError",
     "ConfigError",
+    "TrainingDiverged",
     "DataError",
     "ModelError",
     "ExportError",
@@ -24,6 +25,10 @@ class KdedgeError(Exception):
 
 class ConfigError(KdedgeError):
     """A configuration value, flag or YAML key is invalid."""
+
+
+class TrainingDiverged(ConfigError):
+    """Training diverged (non-finite loss, accuracy at chance): a setting, usually the step size, is wrong."""
 
 
 class DataError(KdedgeError):

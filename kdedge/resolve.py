@@ -7,12 +7,15 @@ budget), a factory (``package.module:factory``, ``file.py:factory``), a run dire
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from kdedge.data.spec import DatasetSpec
+from kdedge.distill.teacher import TeacherInput
 from kdedge.errors import ConfigError, DataError, ModelError
 from kdedge.models.byo import is_factory_ref
 from kdedge.models.zoo import (
@@ -27,7 +30,31 @@ from kdedge.models.zoo import (
     pretrained_path,
 )
 
-__all__ = ["auto_student", "check_fits", "resolve_student", "resolve_teacher"]
+__all__ = ["ResolvedTeacher", "auto_student", "check_fits", "resolve_student", "resolve_teacher"]
+
+
+@dataclass
+class ResolvedTeacher:
+    """A teacher and what is known about it.
+
+    Attributes:
+        model: The teacher module (an ``OnnxTeacherModule`` for an ``.onnx`` file).
+        spec: Its model spec (``arch`` ``onnx`` for ONNX files, the factory reference for factories).
+        name: A description for logs and manifests.
+        input: The input normalization it was trained with, when its file records one (a kdedge
+            checkpoint's dataset spec, a kdedge ONNX file's ``kdedge.preprocessing``); None otherwise.
+        path: The ONNX file, for a teacher that runs in onnxruntime.
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    name: str
+    input: TeacherInput | None = None
+    path: Path | None = None
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.path is not None and self.path.suffix == ".onnx"
 
 
 def check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
@@ -39,12 +66,14 @@ def check_fits(what: str, spec: ModelSpec, data: DatasetSpec) -> None:
         )
 
 
-def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None) -> tuple[nn.Module, ModelSpec, str]:
+def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None,
+                    trust_code: bool = False) -> ResolvedTeacher:
     """A teacher from a run directory, a ``.safetensors`` checkpoint, an ``.onnx`` file, a shipped zoo
     name, or a factory (``package.module:factory``, ``file.py:factory``) with ``weights``.
 
-    Returns:
-        The model, its spec, and a description for logs and manifests.
+    A kdedge checkpoint or ONNX file also says how its inputs were normalized
+    (:attr:`ResolvedTeacher.input`); a factory's teacher is assumed to take the data's inputs
+    unless ``--teacher-mean``/``--teacher-std`` say otherwise.
     """
     path = Path(ref).expanduser()
     if not path.exists() and is_factory_ref(ref):
@@ -52,18 +81,19 @@ def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None) 
         model = create_model(spec)
         if weights:
             load_weights(model, weights)
-        return model, spec, ref + (f" ({weights})" if weights else "")
+        return ResolvedTeacher(model, spec, ref + (f" ({weights})" if weights else ""))
     if weights:
         raise ConfigError(f"--teacher-weights applies to a factory teacher (module:factory); {ref} already carries its weights")
     if path.is_file() and path.suffix == ".onnx":
         from kdedge.models.onnx_teacher import OnnxTeacherModule
 
         module = OnnxTeacherModule(path, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
-        return module, ModelSpec("onnx", 1.0, data.num_classes, tuple(data.input_shape)), str(path)  # type: ignore[arg-type]
+        spec = ModelSpec("onnx", 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
+        return ResolvedTeacher(module, spec, str(path), input=_onnx_input(module, path), path=path)
     if path.exists():
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, trust_code=trust_code)
         check_fits(f"teacher {ref}", ckpt.spec, data)
-        return ckpt.model, ckpt.spec, str(ckpt.path)
+        return ResolvedTeacher(ckpt.model, ckpt.spec, str(ckpt.path), input=_spec_input(ckpt.data))
     arch, width = parse_model_name(ref)
     shipped = pretrained_path(arch, width, data.name)
     if shipped is None:
@@ -73,7 +103,20 @@ def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None) 
         )
     ckpt = load_checkpoint(shipped)
     check_fits(f"teacher {ref}", ckpt.spec, data)
-    return ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})"
+    return ResolvedTeacher(ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})", input=_spec_input(ckpt.data))
+
+
+def _spec_input(spec: DatasetSpec | None) -> TeacherInput | None:
+    return TeacherInput(tuple(spec.mean), tuple(spec.std), getattr(spec, "scale", None)) if spec is not None else None
+
+
+def _onnx_input(module: nn.Module, path: Path) -> TeacherInput | None:
+    """The normalization a kdedge-exported ONNX file declares in ``kdedge.preprocessing``; None for other files."""
+    try:
+        pre = json.loads(module.session.get_modelmeta().custom_metadata_map.get("kdedge.preprocessing", "null"))
+        return TeacherInput(tuple(map(float, pre["mean"])), tuple(map(float, pre["std"])), float(pre["scale"])) if pre else None
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path.name}: its kdedge.preprocessing metadata is not readable; fix or remove it, or pass --teacher-mean/--teacher-std") from None
 
 
 def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int]:
@@ -91,13 +134,14 @@ def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int
     return best[2], best[0]
 
 
-def resolve_student(ref: str, data: DatasetSpec, seed: int, *, weights: str | None = None, flops_budget: float | None = None) -> tuple[nn.Module, ModelSpec]:
+def resolve_student(ref: str, data: DatasetSpec, seed: int, *, weights: str | None = None, flops_budget: float | None = None,
+                    trust_code: bool = False) -> tuple[nn.Module, ModelSpec]:
     """A fresh zoo model (seeded) by name, ``auto`` under a FLOPs budget, a factory, or a checkpoint to fine-tune."""
     path = Path(ref).expanduser()
     if path.exists():
         if weights:
             raise ConfigError(f"--student-weights applies to a zoo name or factory; {ref} already carries its weights")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, trust_code=trust_code)
         check_fits(f"model {ref}", ckpt.spec, data)
         return ckpt.model, ckpt.spec
     if ref == "auto":

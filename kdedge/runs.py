@@ -23,13 +23,14 @@ import kdedge.distributed as dist_
 from kdedge._fs import default_out, new_dir
 from kdedge._version import __version__
 from kdedge.config import DistillConfig, TrainConfig, _RunConfig
-from kdedge.data import DataSplits, cache_dir, load_dataset
+from kdedge.data import DatasetSpec, DataSplits, cache_dir, load_dataset
 from kdedge.distill.factory import make_loss
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.losses import DistillLoss, HintonLoss
-from kdedge.distill.teacher import FrozenTeacher
+from kdedge.distill.teacher import FrozenTeacher, TeacherInput, teacher_input_map
 from kdedge.errors import ConfigError
 from kdedge.metrics import Evaluation, evaluate
+from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.rundir import RESUME_NEEDS_OUT, check_resumable, model_summary, spec_of, write_run
@@ -142,13 +143,17 @@ def distill(
     config: DistillConfig | None = None,
     student_spec: ModelSpec | None = None,
     teacher_name: str | None = None,
+    teacher_input: TeacherInput | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
-    """Distill ``teacher`` into ``student`` with Hinton's loss.
+    """Distill ``teacher`` into ``student`` with the loss ``config.loss`` names (Hinton's by default).
 
-    The teacher is frozen (eval mode, no gradients). Without augmentation its logits over
+    The teacher is frozen (eval mode, no gradients) and sees its inputs normalized as it was
+    trained (``teacher_input``, or ``config.teacher_mean``/``teacher_std``, which win). Its test
+    accuracy is measured and reported *before* training: a teacher near chance stops the run with
+    the likely cause (``config.sanity_checks``). Without augmentation its logits over
     ``train_data`` are computed once and cached (``config.cache``); with augmentation it runs on
     every batch.
 
@@ -160,6 +165,8 @@ def distill(
         config: α, T, optimizer, schedule, epochs, seed, cache mode.
         student_spec: Recorded in the checkpoint so the student can be rebuilt by name.
         teacher_name: Recorded in ``metrics.json``.
+        teacher_input: The teacher's own input normalization when it differs from the data's
+            (:func:`kdedge.resolve_teacher` reads it from a kdedge checkpoint or ONNX metadata).
         out: Run directory to write (must not exist); defaults to ``config.out``; None writes nothing.
         progress: Show a progress bar per epoch.
         on_epoch: Called with each epoch's history row when it completes.
@@ -168,19 +175,48 @@ def distill(
     out = out if out is not None else config.out
     _check_out(out)
     device = resolve_device(config.device)
-    frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last)
-    teacher_test = evaluate(frozen.model, test_data, device=device) if test_data is not None else None
     data_spec = spec_of(train_data)
+    input_map = teacher_input_map(config, teacher_input, data_spec)
+    frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last, input_map=input_map)
+    teacher_test = _teacher_before_training(frozen, test_data, device=device, config=config, progress=progress, data_spec=data_spec)
     teacher_info = {
         "name": teacher_name or type(teacher).__name__,
         "sha256": frozen.fingerprint(),
+        "input_map": {"a": list(input_map.a), "b": list(input_map.b)} if input_map else None,
         "test": teacher_test.to_dict() if teacher_test else None,
     } | {k: v for k, v in model_summary(frozen.model, None, data_spec).items() if k != "name"}
     loss = make_loss(config)
     result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress, extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch)
     result.teacher_test = teacher_test
     frozen.model.cpu()
+    result.extra["teacher_module"] = frozen.module  # the teacher taking the data's inputs, for benchmarks
     return result
+
+
+def _teacher_before_training(frozen: FrozenTeacher, test: Dataset | DataLoader | None, *, device: torch.device, config: DistillConfig,
+                             progress: bool, data_spec: DatasetSpec | None) -> Evaluation | None:
+    """The teacher's test accuracy, reported before any training is paid for; near chance is an error."""
+    if test is None:
+        return None
+    start = time.perf_counter()
+    ev = evaluate(frozen.module, test, device=device)
+    chance = max(sum(row) for row in ev.confusion) / max(ev.num_samples, 1)  # always answering the most frequent class
+    log = Progress(progress and dist_.context().is_main)
+    log.line(f"teacher: test accuracy {ev.accuracy:.4f} on {ev.num_samples} images ({time.perf_counter() - start:.1f} s; chance {chance:.4f})")
+    near_chance = ev.accuracy < chance + max(3 * (chance * (1 - chance) / max(ev.num_samples, 1)) ** 0.5, 0.1 * (1 - chance))
+    if config.sanity_checks and ev.num_samples >= 100 and near_chance:
+        fed = f"(pixel·{data_spec.scale:.4g} − {_fmt(data_spec.mean)}) / {_fmt(data_spec.std)}" if data_spec is not None and hasattr(data_spec, "scale") else "kdedge's normalized inputs"
+        raise ConfigError(
+            f"the teacher scores {ev.accuracy:.4f} on the test set, near chance ({chance:.4f} for {len(ev.confusion)} classes), before any training. "
+            f"Likely cause: it was trained on other inputs than {fed}{' after its input map' if frozen.input_map else ''} — declare its "
+            "normalization with --teacher-mean/--teacher-std (e.g. 0 and 1 for pixels/255) — or on another label order or data "
+            "(--no-sanity-checks distills anyway)"
+        )
+    return ev
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
 
 
 def _load_data(config: _RunConfig) -> DataSplits:
@@ -193,33 +229,37 @@ def _out_for(config: _RunConfig, kind: str) -> Path:
     return _check_out(config.out) or default_out(kind)
 
 
-def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None, trust_code: bool = False) -> RunResult:
     """``kdedge train``: resolve data and model from ``config``, train, write the run directory.
 
     Launched by ``torchrun`` with several processes, it joins their process group and trains
-    with DistributedDataParallel; only rank 0 writes the run directory.
+    with DistributedDataParallel; only rank 0 writes the run directory. ``trust_code`` lets a
+    checkpoint passed as ``config.model`` run the factory code it names (see :func:`load_checkpoint`).
     """
     out = _out_for(config, "train")
     dist_.init_from_env(config.device)
     try:
         data = _load_data(config)
-        model, spec = resolve_student(config.model, data.spec, config.seed)
+        model, spec = resolve_student(config.model, data.spec, config.seed, trust_code=trust_code)
         return train(model, data.train, data.test, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()
 
 
-def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None, trust_code: bool = False) -> RunResult:
     """``kdedge distill``: resolve data, teacher and student from ``config``, distill, write the run.
 
-    Under ``torchrun`` it runs distributed, like :func:`run_train`.
+    Under ``torchrun`` it runs distributed, like :func:`run_train`. ``trust_code`` lets teacher and
+    student checkpoints run the factory code they name (see :func:`load_checkpoint`).
     """
     out = _out_for(config, "distill")
     dist_.init_from_env(config.device)
     try:
         data = _load_data(config)
-        teacher, _, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
-        student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
-        return distill(student, teacher, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher_name, out=out, progress=progress, on_epoch=on_epoch)
+        teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
+        student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
+                                        trust_code=trust_code)
+        return distill(student, teacher.model, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher.name, teacher_input=teacher.input,
+                       out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()

@@ -45,8 +45,10 @@ def test_disk_cache_hit_skips_the_teacher(tmp_path):
     net = CountingNet()
     first = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
     calls = net.calls
+    samples = net.samples
     second = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
-    assert second.hit and net.calls == calls
+    # A hit costs one probe batch of 8 samples (the check that the cache is this teacher's), not a pass.
+    assert second.hit and net.calls == calls + 1 and net.samples - samples == 8
     assert second.key == first.key
     torch.testing.assert_close(second.tensor(), first.tensor())
 
@@ -112,3 +114,41 @@ def test_augmentation_never_uses_the_cache(tmp_path):
     assert cached is None
     assert teacher_net.samples == 3 * len(data.train)  # the teacher saw every augmented batch
     assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+class Unnormalizing(TinyNet):
+    """The same weights as TinyNet, another forward: a teacher wrapped to undo a normalization."""
+
+    def forward(self, x):
+        return super().forward(x * 0.3530 + 0.2860)
+
+
+def test_same_weights_other_forward_gets_another_key(tmp_path):
+    """The cache keys what the teacher computes: equal state dicts, different forward -> different keys."""
+    data = _data(tmp_path)
+    torch.manual_seed(0)
+    plain = TinyNet()
+    wrapped = Unnormalizing()
+    wrapped.load_state_dict(plain.state_dict())
+    assert FrozenTeacher(plain).fingerprint() == FrozenTeacher(wrapped).fingerprint()  # the weights are the same
+    assert logit_cache_key(FrozenTeacher(plain), data.train) != logit_cache_key(FrozenTeacher(wrapped), data.train)
+    patched = TinyNet()
+    patched.load_state_dict(plain.state_dict())
+    patched.forward = lambda x: TinyNet.forward(patched, 2 * x)  # an instance whose forward was replaced
+    assert logit_cache_key(FrozenTeacher(patched), data.train) != logit_cache_key(FrozenTeacher(plain), data.train)
+    twin = TinyNet()
+    twin.load_state_dict(plain.state_dict())
+    assert logit_cache_key(FrozenTeacher(twin), data.train) == logit_cache_key(FrozenTeacher(plain), data.train)  # same computation, same key
+
+
+def test_a_cache_file_that_is_not_this_teachers_is_recomputed(tmp_path):
+    """Even under the right key, logits that differ from the teacher's own outputs on the probe are not used."""
+    data = _data(tmp_path)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(TinyNet())
+    first = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
+    np.save(first.path, (first.tensor().numpy() + 1.0).astype(np.float32))  # someone else's logits under this key
+    second = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
+    assert not second.hit
+    torch.testing.assert_close(second.tensor(), first.tensor())
+    torch.testing.assert_close(torch.from_numpy(np.load(first.path)), first.tensor())  # and the file is repaired

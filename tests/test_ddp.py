@@ -26,7 +26,7 @@ def _run(cmd: list[str], cache: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_process_gloo_distillation_matches_one_process(tmp_path):
+def test_two_process_gloo_distillation_learns_like_one_process(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     ddp_out, single_out = tmp_path / "runs" / "ddp", tmp_path / "single" / "run"
     ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *ARGS, "--out", str(ddp_out)], str(tmp_path / "cache-ddp"))
@@ -43,8 +43,12 @@ def test_two_process_gloo_distillation_matches_one_process(tmp_path):
     b = json.loads((single_out / "metrics.json").read_text())
     assert a["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert "distributed" not in b
-    # The global batch is split across ranks, so both runs take the same steps on the same samples.
-    assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.005, (a["test"]["accuracy"], b["test"]["accuracy"])
+    # Both learned. They are not bit-equal (per-rank BatchNorm statistics, summation order): across 5 seeds
+    # x {1 thread, 2 threads, 2 gloo processes} this configuration scored 77.6-82.9 %, with up to 2.2 pt
+    # between the runs of one seed (`python benchmarks/ddp_spread.py`). The floor and the gap below sit far
+    # outside that spread; the exact equivalence is test_ddp_steps_equal_one_process_steps_without_batchnorm.
+    assert a["test"]["accuracy"] >= 0.70 and b["test"]["accuracy"] >= 0.70, (a["test"]["accuracy"], b["test"]["accuracy"])
+    assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.05, (a["test"]["accuracy"], b["test"]["accuracy"])
     assert a["test"]["num_samples"] == b["test"]["num_samples"] == 1000  # sharded evaluation covers the whole set once
     assert a["teacher"]["test"]["confusion"] == b["teacher"]["test"]["confusion"]
     assert a["teacher_cache"]["key"] == b["teacher_cache"]["key"]
@@ -53,7 +57,7 @@ def test_two_process_gloo_distillation_matches_one_process(tmp_path):
     files = list((tmp_path / "cache-ddp" / "logits").glob("*.npy"))
     assert [f.name for f in files] == [a["teacher_cache"]["key"] + ".npy"]
     data = load_dataset("fashion-mnist", train_limit=4000)
-    teacher, _, _ = resolve_teacher("resnet", data.spec)
+    teacher = resolve_teacher("resnet", data.spec).model
     expected = teacher_logits(FrozenTeacher(teacher), data.train).tensor().numpy()
     np.testing.assert_allclose(np.load(files[0]), expected, rtol=0, atol=1e-4)
 

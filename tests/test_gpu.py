@@ -33,7 +33,7 @@ def deterministic_cuda():
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_distillation_learns_on_cuda(fmnist, precision):
     data = fmnist.limit(10000, 2000)
-    teacher, _, _ = resolve_teacher("resnet", data.spec)
+    teacher = resolve_teacher("resnet", data.spec).model
     student, _ = resolve_student("tiny_cnn", data.spec, 0)
     config = DistillConfig(epochs=2, device="cuda", precision=precision, cache="memory")
     history, _ = fit(student, data.train, config=config, loss=make_loss(config), teacher=FrozenTeacher(teacher, device="cuda"), progress=False)

@@ -1,38 +1,53 @@
-"""The training loop: one plain function for supervised training and distillation."""
+"""The training loop: one plain function for supervised training and distillation.
+
+:func:`fit` reads top to bottom: set up (device, seeds, teacher logits, hooks, optimizer), restore a
+checkpoint, wrap the student for DDP, then per epoch train, evaluate, check for divergence,
+checkpoint and report. Each of those is a small function below.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import kdedge.distributed as dist_
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset
-import kdedge.distributed as dist_
 from kdedge.distill.augment import augment_batch
 from kdedge.distill.checkpoint import config_differences, load_state, save_state
 from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
-from kdedge.metrics import evaluate
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
-from kdedge.errors import ConfigError
+from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
+from kdedge.metrics import Evaluation, evaluate
+from kdedge.progress import Progress
 
-__all__ = ["fit", "resolve_device", "make_optimizer"]
+__all__ = ["fit", "resolve_device", "make_optimizer", "divergence"]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ctx: dist_.DistContext | None = None) -> torch.device:
+    """The run's device for ``--device`` ``auto``, ``cpu`` or ``cuda``.
+
+    A CUDA device is always indexed: under DDP each process owns ``cuda:LOCAL_RANK`` (what
+    :func:`kdedge.distributed.init_from_env` made current), otherwise the current GPU. A bare
+    ``cuda`` would make every rank name GPU 0 in ``device_ids`` while its weights live elsewhere.
+    """
+    ctx = ctx if ctx is not None else dist_.context()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from kdedge.errors import BackendUnavailable
-
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -106,34 +121,41 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)
 
 
-class _Progress:
-    """A rich progress bar per epoch, or nothing."""
+@dataclass
+class _Run:
+    """What one call of :func:`fit` trains with; built by :func:`_setup`."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar = None
+    config: _RunConfig
+    model: nn.Module
+    train: Dataset | DataLoader
+    loss: DistillLoss
+    teacher: FrozenTeacher | None
+    device: torch.device
+    ctx: dist_.DistContext
+    generator: torch.Generator  # shuffling: identical on every rank
+    aug_generator: torch.Generator
+    steps: int = 0
+    cached: TeacherLogits | None = None
+    cache_seconds: float = 0.0
+    hooks: list[FeatureHooks] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    scaler: Any = None
+    extra: list[nn.Parameter] = field(default_factory=list)  # trainable loss parameters (the FitNets regressor)
+    train_model: nn.Module | None = None  # the student, DDP-wrapped when distributed
+    num_classes: int = 0  # seen in the logits
 
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    @property
+    def needs_features(self) -> bool:
+        return bool(getattr(self.loss, "needs_features", False))
 
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-            )
-            self._bar.__enter__()
-        return self
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
 
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def add(self, description: str, total: int) -> int | None:
-        return self._bar.add_task(description, total=total, stats="") if self._bar else None
-
-    def update(self, task: int | None, advance: int = 0, stats: str | None = None) -> None:
-        if self._bar is not None and task is not None:
-            self._bar.update(task, advance=advance, **({"stats": stats} if stats is not None else {}))
+    def autocast(self) -> AbstractContextManager:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def fit(
@@ -166,28 +188,67 @@ def fit(
     Args:
         checkpoint: File to write the training state to after every epoch (main rank only).
         resume: Continue from ``checkpoint`` (which must exist and match ``config``).
+        progress: Report each epoch: a bar on a terminal, one plain line per epoch elsewhere.
         on_epoch: Called with each epoch's history row as soon as it is complete (for logs).
 
     Returns:
         The per-epoch history and the teacher-logit cache used (None when none was).
+
+    Raises:
+        TrainingDiverged: The loss became non-finite or accuracy fell to chance after an epoch
+            (unless ``config.sanity_checks`` is off); the last good epoch's checkpoint is kept.
     """
     if loss.needs_teacher and teacher is None:
         raise ValueError("a loss with alpha > 0 needs a teacher")
     if resume and checkpoint is None:
         raise ConfigError("--resume needs the checkpoint of the run to continue; pass the same --out as the killed run")
     ctx = dist_.context()
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, ctx)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (it trains with a gradient scaler); this run is on {device.type} — use bf16 or fp32")
     if config.threads:
         torch.set_num_threads(config.threads)
-    state = load_state(checkpoint) if resume else None  # type: ignore[arg-type]
-    if state is not None:
-        changed = config_differences(state["config"], config.to_dict())
-        if changed:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's ({'; '.join(changed)}); resume with the original settings")
+    state = _resume_state(checkpoint, config) if resume else None  # type: ignore[arg-type]
+    with Progress(progress and ctx.is_main) as bar:
+        run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar)
+        history = _restore(run, state) if state is not None else []
+        first_epoch = int(state["epoch"]) + 1 if state is not None else 1
+        _wrap_ddp(run)
+        try:
+            for epoch in range(first_epoch, config.epochs + 1):
+                task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
+                row = _train_epoch(run, epoch, bar, task)
+                if test is not None:
+                    ev = evaluate(model, test, device=device)
+                    row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
+                bar.finish(task, _epoch_line(row, config.epochs))
+                history.append(row)
+                problem = divergence(row, ev if test is not None else None, num_classes=_num_classes(run, test)) if config.sanity_checks else None
+                if problem:
+                    raise TrainingDiverged(f"{problem}; {_divergence_fix(config, checkpoint, epoch)}")
+                if checkpoint is not None:
+                    _save_checkpoint(run, checkpoint, epoch, history)
+                if on_epoch is not None:
+                    on_epoch(row)
+        finally:
+            for h in run.hooks:
+                h.remove()
+    return history, run.cached
+
+
+def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
+    state = load_state(checkpoint)
+    changed = config_differences(state["config"], config.to_dict())
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the checkpoint's ({'; '.join(changed)}); resume with the original settings")
+    return state
+
+
+def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, device: torch.device,
+           ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress) -> _Run:
+    """Seeds, data placement, teacher logits, feature hooks, optimizer and schedule — in the order the RNG streams expect."""
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)  # shuffling: identical on every rank
+    generator = torch.Generator().manual_seed(config.seed)
     # One process augments from the shuffling generator (as the shipped teacher was trained);
     # under DDP sub-batch sizes can differ, so each rank augments from its own stream.
     aug_generator = torch.Generator().manual_seed(_rank_seed(config.seed, ctx.rank)) if ctx.enabled else generator
@@ -195,159 +256,206 @@ def fit(
         torch.manual_seed(_rank_seed(config.seed, ctx.rank))  # e.g. dropout masks differ per rank
     if isinstance(train, ArrayDataset) and device.type != "cpu":
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
-
-    needs_features = getattr(loss, "needs_features", False)
-    cached: TeacherLogits | None = None
-    cache_seconds = 0.0
-    if loss.needs_teacher and use_cache and not needs_features and not config.augment and isinstance(train, ArrayDataset):
+    run = _Run(config=config, model=model, train=train, loss=loss, teacher=teacher, device=device, ctx=ctx, generator=generator, aug_generator=aug_generator)
+    if loss.needs_teacher and use_cache and not run.needs_features and not config.augment and isinstance(train, ArrayDataset):
         # Never for augmented inputs: the cache holds logits of the un-augmented images.
-        cached = teacher_logits(teacher, train, cache_dir=cache_dir)  # type: ignore[arg-type]
-        cache_seconds = cached.seconds
-    if state is not None and state.get("cache_key") != (cached.key if cached is not None else None):
+        run.cached = teacher_logits(teacher, train, cache_dir=cache_dir, progress=bar)  # type: ignore[arg-type]
+        run.cache_seconds = run.cached.seconds
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if run.needs_features:
+        _attach_feature_hooks(run)
+    run.optimizer = make_optimizer(model, config)
+    run.extra = [p for p in getattr(loss, "parameters", lambda: [])() if p.requires_grad]
+    if run.extra:
+        run.optimizer.add_param_group({"params": run.extra, "weight_decay": config.weight_decay})
+    run.steps = _num_batches(train, config.batch_size, ctx)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _lr_lambda(config, run.steps))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    return run
+
+
+def _attach_feature_hooks(run: _Run) -> None:
+    """Hook the two named layers and size the feature term from one probe batch (no RNG drawn)."""
+    loss, model = run.loss, run.model
+    # Features come from forward hooks; the teacher runs on every batch (no logit cache).
+    run.hooks = [FeatureHooks(model, [loss.student_layer]), FeatureHooks(run.teacher.model, [loss.teacher_layer])]  # type: ignore[attr-defined,union-attr]
+    probe = next(_batches(run.train, 2, torch.Generator().manual_seed(0), run.device, dist_.DistContext(), 0))[1]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(probe)
+        run.teacher(probe)  # type: ignore[misc]
+    model.train(was_training)
+    loss.term.build(run.hooks[0].outputs[loss.student_layer].shape, run.hooks[1].outputs[loss.teacher_layer].shape)  # type: ignore[attr-defined]
+    loss.to(run.device)  # type: ignore[attr-defined]
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
+    """Load a checkpoint's training state into ``run``; returns the history so far."""
+    if state.get("cache_key") != (run.cached.key if run.cached is not None else None):
         raise ConfigError(
             "--resume: the teacher logits differ from the checkpoint's (another teacher or other training data); "
             "resume with the original teacher and data"
         )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if isinstance(run.loss, nn.Module):
+        run.loss.load_state_dict(state["loss"])
+    _set_rng(state["rng"], run.generator, run.aug_generator, run.ctx, run.device)
+    return list(state["history"])
 
-    model.to(device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    hooks: list[FeatureHooks] = []
-    if needs_features:
-        # Features come from forward hooks; the teacher runs on every batch (no logit cache).
-        hooks = [FeatureHooks(model, [loss.student_layer]), FeatureHooks(teacher.model, [loss.teacher_layer])]  # type: ignore[attr-defined,union-attr]
-        probe = next(_batches(train, 2, torch.Generator().manual_seed(0), device, dist_.DistContext(), 0))[1]
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(probe)
-            teacher(probe)  # type: ignore[misc]
-        model.train(was_training)
-        loss.term.build(hooks[0].outputs[loss.student_layer].shape, hooks[1].outputs[loss.teacher_layer].shape)  # type: ignore[attr-defined]
-        loss.to(device)  # type: ignore[attr-defined]
-    optimizer = make_optimizer(model, config)
-    extra = [p for p in getattr(loss, "parameters", lambda: [])() if p.requires_grad]  # e.g. the FitNets regressor
-    if extra:
-        optimizer.add_param_group({"params": extra, "weight_decay": config.weight_decay})
-    steps = _num_batches(train, config.batch_size, ctx)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    autocast = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    history: list[dict] = []
-    first_epoch = 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if isinstance(loss, nn.Module):
-            loss.load_state_dict(state["loss"])
-        _set_rng(state["rng"], generator, aug_generator, ctx, device)
-        history = list(state["history"])
-        first_epoch = int(state["epoch"]) + 1
+def _wrap_ddp(run: _Run) -> None:
+    run.train_model = run.model
+    if not run.ctx.enabled:
+        return
+    from torch.nn.parallel import DistributedDataParallel
 
-    train_model: nn.Module = model
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    # Only the student is wrapped; DDP broadcasts rank 0's weights here.
+    run.train_model = DistributedDataParallel(run.model, device_ids=ddp_device_ids(run.device))
+    for p in run.extra:
+        torch.distributed.broadcast(p.data, 0)
 
-        # Only the student is wrapped; DDP broadcasts rank 0's weights here.
-        train_model = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
-        for p in extra:
-            torch.distributed.broadcast(p.data, 0)
-    show = progress and ctx.is_main
-    try:
-        with _Progress(show) as bar:
-            for epoch in range(first_epoch, config.epochs + 1):
-                model.train()
-                task_id = bar.add(f"epoch {epoch}/{config.epochs}", steps)
-                start = time.perf_counter()
-                teacher_time = 0.0
-                sums = torch.zeros(6, dtype=torch.float64, device=device)  # total, task, kd, correct, feature, samples
-                for i, (idx, x, y) in enumerate(_batches(train, config.batch_size, generator, device, ctx, epoch)):
-                    if config.augment:
-                        x = augment_batch(x, aug_generator, erasing=config.random_erasing)
-                    x = x.contiguous(memory_format=memory_format)
-                    t_logits = None
-                    if loss.needs_teacher:
-                        if cached is not None and idx is not None:
-                            t_logits = cached[idx].to(device, non_blocking=True)
-                        else:
-                            t0 = time.perf_counter()
-                            t_logits = teacher(x)  # type: ignore[misc]
-                            teacher_time += time.perf_counter() - t0
-                    if hasattr(loss, "set_progress"):
-                        loss.set_progress(epoch - 1 + i / steps)  # e.g. DKD's warm-up
-                    with autocast:
-                        logits = train_model(x)
-                    logits = logits.float()
-                    if needs_features:
-                        # clone(): the teacher ran under inference_mode; its feature must be a normal tensor for autograd.
-                        t_feat = hooks[1].outputs[loss.teacher_layer].clone()  # type: ignore[attr-defined]
-                        s_feat = hooks[0].outputs[loss.student_layer].float()  # type: ignore[attr-defined]
-                        parts = loss(logits, y, t_logits, student_feature=s_feat, teacher_feature=t_feat)  # type: ignore[call-arg,attr-defined]
-                    else:
-                        parts = loss(logits, y, t_logits)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(parts.total).backward()
-                    if ctx.enabled:
-                        for p in extra:  # parameters outside the DDP module: average their gradients by hand
-                            if p.grad is not None:
-                                dist_.all_reduce_sum(p.grad).div_(ctx.world_size)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    n = y.shape[0]
-                    with torch.no_grad():
-                        feature = parts.feature if parts.feature is not None else torch.zeros((), device=device)
-                        sums += torch.stack([
-                            parts.total.detach() * n, parts.task * n, parts.kd * n, (logits.argmax(1) == y).sum(), feature * n,
-                            torch.tensor(float(n), device=device),
-                        ]).double()
-                    if show and (i % 20 == 0 or i == steps - 1):
-                        s = (sums / sums[5].clamp_min(1)).tolist()
-                        bar.update(task_id, advance=0, stats=f"loss {s[0]:.4f} acc {s[3]:.3f}")
-                    bar.update(task_id, advance=1)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
-                dist_.all_reduce_sum(sums)
-                total, task, kd, correct, feature_loss, _samples = (sums / sums[5].clamp_min(1)).tolist()
-                row = {
-                    "epoch": epoch,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": total,
-                    "train_task_loss": task,
-                    "train_kd_loss": kd,
-                    **({"train_feature_loss": feature_loss} if needs_features else {}),
-                    "train_accuracy": correct,
-                    "seconds": seconds,
-                    "teacher_seconds": teacher_time + (cache_seconds if epoch == 1 else 0.0),
-                }
-                if test is not None:
-                    ev = evaluate(model, test, device=device)
-                    row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
-                history.append(row)
-                if checkpoint is not None:
-                    rng = _get_rng(generator, aug_generator, device)  # a collective: every rank takes part
-                    if ctx.is_main:
-                        save_state(checkpoint, {
-                            "epoch": epoch, "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                            "loss": loss.state_dict() if isinstance(loss, nn.Module) else {}, "rng": rng, "history": history,
-                            "cache_key": cached.key if cached is not None else None,
-                        })
-                if on_epoch is not None:
-                    on_epoch(row)
-                if show:
-                    extra_text = f" test acc {row['test_accuracy']:.4f}" if test is not None else ""
-                    bar.update(task_id, stats=f"loss {total:.4f} acc {correct:.3f}{extra_text}")
-    finally:
-        for h in hooks:
-            h.remove()
-    return history, cached
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """``device_ids`` for DistributedDataParallel: this process's one GPU, or None on the CPU."""
+    return [device.index] if device.type == "cuda" else None
+
+
+def _train_epoch(run: _Run, epoch: int, bar: Progress, task_id: int) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's history row (without test metrics)."""
+    config = run.config
+    run.model.train()
+    start = time.perf_counter()
+    teacher_time = 0.0
+    sums = torch.zeros(6, dtype=torch.float64, device=run.device)  # total, task, kd, correct, feature, samples
+    for i, (idx, x, y) in enumerate(_batches(run.train, config.batch_size, run.generator, run.device, run.ctx, epoch)):
+        teacher_time += _train_step(run, epoch - 1 + i / run.steps, idx, x, y, sums)
+        if i % 20 == 0 or i == run.steps - 1:
+            s = (sums / sums[5].clamp_min(1)).tolist()
+            bar.update(task_id, stats=f"loss {s[0]:.4f} acc {s[3]:.3f}")
+        bar.update(task_id, advance=1)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    first = run.cache_seconds if epoch == 1 else 0.0
+    dist_.all_reduce_sum(sums)
+    total, task, kd, correct, feature_loss, _samples = (sums / sums[5].clamp_min(1)).tolist()
+    row = {
+        "epoch": epoch,
+        "lr": run.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
+        "train_loss": total,
+        "train_task_loss": task,
+        "train_kd_loss": kd,
+        **({"train_feature_loss": feature_loss} if run.needs_features else {}),
+        "train_accuracy": correct,
+        "train_samples": int(sums[5].item()),
+        "seconds": time.perf_counter() - start + first,
+        "teacher_seconds": teacher_time + first,
+    }
+    return row
+
+
+def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> float:
+    """One optimizer step on a batch; adds its losses and hits to ``sums``. Returns seconds spent in the teacher."""
+    loss, config = run.loss, run.config
+    if config.augment:
+        x = augment_batch(x, run.aug_generator, erasing=config.random_erasing)
+    x = x.contiguous(memory_format=run.memory_format)
+    t_logits, teacher_time = None, 0.0
+    if loss.needs_teacher:
+        if run.cached is not None and idx is not None:
+            t_logits = run.cached[idx].to(run.device, non_blocking=True)
+        else:
+            t0 = time.perf_counter()
+            t_logits = run.teacher(x)  # type: ignore[misc]
+            teacher_time = time.perf_counter() - t0
+    if hasattr(loss, "set_progress"):
+        loss.set_progress(progress)  # e.g. DKD's warm-up, in epochs
+    with run.autocast():
+        logits = run.train_model(x)  # type: ignore[misc]
+    logits = logits.float()
+    if run.needs_features:
+        # clone(): the teacher ran under inference_mode; its feature must be a normal tensor for autograd.
+        t_feat = run.hooks[1].outputs[loss.teacher_layer].clone()  # type: ignore[attr-defined]
+        s_feat = run.hooks[0].outputs[loss.student_layer].float()  # type: ignore[attr-defined]
+        parts = loss(logits, y, t_logits, student_feature=s_feat, teacher_feature=t_feat)  # type: ignore[call-arg]
+    else:
+        parts = loss(logits, y, t_logits)
+    run.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+    run.scaler.scale(parts.total).backward()
+    if run.ctx.enabled:
+        for p in run.extra:  # parameters outside the DDP module: average their gradients by hand
+            if p.grad is not None:
+                dist_.all_reduce_sum(p.grad).div_(run.ctx.world_size)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    n = y.shape[0]
+    with torch.no_grad():
+        feature = parts.feature if parts.feature is not None else torch.zeros((), device=run.device)
+        sums += torch.stack([
+            parts.total.detach() * n, parts.task * n, parts.kd * n, (logits.argmax(1) == y).sum(), feature * n,
+            torch.tensor(float(n), device=run.device),
+        ]).double()
+    run.num_classes = int(logits.shape[1])
+    return teacher_time
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    test = f"  test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else ""
+    return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}{test}  "
+            f"lr {row['lr']:.3g}  {row['seconds']:.1f} s")
+
+
+def _save_checkpoint(run: _Run, checkpoint: str | Path, epoch: int, history: list[dict]) -> None:
+    rng = _get_rng(run.generator, run.aug_generator, run.device)  # a collective: every rank takes part
+    if run.ctx.is_main:
+        save_state(checkpoint, {
+            "epoch": epoch, "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),  # type: ignore[union-attr]
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "loss": run.loss.state_dict() if isinstance(run.loss, nn.Module) else {}, "rng": rng, "history": history,
+            "cache_key": run.cached.key if run.cached is not None else None,
+        })
+
+
+def _num_classes(run: _Run, test: Dataset | DataLoader | None) -> int:
+    spec = getattr(test if not isinstance(test, DataLoader) else test.dataset, "spec", None) or getattr(run.train, "spec", None)
+    return int(spec.num_classes) if spec is not None else run.num_classes
+
+
+def divergence(row: dict[str, Any], test: Evaluation | None, *, num_classes: int, min_samples: int = 100) -> str | None:
+    """Why an epoch's numbers say the run diverged, or None.
+
+    Diverged: a non-finite training loss, or accuracy no better than chance — the most frequent
+    class's share of the test set (or ``1/K`` on the training set) plus three standard errors —
+    measured on at least ``min_samples`` samples (fewer cannot tell chance from a slow start).
+    """
+    if not math.isfinite(row["train_loss"]):
+        return f"training diverged at epoch {row['epoch']}: the training loss is {row['train_loss']}"
+    if num_classes < 2:
+        return None
+    if test is not None:
+        n, accuracy, where = test.num_samples, test.accuracy, "test"
+        chance = max(sum(r) for r in test.confusion) / max(n, 1)  # always predicting the most frequent class
+    else:
+        n, accuracy, where = row.get("train_samples", 0), row["train_accuracy"], "training"
+        chance = 1.0 / num_classes
+    if n < min_samples:
+        return None
+    if accuracy <= chance + 3 * math.sqrt(chance * (1 - chance) / n):
+        return (f"training stalled at chance after epoch {row['epoch']}: {where} accuracy {accuracy:.4f} with {num_classes} classes "
+                f"(chance {chance:.4f}), training loss {row['train_loss']:.4g}")
+    return None
+
+
+def _divergence_fix(config: _RunConfig, checkpoint: str | Path | None, epoch: int) -> str:
+    kept = f"; the checkpoint of epoch {epoch - 1} is kept in {Path(checkpoint).parent}" if checkpoint is not None and epoch > 1 else ""
+    return (f"the step size is the likely cause (optimizer {config.optimizer}, lr {config.lr:g}): lower --lr (e.g. {config.lr / 10:g}), "
+            f"try --optimizer adamw --lr 1e-3, or add --warmup-epochs 1 (--no-sanity-checks trains on regardless){kept}")
 
 
 def _get_rng(generator: torch.Generator, aug_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

@@ -73,6 +73,8 @@ class HintonLoss(nn.Module):
         return self.alpha > 0
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> LossParts:
+        """All four :class:`LossParts`: ``total``, ``task``, ``kd`` (zero when ``alpha=0``), and
+        ``feature`` left ``None`` (a feature loss wrapping this one fills it)."""
         task = F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
         if not self.needs_teacher:
             return LossParts(task, task.detach(), torch.zeros((), device=task.device))

@@ -1,28 +1,113 @@
-"""The frozen teacher and its logit cache.
+"""The frozen teacher, the inputs it expects, and its logit cache.
+
+A teacher may have been trained with another input normalization than the data kdedge feeds
+the student (``pixels / 255`` against standardized inputs, say). :class:`TeacherInput` declares
+the teacher's contract and :class:`FrozenTeacher` maps every batch into it, as timm's
+distillation task re-normalizes for its teacher.
 
 Without augmentation every epoch shows the teacher the same inputs, so its logits are computed
-once and looked up by sample index afterwards: later epochs cost only the student. The cache is
-keyed by a hash of the teacher's weights *and* of the exact input tensors (pixels, labels and
-normalization); change either and the key changes. Augmented inputs are never served from it —
-the training loop runs the teacher per batch instead.
+once and looked up by sample index afterwards: later epochs cost only the student. The cache key
+covers what the teacher *computes* — its class, module structure, the code of its ``forward``
+methods, its weights and input map — and the exact input tensors (pixels, labels and
+normalization). A hit is verified against the teacher's own outputs on a few samples before it is
+used. Augmented inputs are never served from the cache — the training loop runs the teacher per
+batch instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import tempfile
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdedge.data.spec import ArrayDataset
+from kdedge.data.spec import ArrayDataset, DatasetSpec
+from kdedge.errors import ConfigError
 from kdedge.models.zoo import state_dict_sha256
+from kdedge.progress import Progress
 
-__all__ = ["FrozenTeacher", "TeacherLogits", "teacher_logits", "logit_cache_key"]
+__all__ = ["FrozenTeacher", "TeacherInput", "InputMap", "TeacherLogits", "teacher_logits", "logit_cache_key", "teacher_identity", "teacher_input_map"]
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """The input normalization a teacher was trained with: ``x = (pixel · scale − mean[c]) / std[c]``.
+
+    ``scale`` None means the data's own pixel scale (1/255 for 8-bit images). ``TeacherInput((0.0,), (1.0,))``
+    is a teacher trained on ``pixels / 255``.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ConfigError(f"teacher_mean and teacher_std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        if any(not s > 0 for s in self.std):
+            raise ConfigError(f"teacher_std must be positive, got {', '.join(map(str, self.std))}")
+
+    def map_from(self, data: DatasetSpec) -> InputMap | None:
+        """The per-channel affine map from ``data``'s normalized inputs to this teacher's, or None when they are the same."""
+        channels = data.input_shape[0]
+        mean, std = (self.mean * channels if len(self.mean) == 1 else self.mean), (self.std * channels if len(self.std) == 1 else self.std)
+        if len(mean) != channels:
+            raise ConfigError(f"teacher_mean/teacher_std have {len(self.mean)} values, but data {data.name!r} has {channels} channels; give 1 or {channels}")
+        data_scale = getattr(data, "scale", 1 / 255)
+        ratio = (self.scale if self.scale is not None else data_scale) / data_scale  # teacher pixel scale per data pixel scale
+        # x_data = (p·s_d − m_d)/σ_d  =>  x_teacher = (p·s_t − m_t)/σ_t = x_data · (σ_d·r/σ_t) + (m_d·r − m_t)/σ_t, r = s_t/s_d
+        a = tuple(sd * ratio / st for sd, st in zip(data.std, std))
+        b = tuple((md * ratio - mt) / st for md, mt, st in zip(data.mean, mean, std))
+        if all(abs(v - 1) < 1e-12 for v in a) and all(abs(v) < 1e-12 for v in b):
+            return None
+        return InputMap(a, b)
+
+
+@dataclass(frozen=True)
+class InputMap:
+    """``x ↦ x · a[c] + b[c]``: the data's normalized inputs as the teacher expects them."""
+
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.tensor(self.a, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        b = torch.tensor(self.b, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return torch.addcmul(b, x, a)
+
+
+def teacher_input_map(config: Any, declared: TeacherInput | None, data: DatasetSpec | None) -> InputMap | None:
+    """How the data's inputs become the teacher's: ``config.teacher_mean``/``teacher_std`` when set, else what
+    the teacher ``declared`` (a checkpoint's or ONNX file's own normalization), else unchanged (None)."""
+    if getattr(config, "teacher_mean", None) is not None:
+        declared = TeacherInput(tuple(config.teacher_mean), tuple(config.teacher_std or ()))
+    if declared is None:
+        return None
+    if data is None:
+        raise ConfigError("teacher_mean/teacher_std need a kdedge dataset (ArrayDataset) to know the data's own normalization; "
+                          "normalize the data for the teacher yourself, or load it with kdedge.load_dataset")
+    return declared.map_from(data)
+
+
+class _Mapped(nn.Module):
+    """A teacher behind its input map, as one module (for evaluation and benchmarks)."""
+
+    def __init__(self, input_map: InputMap, model: nn.Module) -> None:
+        super().__init__()
+        self.input_map = input_map
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.input_map(x))
 
 
 class FrozenTeacher:
@@ -30,9 +115,15 @@ class FrozenTeacher:
 
     Deliberately not an ``nn.Module``: it can't be registered inside the student, wrapped by
     DDP or switched back to train mode by ``student.train()``.
+
+    Args:
+        model: The teacher; ``model`` stays the unwrapped module (feature hooks find its layers by name).
+        device: Where it runs.
+        channels_last: Feed it channels-last batches.
+        input_map: Maps the data's inputs to the teacher's normalization (see :meth:`TeacherInput.map_from`).
     """
 
-    def __init__(self, model: nn.Module, *, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, device: torch.device | str = "cpu", channels_last: bool = False, input_map: InputMap | None = None) -> None:
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -40,19 +131,67 @@ class FrozenTeacher:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.input_map = input_map
         self._sha: str | None = None
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.input_map is not None:
+            x = self.input_map(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x.to(self.device)).float()
+        return self.model(x).float()
+
+    @property
+    def module(self) -> nn.Module:
+        """The teacher as one module taking the *data's* inputs (its input map included)."""
+        return self.model if self.input_map is None else _Mapped(self.input_map, self.model)
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights and buffers (BN statistics included)."""
         if self._sha is None:
             self._sha = state_dict_sha256(self.model)
         return self._sha
+
+
+def _code_digest(fn: object, h: hashlib._Hash) -> None:  # type: ignore[name-defined]
+    """Feed the bytecode, names and constants of ``fn`` (and nested functions) into ``h``."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None:
+        h.update(repr(type(fn)).encode())
+        return
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        h.update(c.co_code)
+        h.update(repr((c.co_names, c.co_varnames)).encode())
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                stack.append(const)
+            else:
+                h.update(repr(const).encode())
+
+
+def teacher_identity(teacher: FrozenTeacher) -> str:
+    """sha256 of what the teacher computes: class, module structure, ``forward`` code, weights and input map.
+
+    Two teachers with the same weights but another ``forward`` (a subclass, a wrapper, a
+    patched instance method) get different identities.
+    """
+    h = hashlib.sha256()
+    model = teacher.model
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{model!r}|{teacher.input_map!r}|{teacher.fingerprint()}".encode())
+    seen: set[type] = set()
+    for m in model.modules():
+        if type(m) not in seen:
+            seen.add(type(m))
+            h.update(f"{type(m).__module__}.{type(m).__qualname__}".encode())
+            _code_digest(type(m).forward, h)
+        if "forward" in vars(m):  # an instance whose forward was replaced
+            h.update(b"instance-forward")
+            _code_digest(vars(m)["forward"], h)
+    return h.hexdigest()
 
 
 class TeacherLogits:
@@ -81,7 +220,8 @@ class TeacherLogits:
 
 
 def logit_cache_key(teacher: FrozenTeacher, data: ArrayDataset) -> str:
-    return hashlib.sha256(f"kdedge-logits-v1|{teacher.fingerprint()}|{data.fingerprint()}".encode()).hexdigest()
+    """The cache file's name: the teacher's identity and the exact training inputs."""
+    return hashlib.sha256(f"kdedge-logits-v2|{teacher_identity(teacher)}|{data.fingerprint()}".encode()).hexdigest()
 
 
 @torch.inference_mode()
@@ -92,36 +232,55 @@ def _compute(teacher: FrozenTeacher, data: ArrayDataset, batch_size: int, lo: in
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500) -> TeacherLogits:
-    """The teacher's logits ``(N, K)`` over ``data``, from the disk cache when present.
+def _matches(teacher: FrozenTeacher, data: ArrayDataset, array: np.ndarray, probe: int = 8) -> bool:
+    """Whether cached rows equal what ``teacher`` computes now on the first ``probe`` samples."""
+    n = min(probe, len(data))
+    fresh = _compute(teacher, data, n, 0, n).numpy()
+    cached = np.asarray(array[:n], dtype=np.float32)
+    return bool(np.abs(fresh - cached).max(initial=0.0) <= 1e-3 * (1.0 + np.abs(cached).max(initial=0.0)))
+
+
+def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500,
+                   progress: Progress | None = None) -> TeacherLogits:
+    """The teacher's logits ``(N, K)`` over ``data``, from the disk cache when present and verified.
 
     Args:
         teacher: The frozen teacher.
         data: Un-augmented training inputs.
         cache_dir: Where ``<key>.npy`` files live; None keeps the logits in memory only.
         batch_size: Inference batch size.
+        progress: Reports the pass over the data (a bar, or a line when it starts and ends).
     """
     import kdedge.distributed as dist_
 
+    progress = progress or Progress(False)
     ctx = dist_.context()
     key = logit_cache_key(teacher, data)
     path = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
     array = _read_cache(path, len(data)) if path is not None else None
+    if array is not None and not _matches(teacher, data, array):
+        progress.line(f"teacher: the cached logits {path} do not match this teacher's outputs; recomputing them")
+        array = None
     # Under DDP every rank must take the same branch: use the file only if every rank could read it.
     if ctx.enabled and not dist_.all_true(array is not None):
         array = None
     if array is not None:
+        progress.line(f"teacher: logits of {len(data)} training images from the cache ({key[:12]}…)")
         return TeacherLogits(array, key=key, path=path, hit=True)
     start = time.perf_counter()
-    if ctx.enabled:
-        # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
-        bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
-        lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
-        part = _compute(teacher, data, batch_size, lo, hi)
-        logits = dist_.all_gather_rows(part)
-    else:
-        logits = _compute(teacher, data, batch_size)
+    progress.line(f"teacher: scoring {len(data)} training images once for the logit cache")
+    task = progress.add("teacher logits", len(data))
+    # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
+    bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
+    lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
+    chunks = []
+    for i in range(lo, hi, batch_size):
+        chunks.append(_compute(teacher, data, batch_size, i, min(i + batch_size, hi)))
+        progress.update(task, advance=chunks[-1].shape[0] * ctx.world_size)
+    part = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    logits = dist_.all_gather_rows(part) if ctx.enabled else part
     seconds = time.perf_counter() - start
+    progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s")
     if path is None or not ctx.is_main:
         return TeacherLogits(logits, key=key, seconds=seconds)
     path.parent.mkdir(parents=True, exist_ok=True)

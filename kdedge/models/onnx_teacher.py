@@ -3,7 +3,8 @@
 :class:`OnnxTeacherModule` is an ``nn.Module`` (no parameters, no gradients) so everything that
 takes a teacher — :class:`~kdedge.distill.teacher.FrozenTeacher`, the logit cache, ``evaluate`` —
 works unchanged. The file's sha256 is registered as a buffer, so the logit-cache key changes
-whenever the ONNX file does.
+whenever the ONNX file does. A graph exported with a fixed batch size gets its inputs in chunks of
+exactly that size (the last one padded), so any batch the loop, the cache or evaluation uses works.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class OnnxTeacherModule(nn.Module):
             raise DataError(f"{self.path.name}: an ONNX teacher must have one input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
         self.input_name = inputs[0].name
         shape = inputs[0].shape
+        #: The graph's fixed batch size, or None when the batch dimension is symbolic.
+        self.fixed_batch: int | None = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
         fixed = [d if isinstance(d, int) else None for d in shape[1:]]
         if len(shape) != 1 + len(input_shape) or any(f is not None and f != want for f, want in zip(fixed, input_shape)):
             raise DataError(f"{self.path.name}: input {self.input_name!r} has shape {shape}, but the data's samples are {tuple(input_shape)}; "
@@ -52,8 +55,8 @@ class OnnxTeacherModule(nn.Module):
         if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
             raise DataError(f"{self.path.name}: input {self.input_name!r} is {inputs[0].type}; expected float inputs (normalized images)")
         self._dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-        probe = self.session.run(None, {self.input_name: np.zeros((1, *input_shape), self._dtype)})[0]
-        if probe.ndim != 2 or probe.shape[1] != num_classes:
+        probe = self._run(np.zeros((1, *input_shape), self._dtype))
+        if probe.ndim != 2 or probe.shape != (1, num_classes):
             raise DataError(f"{self.path.name}: output {outputs[0].name!r} has shape {tuple(probe.shape)} for one sample, "
                             f"but the data has {num_classes} classes; expected (batch, {num_classes}) logits")
         digest = bytes.fromhex(file_sha256(self.path))
@@ -61,5 +64,18 @@ class OnnxTeacherModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = np.ascontiguousarray(x.detach().float().cpu().numpy(), dtype=self._dtype)
-        logits = self.session.run(None, {self.input_name: feed})[0]
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)).to(x.device)
+        return torch.from_numpy(np.asarray(self._run(feed), dtype=np.float32)).to(x.device)
+
+    def _run(self, feed: np.ndarray) -> np.ndarray:
+        """Logits of ``feed`` (B, C, H, W); a fixed-batch graph gets chunks of its size, the last one zero-padded."""
+        step = self.fixed_batch
+        if step is None or len(feed) == step:
+            return self.session.run(None, {self.input_name: feed})[0]
+        out = []
+        for i in range(0, len(feed), step):
+            chunk = feed[i : i + step]
+            n = len(chunk)
+            if n < step:
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
