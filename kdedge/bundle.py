@@ -30,13 +30,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from kdedge._fs import atomic_dir, file_sha256, new_dir
 from kdedge._version import __version__
-from kdedge._fs import file_sha256, new_dir, umask
+from kdedge.bench.harness import BenchModel, benchmark
+from kdedge.bench.report import write_report_files
+from kdedge.bench.runners import TARGETS, target_available
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
-from kdedge.errors import ConfigError, KdedgeError
+from kdedge.data import DataSplits, load_dataset
+from kdedge.distill.teacher import FrozenTeacher, InputMap, teacher_input_map
+from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
+from kdedge.exporters import ExportResult, export_model
+from kdedge.exporters.onnx import export_onnx
+from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, save_checkpoint, state_dict_sha256
+from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
+from kdedge.runs import RunResult, distill
 
-__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundleResult", "compress_and_export", "resolve_auto", "verify_bundle", "recommend", "evaluate_gates"]
+__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundlePlan", "BundleResult", "compress_and_export", "plan_bundle", "resolve_auto", "verify_bundle", "recommend", "evaluate_gates"]
 
 MANIFEST_SCHEMA = 1
 
@@ -173,124 +184,222 @@ def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ..
     return formats, targets
 
 
-def compress_and_export(config: CompressConfig | None = None, *, progress: bool = False, log: Callable[[str], None] | None = None) -> BundleResult:
+@dataclass
+class BundlePlan:
+    """A bundle build resolved and checked before any training is paid for.
+
+    Attributes:
+        teacher_bench: The teacher as the benchmark measures it: a PyTorch module behind its input
+            map and its ONNX artifacts (exported, parity-checked, during planning), or an ONNX
+            teacher's own file run in onnxruntime.
+    """
+
+    config: CompressConfig
+    distill_config: DistillConfig
+    formats: tuple[str, ...]
+    targets: tuple[str, ...]
+    data: DataSplits
+    teacher: ResolvedTeacher
+    student: nn.Module
+    student_spec: ModelSpec
+    teacher_bench: BenchModel
+
+
+def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False, log: Callable[[str], None] | None = None) -> BundlePlan:
+    """Resolve data, teacher and student, and check every later stage's preconditions.
+
+    Runtimes for the targets, gates that can be measured with this teacher, batch sizes an ONNX
+    teacher accepts, the student's graph exporting to ONNX (checked on its untrained weights: the
+    graph is the same after training) and the teacher's own export all fail here, in one line,
+    instead of after distillation.
+
+    Args:
+        work: A directory for the teacher's ONNX artifacts; it must outlive the benchmark.
+    """
+    log = log or (lambda _line: None)
+    formats, targets = resolve_auto(config)
+    for target in targets:
+        why = target_available(target)
+        if why:
+            raise BackendUnavailable(why)
+    data = load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
+    teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
+    student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
+                                            trust_code=trust_code)
+    distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
+    _check_measurable(config, teacher, targets)
+    log(f"preflight: the {student_spec.name} student's graph exports to ONNX")
+    export_onnx(student, work / "student-preflight.onnx", input_shape=tuple(data.spec.input_shape))
+    input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
+    teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log)
+    return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
+
+
+def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
+    """The gates and batch sizes must be measurable with this teacher on these targets."""
+    if config.min_speedup is not None and (teacher.is_onnx or "torch-cpu" not in targets):
+        why = "the teacher is an ONNX file" if teacher.is_onnx else "torch-cpu is not among the targets"
+        raise ConfigError(f"--min-speedup compares with the teacher in eager PyTorch on the CPU, and {why}; "
+                          "drop --min-speedup, or " + ("give a PyTorch teacher" if teacher.is_onnx else "add torch-cpu to --targets"))
+    fixed = getattr(teacher.model, "fixed_batch", None)
+    if fixed is not None and any(b != fixed for b in config.batch_sizes) and any(TARGETS[t][0] == "onnxruntime" for t in targets):
+        raise ConfigError(f"{teacher.name} has a fixed batch size of {fixed}, so it cannot be benchmarked at batch "
+                          f"{','.join(map(str, config.batch_sizes))}; pass --batch-sizes {fixed}, or export the teacher with a dynamic batch dimension")
+
+
+def _teacher_bench(teacher: ResolvedTeacher, input_map: InputMap | None, data: DataSplits, targets: tuple[str, ...], work: Path,
+                   log: Callable[[str], None]) -> BenchModel:
+    """The teacher for the benchmark; a PyTorch teacher is exported (parity-checked) now, while failing is cheap."""
+    if teacher.is_onnx:
+        # Run the file itself in onnxruntime: re-exporting or copying its wrapper is neither possible nor meaningful.
+        return BenchModel(teacher.spec.name, role="teacher", artifacts={"onnx-fp32": teacher.path}, bytes=teacher.path.stat().st_size,  # type: ignore[union-attr]
+                          source=teacher.name, preprocess=(lambda x: input_map(torch.from_numpy(x)).numpy()) if input_map else None)
+    module = FrozenTeacher(teacher.model, input_map=input_map).module  # takes the data's inputs
+    shape = tuple(data.spec.input_shape)
+    bench = BenchModel(teacher.spec.name, role="teacher", module=module, params=count_parameters(teacher.model), flops=count_flops(module, shape),
+                       source=teacher.name)
+    if any(TARGETS[t][0] == "onnxruntime" for t in targets):
+        log(f"preflight: exporting the teacher {teacher.spec.name} to ONNX FP32 and INT8 for the onnxruntime targets")
+        exported = export_model(module, work / "teacher", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), evaluate=False, parity_samples=256),
+                                model_name=teacher.spec.name)
+        bench.artifacts = {f"onnx-{a.precision}": work / "teacher" / a.path for a in exported.artifacts}
+    return bench
+
+
+def compress_and_export(config: CompressConfig | None = None, *, progress: bool = False, log: Callable[[str], None] | None = None,
+                        trust_code: bool = False) -> BundleResult:
     """The main job: distill the teacher into the student, export, benchmark, gate and bundle.
+
+    Everything that can be checked before training is checked first (:func:`plan_bundle`).
+    ``trust_code`` lets teacher and student checkpoints run the factory code they name (see
+    :func:`~kdedge.models.load_checkpoint`); it is an argument, never a config key.
 
     Raises:
         GateFailure: A gate failed; the candidate is kept at ``<out>.rejected`` and no bundle is published.
-        KdedgeError: Bad input anywhere along the way (one line each).
+        KdedgeError: Bad input anywhere along the way (one line each), before training wherever it can be known then.
     """
-    from kdedge.bench.harness import BenchModel, benchmark
-    from kdedge.bench.report import write_report_files
-    from kdedge.data import load_dataset
-    from kdedge.exporters import export_model
-    from kdedge.models.zoo import count_flops, count_parameters, save_checkpoint, state_dict_sha256
-    from kdedge.resolve import resolve_student, resolve_teacher
-    from kdedge.runs import distill
-
     config = config or CompressConfig()
     log = log or (lambda _line: None)
     out = new_dir(config.out, "bundle")
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    formats, targets = resolve_auto(config)
-
-    data = load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
-    teacher, teacher_spec, teacher_name = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights)
-    student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget)
-    log(f"distilling {teacher_name} -> {student_spec.name} on {data.spec.name} ({len(data.train)} train / {len(data.test)} test, {config.epochs} epochs)")
-    start = time.perf_counter()
-    distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
-    result = distill(student, teacher, data.train, data.test, config=distill_cfg, student_spec=student_spec, teacher_name=teacher_name, progress=progress)
-    timings["distill"] = time.perf_counter() - start
-    student_acc, teacher_acc = result.test.accuracy, result.teacher_test.accuracy
-    log(f"student {student_acc:.4f}, teacher {teacher_acc:.4f} (retention {student_acc / teacher_acc:.4f})")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a published bundle follows the umask
-    try:
-        save_checkpoint(tmp / "student.safetensors", result.model, student_spec, data.spec, extra={"kdedge_version": __version__, "test_accuracy": student_acc})
-        # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
-        (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
+    with tempfile.TemporaryDirectory(prefix="kdedge-bundle-") as work:
+        plan = plan_bundle(config, work=Path(work), trust_code=trust_code, log=log)
+        timings = {"preflight": time.perf_counter() - t_start}
+        data = plan.data
+        log(f"distill: {plan.teacher.name} -> {plan.student_spec.name} on {data.spec.name} "
+            f"({len(data.train)} train / {len(data.test)} test, {config.epochs} epochs)")
         start = time.perf_counter()
-        export_cfg = ExportConfig(formats=formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
-                                  parity_samples=config.parity_samples)
-        student_sha256 = file_sha256(tmp / "student.safetensors")
-        exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=student_spec.name,
-                                source_sha256=student_sha256)
-        timings["export"] = time.perf_counter() - start
-        log("exported " + ", ".join(a.path for a in exported.artifacts) + (f" (skipped: {', '.join(exported.skipped)})" if exported.skipped else ""))
-
-        start = time.perf_counter()
-        artifacts = exported.manifest["artifacts"]
-        student_bm = BenchModel(student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
-                                flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
-                                artifacts={_artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
-        teacher_bm = BenchModel(teacher_spec.name, role="teacher", module=teacher, params=count_parameters(teacher),
-                                flops=count_flops(teacher, tuple(data.spec.input_shape)), source=teacher_name)
-        bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
-                                threads=config.bench_threads, export_variants=("fp32", "int8"), warmup_s=0.1, min_iters=20)
-        report = benchmark([teacher_bm, student_bm], data, bench_cfg, log=log)
-        write_report_files(report, tmp)
-        timings["bench"] = time.perf_counter() - start
-
-        recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop)
-        gates = evaluate_gates(student_acc=student_acc, teacher_acc=teacher_acc, artifacts=artifacts, recommended=recommended, rows=report["rows"], config=config)
-        timings["total"] = time.perf_counter() - t_start
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "kdedge_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "teacher": {"name": teacher_name, "model": teacher_spec.name, "sha256": state_dict_sha256(teacher), "params": teacher_bm.params,
-                        "flops": teacher_bm.flops, "test_accuracy": teacher_acc},
-            "student": {"model": student_spec.to_dict(), "weights": "student.safetensors", "sha256": student_sha256,
-                        "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": student_acc,
-                        "test_macro_f1": result.test.macro_f1},
-            "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
-                     "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files},
-            "input": exported.manifest["input"],
-            "preprocessing": exported.manifest["preprocessing"],
-            "labels": list(data.spec.labels),
-            "artifacts": [
-                {"path": f"models/{a['path']}", "format": a["format"], "precision": a["precision"], "bytes": a["bytes"], "sha256": a["sha256"],
-                 "parity": {"passed": a["parity"]["passed"], "samples": a["parity"]["samples"],
-                            "max_abs_diff": a["parity"]["outputs"][0]["max_abs_diff"], "argmax_agreement": a["parity"]["outputs"][0]["argmax_agreement"]},
-                 "accuracy": (a.get("accuracy") or {}).get("accuracy"), "for": a.get("details", {}).get("for", "any")}
-                for a in artifacts
-            ],
-            "skipped": exported.skipped,
-            "gates": gates,
-            "recommended": recommended,
-            "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)]},
-            "resolved": {"formats": list(formats), "targets": list(targets)},
-            "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": distill_cfg.device},
-            "timings_s": timings,
-        }
-        manifest["files"] = _files_entry(tmp, skip={"manifest.json"})
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        failed = {k: g for k, g in gates.items() if not g["passed"]}
-        if failed:
-            rejected = _rejected_path(out)
-            os.rename(tmp, rejected)
-            summary = "; ".join(f"{k}: {g['value'] if g['value'] is None else round(g['value'], 4)} vs limit {g['limit']} ({g['detail']})" for k, g in failed.items())
-            raise GateFailure(f"gate failed, no bundle published: {summary}; the candidate is in {rejected}")
-        os.rename(tmp, out)  # fails if out appeared meanwhile: never merge into another bundle
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        result = distill(plan.student, plan.teacher.model, data.train, data.test, config=plan.distill_config, student_spec=plan.student_spec,
+                         teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
+        timings["distill"] = time.perf_counter() - start
+        log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})")
+        with atomic_dir(out) as tmp:
+            manifest, report = _write_candidate(tmp, plan, result, timings, t_start, log)
+            failed = {k: g for k, g in manifest["gates"].items() if not g["passed"]}
+            if failed:
+                rejected = _rejected_path(out)
+                os.rename(tmp, rejected)
+                summary = "; ".join(f"{k}: {g['value'] if g['value'] is None else round(g['value'], 4)} vs limit {g['limit']} ({g['detail']})" for k, g in failed.items())
+                raise GateFailure(f"gate failed, no bundle published: {summary}; the candidate is in {rejected}")
     archive = _write_archive(out) if config.archive else None
     log(f"bundle {out} ({timings['total']:.0f} s)")
     return BundleResult(out=out, manifest=manifest, report=report, archive=archive)
 
 
+def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: dict[str, float], t_start: float,
+                     log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Student, config, artifacts, benchmark and manifest into ``tmp``; returns the manifest and the report."""
+    config, data = plan.config, plan.data
+    save_checkpoint(tmp / "student.safetensors", result.model, plan.student_spec, data.spec,
+                    extra={"kdedge_version": __version__, "test_accuracy": result.test.accuracy})
+    # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
+    (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
+    start = time.perf_counter()
+    export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
+                              parity_samples=config.parity_samples)
+    exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=plan.student_spec.name,
+                            source_sha256=file_sha256(tmp / "student.safetensors"), log=log)
+    timings["export"] = time.perf_counter() - start
+    log("exported " + ", ".join(a.path for a in exported.artifacts) + (f" (skipped: {', '.join(exported.skipped)})" if exported.skipped else ""))
+
+    start = time.perf_counter()
+    artifacts = exported.manifest["artifacts"]
+    student_bm = BenchModel(plan.student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
+                            flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
+                            artifacts={_artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
+    targets = plan.targets
+    bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
+                            threads=config.bench_threads, export_variants=("fp32", "int8"), warmup_s=0.1, min_iters=20)
+    log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
+    report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
+    write_report_files(report, tmp)
+    timings["bench"] = time.perf_counter() - start
+
+    recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop)
+    gates = evaluate_gates(student_acc=result.test.accuracy, teacher_acc=result.teacher_test.accuracy, artifacts=artifacts, recommended=recommended,
+                           rows=report["rows"], config=config)
+    timings["total"] = time.perf_counter() - t_start
+    manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings)
+    manifest["files"] = _files_entry(tmp, skip={"manifest.json"})
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest, report
+
+
+def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, report: dict[str, Any], student_bm: BenchModel,
+              recommended: dict[str, Any], gates: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """``manifest.json`` without its file list (see the README for every key)."""
+    config, data, teacher = plan.config, plan.data, plan.teacher
+    artifacts = exported.manifest["artifacts"]
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "kdedge_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "teacher": {"name": teacher.name, "model": teacher.spec.name, "sha256": state_dict_sha256(teacher.model), "params": plan.teacher_bench.params,
+                    "flops": plan.teacher_bench.flops, "test_accuracy": result.teacher_test.accuracy,  # type: ignore[union-attr]
+                    "input_map": result.metrics["teacher"].get("input_map")},
+        "student": {"model": plan.student_spec.to_dict(), "weights": "student.safetensors", "sha256": exported.manifest["source_sha256"],
+                    "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": result.test.accuracy,  # type: ignore[union-attr]
+                    "test_macro_f1": result.test.macro_f1},  # type: ignore[union-attr]
+        "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
+                 "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files},
+        "input": exported.manifest["input"],
+        "preprocessing": exported.manifest["preprocessing"],
+        "labels": list(data.spec.labels),
+        "artifacts": [
+            {"path": f"models/{a['path']}", "format": a["format"], "precision": a["precision"], "bytes": a["bytes"], "sha256": a["sha256"],
+             "parity": {"passed": a["parity"]["passed"], "samples": a["parity"]["samples"],
+                        "max_abs_diff": a["parity"]["outputs"][0]["max_abs_diff"], "argmax_agreement": a["parity"]["outputs"][0]["argmax_agreement"]},
+             "accuracy": (a.get("accuracy") or {}).get("accuracy"), "for": a.get("details", {}).get("for", "any")}
+            for a in artifacts
+        ],
+        "skipped": exported.skipped,
+        "gates": gates,
+        "recommended": recommended,
+        "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)]},
+        "resolved": {"formats": list(plan.formats), "targets": list(plan.targets)},
+        "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": plan.distill_config.device},
+        "timings_s": timings,
+    }
+
+
 def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
+    """Raw pixels in the data's own range, preprocessed with the manifest's formula ``(B, C, H, W)``.
+
+    Scale 1/255 means uint8 storage: pixels are integers 0..255. Any other scale (1.0: float
+    storage, whose range the manifest does not bound) draws each channel's scaled value from
+    mean ± 2·std, where the model's training inputs lay.
+    """
+    pre = manifest["preprocessing"]
     shape = [batch] + [int(d) for d in manifest["input"]["shape"][1:]]
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=shape).astype(np.float32) * manifest["preprocessing"]["scale"]
-    mean = np.asarray(manifest["preprocessing"]["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(manifest["preprocessing"]["std"], np.float32).reshape(1, -1, 1, 1)
-    return (pixels - mean) / std
+    scale = float(pre["scale"])
+    mean = np.asarray(pre["mean"], np.float64).reshape(1, -1, 1, 1)
+    std = np.asarray(pre["std"], np.float64).reshape(1, -1, 1, 1)
+    if np.isclose(scale, 1 / 255, rtol=1e-6, atol=0):
+        pixels = rng.integers(0, 256, size=shape).astype(np.float64)
+    else:
+        pixels = (mean + std * rng.uniform(-2.0, 2.0, size=shape)) / scale
+    return ((pixels * scale - mean) / std).astype(np.float32)
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -347,15 +456,31 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             if len(roots) != 1:
                 raise VerifyError(f"{path}: expected one bundle directory inside the archive, found {len(roots)}")
             return verify_bundle(roots[0])
-    manifest_path = path / "manifest.json"
+    manifest = _read_manifest(path)
+    problems = _file_problems(path, manifest)
+    bad = {p.split(":")[0] for p in problems}
+    smoke = [a for a in manifest.get("artifacts", []) if a["format"] == "onnx" and a["path"] not in bad and (path / a["path"]).is_file()]
+    problems += [p for a in smoke for p in _smoke_problems(path, a["path"], manifest)]
+    if problems:
+        raise VerifyError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+    return {"bundle": str(path), "files": len(manifest.get("files", [])), "onnx_models_run": len(smoke)}
+
+
+def _read_manifest(bundle: Path) -> dict[str, Any]:
+    manifest_path = bundle / "manifest.json"
     if not manifest_path.is_file():
-        raise VerifyError(f"{path}: no manifest.json; expected a bundle directory or .tar.gz written by kdedge compress-and-export")
+        raise VerifyError(f"{bundle}: no manifest.json; expected a bundle directory or .tar.gz written by kdedge compress-and-export")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VerifyError(f"{manifest_path}: not valid JSON ({exc})") from None
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise VerifyError(f"{manifest_path}: schema {manifest.get('schema')!r}, this kdedge reads schema {MANIFEST_SCHEMA}")
+    return manifest
+
+
+def _file_problems(bundle: Path, manifest: dict[str, Any]) -> list[str]:
+    """Every listed file present with its bytes and sha256; every artifact listed, with the same hash."""
     problems: list[str] = []
     listed = {f["path"]: f for f in manifest.get("files", [])}
     for a in manifest.get("artifacts", []):
@@ -364,7 +489,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         elif a["sha256"] != listed[a["path"]]["sha256"]:
             problems.append(f"{a['path']}: artifact and file entries disagree on the sha256")
     for rel, entry in listed.items():
-        f = path / rel
+        f = bundle / rel
         if not f.is_file():
             problems.append(f"{rel}: missing")
             continue
@@ -372,21 +497,19 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
         if file_sha256(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
-    onnx_run = 0
-    bad_hash = {p.split(":")[0] for p in problems}
-    for a in manifest.get("artifacts", []):
-        if a["format"] != "onnx" or a["path"] in bad_hash or not (path / a["path"]).is_file():
-            continue
-        try:
-            from kdedge.ort import ort_session
+    return problems
 
-            session = ort_session(path / a["path"])
-            out = session.run(None, {session.get_inputs()[0].name: _smoke_inputs(manifest)})[0]
-            if out.shape != (2, len(manifest["labels"])) or not np.isfinite(out).all():
-                problems.append(f"{a['path']}: smoke batch gave shape {out.shape} (finite: {bool(np.isfinite(out).all())}), expected (2, {len(manifest['labels'])})")
-            onnx_run += 1
-        except KdedgeError as exc:
-            problems.append(f"{a['path']}: {exc}")
-    if problems:
-        raise VerifyError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return {"bundle": str(path), "files": len(listed), "onnx_models_run": onnx_run}
+
+def _smoke_problems(bundle: Path, rel: str, manifest: dict[str, Any]) -> list[str]:
+    """An ONNX artifact run in onnxruntime on a smoke batch must give finite ``(2, K)`` logits."""
+    from kdedge.ort import ort_session
+
+    try:
+        session = ort_session(bundle / rel)
+        out = session.run(None, {session.get_inputs()[0].name: _smoke_inputs(manifest)})[0]
+    except KdedgeError as exc:
+        return [f"{rel}: {exc}"]
+    k = len(manifest["labels"])
+    if out.shape != (2, k) or not np.isfinite(out).all():
+        return [f"{rel}: smoke batch gave shape {out.shape} (finite: {bool(np.isfinite(out).all())}), expected (2, {k})"]
+    return []

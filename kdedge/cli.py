@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 import typing
 from dataclasses import MISSING, fields
 from typing import Any
@@ -33,11 +35,14 @@ _HELP = {
     "channels_last": "Channels-last memory format (measured faster for the zoo CNNs on x86 CPUs).",
     "threads": "torch intra-op threads (default: torch's choice).",
     "out": "Run directory to create (default runs/<command>-<time>); must not exist. Per-epoch checkpoints go to OUT.partial/.",
+    "sanity_checks": "Stop early with the likely cause when the teacher scores near chance before training, or training diverges (non-finite loss, accuracy at chance).",
     "resume": "Continue a killed run from OUT.partial/checkpoint.pt (same --out and settings).",
     "model": "Zoo model to train, NAME or NAME@WIDTH (resnet, tiny_cnn, dw_cnn, mlp), or package.module:factory / file.py:factory.",
     "teacher": "Shipped zoo teacher name, a run directory, a .safetensors checkpoint, an .onnx file, or package.module:factory / file.py:factory.",
     "student": "Zoo student NAME or NAME@WIDTH, auto (with --flops-budget), package.module:factory / file.py:factory, or a checkpoint to fine-tune.",
     "teacher_weights": "Weights (safetensors, or a torch.save'd state dict loaded with weights_only=True) for a factory teacher.",
+    "teacher_mean": "The teacher's input normalization, per channel (one value or C): it is fed (pixel·scale − mean)/std. Default: what a kdedge checkpoint or ONNX teacher records, else the data's.",
+    "teacher_std": "See --teacher-mean (e.g. --teacher-mean 0 --teacher-std 1 for a teacher trained on pixels/255).",
     "student_weights": "Initial weights for a zoo or factory student.",
     "flops_budget": "With --student auto: the largest zoo student (by FLOPs per sample) within this budget.",
     "loss": "hinton (alpha, temperature), dkd (decoupled KD), or hinton plus a feature term: fitnets (hints) or at (attention transfer).",
@@ -85,42 +90,83 @@ def _options_from(cls: type[_RunConfig]):
     return decorate
 
 
-def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, Any]) -> Any:
+def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, Any], *, trust_code: bool) -> Any:
     ctx = click.get_current_context()
     explicit = {k: v for k, v in params.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    return load_config(cls, config_file, explicit)
+    config = load_config(cls, config_file, explicit)
+    _check_code_in_file(config, config_file, explicit, trust_code=trust_code)
+    return config
+
+
+def _check_code_in_file(config: Any, config_file: str | None, explicit: dict[str, Any], *, trust_code: bool) -> None:
+    """A factory a YAML file names runs code, like one a checkpoint names: it needs --trust-code.
+
+    A config file may come from anyone (a bundle's config.yaml, a colleague's deploy.yaml); a
+    factory typed on the command line is the user's own choice and needs nothing.
+    """
+    if config_file is None or trust_code:
+        return
+    from pathlib import Path
+
+    from kdedge.errors import ModelError
+    from kdedge.models.byo import is_factory_ref
+
+    named = [f"{key}: {value}" for key in ("model", "teacher", "student") if key not in explicit
+             for value in [getattr(config, key, None)] if isinstance(value, str) and is_factory_ref(value) and not Path(value).exists()]
+    if named:
+        raise ModelError(f"{config_file} names code to import and run ({'; '.join(named)}); if you trust it, pass --trust-code "
+                         "(or name the factory on the command line)")
+
+
+#: Not a config field: trust comes from whoever runs the command, never from a YAML file someone sent.
+_trust_code_option = click.option(
+    "--trust-code", is_flag=True,
+    help="Let a checkpoint whose architecture is a factory (file.py:make, package.module:make) import and run that code. "
+         "Only for files you trust; a factory you name on the command line needs no flag.",
+)
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("KDEDGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdedge-distill", prog_name="kdedge")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="On an error, print the full traceback and its causes after the one-line message (or set KDEDGE_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Distill a large teacher into a small student and ship it to the edge."""
+    if debug:
+        ctx.ensure_object(dict)["debug"] = True  # read by main() when an error reaches it
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_trust_code_option
 @_options_from(TrainConfig)
-def train(config_file: str | None, quiet: bool, **params: Any) -> None:
+def train(config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
     """Supervised training of a zoo model (how teachers are trained)."""
     from kdedge.runs import run_train
 
-    result = run_train(_config(TrainConfig, config_file, params), progress=not quiet)
+    result = run_train(_config(TrainConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_trust_code_option
 @_options_from(DistillConfig)
-def distill(config_file: str | None, quiet: bool, **params: Any) -> None:
+def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
     """Distill a teacher into a student with Hinton's loss.
 
     With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn.
     """
     from kdedge.runs import run_distill
 
-    result = run_distill(_config(DistillConfig, config_file, params), progress=not quiet)
+    result = run_distill(_config(DistillConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
 
@@ -144,7 +190,8 @@ def distill(config_file: str | None, quiet: bool, **params: Any) -> None:
 @click.option("--trt-workspace-mib", type=int, help="TensorRT builder workspace in MiB. [default: 1024]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--out", help="Export directory to create (default runs/export-<time>); must not exist.")
-def export(source: str, config_file: str | None, formats: tuple[str, ...], **params: Any) -> None:
+@_trust_code_option
+def export(source: str, config_file: str | None, formats: tuple[str, ...], trust_code: bool, **params: Any) -> None:
     """Export SOURCE (a run directory, a .safetensors checkpoint or a shipped zoo name) to ONNX,
     INT8, FP16 and TensorRT, checking every artifact against PyTorch on real test inputs.
     """
@@ -156,7 +203,7 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], **par
     if formats:
         overrides["formats"] = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
     config = load_config(ExportConfig, config_file, overrides)
-    result = export_checkpoint(source, config)
+    result = export_checkpoint(source, config, trust_code=trust_code, log=click.echo)
     for a in result.artifacts:
         p = a.parity["outputs"][0] if a.parity else None
         parts = [f"{a.path:<22} {a.bytes / 1024:8.1f} KiB"]
@@ -173,7 +220,8 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], **par
 @cli.command()
 @click.argument("models", nargs=-1)
 @click.option("--teacher", help="The teacher (run dir, checkpoint, export dir, .onnx, .plan or shipped name); MODELs are then compared with it.")
-@click.option("--data", help="Dataset whose test images feed latency batches and accuracy. [default: fashion-mnist]")
+@click.option("--data", help="Dataset whose test images feed latency batches and accuracy; must be the one the models record. "
+              "[default: the dataset recorded with the model]")
 @click.option("--targets", help="Comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt. [default: torch-cpu,ort-cpu]")
 @click.option("--batch-sizes", help="Comma-separated batch sizes. [default: 1,8,32,128]")
 @click.option("--threads", type=int, help="Intra-op threads for torch and onnxruntime [default: each runtime's choice].")
@@ -188,7 +236,9 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], **par
 @click.option("--compare", "compare", nargs=2, type=click.Path(), help="Compare two reports (A B): ratios B/A, flagged beyond measured noise.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--out", help="Report directory to create (default runs/bench-<time>); must not exist.")
-def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str] | None, config_file: str | None, **params: Any) -> None:
+@_trust_code_option
+def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str] | None, config_file: str | None, trust_code: bool,
+          **params: Any) -> None:
     """Latency, throughput, accuracy and size of MODELs (run dirs, checkpoints, export dirs, .onnx, .plan)
     on each target, with teacher-vs-student ratios when --teacher is given.
     """
@@ -202,7 +252,7 @@ def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str]
 
     overrides = {k: v for k, v in params.items() if v is not None}
     config = load_config(BenchConfig, config_file, overrides)
-    report, out = run_bench(list(models), teacher=teacher, config=config, log=click.echo)
+    report, out = run_bench(list(models), teacher=teacher, config=config, log=click.echo, trust_code=trust_code)
     for c in report["comparison"]:
         if c["batch"] == min(config.batch_sizes):
             click.echo(f"student {c['student_variant']}@{c['student_target']} vs teacher {c['teacher_variant']}@{c['teacher_target']} (batch {c['batch']}): "
@@ -213,34 +263,38 @@ def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str]
 @cli.command("compress-and-export")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_trust_code_option
 @_options_from(CompressConfig)
-def compress_and_export_cmd(config_file: str | None, quiet: bool, **params: Any) -> None:
+def compress_and_export_cmd(config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
     """Teacher -> distilled student -> parity-checked ONNX (FP32, INT8; FP16/TensorRT on GPUs) ->
     benchmark vs the teacher -> gates -> a verifiable deployment bundle.
 
     With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn, benchmarked on the CPU.
     Exit codes: 0 bundle written, 2 bad input, 3 a gate failed (candidate kept at OUT.rejected).
     """
-    _run_bundle(_config(CompressConfig, config_file, params), quiet)
+    _run_bundle(_config(CompressConfig, config_file, params, trust_code=trust_code), quiet, trust_code=trust_code)
 
 
 @cli.command()
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False), help="The deployment config (YAML keys of compress-and-export).")
 @click.option("--out", help="Bundle directory to create; overrides the config's out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def build(config_file: str, out: str | None, quiet: bool) -> None:
+@_trust_code_option
+def build(config_file: str, out: str | None, quiet: bool, trust_code: bool) -> None:
     """Build a deployment bundle from a committed config (for CI pipelines).
 
     Same config and seed on the CPU -> identical student weights and artifacts, and a manifest
     equal apart from timestamps and timings.
     """
-    _run_bundle(load_config(CompressConfig, config_file, {"out": out} if out else {}), quiet)
+    config = load_config(CompressConfig, config_file, {"out": out} if out else {})
+    _check_code_in_file(config, config_file, {}, trust_code=trust_code)
+    _run_bundle(config, quiet, trust_code=trust_code)
 
 
-def _run_bundle(config: Any, quiet: bool) -> None:
+def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:
     from kdedge.bundle import compress_and_export
 
-    result = compress_and_export(config, progress=not quiet, log=None if quiet else click.echo)
+    result = compress_and_export(config, progress=not quiet, log=None if quiet else click.echo, trust_code=trust_code)
     m = result.manifest
     for target, rec in m["recommended"].items():
         click.echo(f"recommended for {target}: {rec['artifact']} ({rec['p50_ms']:.4f} ms at batch {rec['batch']}, accuracy {rec['accuracy']:.4f})")
@@ -283,15 +337,41 @@ def _summary(result: Any) -> None:
     click.echo(f"wrote {result.out}")
 
 
+def _show_every_cause(exc: BaseException) -> None:
+    """Un-hide the causes raised ``from None`` along the chain: in debug mode no link is left out."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__suppress_context__ = False
+        link = link.__cause__ or link.__context__
+
+
+def _echo_traceback(exc: BaseException) -> None:
+    _show_every_cause(exc)
+    click.echo("".join(traceback.format_exception(exc)).rstrip("\n"), err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback.
+
+    With ``kdedge --debug`` or ``KDEDGE_DEBUG=1`` the full traceback, every chained cause included
+    (down to the line in a user's factory or inside the exporter), follows that line; the exit
+    code stays the same. Any other exception is not bad input but a bug in kdedge or an error in
+    the user's own model code: it gets one line saying so and propagates with its traceback.
+    """
+    state = {"debug": _debug_from_env()}  # the group's --debug sets it too
     try:
-        cli.main(args=argv, prog_name="kdedge", standalone_mode=False)
+        cli.main(args=argv, prog_name="kdedge", standalone_mode=False, obj=state)
     except KdedgeError as exc:
         click.echo(f"kdedge: error: {exc}", err=True)
+        if state["debug"]:
+            _echo_traceback(exc)
         return getattr(exc, "exit_code", 2)  # 3: a gate failed (the input was fine, the model was not good enough)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
         click.echo("kdedge: interrupted", err=True)
+        if state["debug"]:
+            _echo_traceback(exc)  # where it was when interrupted
         return 130
     except click.ClickException as exc:
         click.echo(f"kdedge: error: {exc.format_message()} (see kdedge --help)", err=True)
@@ -299,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("kdedge: interrupted", err=True)
         return 130
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(f"kdedge: unexpected {type(exc).__name__}: {first}; not an input error kdedge checks for: the traceback below shows "
+                   "whether it comes from your model's code, the environment or kdedge (please report kdedge bugs with it)", err=True)
+        if state["debug"]:
+            _show_every_cause(exc)
+        raise
     return 0
 
 

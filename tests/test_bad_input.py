@@ -81,6 +81,18 @@ def _factory_file(tmp: Path) -> list[str]:
     return ["distill", "--data", _tiny(tmp), "--teacher", f"{tmp / 'nets.py'}:make", "--out", str(tmp / "r")]
 
 
+def _code_checkpoint(tmp: Path) -> list[str]:
+    from kdedge.data import load_dataset
+    from kdedge.models import ModelSpec, save_checkpoint
+
+    (tmp / "evil.py").write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n"
+                                 "def make(num_classes, input_shape):\n    raise AssertionError('never called')\n")
+    data = _tiny(tmp)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    save_checkpoint(tmp / "model.safetensors", model, ModelSpec(f"{tmp}/evil.py:make", 1.0, 3, (1, 8, 8)), load_dataset(data).spec)
+    return ["export", str(tmp / "model.safetensors"), "--data", data, "--out", str(tmp / "r")]
+
+
 def _onnx_teacher_wrong_input(tmp: Path) -> list[str]:
     from kdedge.exporters import export_onnx
 
@@ -106,6 +118,39 @@ def _archive_with_link(tmp: Path) -> list[str]:
     return ["verify", str(tmp / "b.tar.gz")]
 
 
+def _pixels_teacher(tmp: Path) -> list[str]:
+    """The shipped teacher behind a pixels/255 input contract, given no --teacher-mean/--teacher-std."""
+    (tmp / "nets.py").write_text(
+        "from kdedge.models import load_checkpoint, pretrained_path\n"
+        "import torch\n\n"
+        "class Pixels(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.inner = load_checkpoint(pretrained_path('resnet', 1.0, 'fashion-mnist')).model\n\n"
+        "    def forward(self, x):\n"
+        "        return self.inner((x - 0.2860) / 0.3530)\n\n"
+        "def make():\n"
+        "    return Pixels()\n"
+    )
+    return ["distill", "--teacher", f"{tmp}/nets.py:make", "--train-limit", "200", "--test-limit", "500", "--quiet", "--out", str(tmp / "r")]
+
+
+def _unexportable_student(tmp: Path) -> list[str]:
+    (tmp / "nets.py").write_text(
+        "import torch\n\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        y = self.fc(x.flatten(1))\n"
+        "        return y if y.sum() > 0 else -y\n\n"
+        "def make():\n"
+        "    return Branchy()\n"
+    )
+    return ["compress-and-export", "--student", f"{tmp}/nets.py:make", "--train-limit", "200", "--test-limit", "100", "--quiet", "--out", str(tmp / "r")]
+
+
 #: README row input -> (build argv in tmp, fragment of the one-line message, exit code)
 CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "unknown dataset name": (lambda t: ["train", "--data", "fashion-mnsit", "--out", str(t / "r")], "unknown dataset 'fashion-mnsit'", 2),
@@ -124,9 +169,14 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "factory module that cannot be imported": (lambda t: ["distill", "--data", _tiny(t), "--teacher", "no_such_pkg.nets:make", "--out", str(t / "r")],
                                                "no module named 'no_such_pkg'", 2),
     "factory that raises": (_factory_file, "the factory raised ValueError: width must be even", 2),
+    "checkpoint whose architecture is code, without `--trust-code`": (_code_checkpoint, "would import and run that code. If you trust it, pass --trust-code", 2),
     "hooked layer that does not exist": (lambda t: ["distill", "--train-limit", "64", "--test-limit", "16", "--loss", "fitnets", "--student-layer", "features.99",
                                                     "--teacher-layer", "stages.1", "--quiet", "--out", str(t / "r")], "no layer named 'features.99'", 2),
     "ONNX teacher whose input does not fit the data": (_onnx_teacher_wrong_input, "but the data's samples are (1, 8, 8)", 2),
+    "teacher fed another normalization than it was trained on": (_pixels_teacher, "near chance (0.1", 2),
+    "training that diverges": (lambda t: ["train", "--model", "mlp", "--lr", "50", "--train-limit", "2000", "--test-limit", "500", "--quiet",
+                                          "--out", str(t / "r")], "training diverged at epoch 1: the training loss is nan", 2),
+    "a student that cannot be exported (checked before training)": (_unexportable_student, "cannot export Branchy to ONNX", 2),
     "bundle file whose bytes changed": (_bundle_with_flipped_byte, "model.onnx: sha256 mismatch", 2),
     "bundle archive with a link or `..` path": (_archive_with_link, "refusing archive member 'bundle/model.onnx' (symbolic link)", 2),
 }

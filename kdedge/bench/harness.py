@@ -28,10 +28,10 @@ from kdedge.bench.env import capture_environment, current_rss_bytes, peak_rss_by
 from kdedge.bench.runners import TARGETS, Runner, make_runner, target_available
 from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
 from kdedge.config import BenchConfig, ExportConfig
-from kdedge.data import DataSplits
+from kdedge.data import DataSplits, DatasetSpec
 from kdedge.metrics import evaluation_from_predictions
 from kdedge._fs import new_dir
-from kdedge.errors import BackendUnavailable, ConfigError, ModelError
+from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
 
 __all__ = ["BenchModel", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
 
@@ -46,6 +46,7 @@ class BenchModel:
         module: The PyTorch model (for ``torch-*`` targets, and exported on the fly for ``ort-*``).
         artifacts: Variant name -> file, e.g. ``{"onnx-int8": Path("model.int8.onnx")}``.
         params: Parameter count; FLOPs per sample (``torch.utils.flop_counter``); checkpoint bytes.
+        recorded: What the model's files say about its training data (None: nothing).
     """
 
     name: str
@@ -56,6 +57,25 @@ class BenchModel:
     flops: int | None = None
     bytes: int | None = None
     source: str = ""
+    recorded: RecordedData | None = None
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None  # the data's inputs -> this model's (e.g. a teacher's own normalization)
+
+
+@dataclass(frozen=True)
+class RecordedData:
+    """The dataset a model records (checkpoint spec, ``export.json``, ONNX metadata); None where it is silent.
+
+    Attributes:
+        name: Built-in name or path, as recorded (``DatasetSpec.name``).
+        input_shape: One sample's ``(C, H, W)``.
+        num_classes: Number of classes.
+        files: sha256 of the dataset's source files by role; two paths with equal hashes hold the same data.
+    """
+
+    name: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def _onnx_params(path: Path) -> int | None:
@@ -74,8 +94,11 @@ def _precision(variant: str) -> str:
     return variant.rsplit("-", 1)[-1]
 
 
-def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None = None) -> BenchModel:
-    """A :class:`BenchModel` from a run directory, checkpoint, export directory, ``.onnx``/``.plan`` or shipped zoo name."""
+def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None = None, trust_code: bool = False) -> BenchModel:
+    """A :class:`BenchModel` from a run directory, checkpoint, export directory, ``.onnx``/``.plan`` or shipped zoo name.
+
+    ``trust_code`` lets a checkpoint run the factory code it names (see :func:`~kdedge.models.load_checkpoint`).
+    """
     from kdedge.models.zoo import count_flops, count_parameters, load_checkpoint, parse_model_name, pretrained_path
 
     path = Path(ref).expanduser()
@@ -89,20 +112,25 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             artifacts[f"{kind}-{a['precision']}"] = path / a["path"]
         fp32 = artifacts.get("onnx-fp32")
         return BenchModel(name=manifest.get("model") or path.name, role=role, artifacts=artifacts, params=_onnx_params(fp32) if fp32 else None,
-                          bytes=fp32.stat().st_size if fp32 else None, source=str(path))
+                          bytes=fp32.stat().st_size if fp32 else None, source=str(path), recorded=_recorded_in_spec_dict(manifest.get("data")))
     if path.is_file() and path.suffix == ".onnx":
         from kdedge.exporters.onnx import read_metadata
 
         try:
-            precision = read_metadata(path).get("kdedge.precision", "fp32")
-        except Exception:  # unreadable metadata is reported when the runner loads the file
-            precision = "fp32"
+            meta = read_metadata(path)
+        except Exception:  # not parseable: onnxruntime says why in one line, before "no dataset recorded" could mislead
+            from kdedge.ort import ort_session
+
+            ort_session(path)
+            meta = {}
+        precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"onnx-{precision}": path}, params=_onnx_params(path) if precision != "int8" else None,
-                          bytes=path.stat().st_size, source=str(path))
+                          bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta))
     if path.is_file() and path.suffix in (".plan", ".engine"):
         meta_path = path.with_name(path.name + ".json")
         precision = json.loads(meta_path.read_text()).get("precision", "fp16") if meta_path.is_file() else "fp16"
-        return BenchModel(name=path.stem, role=role, artifacts={f"trt-{precision}": path}, bytes=path.stat().st_size, source=str(path))
+        return BenchModel(name=path.stem, role=role, artifacts={f"trt-{precision}": path}, bytes=path.stat().st_size, source=str(path),
+                          recorded=_recorded_beside_plan(path))
     if not path.exists():
         try:
             arch, width = parse_model_name(ref)
@@ -112,12 +140,59 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
         if shipped is None:
             raise ModelError(f"{ref}: kdedge ships no weights for it on {data_name or 'fashion-mnist'}; pass a run directory or checkpoint")
         path = shipped
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_code=trust_code)
+    recorded = RecordedData(name=ckpt.data.name if ckpt.data else None, input_shape=tuple(ckpt.spec.input_shape),
+                            num_classes=ckpt.spec.num_classes, files=dict(ckpt.data.files) if ckpt.data else {})
     return BenchModel(name=ckpt.spec.name, role=role, module=ckpt.model.eval(), params=count_parameters(ckpt.model),
-                      flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path))
+                      flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path),
+                      recorded=recorded)
 
 
-def _ensure_onnx(model: BenchModel, data: DataSplits, config: BenchConfig, workdir: Path) -> None:
+def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
+    """The dataset in a ``DatasetSpec.to_dict()`` (e.g. ``export.json["data"]``); tolerant of older or partial files."""
+    if not isinstance(d, dict):
+        return None
+    name, shape, classes, files = d.get("name"), d.get("input_shape"), d.get("num_classes"), d.get("files")
+    return RecordedData(
+        name=str(name) if name else None,
+        input_shape=tuple(int(v) for v in shape) if isinstance(shape, list) and all(isinstance(v, int) for v in shape) else None,
+        num_classes=classes if isinstance(classes, int) and not isinstance(classes, bool) else None,
+        files={str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {},
+    )
+
+
+def _recorded_in_onnx(meta: dict[str, str]) -> RecordedData | None:
+    """The dataset in an ONNX file's kdedge metadata: ``kdedge.dataset``, the input shape, the labels."""
+    if not any(k.startswith("kdedge.") for k in meta):
+        return None
+    shape: tuple[int, ...] | None = None
+    classes: int | None = None
+    try:
+        dims = json.loads(meta["kdedge.input"])["shape"][1:]  # ["batch", C, H, W]
+        shape = tuple(int(v) for v in dims) if all(isinstance(v, int) for v in dims) else None
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        labels = json.loads(meta["kdedge.labels"])
+        classes = len(labels) if isinstance(labels, list) else None
+    except (KeyError, TypeError, ValueError):
+        pass
+    return RecordedData(name=meta.get("kdedge.dataset") or None, input_shape=shape, num_classes=classes)
+
+
+def _recorded_beside_plan(path: Path) -> RecordedData | None:
+    """A TensorRT plan's sidecar does not name the data; the ``export.json`` that lists the plan does."""
+    manifest_path = path.parent / "export.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not any(isinstance(a, dict) and a.get("path") == path.name for a in manifest.get("artifacts") or []):
+        return None
+    return _recorded_in_spec_dict(manifest.get("data"))
+
+
+def _ensure_onnx(model: BenchModel, data: DataSplits, config: BenchConfig, workdir: Path, log: Callable[[str], None]) -> None:
     """Export the module to the configured ONNX variants (parity-checked) when an ORT target needs them."""
     wanted = [v for v in config.export_variants if f"onnx-{v}" not in model.artifacts]
     if model.module is None or not wanted:
@@ -126,7 +201,9 @@ def _ensure_onnx(model: BenchModel, data: DataSplits, config: BenchConfig, workd
 
     formats = ["onnx"] + [{"int8": "onnx-int8", "fp16": "onnx-fp16"}[v] for v in wanted if v != "fp32"]
     out = workdir / f"{model.role}-{model.name}".replace("/", "_")
-    result = export_model(model.module, out, data=data, config=ExportConfig(formats=tuple(formats), evaluate=False, parity_samples=256), model_name=model.name)
+    log(f"bench: exporting {model.name} to {', '.join(formats)} for the onnxruntime targets")
+    result = export_model(model.module, out, data=data, config=ExportConfig(formats=tuple(formats), evaluate=False, parity_samples=256), model_name=model.name,
+                          log=log)
     for a in result.artifacts:
         model.artifacts.setdefault(f"onnx-{a.precision}", out / a.path)
 
@@ -141,8 +218,8 @@ def _variants_for(model: BenchModel, target: str) -> list[tuple[str, Path | None
     return [(v, p) for v, p in sorted(model.artifacts.items()) if v.startswith(prefix)]
 
 
-def _accuracy(runner: Runner, data: DataSplits, batch_size: int) -> dict[str, Any]:
-    logits = runner.predict(data.test.inputs().numpy(), batch_size=batch_size)
+def _accuracy(runner: Runner, inputs: np.ndarray, data: DataSplits, batch_size: int) -> dict[str, Any]:
+    logits = runner.predict(inputs, batch_size=batch_size)
     ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, data.spec.num_classes)
     return {"top1": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples}
 
@@ -210,43 +287,15 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
         if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):
             for m in models:
-                _ensure_onnx(m, data, config, Path(work))
+                _ensure_onnx(m, data, config, Path(work), log)
         for model in models:
+            own = model.preprocess or (lambda x: x)
+            model_inputs, test_inputs = own(inputs), own(data.test.inputs().numpy()) if config.accuracy else None
             for target in config.targets:
-                runtime, device = TARGETS[target]
                 for variant, path in _variants_for(model, target):
-                    rss_before = current_rss_bytes()
-                    reset_peak_rss()
-                    if device != "cpu":
-                        torch.cuda.reset_peak_memory_stats()
-                    runner = make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads, channels_last=config.channels_last)
-                    for b in config.batch_sizes:
-                        runner.check_batch(b)
-                    accuracy = _accuracy(runner, data, min(config.accuracy_batch, getattr(runner, "max_batch", config.accuracy_batch))) if config.accuracy else None
-                    artifact_bytes = path.stat().st_size if path is not None else model.bytes
-                    group = []
-                    for b in config.batch_sizes:
-                        call = runner.prepare(inputs[:b])
-                        stats = (measure_cuda if runner.on_device_timing else measure)(call, policy)
-                        row = {
-                            "model": model.name, "role": model.role, "variant": variant, "target": target, "runtime": runtime, "device": device,
-                            "precision": _precision(variant), "batch": b, "threads": config.threads, "latency_ms": stats.to_dict(),
-                            "throughput_per_s": b / (stats.p50_ms / 1e3), "accuracy": accuracy, "params": model.params, "flops": model.flops,
-                            "bytes": artifact_bytes, "timing": "cuda-events" if runner.on_device_timing else "host",
-                        }
-                        if config.streams > 1:  # K independent sessions/copies, each fed by its own thread
-                            def fresh(b: int = b, path: Path | None = path, variant: str = variant, target: str = target) -> Callable[[], Any]:
-                                return make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads).prepare(inputs[:b])
-
-                            row["multi_stream"] = _multi_stream(fresh, config.streams, config.min_s, b)
-                        group.append(row)
-                        log(f"{model.name:<12} {variant:<11} {target:<10} batch {b:>4}  p50 {stats.p50_ms:9.4f} ms  {row['throughput_per_s']:>12,.0f}/s")
-                    peak = peak_rss_bytes()
-                    gpu_peak = int(torch.cuda.max_memory_allocated()) if device != "cpu" and runtime == "torch" else None
-                    for row in group:
-                        row["memory"] = {"peak_rss_bytes": peak, "rss_before_bytes": rss_before, "gpu_peak_bytes": gpu_peak}
-                    rows.extend(group)
-                    del runner
+                    log(f"bench: {model.name} {variant} @ {target}: " + (f"accuracy on {len(data.test)} test images, " if config.accuracy else "")
+                        + f"latency at batch {','.join(map(str, config.batch_sizes))}")
+                    rows += _measure(model, target, variant, path, model_inputs, test_inputs, data, config, policy, log)
     report = {
         "schema": REPORT_SCHEMA,
         "kdedge_version": __version__,
@@ -260,6 +309,43 @@ def benchmark(
     }
     report["comparison"] = compare_models(rows)
     return report
+
+
+def _measure(model: BenchModel, target: str, variant: str, path: Path | None, inputs: np.ndarray, test_inputs: np.ndarray | None, data: DataSplits,
+             config: BenchConfig, policy: TimingPolicy, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One runner: its accuracy on the test set, then latency at every batch size; one row per batch size."""
+    runtime, device = TARGETS[target]
+    rss_before = current_rss_bytes()
+    reset_peak_rss()
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    runner = make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads, channels_last=config.channels_last)
+    for b in config.batch_sizes:
+        runner.check_batch(b)
+    batch = min(config.accuracy_batch, getattr(runner, "max_batch", config.accuracy_batch))
+    accuracy = _accuracy(runner, test_inputs, data, batch) if test_inputs is not None else None
+    artifact_bytes = path.stat().st_size if path is not None else model.bytes
+    group = []
+    for b in config.batch_sizes:
+        stats = (measure_cuda if runner.on_device_timing else measure)(runner.prepare(inputs[:b]), policy)
+        row = {
+            "model": model.name, "role": model.role, "variant": variant, "target": target, "runtime": runtime, "device": device,
+            "precision": _precision(variant), "batch": b, "threads": config.threads, "latency_ms": stats.to_dict(),
+            "throughput_per_s": b / (stats.p50_ms / 1e3), "accuracy": accuracy, "params": model.params, "flops": model.flops,
+            "bytes": artifact_bytes, "timing": "cuda-events" if runner.on_device_timing else "host",
+        }
+        if config.streams > 1:  # K independent sessions/copies, each fed by its own thread
+            def fresh(b: int = b) -> Callable[[], Any]:
+                return make_runner(target, module=model.module, path=path, precision=_precision(variant), threads=config.threads).prepare(inputs[:b])
+
+            row["multi_stream"] = _multi_stream(fresh, config.streams, config.min_s, b)
+        group.append(row)
+        log(f"{model.name:<12} {variant:<11} {target:<10} batch {b:>4}  p50 {stats.p50_ms:9.4f} ms  {row['throughput_per_s']:>12,.0f}/s")
+    peak = peak_rss_bytes()
+    gpu_peak = int(torch.cuda.max_memory_allocated()) if device != "cpu" and runtime == "torch" else None
+    for row in group:
+        row["memory"] = {"peak_rss_bytes": peak, "rss_before_bytes": rss_before, "gpu_peak_bytes": gpu_peak}
+    return group
 
 
 def compare_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,14 +393,84 @@ def _check_roles(models: list[BenchModel]) -> None:
         raise ConfigError("at most one teacher per benchmark; pass the others as models")
 
 
-def run_bench(models: list[str], *, teacher: str | None = None, config: BenchConfig | None = None, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+def _dataset_key(name: str) -> str:
+    """A built-in name as it is; a path made absolute, so ``data.npz`` and ``./data.npz`` are one dataset."""
+    from kdedge.data import BUILTIN_DATASETS
+
+    return name if name in BUILTIN_DATASETS else str(Path(name).expanduser().resolve())
+
+
+def _label(model: BenchModel) -> str:
+    return ("teacher " if model.role == "teacher" else "") + (model.source or model.name)
+
+
+def _bench_data(models: list[BenchModel], data: str | None, *, test_limit: int | None) -> DataSplits:
+    """The test split to score ``models`` on: ``data``, else the dataset they record.
+
+    Every recorded dataset must be that one: the same built-in name or the same path (absolute);
+    two different paths are the same data only when the model recorded its files' sha256 and
+    they match (a dataset moved elsewhere). Then the data's input shape and classes must be the
+    models' wherever they record them.
+    """
+    from kdedge.data import BUILTIN_DATASETS, load_dataset
+
+    named = [(m, m.recorded.name) for m in models if m.recorded is not None and m.recorded.name]
+    listing = ", ".join(f"{_label(m)} records {name!r}" for m, name in named)
+    if data is None and not named:
+        raise ConfigError(f"no dataset is recorded with {', '.join(_label(m) for m in models)}; "
+                          f"pass --data NAME_OR_PATH (the dataset {'it was' if len(models) == 1 else 'they were'} trained on)")
+    choice = data if data is not None else named[0][1]
+
+    def mismatch() -> DataError:
+        if data is not None:
+            return DataError(f"--data {data!r} is not the dataset the models were trained on ({listing}); "
+                             "omit --data to score on the recorded dataset, or pass --data NAME_OR_PATH naming it")
+        return DataError(f"the models were trained on different datasets ({listing}); benchmark the models of each dataset "
+                         "in its own kdedge bench")
+
+    others = [m for m, name in named if _dataset_key(name) != _dataset_key(choice)]
+    if any(m.recorded.name in BUILTIN_DATASETS or choice in BUILTIN_DATASETS or not m.recorded.files for m in others):
+        raise mismatch()  # decided by the names, before loading (and perhaps downloading) anything
+    try:
+        splits = load_dataset(choice, test_limit=test_limit)
+    except DataError as exc:
+        if data is not None:
+            raise
+        raise DataError(f"{exc} (it is the dataset recorded with the models: {listing}; pass --data NAME_OR_PATH where it lies now)") from exc
+    if any(m.recorded.files != splits.spec.files for m in others):
+        raise mismatch()
+    _check_fits(models, splits.spec)
+    return splits
+
+
+def _check_fits(models: list[BenchModel], spec: DatasetSpec) -> None:
+    """DataError unless every model's recorded input shape and class count are ``spec``'s."""
+    wrong = []
+    for m in models:
+        r = m.recorded
+        if r is None:
+            continue
+        if (r.input_shape is not None and tuple(r.input_shape) != tuple(spec.input_shape)) or (r.num_classes is not None and r.num_classes != spec.num_classes):
+            wrong.append(f"{_label(m)} takes inputs {r.input_shape or '(unknown)'} with {r.num_classes or 'unknown'} classes")
+    if wrong:
+        raise DataError(f"data {spec.name!r} has inputs {tuple(spec.input_shape)} and {spec.num_classes} classes, but {'; '.join(wrong)}; "
+                        "pass --data NAME_OR_PATH with the data the models were trained on")
+
+
+def run_bench(models: list[str], *, teacher: str | None = None, config: BenchConfig | None = None, log: Callable[[str], None] | None = None,
+              trust_code: bool = False) -> tuple[dict[str, Any], Path]:
     """``kdedge bench``: resolve model references and data, benchmark, write the report directory.
+
+    The test data is ``config.data``, else the dataset the models record (see :func:`_bench_data`).
 
     Returns:
         The report and the directory it was written to (``config.out`` or ``runs/bench-<time>``).
-    """
-    from kdedge.data import load_dataset
 
+    Raises:
+        DataError: The models record different datasets, ``config.data`` is not the one they
+            record, or the data's input shape or classes are not the models'.
+        ConfigError: Nothing to benchmark, or no dataset recorded and ``config.data`` not given.
+    """
     config = config or BenchConfig()
     out = new_dir(config.out, "bench")
     if not models and teacher is None:
@@ -323,9 +479,9 @@ def run_bench(models: list[str], *, teacher: str | None = None, config: BenchCon
         why = target_available(target)
         if why:
             raise BackendUnavailable(why)
-    data = load_dataset(config.data, test_limit=config.test_limit)
-    resolved = [resolve_bench_model(teacher, role="teacher", data_name=config.data)] if teacher else []
-    resolved += [resolve_bench_model(m, role="student" if teacher else "model", data_name=config.data) for m in models]
+    resolved = [resolve_bench_model(teacher, role="teacher", data_name=config.data, trust_code=trust_code)] if teacher else []
+    resolved += [resolve_bench_model(m, role="student" if teacher else "model", data_name=config.data, trust_code=trust_code) for m in models]
+    data = _bench_data(resolved, config.data, test_limit=config.test_limit)
     report = benchmark(resolved, data, config, log=log)
     write_report(report, out, plots=config.plots)
     return report, out

@@ -77,7 +77,17 @@ def tolerances(config: ExportConfig) -> dict[str, Tolerance]:
 
 
 def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | None, input_name: str = "input") -> dict[str, str]:
-    """``metadata_props`` for an artifact: enough to preprocess an input and name the output."""
+    """``metadata_props`` for an artifact: enough to preprocess an input and name the output.
+
+    The preprocessing is the spec's own (``scale``, ``mean``, ``std``), the values
+    :class:`~kdedge.data.ArrayDataset` applied to every input the artifact was checked on.
+
+    Raises:
+        DataError: ``spec`` records no pixel scale (read from a file older than the field).
+    """
+    if spec.scale is None:
+        raise DataError(f"dataset spec {spec.name!r} records no pixel scale, so the preprocessing cannot be declared; "
+                        "export with the dataset loaded by kdedge.load_dataset (its spec carries the scale)")
     return {
         "kdedge.version": __version__,
         "kdedge.model": model_name,
@@ -85,7 +95,7 @@ def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | No
         "kdedge.dataset": spec.name,
         "kdedge.input": json.dumps({"name": input_name, "shape": ["batch", *spec.input_shape], "dtype": "float32", "layout": "NCHW"}),
         "kdedge.preprocessing": json.dumps(
-            {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]"}
+            {"scale": spec.scale, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]"}
         ),
         "kdedge.labels": json.dumps(list(spec.labels)),
         "kdedge.precision": "fp32",
@@ -302,11 +312,13 @@ def _tensorrt_artifact(tmp: Path, config: ExportConfig, spec: DatasetSpec, parit
                     sha256=file_sha256(engine_path), parity=report.to_dict(), accuracy=accuracy, details={"engine": meta})
 
 
-def export_checkpoint(source: str | Path, config: ExportConfig | None = None) -> ExportResult:
+def export_checkpoint(source: str | Path, config: ExportConfig | None = None, *, trust_code: bool = False,
+                      log: Callable[[str], None] | None = None) -> ExportResult:
     """``kdedge export``: a run directory, a ``.safetensors`` checkpoint or a shipped zoo name.
 
     The data for parity, calibration and accuracy is ``config.data``, else the dataset named in
-    the checkpoint.
+    the checkpoint. ``trust_code`` lets a checkpoint run the factory code it names (see
+    :func:`~kdedge.models.load_checkpoint`).
     """
     from kdedge.models.zoo import load_checkpoint, parse_model_name, pretrained_path
 
@@ -322,10 +334,10 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None) ->
         if shipped is None:
             raise ModelError(f"{source}: no such run directory or checkpoint, and kdedge ships no {source} weights for {config.data or 'fashion-mnist'}")
         path = shipped
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_code=trust_code)
     data_name = config.data or (ckpt.data.name if ckpt.data else None)
     if data_name is None:
         raise DataError(f"{ckpt.path}: records no dataset; pass --data NAME_OR_PATH for parity, calibration and accuracy")
     data = load_dataset(data_name)
     _check_data(tuple(ckpt.spec.input_shape), ckpt.spec.num_classes, data.spec)
-    return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256)
+    return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256, log=log)
