@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdedge-installed
-# The development environment pins torch to the CPU wheel (the library itself only needs torch>=2.4).
+# The development environment pins torch (the library itself only needs torch>=2.4). On Linux,
+# PyPI's torch wheel bundles CUDA: a multi-GB download. TORCH_INDEX takes torch from another index,
+# e.g. PyTorch's CPU-only wheels (torch==2.13.0 resolves to 2.13.0+cpu there):
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+# torch comes from that index alone (with the dependencies it hosts, as pytorch.org's own install
+# command does), never mixed with PyPI's CUDA wheel; kdedge and everything else then come from PyPI.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install data demo test test-fast bench bench-deploy teacher clean
 
@@ -12,7 +18,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
+	$(if $(TORCH_INDEX),@$(PY) -c "import torch; print('torch', torch.__version__, 'from $(TORCH_INDEX); CUDA:', torch.version.cuda)")
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 

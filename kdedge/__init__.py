@@ -4,7 +4,7 @@ The public API takes plain PyTorch objects::
 
     import kdedge
     data = kdedge.load_dataset("fashion-mnist")
-    teacher, _, _ = kdedge.resolve_teacher("resnet", data.spec)
+    teacher = kdedge.resolve_teacher("resnet", data.spec).model
     student = kdedge.create_model(kdedge.ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28)))
     result = kdedge.distill(student, teacher, data.train, data.test, config=kdedge.DistillConfig(epochs=5))
 

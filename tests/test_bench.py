@@ -20,10 +20,14 @@ from kdedge.bench import (
     pareto_front,
     write_report,
 )
+from kdedge.bench.env import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from kdedge.cli import main
 from kdedge.config import BenchConfig
+from kdedge.data import load_dataset
 from kdedge.errors import BackendUnavailable, ConfigError
 from kdedge.models.zoo import ModelSpec, create_model, load_checkpoint, pretrained_path
+
+from conftest import TinyNet, make_idx_dir
 
 
 def test_latency_stats_match_numpy_on_known_samples():
@@ -107,6 +111,58 @@ def test_report_schema(small_report):
     assert acc[("tiny_cnn", "onnx-fp32")] == acc[("tiny_cnn", "torch-fp32")]
     md = (out / "report.md").read_text()
     assert "## Teacher vs student" in md and "| tiny_cnn | student | onnx-fp32 | ort-cpu |" in md
+
+
+MIB = 2**20
+
+
+def _require_peak_reset() -> None:
+    if current_rss_bytes() is None:
+        pytest.skip("no /proc/self/status here: the current RSS cannot be read")
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs 5): peaks are since process start")
+
+
+def test_peak_rss_sees_a_known_buffer_and_resets():
+    """The probes behind every row's ``memory``: a 200 MiB buffer written inside the measured region
+    raises the peak by >= 190 MiB, and a reset without the buffer forgets that peak."""
+    _require_peak_reset()
+    before = current_rss_bytes()
+    buffer = np.ones(200 * MIB, dtype=np.uint8)  # np.ones writes every page: resident, not just reserved
+    with_buffer = peak_rss_bytes()
+    del buffer  # a 200 MiB block is its own mapping: freeing it returns it to the kernel
+    assert with_buffer - before >= 190 * MIB
+    assert reset_peak_rss()
+    without = peak_rss_bytes()
+    assert without <= with_buffer - 150 * MIB, f"the peak after a reset ({without / MIB:.0f} MiB) still holds the buffer ({with_buffer / MIB:.0f} MiB)"
+
+
+class _Hog(torch.nn.Module):
+    """TinyNet that writes a 200 MiB buffer on every call: a known amount of peak memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet(num_classes=3)
+
+    def forward(self, x):
+        buffer = np.ones(200 * MIB, dtype=np.uint8)
+        del buffer
+        return self.net(x)
+
+
+def test_benchmark_rows_record_each_models_own_peak_rss(tmp_path):
+    """The harness resets the peak before each model: the hog's rows carry its 200 MiB, the
+    small model benchmarked after it does not."""
+    _require_peak_reset()
+    data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=20, n_test=16)))
+    torch.manual_seed(0)
+    models = [BenchModel("hog", role="teacher", module=_Hog()), BenchModel("small", role="student", module=TinyNet(num_classes=3))]
+    config = BenchConfig(targets=("torch-cpu",), batch_sizes=(1, 4), warmup_iters=1, warmup_s=0, min_iters=3, min_s=0, plots=False)
+    rows = benchmark(models, data, config)["rows"]
+    memory = {r["model"]: r["memory"] for r in rows}
+    assert len(rows) == 4 and set(memory) == {"hog", "small"}
+    assert memory["hog"]["peak_rss_bytes"] - memory["hog"]["rss_before_bytes"] >= 190 * MIB
+    assert memory["small"]["peak_rss_bytes"] <= memory["hog"]["peak_rss_bytes"] - 150 * MIB
 
 
 def test_teacher_vs_student_ratios(small_report):

@@ -197,25 +197,48 @@ def _consumer_example() -> str:
 
 
 def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
-    code = _consumer_example()
-    assert len(code.strip().splitlines()) <= 30
-    assert "kdedge" not in code.split("bundle, images")[0]  # imports nothing from kdedge
-    script = tmp_path / "consume.py"
-    script.write_text(code)
-    images = next(p for p in find_builtin("fashion-mnist").iterdir() if p.name.startswith("t10k-images"))
-    out = subprocess.run([sys.executable, "-I", str(script), str(bundle), str(images)], capture_output=True, text=True, check=True).stdout.strip()
-    labels = json.loads((bundle / "manifest.json").read_text())["labels"]
-    assert out in labels
-    # It must agree with the student in PyTorch on that image.
+    """The README's consumer code, as its own process without kdedge, predicts on all 10,000 test
+    images what the bundled student predicts in PyTorch (differing only where PyTorch's top two
+    logits are within 1e-3 of each other, and on at most 0.1 % of the images)."""
+    import shutil
+
     import torch
 
     from kdedge.data import load_dataset
     from kdedge.models import load_checkpoint
 
+    code = _consumer_example()
+    assert len(code.strip().splitlines()) <= 30
+    assert "kdedge" not in code.split("bundle, images")[0]  # imports nothing from kdedge
+    script = tmp_path / "consume.py"
+    script.write_text(code)
+    # Which variant is recommended follows this machine's timings, and only FP32 can match PyTorch
+    # up to near-ties (INT8 is held to argmax agreement >= 95 %): a copy of the bundle recommends FP32.
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
+    manifest["recommended"]["ort-cpu"]["artifact"] = "models/model.onnx"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    n = 10_000
+    images = next(p for p in find_builtin("fashion-mnist").iterdir() if p.name.startswith("t10k-images"))
+    out = subprocess.run([sys.executable, "-I", str(script), str(copy), str(images), str(n)], capture_output=True, text=True, check=True).stdout.splitlines()
+    labels = manifest["labels"]
+    assert len(out) == n and set(out) <= set(labels) and len(set(labels)) == len(labels)
+    predicted = torch.tensor([labels.index(name) for name in out])
+
+    test = load_dataset("fashion-mnist").test
     student = load_checkpoint(bundle / "student.safetensors").model.eval()
     with torch.inference_mode():
-        expected = labels[int(student(load_dataset("fashion-mnist").test.inputs(slice(0, 1))).argmax())]
-    assert out == expected
+        logits = student(test.inputs(slice(0, n)))  # (n, 10)
+    top2 = logits.topk(2, dim=1).values
+    near_tie = top2[:, 0] - top2[:, 1] < 1e-3
+    differ = predicted != logits.argmax(1)
+    assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} of {n} predictions differ from PyTorch's away from a near-tie"
+    assert int(differ.sum()) <= n // 1000
+    # A real classifier, not a constant: one epoch on 2,000 images scores well above chance (10 %).
+    assert (predicted == test.labels[:n]).float().mean() > 0.5
 
 
 def test_auto_formats_and_targets_follow_the_machine():

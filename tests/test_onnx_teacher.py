@@ -13,15 +13,24 @@ from kdedge.models.onnx_teacher import OnnxTeacherModule
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits
 from kdedge.errors import DataError
 from kdedge.exporters import export_onnx
+from kdedge.metrics import evaluate, predict_logits
 
 from conftest import TinyNet, make_idx_dir
 
 
 @pytest.fixture
 def tiny(tmp_path):
-    data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=120, n_test=40)))
+    data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=120, n_test=400)))
     torch.manual_seed(0)
-    teacher = TinyNet(num_classes=3).eval()
+    teacher = TinyNet(num_classes=3)
+    # Trained (full batch, a few ms), so its accuracy is far from chance and an ONNX teacher that
+    # computed something else could not match it by luck.
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=0.01)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(teacher(data.train.inputs()), data.train.labels).backward()
+        optimizer.step()
+    teacher.eval()
     path = tmp_path / "teacher.onnx"
     export_onnx(teacher, path, input_shape=(1, 8, 8))
     return data, teacher, path
@@ -49,7 +58,19 @@ def test_distill_from_onnx_teacher_via_cli(tiny, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["teacher"]["name"] == str(path) and metrics["teacher_cache"]["hit"] is False
-    assert metrics["teacher"]["test"]["accuracy"] > 0.0
+    # The ONNX teacher scores what the torch teacher it was exported from scores on the same test
+    # images: the same confusion matrix, except where torch's top two logits nearly tie.
+    data, teacher, _ = tiny
+    reference = evaluate(teacher, data.test)
+    logits, _ = predict_logits(teacher, data.test)
+    top2 = logits.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] < 1e-3).sum())
+    assert reference.accuracy > 0.9 and reference.num_samples == 400  # trained: far from chance (1/3)
+    onnx_test = metrics["teacher"]["test"]
+    assert onnx_test["num_samples"] == 400
+    assert abs(onnx_test["accuracy"] - reference.accuracy) * 400 <= near_ties
+    cells_differing = sum(abs(a - b) for row_o, row_t in zip(onnx_test["confusion"], reference.confusion) for a, b in zip(row_o, row_t))
+    assert cells_differing <= 2 * near_ties  # one changed prediction moves one count between two cells
 
 
 def test_onnx_teacher_that_does_not_fit_the_data(tiny, tmp_path, capsys):

@@ -1,0 +1,118 @@
+"""The README's Python is the API: every ```python block of README.md runs, on a small slice of the real data.
+
+The blocks run top to bottom in one namespace, as a reader pastes them into one notebook: a later
+block uses what an earlier one defined (``kdedge``, ``data``, ``teacher``, ``student``). They run
+in a temporary directory, so the paths they write (``runs/notebook``, ``bundles/nb``, ``export/``,
+``bench/``) land there and never in the repository.
+
+The README shows the real calls (the full dataset, 15 epochs); the test makes them cheap with the
+textual substitutions in ``CHEAP``. Each must match exactly once: a README edit that changes one of
+these calls fails here, loudly, instead of silently running the full-size job (or nothing).
+
+One block is a script of its own, not a notebook cell: the consumer example (after
+``<!-- consumer-example -->``) reads ``sys.argv`` and must run without kdedge installed.
+``tests/test_bundle.py::test_readme_consumer_example_runs_without_kdedge`` runs it as a separate
+process on a real bundle; this test skips it and checks that it is the only one skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# How many ```python blocks the README holds, and how many of them this test runs. A new block
+# changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
+EXPECTED_BLOCKS = 5
+EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
+
+SCRIPT_MARKER = "<!-- consumer-example -->"
+
+# (as the README shows it, what the test runs instead): the full-size calls made small.
+CHEAP = [
+    # 2,000 training and 500 test images instead of 60,000 / 10,000.
+    ('kdedge.load_dataset("fashion-mnist")', 'kdedge.load_dataset("fashion-mnist", train_limit=2000, test_limit=500)'),
+    # One epoch of distillation instead of 15.
+    ("kdedge.DistillConfig(epochs=15,", "kdedge.DistillConfig(epochs=1,"),
+    # The whole pipeline on the same slice, one epoch, a short benchmark; a one-epoch student keeps
+    # far less than 98 % of the teacher's accuracy, so the retention gate is lowered to let it publish.
+    ('kdedge.CompressConfig(epochs=6, out="bundles/nb")',
+     'kdedge.CompressConfig(epochs=1, out="bundles/nb", train_limit=2000, test_limit=500, bench_min_s=0.05, '
+     'parity_samples=200, calibration_samples=128, cache="memory", min_retention=0.5, max_quant_drop=5.0)'),
+    # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
+    ('kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32))',
+     'kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32), warmup_iters=1, warmup_s=0, min_iters=3, min_s=0.02)'),
+]
+
+
+def _python_blocks() -> list[tuple[int, str, bool]]:
+    """``(line of the first code line, code, is_script)`` for every ```python block, in order."""
+    text = README.read_text()
+    blocks = []
+    for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+        line = text.count("\n", 0, m.start(1)) + 1
+        before = text[: m.start()].rstrip()
+        blocks.append((line, m.group(1), before.endswith(SCRIPT_MARKER)))
+    return blocks
+
+
+def _cheap(blocks: list[tuple[int, str, bool]]) -> list[tuple[int, str, bool]]:
+    """The blocks with every CHEAP substitution applied; each must match exactly once in all of them."""
+    out = list(blocks)
+    for old, new in CHEAP:
+        hits = [i for i, (_, code, _) in enumerate(out) if old in code]
+        count = sum(code.count(old) for _, code, _ in out)
+        assert count == 1, f"README substitution {old!r} matched {count} times (expected once): update CHEAP in {Path(__file__).name} with the README"
+        line, code, script = out[hits[0]]
+        out[hits[0]] = (line, code.replace(old, new), script)
+    return out
+
+
+def test_every_python_block_is_run_or_named_as_a_script():
+    blocks = _python_blocks()
+    scripts = [code for _, code, script in blocks if script]
+    assert (len(blocks), len(scripts)) == (EXPECTED_BLOCKS, EXPECTED_SCRIPTS), "a README Python block was added or removed: update this test"
+    assert "sys.argv" in scripts[0]
+    # The skipped script is run elsewhere, by the test that reads it after the same marker.
+    test_bundle = (Path(__file__).parent / "test_bundle.py").read_text()
+    assert "def test_readme_consumer_example_runs_without_kdedge(" in test_bundle and SCRIPT_MARKER in test_bundle
+    # Only the marked script may read the command line; every other block is a notebook cell.
+    assert not [line for line, code, script in blocks if not script and "sys.argv" in code]
+    _cheap(blocks)  # every substitution still applies
+
+
+def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme__"}
+    ran, skipped = [], []
+    for line, code, script in _cheap(_python_blocks()):
+        if script:
+            skipped.append(line)
+            continue
+        # Blank lines in front make a traceback name the README's own line numbers.
+        compiled = compile("\n" * (line - 1) + code, str(README), "exec")
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            exec(compiled, namespace)
+        ran.append((line, stdout.getvalue()))
+    assert (len(ran), len(skipped)) == (EXPECTED_BLOCKS - EXPECTED_SCRIPTS, EXPECTED_SCRIPTS)
+
+    # What the blocks print and write is what the README says they do (a run may log progress
+    # lines first; a block's own print is its last line).
+    api, bundle, export, bench = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
+    assert 0.5 < student_acc < teacher_acc and 0.5 < student_f1 < 1 and teacher_acc > 0.9  # one epoch on 2,000 images vs the shipped teacher
+    assert (tmp_path / "runs/notebook/model.safetensors").is_file()
+    manifest = json.loads((tmp_path / "bundles/nb/manifest.json").read_text())
+    assert manifest["data"]["test_samples"] == 500 and "ort-cpu" in manifest["recommended"]
+    assert all(gate["passed"] for gate in manifest["gates"].values()) and "'ort-cpu'" in bundle
+    int8 = ast.literal_eval(export)
+    assert 0.5 < int8["accuracy"] <= 1 and "drop_vs_fp32_pt" in int8 and (tmp_path / "export/model.int8.onnx").is_file()
+    report = json.loads((tmp_path / "bench/report.json").read_text())
+    assert {(r["model"], r["target"]) for r in report["rows"]} == {(m, t) for m in ("resnet", "tiny_cnn") for t in ("torch-cpu", "ort-cpu")}
+    assert bench == ""  # the bench block prints nothing; it writes bench/
