@@ -39,10 +39,12 @@ from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
 from kdedge.data import DataSplits, load_dataset
-from kdedge.distill.teacher import FrozenTeacher, InputMap, teacher_input_map
+from kdedge.data.normalization import InputMap
+from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
 from kdedge.exporters.onnx import export_onnx
+from kdedge.exporters.quantize import quantize_int8
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, save_checkpoint, state_dict_sha256
 from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
@@ -152,7 +154,7 @@ def _files_entry(root: Path, skip: set[str]) -> list[dict[str, Any]]:
 def _rejected_path(out: Path) -> Path:
     candidate = out.with_name(out.name + ".rejected")
     if candidate.exists():
-        candidate = out.with_name(f"{out.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}")
+        candidate = out.with_name(f"{out.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     return candidate
 
 
@@ -228,11 +230,33 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
                                             trust_code=trust_code)
     distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
     _check_measurable(config, teacher, targets)
-    log(f"preflight: the {student_spec.name} student's graph exports to ONNX")
-    export_onnx(student, work / "student-preflight.onnx", input_shape=tuple(data.spec.input_shape))
+    _check_student_exports(student, student_spec, data, formats, work, log)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {directory} for the bundle ({exc.strerror}); pass an --out in a writable place") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{directory} is not writable, so the bundle cannot be written there; pass an --out in a writable place")
+
+
+def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], work: Path, log: Callable[[str], None]) -> None:
+    """The untrained student through every ONNX format: the graph, the quantizer and the FP16 cast do not depend on the weights.
+
+    Parity and accuracy do, so they are checked on the trained student only.
+    """
+    log(f"preflight: the {spec.name} student's graph through " + ", ".join(f for f in formats if f != "tensorrt"))
+    shape = tuple(data.spec.input_shape)
+    fp32 = export_onnx(student, work / "student.onnx", input_shape=shape)
+    if "onnx-int8" in formats:
+        quantize_int8(fp32.path, work / "student.int8.onnx", calibration=data.train.inputs(slice(0, 32)).numpy())
+    if "onnx-fp16" in formats:
+        export_onnx(student, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
 
 
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
@@ -281,6 +305,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
     config = config or CompressConfig()
     log = log or (lambda _line: None)
     out = new_dir(config.out, "bundle")
+    _check_writable(out.parent)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdedge-bundle-") as work:
         plan = plan_bundle(config, work=Path(work), trust_code=trust_code, log=log)

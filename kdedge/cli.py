@@ -93,29 +93,7 @@ def _options_from(cls: type[_RunConfig]):
 def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, Any], *, trust_code: bool) -> Any:
     ctx = click.get_current_context()
     explicit = {k: v for k, v in params.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    config = load_config(cls, config_file, explicit)
-    _check_code_in_file(config, config_file, explicit, trust_code=trust_code)
-    return config
-
-
-def _check_code_in_file(config: Any, config_file: str | None, explicit: dict[str, Any], *, trust_code: bool) -> None:
-    """A factory a YAML file names runs code, like one a checkpoint names: it needs --trust-code.
-
-    A config file may come from anyone (a bundle's config.yaml, a colleague's deploy.yaml); a
-    factory typed on the command line is the user's own choice and needs nothing.
-    """
-    if config_file is None or trust_code:
-        return
-    from pathlib import Path
-
-    from kdedge.errors import ModelError
-    from kdedge.models.byo import is_factory_ref
-
-    named = [f"{key}: {value}" for key in ("model", "teacher", "student") if key not in explicit
-             for value in [getattr(config, key, None)] if isinstance(value, str) and is_factory_ref(value) and not Path(value).exists()]
-    if named:
-        raise ModelError(f"{config_file} names code to import and run ({'; '.join(named)}); if you trust it, pass --trust-code "
-                         "(or name the factory on the command line)")
+    return load_config(cls, config_file, explicit, trust_code=trust_code)
 
 
 #: Not a config field: trust comes from whoever runs the command, never from a YAML file someone sent.
@@ -286,9 +264,7 @@ def build(config_file: str, out: str | None, quiet: bool, trust_code: bool) -> N
     Same config and seed on the CPU -> identical student weights and artifacts, and a manifest
     equal apart from timestamps and timings.
     """
-    config = load_config(CompressConfig, config_file, {"out": out} if out else {})
-    _check_code_in_file(config, config_file, {}, trust_code=trust_code)
-    _run_bundle(config, quiet, trust_code=trust_code)
+    _run_bundle(load_config(CompressConfig, config_file, {"out": out} if out else {}, trust_code=trust_code), quiet, trust_code=trust_code)
 
 
 def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:

@@ -411,8 +411,26 @@ def config_from_dict(cls: type[C], values: dict[str, Any], *, source: str = "con
     return cls(**normalized)
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (e.g. explicit CLI flags)."""
+def is_factory_ref(ref: str) -> bool:
+    """True for ``module:attr`` or ``file.py:attr``: a reference to code (a Windows drive letter alone does not count)."""
+    head, sep, attr = ref.rpartition(":")
+    return bool(sep and head and attr.isidentifier() and not (len(head) == 1 and head.isalpha()))
+
+
+#: Config keys whose value may be a factory reference, i.e. code to import.
+CODE_KEYS = ("model", "teacher", "student")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, trust_code: bool = False) -> C:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (e.g. explicit CLI flags).
+
+    A factory reference (``nets.py:make``) that the *file* names is code a stranger may have
+    written (a bundle's ``config.yaml``, a colleague's deploy file): it is refused unless
+    ``trust_code``. One given in ``overrides`` is the caller's own choice.
+
+    Raises:
+        ConfigError: Unreadable file, unknown keys, invalid values, or code named without ``trust_code``.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -431,6 +449,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values, found {type(loaded).__name__}")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    named = [f"{k}: {values[k]}" for k in CODE_KEYS if k in values and k not in (overrides or {}) and isinstance(values[k], str)
+             and is_factory_ref(values[k]) and not Path(values[k]).exists()]
+    if named and not trust_code:
+        raise ConfigError(f"{path} names code to import and run ({'; '.join(named)}); if you trust it, pass --trust-code "
+                          "(trust_code=True in Python), or name the factory on the command line")
     values.update(overrides or {})
     return config_from_dict(cls, values, source=str(path) if path else "config")
 

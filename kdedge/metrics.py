@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdedge._modes import evaluating
 from kdedge.data.spec import ArrayDataset
 
-__all__ = ["Evaluation", "evaluate", "evaluation_from_confusion", "evaluation_from_predictions", "predict_logits"]
+__all__ = ["ChanceCheck", "Evaluation", "evaluate", "evaluation_from_confusion", "evaluation_from_predictions", "predict_logits"]
 
 
 @dataclass
@@ -66,10 +67,8 @@ def evaluation_from_confusion(confusion: torch.Tensor) -> Evaluation:
 @torch.inference_mode()
 def predict_logits(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 1000, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, K)`` and labels ``(N,)`` of ``model`` over ``data``, in eval mode."""
-    was_training = model.training
-    model.eval()
     outputs, labels = [], []
-    try:
+    with evaluating(model):
         if isinstance(data, ArrayDataset):
             for start in range(0, len(data), batch_size):
                 index = slice(start, start + batch_size)
@@ -80,8 +79,6 @@ def predict_logits(model: nn.Module, data: Dataset | DataLoader, *, batch_size: 
             for x, y in loader:
                 outputs.append(model(x.to(device)).float().cpu())
                 labels.append(torch.as_tensor(y).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(outputs), torch.cat(labels)
 
 
@@ -103,3 +100,38 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int |
     logits, labels = predict_logits(model, data, batch_size=batch_size, device=device)
     k = num_classes or logits.shape[1]
     return evaluation_from_predictions(logits.argmax(1), labels, k)
+
+
+@dataclass(frozen=True)
+class ChanceCheck:
+    """A classifier's balanced accuracy against what guessing scores.
+
+    Balanced accuracy is the mean recall over the classes present in the test set; a model that
+    answers one class (or guesses at random) scores ``1/K`` however imbalanced the classes are,
+    where plain accuracy would credit it with the majority class's share.
+
+    Attributes:
+        balanced_accuracy: Mean per-class recall over the ``classes`` present.
+        chance: ``1/classes``.
+        standard_error: Of the balanced accuracy of a chance-level classifier on these class counts:
+            ``sqrt(p(1−p)·Σ_c 1/n_c) / K`` with ``p = 1/K``.
+        classes: Classes with at least one test sample.
+    """
+
+    balanced_accuracy: float
+    chance: float
+    standard_error: float
+    classes: int
+
+    @classmethod
+    def of(cls, ev: Evaluation) -> ChanceCheck:
+        counts = [sum(row) for row in ev.confusion]
+        recalls = [row[c] / n for c, (row, n) in enumerate(zip(ev.confusion, counts)) if n > 0]
+        k = len(recalls)
+        p = 1.0 / max(k, 1)
+        se = (p * (1 - p) * sum(1.0 / n for n in counts if n > 0)) ** 0.5 / max(k, 1)
+        return cls(sum(recalls) / max(k, 1), p, se, k)
+
+    def at_chance(self, *, sigmas: float = 3.0, slack: float = 0.0) -> bool:
+        """Within ``sigmas`` standard errors of chance, or within ``slack`` of the way from chance to 1."""
+        return self.classes >= 2 and self.balanced_accuracy <= self.chance + max(sigmas * self.standard_error, slack * (1 - self.chance))

@@ -8,7 +8,7 @@ import numpy as np
 
 from kdedge.errors import BackendUnavailable, ExportError
 
-__all__ = ["onnxruntime", "ort_session", "ort_predict", "ort_version"]
+__all__ = ["onnxruntime", "ort_session", "ort_predict", "ort_version", "fixed_batch"]
 
 
 def onnxruntime():
@@ -65,8 +65,25 @@ def ort_session(
         raise ExportError(f"{path}: onnxruntime cannot load it ({first}); is the file truncated, corrupt or not ONNX?") from exc
 
 
-def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """The first output of ``session`` over ``inputs`` ``(N, ...)``, run in batches, concatenated."""
+def fixed_batch(session) -> int | None:
+    """The batch size a graph's first input is fixed to, or None when its batch dimension is symbolic."""
+    shape = session.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256, dtype: type = np.float32) -> np.ndarray:
+    """The first output of ``session`` over ``inputs`` ``(N, ...)``, run in batches, concatenated.
+
+    A graph with a fixed batch size gets batches of exactly that size, the last one zero-padded
+    (and its padding rows dropped from the output), whatever ``batch_size`` asks for.
+    """
     name = session.get_inputs()[0].name
-    outputs = [session.run(None, {name: np.ascontiguousarray(inputs[i : i + batch_size])})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outputs, axis=0)
+    step = fixed_batch(session) or batch_size
+    outputs = []
+    for i in range(0, len(inputs), step):
+        chunk = np.ascontiguousarray(inputs[i : i + step], dtype=dtype)
+        n = len(chunk)
+        if n < step and fixed_batch(session) is not None:
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(session.run(None, {name: chunk})[0][:n])
+    return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0), np.float32)

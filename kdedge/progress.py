@@ -60,6 +60,11 @@ class Progress:
             self._bar.__exit__(*exc)  # type: ignore[arg-type]
             self._bar = None
 
+    @property
+    def live(self) -> bool:
+        """Whether a bar is being drawn (worth updating step by step)."""
+        return self._bar is not None
+
     def line(self, text: str) -> None:
         """One line of log (above the bars on a terminal)."""
         if not self.enabled:
@@ -85,6 +90,7 @@ class Progress:
     def finish(self, task: int, summary: str) -> None:
         """End a step: the bar shows ``summary``; plain mode prints it as one line."""
         if self._bar is not None:
-            self._bar.update(task, stats=summary)  # type: ignore[arg-type]
+            description = self._bar.tasks[[t.id for t in self._bar.tasks].index(task)].description
+            self._bar.update(task, stats=summary.removeprefix(description).strip())  # type: ignore[arg-type]
         elif self.enabled:
             self.line(summary)

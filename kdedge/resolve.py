@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdedge.data.spec import DatasetSpec
-from kdedge.distill.teacher import TeacherInput
+from kdedge.data.normalization import Normalization
 from kdedge.errors import ConfigError, DataError, ModelError
 from kdedge.models.byo import is_factory_ref
 from kdedge.models.zoo import (
@@ -49,7 +49,7 @@ class ResolvedTeacher:
     model: nn.Module
     spec: ModelSpec
     name: str
-    input: TeacherInput | None = None
+    input: Normalization | None = None
     path: Path | None = None
 
     @property
@@ -89,11 +89,11 @@ def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None,
 
         module = OnnxTeacherModule(path, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
         spec = ModelSpec("onnx", 1.0, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
-        return ResolvedTeacher(module, spec, str(path), input=_onnx_input(module, path), path=path)
+        return ResolvedTeacher(module, spec, str(path), input=_onnx_input(module, path, data), path=path)
     if path.exists():
         ckpt = load_checkpoint(path, trust_code=trust_code)
         check_fits(f"teacher {ref}", ckpt.spec, data)
-        return ResolvedTeacher(ckpt.model, ckpt.spec, str(ckpt.path), input=_spec_input(ckpt.data))
+        return ResolvedTeacher(ckpt.model, ckpt.spec, str(ckpt.path), input=_spec_input(ckpt.data, data, ref))
     arch, width = parse_model_name(ref)
     shipped = pretrained_path(arch, width, data.name)
     if shipped is None:
@@ -103,20 +103,43 @@ def resolve_teacher(ref: str, data: DatasetSpec, *, weights: str | None = None,
         )
     ckpt = load_checkpoint(shipped)
     check_fits(f"teacher {ref}", ckpt.spec, data)
-    return ResolvedTeacher(ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})", input=_spec_input(ckpt.data))
+    return ResolvedTeacher(ckpt.model, ckpt.spec, f"{ref} (shipped, {data.name})", input=_spec_input(ckpt.data, data, ref))
 
 
-def _spec_input(spec: DatasetSpec | None) -> TeacherInput | None:
-    return TeacherInput(tuple(spec.mean), tuple(spec.std), getattr(spec, "scale", None)) if spec is not None else None
+def _known_scale(scale: float | None, recorded_on: str | None, data: DatasetSpec, what: str) -> float | None:
+    """A recorded pixel scale, or — when the file predates recording it — the data's, if it is the same dataset."""
+    if scale is not None:
+        return scale
+    if recorded_on == data.name:
+        return data.scale  # the same data, stored the same way
+    raise ConfigError(f"{what} was written before kdedge recorded pixel scales and was trained on {recorded_on!r}, not {data.name!r}, so how to "
+                      "feed it these pixels is unknown; declare its normalization with --teacher-mean/--teacher-std")
 
 
-def _onnx_input(module: nn.Module, path: Path) -> TeacherInput | None:
+def _spec_input(spec: DatasetSpec | None, data: DatasetSpec, ref: str) -> Normalization | None:
+    """The normalization a kdedge checkpoint's dataset spec records (None when it records no dataset)."""
+    if spec is None:
+        return None
+    return Normalization(tuple(spec.mean), tuple(spec.std), _known_scale(spec.scale, spec.name, data, f"teacher {ref}"))
+
+
+#: kdedge versions whose ONNX metadata wrote scale 1/255 whatever the data was (issue 12, item 3).
+_SCALE_UNRELIABLE_BEFORE = (0, 2, 0)
+
+
+def _onnx_input(module: nn.Module, path: Path, data: DatasetSpec) -> Normalization | None:
     """The normalization a kdedge-exported ONNX file declares in ``kdedge.preprocessing``; None for other files."""
+    meta = module.session.get_modelmeta().custom_metadata_map
     try:
-        pre = json.loads(module.session.get_modelmeta().custom_metadata_map.get("kdedge.preprocessing", "null"))
-        return TeacherInput(tuple(map(float, pre["mean"])), tuple(map(float, pre["std"])), float(pre["scale"])) if pre else None
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{path.name}: its kdedge.preprocessing metadata is not readable; fix or remove it, or pass --teacher-mean/--teacher-std") from None
+        pre = json.loads(meta.get("kdedge.preprocessing", "null"))
+        if not pre:
+            return None
+        version = tuple(int(v) for v in meta.get("kdedge.version", "0.0.0").split(".")[:3])
+        scale = float(pre["scale"]) if version >= _SCALE_UNRELIABLE_BEFORE else None
+        mean, std = tuple(map(float, pre["mean"])), tuple(map(float, pre["std"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path.name}: its kdedge.preprocessing metadata is not readable; fix or remove it, or pass --teacher-mean/--teacher-std") from exc
+    return Normalization(mean, std, _known_scale(scale, meta.get("kdedge.dataset"), data, path.name))
 
 
 def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int]:

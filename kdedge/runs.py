@@ -27,9 +27,10 @@ from kdedge.data import DatasetSpec, DataSplits, cache_dir, load_dataset
 from kdedge.distill.factory import make_loss
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.losses import DistillLoss, HintonLoss
-from kdedge.distill.teacher import FrozenTeacher, TeacherInput, teacher_input_map
-from kdedge.errors import ConfigError
-from kdedge.metrics import Evaluation, evaluate
+from kdedge.data.normalization import Normalization
+from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
+from kdedge.errors import ConfigError, TrainingDiverged
+from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
 from kdedge.resolve import resolve_student, resolve_teacher
@@ -78,8 +79,13 @@ def _run(
     use_cache = getattr(config, "cache", "off") != "off"
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
     start = time.perf_counter()
-    history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, cache_dir=cache_path, use_cache=use_cache, progress=progress, on_epoch=on_epoch,
-                          checkpoint=ckpt, resume=resume)
+    try:
+        history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, cache_dir=cache_path, use_cache=use_cache,
+                              progress=progress, on_epoch=on_epoch, checkpoint=ckpt, resume=resume)
+    except TrainingDiverged:
+        if ckpt is not None and ctx.is_main:
+            shutil.rmtree(ckpt.parent, ignore_errors=True)  # a diverged run is not worth resuming: a rerun with a new --lr starts clean
+        raise
     device = resolve_device(config.device)
     test_eval = evaluate(model, test_data, device=device) if test_data is not None else None
     model.cpu()
@@ -143,7 +149,7 @@ def distill(
     config: DistillConfig | None = None,
     student_spec: ModelSpec | None = None,
     teacher_name: str | None = None,
-    teacher_input: TeacherInput | None = None,
+    teacher_input: Normalization | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
@@ -189,7 +195,6 @@ def distill(
     result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress, extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch)
     result.teacher_test = teacher_test
     frozen.model.cpu()
-    result.extra["teacher_module"] = frozen.module  # the teacher taking the data's inputs, for benchmarks
     return result
 
 
@@ -200,17 +205,18 @@ def _teacher_before_training(frozen: FrozenTeacher, test: Dataset | DataLoader |
         return None
     start = time.perf_counter()
     ev = evaluate(frozen.module, test, device=device)
-    chance = max(sum(row) for row in ev.confusion) / max(ev.num_samples, 1)  # always answering the most frequent class
+    check = ChanceCheck.of(ev)
     log = Progress(progress and dist_.context().is_main)
-    log.line(f"teacher: test accuracy {ev.accuracy:.4f} on {ev.num_samples} images ({time.perf_counter() - start:.1f} s; chance {chance:.4f})")
-    near_chance = ev.accuracy < chance + max(3 * (chance * (1 - chance) / max(ev.num_samples, 1)) ** 0.5, 0.1 * (1 - chance))
-    if config.sanity_checks and ev.num_samples >= 100 and near_chance:
-        fed = f"(pixel·{data_spec.scale:.4g} − {_fmt(data_spec.mean)}) / {_fmt(data_spec.std)}" if data_spec is not None and hasattr(data_spec, "scale") else "kdedge's normalized inputs"
+    log.line(f"teacher: test accuracy {ev.accuracy:.4f} on {ev.num_samples} images, balanced {check.balanced_accuracy:.4f} "
+             f"(chance {check.chance:.4f}; {time.perf_counter() - start:.1f} s)")
+    # Near chance: within 3 standard errors, or 10 % of the way from chance to a perfect score.
+    if config.sanity_checks and ev.num_samples >= 100 and check.at_chance(slack=0.1):
+        fed = f"(pixel·{data_spec.scale:.4g} − {_fmt(data_spec.mean)}) / {_fmt(data_spec.std)}" if data_spec is not None else "kdedge's normalized inputs"
         raise ConfigError(
-            f"the teacher scores {ev.accuracy:.4f} on the test set, near chance ({chance:.4f} for {len(ev.confusion)} classes), before any training. "
-            f"Likely cause: it was trained on other inputs than {fed}{' after its input map' if frozen.input_map else ''} — declare its "
-            "normalization with --teacher-mean/--teacher-std (e.g. 0 and 1 for pixels/255) — or on another label order or data "
-            "(--no-sanity-checks distills anyway)"
+            f"the teacher scores {check.balanced_accuracy:.4f} balanced accuracy on the test set, near chance ({check.chance:.4f} for "
+            f"{check.classes} classes), before any training. Likely cause: it was trained on other inputs than {fed}"
+            f"{' after its input map' if frozen.input_map else ''} — declare its normalization with --teacher-mean/--teacher-std "
+            "(e.g. 0 and 1 for pixels/255) — or on another label order or data (--no-sanity-checks distills anyway)"
         )
     return ev
 

@@ -175,7 +175,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "ONNX teacher whose input does not fit the data": (_onnx_teacher_wrong_input, "but the data's samples are (1, 8, 8)", 2),
     "teacher fed another normalization than it was trained on": (_pixels_teacher, "near chance (0.1", 2),
     "training that diverges": (lambda t: ["train", "--model", "mlp", "--lr", "50", "--train-limit", "2000", "--test-limit", "500", "--quiet",
-                                          "--out", str(t / "r")], "training diverged at epoch 1: the training loss is nan", 2),
+                                          "--out", str(t / "r")], "training diverged at epoch 1: the training loss is", 2),
     "a student that cannot be exported (checked before training)": (_unexportable_student, "cannot export Branchy to ONNX", 2),
     "bundle file whose bytes changed": (_bundle_with_flipped_byte, "model.onnx: sha256 mismatch", 2),
     "bundle archive with a link or `..` path": (_archive_with_link, "refusing archive member 'bundle/model.onnx' (symbolic link)", 2),

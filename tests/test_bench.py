@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import time
 
 import numpy as np
@@ -123,14 +125,28 @@ def _require_peak_reset() -> None:
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs 5): peaks are since process start")
 
 
+@contextlib.contextmanager
+def _resident(nbytes: int):
+    """``nbytes`` made resident and given back to the kernel afterwards, whatever the allocator.
+
+    An anonymous mmap, written page by page, is resident while it lives and returned by munmap;
+    a malloc'd buffer would depend on the allocator (glibc's mmap threshold, jemalloc, tcmalloc).
+    """
+    block = mmap.mmap(-1, nbytes)
+    try:
+        block.write(b"\x01" * nbytes)
+        yield
+    finally:
+        block.close()
+
+
 def test_peak_rss_sees_a_known_buffer_and_resets():
     """The probes behind every row's ``memory``: a 200 MiB buffer written inside the measured region
     raises the peak by >= 190 MiB, and a reset without the buffer forgets that peak."""
     _require_peak_reset()
     before = current_rss_bytes()
-    buffer = np.ones(200 * MIB, dtype=np.uint8)  # np.ones writes every page: resident, not just reserved
-    with_buffer = peak_rss_bytes()
-    del buffer  # a 200 MiB block is its own mapping: freeing it returns it to the kernel
+    with _resident(200 * MIB):
+        with_buffer = peak_rss_bytes()
     assert with_buffer - before >= 190 * MIB
     assert reset_peak_rss()
     without = peak_rss_bytes()
@@ -145,9 +161,8 @@ class _Hog(torch.nn.Module):
         self.net = TinyNet(num_classes=3)
 
     def forward(self, x):
-        buffer = np.ones(200 * MIB, dtype=np.uint8)
-        del buffer
-        return self.net(x)
+        with _resident(200 * MIB):
+            return self.net(x)
 
 
 def test_benchmark_rows_record_each_models_own_peak_rss(tmp_path):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kdedge.cli import main
-from kdedge.data import DatasetSpec, load_dataset
 from kdedge.errors import ConfigError, ModelError
 from kdedge.models import load_checkpoint
 from kdedge.models.byo import build_from_factory, is_factory_ref

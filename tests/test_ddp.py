@@ -50,7 +50,10 @@ def test_two_process_gloo_distillation_learns_like_one_process(tmp_path):
     assert a["test"]["accuracy"] >= 0.70 and b["test"]["accuracy"] >= 0.70, (a["test"]["accuracy"], b["test"]["accuracy"])
     assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.05, (a["test"]["accuracy"], b["test"]["accuracy"])
     assert a["test"]["num_samples"] == b["test"]["num_samples"] == 1000  # sharded evaluation covers the whole set once
-    assert a["teacher"]["test"]["confusion"] == b["teacher"]["test"]["confusion"]
+    # The teacher scored in two shards of 500 vs one pass: another batch size may take another kernel,
+    # which can flip a near-tie on some CPUs; a handful of the 1,000 predictions at most.
+    moved = sum(abs(x - y) for ra, rb in zip(a["teacher"]["test"]["confusion"], b["teacher"]["test"]["confusion"]) for x, y in zip(ra, rb))
+    assert moved <= 2 * 3, (a["teacher"]["test"]["confusion"], b["teacher"]["test"]["confusion"])
     assert a["teacher_cache"]["key"] == b["teacher_cache"]["key"]
 
     # The logit cache computed in shards and gathered equals the single-process teacher's logits.

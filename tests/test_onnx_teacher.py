@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from kdedge.cli import main
-from kdedge.data import load_dataset
+from kdedge.data import load_dataset, read_idx, write_idx
 from kdedge.models.onnx_teacher import OnnxTeacherModule
 from kdedge.distill.teacher import FrozenTeacher, teacher_logits
 from kdedge.errors import DataError
@@ -20,7 +21,15 @@ from conftest import TinyNet, make_idx_dir
 
 @pytest.fixture
 def tiny(tmp_path):
-    data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=120, n_test=400)))
+    root = make_idx_dir(tmp_path / "data", n_train=120, n_test=400)
+    # 10 % of the test labels flipped: the teacher then scores about 0.9, not 1.0, so an equal score
+    # and confusion matrix mean equal predictions, not two perfect scores.
+    labels_file = next(root.glob("t10k-labels*"))
+    labels = read_idx(labels_file).copy()
+    flip = np.random.default_rng(1).choice(len(labels), size=len(labels) // 10, replace=False)
+    labels[flip] = (labels[flip] + 1) % 3
+    write_idx(labels_file, labels, compress=labels_file.suffix == ".gz")
+    data = load_dataset(str(root))
     torch.manual_seed(0)
     teacher = TinyNet(num_classes=3)
     # Trained (full batch, a few ms), so its accuracy is far from chance and an ONNX teacher that
@@ -65,7 +74,7 @@ def test_distill_from_onnx_teacher_via_cli(tiny, tmp_path, capsys):
     logits, _ = predict_logits(teacher, data.test)
     top2 = logits.topk(2, dim=1).values
     near_ties = int((top2[:, 0] - top2[:, 1] < 1e-3).sum())
-    assert reference.accuracy > 0.9 and reference.num_samples == 400  # trained: far from chance (1/3)
+    assert 0.8 < reference.accuracy < 0.95 and reference.num_samples == 400  # trained: far from chance (1/3), yet not perfect
     onnx_test = metrics["teacher"]["test"]
     assert onnx_test["num_samples"] == 400
     assert abs(onnx_test["accuracy"] - reference.accuracy) * 400 <= near_ties

@@ -120,3 +120,19 @@ def test_teacher_that_cannot_be_exported_is_refused_before_training(tmp_path, ca
     (tmp_path / "nets.py").write_text(textwrap.dedent(_UNEXPORTABLE))
     code = main(["compress-and-export", "--teacher", f"{tmp_path}/nets.py:make", "--no-sanity-checks", *SMALL, "--out", str(tmp_path / "b")])
     assert "cannot export Branchy to ONNX" in _one_line(capsys, code)
+
+
+def test_fixed_batch_onnx_teacher_bundle_at_its_batch_size(onnx_teacher, tmp_path):
+    """Accepted at its own batch size, scored through onnxruntime in chunks of it (not a crash at batch 256)."""
+    out = tmp_path / "bundle"
+    assert main(["compress-and-export", "--teacher", str(onnx_teacher / "teacher-b1.onnx"), "--targets", "ort-cpu", *SMALL, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    teacher = next(r for r in report["rows"] if r["role"] == "teacher")
+    assert teacher["batch"] == 1 and teacher["accuracy"]["samples"] == 300
+
+
+def test_unwritable_output_refused_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "a-file").write_text("not a directory")  # its "subdirectory" cannot be created, even by root
+    code = main(["compress-and-export", *SMALL, "--out", str(tmp_path / "a-file" / "bundle")])
+    err = _one_line(capsys, code)
+    assert "for the bundle" in err and "pass an --out in a writable place" in err

@@ -143,8 +143,9 @@ class OrtRunner:
         return lambda: run(names, feed)
 
     def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
-        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[i : i + batch_size], dtype=self.input_dtype)})[0] for i in range(0, len(x), batch_size)]
-        return np.concatenate(out).astype(np.float32)
+        from kdedge.ort import ort_predict
+
+        return ort_predict(self.session, x, batch_size=batch_size, dtype=self.input_dtype).astype(np.float32)  # a fixed-batch graph gets its own size
 
     def check_batch(self, batch: int) -> None:
         if isinstance(self._batch_dim, int) and self._batch_dim > 0 and batch != self._batch_dim:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import kdedge.distributed as dist_
+from kdedge._modes import evaluating
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset
 from kdedge.distill.augment import augment_batch
@@ -28,7 +29,7 @@ from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
 from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
-from kdedge.metrics import Evaluation, evaluate
+from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
 
 __all__ = ["fit", "resolve_device", "make_optimizer", "divergence"]
@@ -134,20 +135,26 @@ class _Run:
     ctx: dist_.DistContext
     generator: torch.Generator  # shuffling: identical on every rank
     aug_generator: torch.Generator
-    steps: int = 0
-    cached: TeacherLogits | None = None
-    cache_seconds: float = 0.0
-    hooks: list[FeatureHooks] = field(default_factory=list)
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
-    scaler: Any = None
-    extra: list[nn.Parameter] = field(default_factory=list)  # trainable loss parameters (the FitNets regressor)
-    train_model: nn.Module | None = None  # the student, DDP-wrapped when distributed
+    steps: int
+    cached: TeacherLogits | None  # the teacher's logits over `train`, when they can be cached
+    hooks: list[FeatureHooks]  # student and teacher feature hooks (feature losses)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    extra: list[nn.Parameter]  # trainable loss parameters (the FitNets regressor)
+    train_model: nn.Module = field(init=False)  # the student, DDP-wrapped when distributed (see _wrap_ddp)
     num_classes: int = 0  # seen in the logits
+
+    def __post_init__(self) -> None:
+        self.train_model = self.model
 
     @property
     def needs_features(self) -> bool:
-        return bool(getattr(self.loss, "needs_features", False))
+        return _needs_features(self.loss)
+
+    @property
+    def cache_seconds(self) -> float:
+        return self.cached.seconds if self.cached is not None else 0.0
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -196,7 +203,7 @@ def fit(
 
     Raises:
         TrainingDiverged: The loss became non-finite or accuracy fell to chance after an epoch
-            (unless ``config.sanity_checks`` is off); the last good epoch's checkpoint is kept.
+            (unless ``config.sanity_checks`` is off).
     """
     if loss.needs_teacher and teacher is None:
         raise ValueError("a loss with alpha > 0 needs a teacher")
@@ -211,21 +218,20 @@ def fit(
     state = _resume_state(checkpoint, config) if resume else None  # type: ignore[arg-type]
     with Progress(progress and ctx.is_main) as bar:
         run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar)
-        history = _restore(run, state) if state is not None else []
-        first_epoch = int(state["epoch"]) + 1 if state is not None else 1
-        _wrap_ddp(run)
         try:
-            for epoch in range(first_epoch, config.epochs + 1):
+            history = _restore(run, state) if state is not None else []
+            _wrap_ddp(run)
+            for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 row = _train_epoch(run, epoch, bar, task)
-                if test is not None:
-                    ev = evaluate(model, test, device=device)
+                ev = evaluate(model, test, device=device) if test is not None else None
+                if ev is not None:
                     row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
                 bar.finish(task, _epoch_line(row, config.epochs))
                 history.append(row)
-                problem = divergence(row, ev if test is not None else None, num_classes=_num_classes(run, test)) if config.sanity_checks else None
+                problem = divergence(row, ev, num_classes=_num_classes(run, test)) if config.sanity_checks else None
                 if problem:
-                    raise TrainingDiverged(f"{problem}; {_divergence_fix(config, checkpoint, epoch)}")
+                    raise TrainingDiverged(f"{problem}; {_divergence_fix(config)}")
                 if checkpoint is not None:
                     _save_checkpoint(run, checkpoint, epoch, history)
                 if on_epoch is not None:
@@ -244,6 +250,10 @@ def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
     return state
 
 
+def _needs_features(loss: DistillLoss) -> bool:
+    return bool(getattr(loss, "needs_features", False))
+
+
 def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, device: torch.device,
            ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress) -> _Run:
     """Seeds, data placement, teacher logits, feature hooks, optimizer and schedule — in the order the RNG streams expect."""
@@ -256,40 +266,38 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
         torch.manual_seed(_rank_seed(config.seed, ctx.rank))  # e.g. dropout masks differ per rank
     if isinstance(train, ArrayDataset) and device.type != "cpu":
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
-    run = _Run(config=config, model=model, train=train, loss=loss, teacher=teacher, device=device, ctx=ctx, generator=generator, aug_generator=aug_generator)
-    if loss.needs_teacher and use_cache and not run.needs_features and not config.augment and isinstance(train, ArrayDataset):
+    cached = None
+    if loss.needs_teacher and use_cache and not _needs_features(loss) and not config.augment and isinstance(train, ArrayDataset):
         # Never for augmented inputs: the cache holds logits of the un-augmented images.
-        run.cached = teacher_logits(teacher, train, cache_dir=cache_dir, progress=bar)  # type: ignore[arg-type]
-        run.cache_seconds = run.cached.seconds
+        cached = teacher_logits(teacher, train, cache_dir=cache_dir, progress=bar)  # type: ignore[arg-type]
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    if run.needs_features:
-        _attach_feature_hooks(run)
-    run.optimizer = make_optimizer(model, config)
-    run.extra = [p for p in getattr(loss, "parameters", lambda: [])() if p.requires_grad]
-    if run.extra:
-        run.optimizer.add_param_group({"params": run.extra, "weight_decay": config.weight_decay})
-    run.steps = _num_batches(train, config.batch_size, ctx)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _lr_lambda(config, run.steps))
-    run.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    return run
+    hooks = _feature_hooks(model, teacher, loss, train, device) if _needs_features(loss) else []
+    optimizer = make_optimizer(model, config)
+    extra = [p for p in getattr(loss, "parameters", lambda: [])() if p.requires_grad]
+    if extra:
+        optimizer.add_param_group({"params": extra, "weight_decay": config.weight_decay})
+    steps = _num_batches(train, config.batch_size, ctx)
+    return _Run(config=config, model=model, train=train, loss=loss, teacher=teacher, device=device, ctx=ctx, generator=generator,
+                aug_generator=aug_generator, steps=steps, cached=cached, hooks=hooks, optimizer=optimizer,
+                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)),
+                scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), extra=extra)
 
 
-def _attach_feature_hooks(run: _Run) -> None:
-    """Hook the two named layers and size the feature term from one probe batch (no RNG drawn)."""
-    loss, model = run.loss, run.model
-    # Features come from forward hooks; the teacher runs on every batch (no logit cache).
-    run.hooks = [FeatureHooks(model, [loss.student_layer]), FeatureHooks(run.teacher.model, [loss.teacher_layer])]  # type: ignore[attr-defined,union-attr]
-    probe = next(_batches(run.train, 2, torch.Generator().manual_seed(0), run.device, dist_.DistContext(), 0))[1]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+def _feature_hooks(model: nn.Module, teacher: FrozenTeacher | None, loss: DistillLoss, train: Dataset | DataLoader, device: torch.device) -> list[FeatureHooks]:
+    """Hook the two named layers and size the feature term from one probe batch (no RNG drawn).
+
+    Features come from forward hooks; the teacher runs on every batch (no logit cache).
+    """
+    hooks = [FeatureHooks(model, [loss.student_layer]), FeatureHooks(teacher.model, [loss.teacher_layer])]  # type: ignore[attr-defined,union-attr]
+    probe = next(_batches(train, 2, torch.Generator().manual_seed(0), device, dist_.DistContext(), 0))[1]
+    with evaluating(model), torch.no_grad():
         model(probe)
-        run.teacher(probe)  # type: ignore[misc]
-    model.train(was_training)
-    loss.term.build(run.hooks[0].outputs[loss.student_layer].shape, run.hooks[1].outputs[loss.teacher_layer].shape)  # type: ignore[attr-defined]
-    loss.to(run.device)  # type: ignore[attr-defined]
+        teacher(probe)  # type: ignore[misc]
+    loss.term.build(hooks[0].outputs[loss.student_layer].shape, hooks[1].outputs[loss.teacher_layer].shape)  # type: ignore[attr-defined]
+    loss.to(device)  # type: ignore[attr-defined]
+    return hooks
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
@@ -300,7 +308,7 @@ def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
             "resume with the original teacher and data"
         )
     run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+    run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     if isinstance(run.loss, nn.Module):
@@ -310,7 +318,6 @@ def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
 
 
 def _wrap_ddp(run: _Run) -> None:
-    run.train_model = run.model
     if not run.ctx.enabled:
         return
     from torch.nn.parallel import DistributedDataParallel
@@ -335,7 +342,7 @@ def _train_epoch(run: _Run, epoch: int, bar: Progress, task_id: int) -> dict[str
     sums = torch.zeros(6, dtype=torch.float64, device=run.device)  # total, task, kd, correct, feature, samples
     for i, (idx, x, y) in enumerate(_batches(run.train, config.batch_size, run.generator, run.device, run.ctx, epoch)):
         teacher_time += _train_step(run, epoch - 1 + i / run.steps, idx, x, y, sums)
-        if i % 20 == 0 or i == run.steps - 1:
+        if bar.live and (i % 20 == 0 or i == run.steps - 1):  # .tolist() syncs the device: only for a bar someone sees
             s = (sums / sums[5].clamp_min(1)).tolist()
             bar.update(task_id, stats=f"loss {s[0]:.4f} acc {s[3]:.3f}")
         bar.update(task_id, advance=1)
@@ -346,7 +353,7 @@ def _train_epoch(run: _Run, epoch: int, bar: Progress, task_id: int) -> dict[str
     total, task, kd, correct, feature_loss, _samples = (sums / sums[5].clamp_min(1)).tolist()
     row = {
         "epoch": epoch,
-        "lr": run.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
+        "lr": run.optimizer.param_groups[0]["lr"],
         "train_loss": total,
         "train_task_loss": task,
         "train_kd_loss": kd,
@@ -376,7 +383,7 @@ def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.T
     if hasattr(loss, "set_progress"):
         loss.set_progress(progress)  # e.g. DKD's warm-up, in epochs
     with run.autocast():
-        logits = run.train_model(x)  # type: ignore[misc]
+        logits = run.train_model(x)
     logits = logits.float()
     if run.needs_features:
         # clone(): the teacher ran under inference_mode; its feature must be a normal tensor for autograd.
@@ -385,7 +392,7 @@ def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.T
         parts = loss(logits, y, t_logits, student_feature=s_feat, teacher_feature=t_feat)  # type: ignore[call-arg]
     else:
         parts = loss(logits, y, t_logits)
-    run.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+    run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(parts.total).backward()
     if run.ctx.enabled:
         for p in run.extra:  # parameters outside the DDP module: average their gradients by hand
@@ -415,7 +422,7 @@ def _save_checkpoint(run: _Run, checkpoint: str | Path, epoch: int, history: lis
     rng = _get_rng(run.generator, run.aug_generator, run.device)  # a collective: every rank takes part
     if run.ctx.is_main:
         save_state(checkpoint, {
-            "epoch": epoch, "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),  # type: ignore[union-attr]
+            "epoch": epoch, "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "loss": run.loss.state_dict() if isinstance(run.loss, nn.Module) else {}, "rng": rng, "history": history,
             "cache_key": run.cached.key if run.cached is not None else None,
@@ -430,32 +437,30 @@ def _num_classes(run: _Run, test: Dataset | DataLoader | None) -> int:
 def divergence(row: dict[str, Any], test: Evaluation | None, *, num_classes: int, min_samples: int = 100) -> str | None:
     """Why an epoch's numbers say the run diverged, or None.
 
-    Diverged: a non-finite training loss, or accuracy no better than chance — the most frequent
-    class's share of the test set (or ``1/K`` on the training set) plus three standard errors —
-    measured on at least ``min_samples`` samples (fewer cannot tell chance from a slow start).
+    Diverged: a non-finite training loss, or — measured on at least ``min_samples`` samples, as
+    fewer cannot tell chance from a slow start — a test *balanced* accuracy within three standard
+    errors of chance (:class:`~kdedge.metrics.ChanceCheck`: a collapsed model scores ``1/K`` however
+    imbalanced the classes), or without a test set a training accuracy within three standard
+    errors of ``1/K``.
     """
     if not math.isfinite(row["train_loss"]):
         return f"training diverged at epoch {row['epoch']}: the training loss is {row['train_loss']}"
-    if num_classes < 2:
-        return None
     if test is not None:
-        n, accuracy, where = test.num_samples, test.accuracy, "test"
-        chance = max(sum(r) for r in test.confusion) / max(n, 1)  # always predicting the most frequent class
-    else:
-        n, accuracy, where = row.get("train_samples", 0), row["train_accuracy"], "training"
-        chance = 1.0 / num_classes
-    if n < min_samples:
+        check = ChanceCheck.of(test)
+        if test.num_samples >= min_samples and check.at_chance():
+            return (f"training stalled at chance after epoch {row['epoch']}: balanced test accuracy {check.balanced_accuracy:.4f} over "
+                    f"{check.classes} classes (chance {check.chance:.4f}), training loss {row['train_loss']:.4g}")
         return None
-    if accuracy <= chance + 3 * math.sqrt(chance * (1 - chance) / n):
-        return (f"training stalled at chance after epoch {row['epoch']}: {where} accuracy {accuracy:.4f} with {num_classes} classes "
+    n, chance = row.get("train_samples", 0), 1.0 / max(num_classes, 1)
+    if num_classes >= 2 and n >= min_samples and row["train_accuracy"] <= chance + 3 * math.sqrt(chance * (1 - chance) / n):
+        return (f"training stalled at chance after epoch {row['epoch']}: training accuracy {row['train_accuracy']:.4f} with {num_classes} classes "
                 f"(chance {chance:.4f}), training loss {row['train_loss']:.4g}")
     return None
 
 
-def _divergence_fix(config: _RunConfig, checkpoint: str | Path | None, epoch: int) -> str:
-    kept = f"; the checkpoint of epoch {epoch - 1} is kept in {Path(checkpoint).parent}" if checkpoint is not None and epoch > 1 else ""
+def _divergence_fix(config: _RunConfig) -> str:
     return (f"the step size is the likely cause (optimizer {config.optimizer}, lr {config.lr:g}): lower --lr (e.g. {config.lr / 10:g}), "
-            f"try --optimizer adamw --lr 1e-3, or add --warmup-epochs 1 (--no-sanity-checks trains on regardless){kept}")
+            "try --optimizer adamw --lr 1e-3, or add --warmup-epochs 1 (--no-sanity-checks trains on regardless)")
 
 
 def _get_rng(generator: torch.Generator, aug_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """The frozen teacher, the inputs it expects, and its logit cache.
 
 A teacher may have been trained with another input normalization than the data kdedge feeds
-the student (``pixels / 255`` against standardized inputs, say). :class:`TeacherInput` declares
-the teacher's contract and :class:`FrozenTeacher` maps every batch into it, as timm's
-distillation task re-normalizes for its teacher.
+the student (``pixels / 255`` against standardized inputs, say). A
+:class:`~kdedge.data.normalization.Normalization` declares the teacher's contract and
+:class:`FrozenTeacher` maps every batch into it, as timm's distillation task re-normalizes for
+its teacher.
 
 Without augmentation every epoch shows the teacher the same inputs, so its logits are computed
 once and looked up by sample index afterwards: later epochs cost only the student. The cache key
@@ -17,12 +18,10 @@ batch instead.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import tempfile
 import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,66 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdedge.data.normalization import InputMap, Normalization
 from kdedge.data.spec import ArrayDataset, DatasetSpec
 from kdedge.errors import ConfigError
 from kdedge.models.zoo import state_dict_sha256
 from kdedge.progress import Progress
 
-__all__ = ["FrozenTeacher", "TeacherInput", "InputMap", "TeacherLogits", "teacher_logits", "logit_cache_key", "teacher_identity", "teacher_input_map"]
+__all__ = ["FrozenTeacher", "TeacherLogits", "teacher_logits", "logit_cache_key", "teacher_identity", "teacher_input_map"]
 
 
-@dataclass(frozen=True)
-class TeacherInput:
-    """The input normalization a teacher was trained with: ``x = (pixel · scale − mean[c]) / std[c]``.
-
-    ``scale`` None means the data's own pixel scale (1/255 for 8-bit images). ``TeacherInput((0.0,), (1.0,))``
-    is a teacher trained on ``pixels / 255``.
-    """
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    scale: float | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ConfigError(f"teacher_mean and teacher_std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
-        if any(not s > 0 for s in self.std):
-            raise ConfigError(f"teacher_std must be positive, got {', '.join(map(str, self.std))}")
-
-    def map_from(self, data: DatasetSpec) -> InputMap | None:
-        """The per-channel affine map from ``data``'s normalized inputs to this teacher's, or None when they are the same."""
-        channels = data.input_shape[0]
-        mean, std = (self.mean * channels if len(self.mean) == 1 else self.mean), (self.std * channels if len(self.std) == 1 else self.std)
-        if len(mean) != channels:
-            raise ConfigError(f"teacher_mean/teacher_std have {len(self.mean)} values, but data {data.name!r} has {channels} channels; give 1 or {channels}")
-        data_scale = getattr(data, "scale", 1 / 255)
-        ratio = (self.scale if self.scale is not None else data_scale) / data_scale  # teacher pixel scale per data pixel scale
-        # x_data = (p·s_d − m_d)/σ_d  =>  x_teacher = (p·s_t − m_t)/σ_t = x_data · (σ_d·r/σ_t) + (m_d·r − m_t)/σ_t, r = s_t/s_d
-        a = tuple(sd * ratio / st for sd, st in zip(data.std, std))
-        b = tuple((md * ratio - mt) / st for md, mt, st in zip(data.mean, mean, std))
-        if all(abs(v - 1) < 1e-12 for v in a) and all(abs(v) < 1e-12 for v in b):
-            return None
-        return InputMap(a, b)
-
-
-@dataclass(frozen=True)
-class InputMap:
-    """``x ↦ x · a[c] + b[c]``: the data's normalized inputs as the teacher expects them."""
-
-    a: tuple[float, ...]
-    b: tuple[float, ...]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.tensor(self.a, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        b = torch.tensor(self.b, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return torch.addcmul(b, x, a)
-
-
-def teacher_input_map(config: Any, declared: TeacherInput | None, data: DatasetSpec | None) -> InputMap | None:
+def teacher_input_map(config: Any, declared: Normalization | None, data: DatasetSpec | None) -> InputMap | None:
     """How the data's inputs become the teacher's: ``config.teacher_mean``/``teacher_std`` when set, else what
     the teacher ``declared`` (a checkpoint's or ONNX file's own normalization), else unchanged (None)."""
     if getattr(config, "teacher_mean", None) is not None:
-        declared = TeacherInput(tuple(config.teacher_mean), tuple(config.teacher_std or ()))
+        declared = Normalization(tuple(config.teacher_mean), tuple(config.teacher_std or ()))
     if declared is None:
         return None
     if data is None:
@@ -105,6 +58,7 @@ class _Mapped(nn.Module):
         super().__init__()
         self.input_map = input_map
         self.model = model
+        self.train(model.training)  # a new module starts in train mode; this one is as its (frozen) teacher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.input_map(x))
@@ -120,7 +74,7 @@ class FrozenTeacher:
         model: The teacher; ``model`` stays the unwrapped module (feature hooks find its layers by name).
         device: Where it runs.
         channels_last: Feed it channels-last batches.
-        input_map: Maps the data's inputs to the teacher's normalization (see :meth:`TeacherInput.map_from`).
+        input_map: Maps the data's inputs to the teacher's normalization (see :meth:`Normalization.map_from`).
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device | str = "cpu", channels_last: bool = False, input_map: InputMap | None = None) -> None:
@@ -132,21 +86,20 @@ class FrozenTeacher:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.input_map = input_map
+        #: The teacher as one module taking the *data's* inputs (its input map included), for evaluation and benchmarks.
+        self.module: nn.Module = self.model if input_map is None else _Mapped(input_map, self.model)
         self._sha: str | None = None
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.training:  # switched back by someone (a train() on a module holding it): a teacher is always in eval mode
+            self.model.eval()
         x = x.to(self.device)
         if self.input_map is not None:
             x = self.input_map(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float()
-
-    @property
-    def module(self) -> nn.Module:
-        """The teacher as one module taking the *data's* inputs (its input map included)."""
-        return self.model if self.input_map is None else _Mapped(self.input_map, self.model)
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights and buffers (BN statistics included)."""
@@ -174,10 +127,12 @@ def _code_digest(fn: object, h: hashlib._Hash) -> None:  # type: ignore[name-def
 
 
 def teacher_identity(teacher: FrozenTeacher) -> str:
-    """sha256 of what the teacher computes: class, module structure, ``forward`` code, weights and input map.
+    """sha256 of the teacher's class, module structure, ``forward`` bytecode, weights and input map.
 
     Two teachers with the same weights but another ``forward`` (a subclass, a wrapper, a
-    patched instance method) get different identities.
+    patched instance method) get different identities. What this cannot see — values captured in
+    closures, plain attributes, helper methods ``forward`` calls — is caught when the cache is
+    read: the cached rows must equal the teacher's own outputs on a probe batch.
     """
     h = hashlib.sha256()
     model = teacher.model

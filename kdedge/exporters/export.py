@@ -25,7 +25,7 @@ from kdedge._fs import atomic_dir, file_sha256, new_dir
 from kdedge.config import ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, load_dataset
 from kdedge.metrics import evaluation_from_predictions
-from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
+from kdedge.errors import BackendUnavailable, DataError, ModelError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_parity, compare_outputs
@@ -277,7 +277,6 @@ def _tensorrt_unavailable() -> str | None:
 
 def _tensorrt_artifact(tmp: Path, config: ExportConfig, spec: DatasetSpec, parity_inputs: torch.Tensor, reference: np.ndarray,
                        tol: dict[str, Tolerance], data: DataSplits) -> Artifact:
-    from kdedge.exporters.parity import ParityReport
     from kdedge.exporters.tensorrt import EngineProfile, TensorRTEngine, build_engine, plan_engine, tensorrt_module
 
     trt = tensorrt_module()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdedge._modes import evaluating
 from kdedge.errors import ExportError
 
 __all__ = ["OnnxExport", "export_onnx", "set_metadata", "read_metadata", "check_onnx", "HalfPrecision", "PROTOBUF_LIMIT"]
@@ -87,14 +88,8 @@ def cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
     inside a training model stays frozen.
     """
     on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
-    modes = [(m, m.training) for m in model.modules()]
-    target = model if on_cpu else copy.deepcopy(model).cpu()
-    target.eval()
-    try:
+    with evaluating(model if on_cpu else copy.deepcopy(model).cpu()) as target:
         yield target
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _param_bytes(model: nn.Module) -> int:

@@ -22,15 +22,11 @@ from pathlib import Path
 
 from torch import nn
 
+from kdedge._modes import evaluating
+from kdedge.config import is_factory_ref
 from kdedge.errors import ModelError
 
 __all__ = ["is_factory_ref", "load_factory", "build_from_factory"]
-
-
-def is_factory_ref(ref: str) -> bool:
-    """True for ``module:attr`` or ``file.py:attr`` (a Windows drive letter alone does not count)."""
-    head, sep, attr = ref.rpartition(":")
-    return bool(sep and head and attr.isidentifier() and not (len(head) == 1 and head.isalpha()))
 
 
 def load_factory(ref: str) -> Callable[..., nn.Module]:
@@ -91,15 +87,11 @@ def _check_output(ref: str, model: nn.Module, num_classes: int, input_shape: tup
     """One forward pass on zeros: the model must map (B, *input_shape) to (B, num_classes)."""
     import torch
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as exc:
         raise ModelError(f"{ref}: the model fails on inputs of shape (2, {', '.join(map(str, input_shape))}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"{ref}: the model returns {shape} for 2 samples, expected logits of shape (2, {num_classes})")

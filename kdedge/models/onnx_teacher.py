@@ -17,6 +17,7 @@ from torch import nn
 
 from kdedge._fs import file_sha256
 from kdedge.errors import DataError
+from kdedge.ort import fixed_batch, ort_predict, ort_session
 
 __all__ = ["OnnxTeacherModule"]
 
@@ -37,8 +38,6 @@ class OnnxTeacherModule(nn.Module):
 
     def __init__(self, path: str | Path, *, input_shape: tuple[int, ...], num_classes: int, threads: int | None = None) -> None:
         super().__init__()
-        from kdedge.ort import ort_session
-
         self.path = Path(path)
         self.session = ort_session(self.path, threads=threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -47,7 +46,7 @@ class OnnxTeacherModule(nn.Module):
         self.input_name = inputs[0].name
         shape = inputs[0].shape
         #: The graph's fixed batch size, or None when the batch dimension is symbolic.
-        self.fixed_batch: int | None = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+        self.fixed_batch = fixed_batch(self.session)
         fixed = [d if isinstance(d, int) else None for d in shape[1:]]
         if len(shape) != 1 + len(input_shape) or any(f is not None and f != want for f, want in zip(fixed, input_shape)):
             raise DataError(f"{self.path.name}: input {self.input_name!r} has shape {shape}, but the data's samples are {tuple(input_shape)}; "
@@ -55,7 +54,12 @@ class OnnxTeacherModule(nn.Module):
         if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
             raise DataError(f"{self.path.name}: input {self.input_name!r} is {inputs[0].type}; expected float inputs (normalized images)")
         self._dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-        probe = self._run(np.zeros((1, *input_shape), self._dtype))
+        try:
+            probe = self._run(np.zeros((1, *input_shape), self._dtype))
+        except Exception as exc:  # loads, but fails when run (a bad reshape inside, an op the CPU provider lacks)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise DataError(f"{self.path.name}: onnxruntime cannot run it on one zero sample of shape {tuple(input_shape)} ({first}); "
+                            "is it a classifier of (batch, C, H, W) inputs?") from exc
         if probe.ndim != 2 or probe.shape != (1, num_classes):
             raise DataError(f"{self.path.name}: output {outputs[0].name!r} has shape {tuple(probe.shape)} for one sample, "
                             f"but the data has {num_classes} classes; expected (batch, {num_classes}) logits")
@@ -67,15 +71,5 @@ class OnnxTeacherModule(nn.Module):
         return torch.from_numpy(np.asarray(self._run(feed), dtype=np.float32)).to(x.device)
 
     def _run(self, feed: np.ndarray) -> np.ndarray:
-        """Logits of ``feed`` (B, C, H, W); a fixed-batch graph gets chunks of its size, the last one zero-padded."""
-        step = self.fixed_batch
-        if step is None or len(feed) == step:
-            return self.session.run(None, {self.input_name: feed})[0]
-        out = []
-        for i in range(0, len(feed), step):
-            chunk = feed[i : i + step]
-            n = len(chunk)
-            if n < step:
-                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(self.session.run(None, {self.input_name: chunk})[0][:n])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        """Logits of ``feed`` (B, C, H, W) in one call; a fixed-batch graph gets chunks of its size, the last one zero-padded."""
+        return ort_predict(self.session, feed, batch_size=max(len(feed), 1), dtype=self._dtype)

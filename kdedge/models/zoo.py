@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import file_sha256, umask
+from kdedge._modes import evaluating
 from kdedge.data.spec import DatasetSpec
 from kdedge.errors import ModelError
 from kdedge.models import architectures
@@ -134,15 +135,10 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass on a single sample (``torch.utils.flop_counter``; 1 MAC = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    with evaluating(model), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
     return int(counter.get_total_flops())
 
 
