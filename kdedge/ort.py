@@ -78,12 +78,13 @@ def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256, dtype: ty
     (and its padding rows dropped from the output), whatever ``batch_size`` asks for.
     """
     name = session.get_inputs()[0].name
-    step = fixed_batch(session) or batch_size
+    fixed = fixed_batch(session)
+    step = fixed or batch_size
     outputs = []
     for i in range(0, len(inputs), step):
         chunk = np.ascontiguousarray(inputs[i : i + step], dtype=dtype)
         n = len(chunk)
-        if n < step and fixed_batch(session) is not None:
+        if n < step and fixed is not None:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
         outputs.append(session.run(None, {name: chunk})[0][:n])
     return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0), np.float32)

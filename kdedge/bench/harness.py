@@ -279,10 +279,9 @@ def benchmark(
     if config.test_limit:
         data = data.limit(test=config.test_limit)
     policy = TimingPolicy(warmup_iters=config.warmup_iters, warmup_s=config.warmup_s, min_iters=config.min_iters, min_s=config.min_s)
-    inputs = data.test.inputs().numpy()
+    test = data.test.inputs().numpy()  # (N, C, H, W), normalized once for every model
     max_batch = max(config.batch_sizes)
-    if max_batch > len(inputs):
-        inputs = np.concatenate([inputs] * (max_batch // len(inputs) + 1))  # real images, repeated to fill the batch
+    inputs = np.concatenate([test] * (max_batch // len(test) + 1)) if max_batch > len(test) else test  # real images, repeated to fill the batch
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
         if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):
@@ -292,7 +291,7 @@ def benchmark(
             # A model's own input normalization (an ONNX teacher's) is applied before timing: a deployment feeds it prepared inputs.
             own = model.preprocess or (lambda x: x)
             model_inputs = own(inputs)
-            test_inputs = own(data.test.inputs().numpy()) if config.accuracy else None
+            test_inputs = own(test) if config.accuracy else None
             for target in config.targets:
                 for variant, path in _variants_for(model, target):
                     log(f"bench: {model.name} {variant} @ {target}: " + (f"accuracy on {len(data.test)} test images, " if config.accuracy else "")

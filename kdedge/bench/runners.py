@@ -127,14 +127,14 @@ class OrtRunner:
     runtime = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None, session: Any = None) -> None:
-        from kdedge.ort import ort_session
+        from kdedge.ort import fixed_batch, ort_session
 
         self.path, self.device, self.precision, self.threads = Path(path), device, precision, threads
         self.session = session if session is not None else ort_session(self.path, providers=_ORT_PROVIDERS[device], threads=threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        self._batch_dim = inp.shape[0] if inp.shape else None
+        self._batch_dim = fixed_batch(self.session)
         self.on_device_timing = False  # session.run copies in and out: host time is the user's latency
 
     def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
@@ -148,7 +148,7 @@ class OrtRunner:
         return ort_predict(self.session, x, batch_size=batch_size, dtype=self.input_dtype).astype(np.float32)  # a fixed-batch graph gets its own size
 
     def check_batch(self, batch: int) -> None:
-        if isinstance(self._batch_dim, int) and self._batch_dim > 0 and batch != self._batch_dim:
+        if self._batch_dim is not None and batch != self._batch_dim:
             raise ConfigError(f"{self.path.name} has a fixed batch size of {self._batch_dim}; batch {batch} is not allowed (export with a dynamic batch)")
 
 
