@@ -38,7 +38,7 @@ from kdedge.bench.harness import BenchModel, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
-from kdedge.data import DataSplits, load_dataset
+from kdedge.data import DataSplits, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
@@ -113,16 +113,22 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
 
 
 def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[dict[str, Any]], recommended: dict[str, dict[str, Any]],
-                   rows: list[dict[str, Any]], config: CompressConfig) -> dict[str, dict[str, Any]]:
-    """Every gate with its measured value, its limit and whether it passed."""
+                   rows: list[dict[str, Any]], config: CompressConfig, split: str = "test") -> dict[str, dict[str, Any]]:
+    """Every gate with its measured value, its limit and whether it passed.
+
+    ``student_acc``/``teacher_acc`` and the INT8 drops are on ``split``: ``"validation"`` when the
+    run has a validation split (the artifacts then carry ``val_drop_vs_fp32_pt``), else ``"test"``.
+    """
     gates: dict[str, dict[str, Any]] = {}
     retention = student_acc / teacher_acc if teacher_acc else 0.0
     gates["min_retention"] = {"value": retention, "limit": config.min_retention, "passed": retention >= config.min_retention,
-                              "detail": f"student {student_acc:.4f} / teacher {teacher_acc:.4f}"}
-    drops = [a["accuracy"]["drop_vs_fp32_pt"] for a in artifacts if a["precision"] == "int8" and a.get("accuracy") and "drop_vs_fp32_pt" in a["accuracy"]]
+                              "detail": f"student {student_acc:.4f} / teacher {teacher_acc:.4f} ({split} accuracy)"}
+    key = "val_drop_vs_fp32_pt" if split == "validation" else "drop_vs_fp32_pt"
+    drops = [a["accuracy"][key] for a in artifacts if a["precision"] == "int8" and a.get("accuracy") and key in a["accuracy"]]
     if drops:
         worst = max(drops)
-        gates["max_quant_drop"] = {"value": worst, "limit": config.max_quant_drop, "passed": worst <= config.max_quant_drop, "detail": "INT8 accuracy drop vs FP32, points"}
+        gates["max_quant_drop"] = {"value": worst, "limit": config.max_quant_drop, "passed": worst <= config.max_quant_drop,
+                                   "detail": f"INT8 accuracy drop vs FP32, points ({split} accuracy)"}
     if config.min_speedup is not None:
         eager = {r["batch"]: r for r in rows if r["role"] == "teacher" and r["target"] == "torch-cpu" and r["variant"] == "torch-fp32"}
         best = None
@@ -224,7 +230,7 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
         why = target_available(target)
         if why:
             raise BackendUnavailable(why)
-    data = load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
+    data = load_data_for(config)
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
     student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
                                             trust_code=trust_code)
@@ -311,13 +317,15 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         plan = plan_bundle(config, work=Path(work), trust_code=trust_code, log=log)
         timings = {"preflight": time.perf_counter() - t_start}
         data = plan.data
+        val = f" / {len(data.val)} validation" if data.val is not None else ""
         log(f"distill: {plan.teacher.name} -> {plan.student_spec.name} on {data.spec.name} "
-            f"({len(data.train)} train / {len(data.test)} test, {config.epochs} epochs)")
+            f"({len(data.train)} train{val} / {len(data.test)} test, {config.epochs} epochs)")
         start = time.perf_counter()
-        result = distill(plan.student, plan.teacher.model, data.train, data.test, config=plan.distill_config, student_spec=plan.student_spec,
-                         teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
+        result = distill(plan.student, plan.teacher.model, data.train, data.test, val_data=data.val, config=plan.distill_config,
+                         student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
         timings["distill"] = time.perf_counter() - start
-        log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})")
+        log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})"
+            + (f"; on validation: student {result.val.accuracy:.4f}, teacher {result.teacher_val.accuracy:.4f}" if result.val and result.teacher_val else ""))
         with atomic_dir(out) as tmp:
             manifest, report = _write_candidate(tmp, plan, result, timings, t_start, log)
             failed = {k: g for k, g in manifest["gates"].items() if not g["passed"]}
@@ -361,8 +369,10 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     timings["bench"] = time.perf_counter() - start
 
     recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop)
-    gates = evaluate_gates(student_acc=result.test.accuracy, teacher_acc=result.teacher_test.accuracy, artifacts=artifacts, recommended=recommended,
-                           rows=report["rows"], config=config)
+    # With a validation split the gates judge validation accuracy: the test split stays the final report's, not a tuning signal.
+    judged = (result.val, result.teacher_val, "validation") if result.val is not None and result.teacher_val is not None else (result.test, result.teacher_test, "test")
+    gates = evaluate_gates(student_acc=judged[0].accuracy, teacher_acc=judged[1].accuracy, artifacts=artifacts, recommended=recommended,  # type: ignore[union-attr]
+                           rows=report["rows"], config=config, split=judged[2])
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings)
     manifest["files"] = _files_entry(tmp, skip={"manifest.json"})

@@ -56,6 +56,20 @@ def _batch_sizes(values: tuple[int, ...]) -> list[str]:
     return []
 
 
+def _data_problems(cfg: Any) -> list[str]:
+    """The data options every config that loads data shares (``val_split``, ``image_size``, ``layout``, ``workers``)."""
+    p = []
+    if getattr(cfg, "val_split", None) is not None and not 0 < cfg.val_split < 1:
+        p.append(f"val_split must be a fraction in (0, 1) (e.g. 0.1), got {cfg.val_split}")
+    if getattr(cfg, "image_size", None) is not None and cfg.image_size < 8:
+        p.append(f"image_size must be >= 8 pixels, got {cfg.image_size}")
+    if getattr(cfg, "layout", None) is not None and cfg.layout.upper() not in ("NCHW", "NHWC"):
+        p.append(f"layout must be NCHW or NHWC, got {_short(cfg.layout)}")
+    if getattr(cfg, "workers", None) is not None and cfg.workers < 0:
+        p.append(f"workers must be >= 0 (0 decodes images in the training process), got {cfg.workers}")
+    return p
+
+
 class _Config:
     """Typed, validated configuration: checks types, then gathers every problem before raising."""
 
@@ -80,6 +94,10 @@ class _RunConfig(_Config):
     data: str = "fashion-mnist"
     train_limit: int | None = None
     test_limit: int | None = None
+    val_split: float | None = None
+    image_size: int | None = None
+    layout: str | None = None
+    workers: int | None = None
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -109,6 +127,7 @@ class _RunConfig(_Config):
             v = getattr(self, name)
             if v is not None and v < 1:
                 p.append(f"{name} must be >= 1 or null, got {v}")
+        p += _data_problems(self)
         if not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdedge._modes import evaluating
-from kdedge.data.spec import ArrayDataset
+from kdedge.data.spec import ImageDataset
 
 __all__ = ["ChanceCheck", "Evaluation", "evaluate", "evaluation_from_confusion", "evaluation_from_predictions", "predict_logits"]
 
@@ -64,16 +65,19 @@ def evaluation_from_confusion(confusion: torch.Tensor) -> Evaluation:
     )
 
 
+_BATCH_BYTES = 128 << 20  # float inputs per evaluation batch
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 1000, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, K)`` and labels ``(N,)`` of ``model`` over ``data``, in eval mode."""
     outputs, labels = [], []
     with evaluating(model):
-        if isinstance(data, ArrayDataset):
-            for start in range(0, len(data), batch_size):
-                index = slice(start, start + batch_size)
-                outputs.append(model(data.inputs(index, device=device)).float().cpu())
-                labels.append(data.labels[index].cpu())
+        if isinstance(data, ImageDataset):
+            batch_size = max(1, min(batch_size, _BATCH_BYTES // (4 * math.prod(data.spec.input_shape))))  # 224-px RGB: 222 per batch
+            for x, y in data.chunks(batch_size, device=device):  # an image folder decodes in worker processes
+                outputs.append(model(x).float().cpu())
+                labels.append(y.cpu())
         else:
             loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
             for x, y in loader:
@@ -85,15 +89,15 @@ def predict_logits(model: nn.Module, data: Dataset | DataLoader, *, batch_size: 
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | None = None, batch_size: int = 1000, device: torch.device | str = "cpu") -> Evaluation:
     """Accuracy, macro precision/recall/F1 and the confusion matrix of ``model`` on ``data``.
 
-    Under DDP each rank scores a contiguous shard of an :class:`ArrayDataset` and the confusion
+    Under DDP each rank scores a contiguous shard of an :class:`~kdedge.data.ImageDataset` and the confusion
     matrices are summed, so every rank returns the metrics of the whole set.
     """
     import kdedge.distributed as dist_
 
     ctx = dist_.context()
-    if ctx.enabled and isinstance(data, ArrayDataset):
+    if ctx.enabled and isinstance(data, ImageDataset):
         lo, hi = len(data) * ctx.rank // ctx.world_size, len(data) * (ctx.rank + 1) // ctx.world_size
-        logits, labels = predict_logits(model, ArrayDataset(data.images[lo:hi], data.labels[lo:hi], data.spec), batch_size=batch_size, device=device)
+        logits, labels = predict_logits(model, data.subset(torch.arange(lo, hi)), batch_size=batch_size, device=device)
         k = num_classes or data.spec.num_classes
         confusion = _confusion(logits.argmax(1) if len(logits) else torch.empty(0), labels, k)
         return evaluation_from_confusion(dist_.all_reduce_sum(confusion))

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdedge.data.spec import DatasetSpec
 from kdedge.data.normalization import Normalization
+from kdedge.data.spec import DatasetSpec
 from kdedge.errors import ConfigError, DataError, ModelError
 from kdedge.models.byo import is_factory_ref
 from kdedge.models.zoo import (
     MODELS,
+    TEACHERS,
     ModelSpec,
     count_flops,
     count_parameters,
@@ -143,9 +144,12 @@ def _onnx_input(module: nn.Module, path: Path, data: DatasetSpec) -> Normalizati
 
 
 def auto_student(data: DatasetSpec, flops_budget: float) -> tuple[ModelSpec, int]:
-    """The zoo model with the most FLOPs per sample within ``flops_budget`` (widths 0.25..2)."""
+    """The zoo student with the most FLOPs per sample within ``flops_budget`` (widths 0.25..2).
+
+    The zoo's teacher architectures (:data:`~kdedge.models.zoo.TEACHERS`) are not candidates.
+    """
     best: tuple[int, int, ModelSpec] | None = None
-    for arch in sorted(MODELS):
+    for arch in sorted(MODELS.keys() - TEACHERS):
         for width in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
             spec = ModelSpec(arch, width, data.num_classes, tuple(data.input_shape))  # type: ignore[arg-type]
             model = create_model(spec)

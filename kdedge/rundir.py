@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdedge._fs import atomic_dir
 from kdedge._version import __version__
 from kdedge.config import _RunConfig, config_to_yaml
-from kdedge.data.spec import ArrayDataset, DatasetSpec
+from kdedge.data.spec import DatasetSpec, ImageDataset
 from kdedge.errors import ConfigError
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, save_checkpoint
 
@@ -46,7 +46,7 @@ def check_resumable(out: Path | None, *, resume: bool) -> Path | None:
 def spec_of(data: Dataset | DataLoader | None) -> DatasetSpec | None:
     """The :class:`DatasetSpec` of a kdedge dataset (or of a loader over one); None for other data."""
     ds = data.dataset if isinstance(data, DataLoader) else data
-    return ds.spec if isinstance(ds, ArrayDataset) else None
+    return ds.spec if isinstance(ds, ImageDataset) else None
 
 
 def model_summary(model: nn.Module, spec: ModelSpec | None, data: DatasetSpec | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import kdedge.distributed as dist_
 from kdedge._fs import default_out, new_dir
 from kdedge._version import __version__
 from kdedge.config import DistillConfig, TrainConfig, _RunConfig
-from kdedge.data import DatasetSpec, DataSplits, cache_dir, load_dataset
+from kdedge.data import DatasetSpec, cache_dir, load_data_for
 from kdedge.distill.factory import make_loss
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.losses import DistillLoss, HintonLoss
@@ -49,6 +49,8 @@ class RunResult:
     metrics: dict[str, Any]
     teacher_test: Evaluation | None = None
     out: Path | None = None
+    val: Evaluation | None = None  # on the validation split, when there is one
+    teacher_val: Evaluation | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,6 +72,7 @@ def _run(
     progress: bool,
     extra_metrics: dict[str, Any],
     on_epoch: Callable[[dict], None] | None = None,
+    val_data: Dataset | DataLoader | None = None,
 ) -> RunResult:
     out_path = _check_out(out)
     resume = getattr(config, "resume", False)
@@ -80,19 +83,21 @@ def _run(
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
     start = time.perf_counter()
     try:
-        history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, cache_dir=cache_path, use_cache=use_cache,
+        history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, val=val_data, cache_dir=cache_path, use_cache=use_cache,
                               progress=progress, on_epoch=on_epoch, checkpoint=ckpt, resume=resume)
     except TrainingDiverged:
         if ckpt is not None and ctx.is_main:
             shutil.rmtree(ckpt.parent, ignore_errors=True)  # a diverged run is not worth resuming: a rerun with a new --lr starts clean
         raise
     device = resolve_device(config.device)
-    test_eval = evaluate(model, test_data, device=device) if test_data is not None else None
+    test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
+    val_eval = evaluate(model, val_data, device=device) if val_data is not None else None
     model.cpu()
     metrics: dict[str, Any] = {
         "kdedge_version": __version__,
         "kind": kind,
         "test": test_eval.to_dict() if test_eval else None,
+        **({"val": val_eval.to_dict()} if val_eval else {}),
         "model": model_summary(model, spec, data_spec),
         "data": data_spec.to_dict() if data_spec else None,
         "seconds": time.perf_counter() - start,
@@ -103,12 +108,12 @@ def _run(
     if ctx.enabled:
         metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
     if not ctx.is_main:
-        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None)  # only rank 0 writes
+        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
     if out_path is not None:
         write_run(out_path, model, spec, data_spec, metrics, config)
         if ckpt is not None:
             shutil.rmtree(ckpt.parent, ignore_errors=True)  # the run is complete: its checkpoint is no longer needed
-    return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path)
+    return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
 
 
 def train(
@@ -116,6 +121,7 @@ def train(
     train_data: Dataset | DataLoader,
     test_data: Dataset | DataLoader | None = None,
     *,
+    val_data: Dataset | DataLoader | None = None,
     config: TrainConfig | None = None,
     spec: ModelSpec | None = None,
     out: str | Path | None = None,
@@ -127,7 +133,8 @@ def train(
     Args:
         model: Any classifier ``(B, C, H, W) -> (B, K)``; trained in place.
         train_data: An :class:`ArrayDataset`, any ``Dataset`` of ``(x, y)`` or a ``DataLoader``.
-        test_data: Evaluated after every epoch and at the end.
+        test_data: Evaluated at the end (and after every epoch when there is no ``val_data``).
+        val_data: A validation split, evaluated after every epoch and at the end.
         config: Optimizer, schedule, epochs, seed, ...; ``config.model``/``config.data`` are ignored here.
         spec: Recorded in the checkpoint so the model can be rebuilt by name.
         out: Run directory to write (must not exist); defaults to ``config.out``; None writes nothing.
@@ -137,7 +144,8 @@ def train(
     config = config or TrainConfig()
     loss = HintonLoss(alpha=0.0, label_smoothing=config.label_smoothing)
     out = out if out is not None else config.out
-    return _run("train", model, train_data, test_data, config=config, loss=loss, teacher=None, spec=spec, out=out, progress=progress, extra_metrics={}, on_epoch=on_epoch)
+    return _run("train", model, train_data, test_data, config=config, loss=loss, teacher=None, spec=spec, out=out, progress=progress, extra_metrics={},
+                on_epoch=on_epoch, val_data=val_data)
 
 
 def distill(
@@ -146,6 +154,7 @@ def distill(
     train_data: Dataset | DataLoader,
     test_data: Dataset | DataLoader | None = None,
     *,
+    val_data: Dataset | DataLoader | None = None,
     config: DistillConfig | None = None,
     student_spec: ModelSpec | None = None,
     teacher_name: str | None = None,
@@ -167,7 +176,9 @@ def distill(
         student: The model to train, in place.
         teacher: A trained classifier with the same number of classes.
         train_data: An :class:`ArrayDataset` (cacheable), any ``Dataset`` of ``(x, y)`` or a ``DataLoader``.
-        test_data: Evaluated after every epoch; the teacher is evaluated on it once.
+        test_data: Evaluated at the end (and after every epoch when there is no ``val_data``); the teacher is scored on it once.
+        val_data: A validation split: the teacher is checked on it before training and the student
+            evaluated on it after every epoch, so choices made from those numbers never see the test split.
         config: α, T, optimizer, schedule, epochs, seed, cache mode.
         student_spec: Recorded in the checkpoint so the student can be rebuilt by name.
         teacher_name: Recorded in ``metrics.json``.
@@ -184,36 +195,41 @@ def distill(
     data_spec = spec_of(train_data)
     input_map = teacher_input_map(config, teacher_input, data_spec)
     frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last, input_map=input_map)
-    teacher_test = _teacher_before_training(frozen, test_data, device=device, config=config, progress=progress, data_spec=data_spec)
+    checked = _teacher_before_training(frozen, val_data if val_data is not None else test_data, device=device, config=config, progress=progress,
+                                       data_spec=data_spec, split="validation" if val_data is not None else "test")
+    teacher_val = checked if val_data is not None else None
+    teacher_test = checked if val_data is None else (evaluate(frozen.module, test_data, device=device) if test_data is not None else None)
     teacher_info = {
         "name": teacher_name or type(teacher).__name__,
         "sha256": frozen.fingerprint(),
         "input_map": {"a": list(input_map.a), "b": list(input_map.b)} if input_map else None,
         "test": teacher_test.to_dict() if teacher_test else None,
+        **({"val": teacher_val.to_dict()} if teacher_val else {}),
     } | {k: v for k, v in model_summary(frozen.model, None, data_spec).items() if k != "name"}
     loss = make_loss(config)
-    result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress, extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch)
-    result.teacher_test = teacher_test
+    result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress,
+                  extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch, val_data=val_data)
+    result.teacher_test, result.teacher_val = teacher_test, teacher_val
     frozen.model.cpu()
     return result
 
 
 def _teacher_before_training(frozen: FrozenTeacher, test: Dataset | DataLoader | None, *, device: torch.device, config: DistillConfig,
-                             progress: bool, data_spec: DatasetSpec | None) -> Evaluation | None:
-    """The teacher's test accuracy, reported before any training is paid for; near chance is an error."""
+                             progress: bool, data_spec: DatasetSpec | None, split: str = "test") -> Evaluation | None:
+    """The teacher's accuracy on ``test`` (the validation split when there is one), reported before any training is paid for; near chance is an error."""
     if test is None:
         return None
     start = time.perf_counter()
     ev = evaluate(frozen.module, test, device=device)
     check = ChanceCheck.of(ev)
     log = Progress(progress and dist_.context().is_main)
-    log.line(f"teacher: test accuracy {ev.accuracy:.4f} on {ev.num_samples} images, balanced {check.balanced_accuracy:.4f} "
+    log.line(f"teacher: {split} accuracy {ev.accuracy:.4f} on {ev.num_samples} images, balanced {check.balanced_accuracy:.4f} "
              f"(chance {check.chance:.4f}; {time.perf_counter() - start:.1f} s)")
     # Near chance: within 3 standard errors, or 10 % of the way from chance to a perfect score.
     if config.sanity_checks and ev.num_samples >= 100 and check.at_chance(slack=0.1):
         fed = f"(pixel·{data_spec.scale:.4g} − {_fmt(data_spec.mean)}) / {_fmt(data_spec.std)}" if data_spec is not None else "kdedge's normalized inputs"
         raise ConfigError(
-            f"the teacher scores {check.balanced_accuracy:.4f} balanced accuracy on the test set, near chance ({check.chance:.4f} for "
+            f"the teacher scores {check.balanced_accuracy:.4f} balanced accuracy on the {split} set, near chance ({check.chance:.4f} for "
             f"{check.classes} classes), before any training. Likely cause: it was trained on other inputs than {fed}"
             f"{' after its input map' if frozen.input_map else ''} — declare its normalization with --teacher-mean/--teacher-std "
             "(e.g. 0 and 1 for pixels/255) — or on another label order or data (--no-sanity-checks distills anyway)"
@@ -223,10 +239,6 @@ def _teacher_before_training(frozen: FrozenTeacher, test: Dataset | DataLoader |
 
 def _fmt(values: tuple[float, ...]) -> str:
     return ",".join(f"{v:.4g}" for v in values)
-
-
-def _load_data(config: _RunConfig) -> DataSplits:
-    return load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit)
 
 
 def _out_for(config: _RunConfig, kind: str) -> Path:
@@ -245,9 +257,9 @@ def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[
     out = _out_for(config, "train")
     dist_.init_from_env(config.device)
     try:
-        data = _load_data(config)
+        data = load_data_for(config)
         model, spec = resolve_student(config.model, data.spec, config.seed, trust_code=trust_code)
-        return train(model, data.train, data.test, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
+        return train(model, data.train, data.test, val_data=data.val, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()
 
@@ -261,11 +273,11 @@ def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Calla
     out = _out_for(config, "distill")
     dist_.init_from_env(config.device)
     try:
-        data = _load_data(config)
+        data = load_data_for(config)
         teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
         student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
                                         trust_code=trust_code)
-        return distill(student, teacher.model, data.train, data.test, config=config, student_spec=spec, teacher_name=teacher.name, teacher_input=teacher.input,
+        return distill(student, teacher.model, data.train, data.test, val_data=data.val, config=config, student_spec=spec, teacher_name=teacher.name, teacher_input=teacher.input,
                        out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()

@@ -87,10 +87,11 @@ def test_torn_cache_file_is_recomputed(tmp_path):
     data = _data(tmp_path)
     teacher = FrozenTeacher(TinyNet())
     first = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
+    expected = first.tensor().clone()  # `first` maps the file that is overwritten in place next
     np.save(first.path, np.zeros((3, 3), np.float32))  # wrong shape: e.g. another tool wrote it
     again = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
     assert not again.hit
-    torch.testing.assert_close(again.tensor(), first.tensor())
+    torch.testing.assert_close(again.tensor(), expected)
 
 
 def _distill(tmp_path, *, augment):
@@ -147,8 +148,9 @@ def test_a_cache_file_that_is_not_this_teachers_is_recomputed(tmp_path):
     torch.manual_seed(0)
     teacher = FrozenTeacher(TinyNet())
     first = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
-    np.save(first.path, (first.tensor().numpy() + 1.0).astype(np.float32))  # someone else's logits under this key
+    expected = first.tensor().clone()  # `first` maps the file that is overwritten in place next
+    np.save(first.path, (expected.numpy() + 1.0).astype(np.float32))  # someone else's logits under this key
     second = teacher_logits(teacher, data.train, cache_dir=tmp_path / "c")
     assert not second.hit
-    torch.testing.assert_close(second.tensor(), first.tensor())
-    torch.testing.assert_close(torch.from_numpy(np.load(first.path)), first.tensor())  # and the file is repaired
+    torch.testing.assert_close(second.tensor(), expected)
+    torch.testing.assert_close(torch.from_numpy(np.load(first.path)), expected)  # and the file is repaired

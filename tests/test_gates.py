@@ -108,9 +108,9 @@ def _gates(config: CompressConfig, *, student_acc: float = 0.9140625, teacher_ac
 def test_gates_golden_values():
     gates = _gates(_config(min_speedup=8.0))
     assert set(gates) == {"min_retention", "max_quant_drop", "min_speedup"}
-    assert gates["min_retention"] == {"value": 0.975, "limit": 0.975, "passed": True, "detail": "student 0.9141 / teacher 0.9375"}
+    assert gates["min_retention"] == {"value": 0.975, "limit": 0.975, "passed": True, "detail": "student 0.9141 / teacher 0.9375 (test accuracy)"}
     # The worst INT8 drop over every INT8 artifact, the TensorRT one included (both 0.78125 here).
-    assert gates["max_quant_drop"] == {"value": 0.78125, "limit": 0.78125, "passed": True, "detail": "INT8 accuracy drop vs FP32, points"}
+    assert gates["max_quant_drop"] == {"value": 0.78125, "limit": 0.78125, "passed": True, "detail": "INT8 accuracy drop vs FP32, points (test accuracy)"}
     # The eager teacher's batch-1 p50 (4.0 ms) over the recommended artifact's (0.5 ms): 8.0.
     assert gates["min_speedup"] == {"value": 8.0, "limit": 8.0, "passed": True,
                                     "detail": "recommended artifact's batch-1 p50 vs the teacher in eager PyTorch on the CPU"}
@@ -160,3 +160,13 @@ def test_speedup_gate_fails_without_an_eager_teacher_row():
     # Nor does a recommendation without any target pass it.
     gate = _gates(_config(min_speedup=1.0), recommended={})["min_speedup"]
     assert gate["value"] is None and gate["passed"] is False
+
+
+def test_with_a_validation_split_the_gates_judge_validation_numbers():
+    """The INT8 gate reads the validation drop when the run has a validation split, not the test drop."""
+    artifacts = [dict(a, accuracy=dict(a["accuracy"], val_drop_vs_fp32_pt=2.5)) if a.get("accuracy") and "drop_vs_fp32_pt" in a["accuracy"] else a
+                 for a in ARTIFACTS]
+    gates = evaluate_gates(student_acc=0.9, teacher_acc=0.95, artifacts=artifacts, recommended=_recommended(), rows=_rows(),
+                           config=_config(), split="validation")
+    assert gates["max_quant_drop"]["value"] == 2.5 and not gates["max_quant_drop"]["passed"]
+    assert gates["min_retention"]["detail"] == "student 0.9000 / teacher 0.9500 (validation accuracy)"

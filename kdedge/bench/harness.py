@@ -13,7 +13,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +70,14 @@ class RecordedData:
         input_shape: One sample's ``(C, H, W)``.
         num_classes: Number of classes.
         files: sha256 of the dataset's source files by role; two paths with equal hashes hold the same data.
+        resize: An image folder's shorter-side resize (``--image-size``) the model was trained with.
     """
 
     name: str | None = None
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     files: dict[str, str] = field(default_factory=dict)
+    resize: int | None = None
 
 
 def _onnx_params(path: Path) -> int | None:
@@ -142,7 +144,8 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
         path = shipped
     ckpt = load_checkpoint(path, trust_code=trust_code)
     recorded = RecordedData(name=ckpt.data.name if ckpt.data else None, input_shape=tuple(ckpt.spec.input_shape),
-                            num_classes=ckpt.spec.num_classes, files=dict(ckpt.data.files) if ckpt.data else {})
+                            num_classes=ckpt.spec.num_classes, files=dict(ckpt.data.files) if ckpt.data else {},
+                            resize=ckpt.data.resize if ckpt.data else None)
     return BenchModel(name=ckpt.spec.name, role=role, module=ckpt.model.eval(), params=count_parameters(ckpt.model),
                       flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path),
                       recorded=recorded)
@@ -152,8 +155,9 @@ def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
     """The dataset in a ``DatasetSpec.to_dict()`` (e.g. ``export.json["data"]``); tolerant of older or partial files."""
     if not isinstance(d, dict):
         return None
-    name, shape, classes, files = d.get("name"), d.get("input_shape"), d.get("num_classes"), d.get("files")
+    name, shape, classes, files, resize = d.get("name"), d.get("input_shape"), d.get("num_classes"), d.get("files"), d.get("resize")
     return RecordedData(
+        resize=resize if isinstance(resize, int) and not isinstance(resize, bool) else None,
         name=str(name) if name else None,
         input_shape=tuple(int(v) for v in shape) if isinstance(shape, list) and all(isinstance(v, int) for v in shape) else None,
         num_classes=classes if isinstance(classes, int) and not isinstance(classes, bool) else None,
@@ -177,7 +181,13 @@ def _recorded_in_onnx(meta: dict[str, str]) -> RecordedData | None:
         classes = len(labels) if isinstance(labels, list) else None
     except (KeyError, TypeError, ValueError):
         pass
-    return RecordedData(name=meta.get("kdedge.dataset") or None, input_shape=shape, num_classes=classes)
+    resize = None
+    try:
+        rule = json.loads(meta["kdedge.preprocessing"]).get("resize")
+        resize = int(rule["shorter_side"]) if isinstance(rule, dict) else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return RecordedData(name=meta.get("kdedge.dataset") or None, input_shape=shape, num_classes=classes, resize=resize)
 
 
 def _recorded_beside_plan(path: Path) -> RecordedData | None:
@@ -218,8 +228,8 @@ def _variants_for(model: BenchModel, target: str) -> list[tuple[str, Path | None
     return [(v, p) for v, p in sorted(model.artifacts.items()) if v.startswith(prefix)]
 
 
-def _accuracy(runner: Runner, inputs: np.ndarray, data: DataSplits, batch_size: int) -> dict[str, Any]:
-    logits = runner.predict(inputs, batch_size=batch_size)
+def _accuracy(runner: Runner, inputs: Callable[[], Iterator[np.ndarray]], data: DataSplits, batch_size: int) -> dict[str, Any]:
+    logits = np.concatenate([runner.predict(x, batch_size=batch_size) for x in inputs()])
     ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, data.spec.num_classes)
     return {"top1": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples}
 
@@ -279,9 +289,10 @@ def benchmark(
     if config.test_limit:
         data = data.limit(test=config.test_limit)
     policy = TimingPolicy(warmup_iters=config.warmup_iters, warmup_s=config.warmup_s, min_iters=config.min_iters, min_s=config.min_s)
-    test = data.test.inputs().numpy()  # (N, C, H, W), normalized once for every model
+    source = data.test.pass_source()  # (N, C, H, W) normalized: once for every model when small, streamed when large
     max_batch = max(config.batch_sizes)
-    inputs = np.concatenate([test] * (max_batch // len(test) + 1)) if max_batch > len(test) else test  # real images, repeated to fill the batch
+    first = data.test.inputs(slice(0, max_batch)).numpy()
+    inputs = np.concatenate([first] * (max_batch // len(first) + 1))[:max_batch] if max_batch > len(first) else first  # real images, repeated to fill the batch
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
         if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):
@@ -291,7 +302,7 @@ def benchmark(
             # A model's own input normalization (an ONNX teacher's) is applied before timing: a deployment feeds it prepared inputs.
             own = model.preprocess or (lambda x: x)
             model_inputs = own(inputs)
-            test_inputs = own(test) if config.accuracy else None
+            test_inputs = (lambda own=own: (own(x) for x in source())) if config.accuracy else None
             for target in config.targets:
                 for variant, path in _variants_for(model, target):
                     log(f"bench: {model.name} {variant} @ {target}: " + (f"accuracy on {len(data.test)} test images, " if config.accuracy else "")
@@ -312,7 +323,8 @@ def benchmark(
     return report
 
 
-def _measure(model: BenchModel, target: str, variant: str, path: Path | None, inputs: np.ndarray, test_inputs: np.ndarray | None, data: DataSplits,
+def _measure(model: BenchModel, target: str, variant: str, path: Path | None, inputs: np.ndarray,
+             test_inputs: Callable[[], Iterator[np.ndarray]] | None, data: DataSplits,
              config: BenchConfig, policy: TimingPolicy, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One runner: its accuracy on the test set, then latency at every batch size; one row per batch size."""
     runtime, device = TARGETS[target]
@@ -433,7 +445,8 @@ def _bench_data(models: list[BenchModel], data: str | None, *, test_limit: int |
     if any(m.recorded.name in BUILTIN_DATASETS or choice in BUILTIN_DATASETS or not m.recorded.files for m in others):
         raise mismatch()  # decided by the names, before loading (and perhaps downloading) anything
     try:
-        splits = load_dataset(choice, test_limit=test_limit)
+        resize = next((m.recorded.resize for m, name in named if name == choice and m.recorded.resize is not None), None)
+        splits = load_dataset(choice, test_limit=test_limit, image_size=resize)  # an image folder at the size the models were trained on
     except DataError as exc:
         if data is not None:
             raise

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdedge.distributed as dist_
 from kdedge._modes import evaluating
 from kdedge.config import _RunConfig
-from kdedge.data.spec import ArrayDataset
+from kdedge.data.spec import ArrayDataset, ImageDataset
 from kdedge.distill.augment import augment_batch
 from kdedge.distill.checkpoint import config_differences, load_state, save_state
 from kdedge.distill.features import FeatureHooks
@@ -84,12 +84,10 @@ def _batches(
 
     Distributed, every rank draws the same order and takes its slice of each global batch.
     """
-    if isinstance(data, ArrayDataset):
+    if isinstance(data, ImageDataset):
         order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
-            idx = dist_.shard(order[start : start + batch_size], ctx, pad_from=order)
-            dev_idx = idx.to(data.images.device)
-            yield idx, data.inputs(dev_idx, device=device), data.labels[dev_idx].to(device)
+        index_batches = (dist_.shard(order[start : start + batch_size], ctx, pad_from=order) for start in range(0, len(data), batch_size))
+        yield from data.batches(index_batches, device=device)  # an image folder decodes in worker processes
         return
     yield from ((None, x.to(device), torch.as_tensor(y).to(device)) for x, y in _loader(data, batch_size, generator, ctx, epoch))
 
@@ -112,7 +110,7 @@ def _loader(data: Dataset | DataLoader, batch_size: int, generator: torch.Genera
 def _num_batches(data: Dataset | DataLoader, batch_size: int, ctx: dist_.DistContext) -> int:
     if isinstance(data, DataLoader):
         return len(data)
-    if ctx.enabled and not isinstance(data, ArrayDataset):
+    if ctx.enabled and not isinstance(data, ImageDataset):
         per_rank = math.ceil(len(data) / ctx.world_size)  # type: ignore[arg-type]
         return math.ceil(per_rank / max(1, batch_size // ctx.world_size))
     return math.ceil(len(data) / batch_size)  # type: ignore[arg-type]
@@ -173,6 +171,7 @@ def fit(
     loss: DistillLoss,
     teacher: FrozenTeacher | None = None,
     test: Dataset | DataLoader | None = None,
+    val: Dataset | DataLoader | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
@@ -183,7 +182,7 @@ def fit(
     """Train ``model`` in place for ``config.epochs`` epochs.
 
     With ``loss.alpha > 0`` the teacher supplies soft targets: from the logit cache when the
-    inputs are not augmented and samples are addressable (an :class:`ArrayDataset`), else by
+    inputs are not augmented and samples are addressable (an :class:`~kdedge.data.ImageDataset`), else by
     running the teacher on each batch.
 
     Under ``torchrun`` (a default process group initialized, see
@@ -193,6 +192,9 @@ def fit(
     never wrapped.
 
     Args:
+        test: Evaluated after every epoch when there is no ``val``.
+        val: A validation split: evaluated after every epoch instead of ``test`` (rows get
+            ``val_accuracy``), so the test split is left for the final report.
         checkpoint: File to write the training state to after every epoch (main rank only).
         resume: Continue from ``checkpoint`` (which must exist and match ``config``).
         progress: Report each epoch: a bar on a terminal, one plain line per epoch elsewhere.
@@ -224,12 +226,13 @@ def fit(
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 row = _train_epoch(run, epoch, bar, task)
-                ev = evaluate(model, test, device=device) if test is not None else None
+                watched, split = (val, "val") if val is not None else (test, "test")
+                ev = evaluate(model, watched, device=device) if watched is not None else None
                 if ev is not None:
-                    row.update(test_accuracy=ev.accuracy, test_macro_f1=ev.macro_f1)
+                    row.update({f"{split}_accuracy": ev.accuracy, f"{split}_macro_f1": ev.macro_f1})
                 bar.finish(task, _epoch_line(row, config.epochs))
                 history.append(row)
-                problem = divergence(row, ev, num_classes=_num_classes(run, test)) if config.sanity_checks else None
+                problem = divergence(row, ev, num_classes=_num_classes(run, watched)) if config.sanity_checks else None
                 if problem:
                     raise TrainingDiverged(f"{problem}; {_divergence_fix(config)}")
                 if checkpoint is not None:
@@ -264,10 +267,10 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
     aug_generator = torch.Generator().manual_seed(_rank_seed(config.seed, ctx.rank)) if ctx.enabled else generator
     if ctx.enabled:
         torch.manual_seed(_rank_seed(config.seed, ctx.rank))  # e.g. dropout masks differ per rank
-    if isinstance(train, ArrayDataset) and device.type != "cpu":
+    if isinstance(train, ArrayDataset) and device.type == "cuda" and _fits_on(train, device):
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
     cached = None
-    if loss.needs_teacher and use_cache and not _needs_features(loss) and not config.augment and isinstance(train, ArrayDataset):
+    if loss.needs_teacher and use_cache and not _needs_features(loss) and not config.augment and isinstance(train, ImageDataset):
         # Never for augmented inputs: the cache holds logits of the un-augmented images.
         cached = teacher_logits(teacher, train, cache_dir=cache_dir, progress=bar)  # type: ignore[arg-type]
     model.to(device)
@@ -283,6 +286,12 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
                 aug_generator=aug_generator, steps=steps, cached=cached, hooks=hooks, optimizer=optimizer,
                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)),
                 scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), extra=extra)
+
+
+def _fits_on(data: ArrayDataset, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the stored pixels take at most ``share`` of the GPU's free memory (the rest is the model's)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return data.nbytes <= share * free
 
 
 def _feature_hooks(model: nn.Module, teacher: FrozenTeacher | None, loss: DistillLoss, train: Dataset | DataLoader, device: torch.device) -> list[FeatureHooks]:
@@ -413,7 +422,7 @@ def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.T
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
-    test = f"  test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else ""
+    test = "".join(f"  {split} acc {row[f'{split}_accuracy']:.4f}" for split in ("val", "test") if f"{split}_accuracy" in row)
     return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}{test}  "
             f"lr {row['lr']:.3g}  {row['seconds']:.1f} s")
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdedge.data.normalization import InputMap, Normalization
-from kdedge.data.spec import ArrayDataset, DatasetSpec
+from kdedge.data.spec import DatasetSpec, ImageDataset
 from kdedge.errors import ConfigError
 from kdedge.models.zoo import state_dict_sha256
 from kdedge.progress import Progress
@@ -46,7 +46,7 @@ def teacher_input_map(config: Any, declared: Normalization | None, data: Dataset
     if declared is None:
         return None
     if data is None:
-        raise ConfigError("teacher_mean/teacher_std need a kdedge dataset (ArrayDataset) to know the data's own normalization; "
+        raise ConfigError("teacher_mean/teacher_std need a kdedge dataset (an ImageDataset) to know the data's own normalization; "
                           "normalize the data for the teacher yourself, or load it with kdedge.load_dataset")
     return declared.map_from(data)
 
@@ -174,20 +174,24 @@ class TeacherLogits:
         return self._array if isinstance(self._array, torch.Tensor) else torch.from_numpy(np.array(self._array))
 
 
-def logit_cache_key(teacher: FrozenTeacher, data: ArrayDataset) -> str:
+def logit_cache_key(teacher: FrozenTeacher, data: ImageDataset) -> str:
     """The cache file's name: the teacher's identity and the exact training inputs."""
     return hashlib.sha256(f"kdedge-logits-v2|{teacher_identity(teacher)}|{data.fingerprint()}".encode()).hexdigest()
 
 
+def _batches(data: ImageDataset, batch_size: int, lo: int, hi: int) -> list[torch.Tensor]:
+    return [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
+
+
 @torch.inference_mode()
-def _compute(teacher: FrozenTeacher, data: ArrayDataset, batch_size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def _compute(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """Logits of samples ``lo:hi`` (all by default)."""
     hi = len(data) if hi is None else hi
-    chunks = [teacher(data.inputs(slice(i, min(i + batch_size, hi)), device=teacher.device)).cpu() for i in range(lo, hi, batch_size)]
+    chunks = [teacher(x).cpu() for _i, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def _matches(teacher: FrozenTeacher, data: ArrayDataset, array: np.ndarray, probe: int = 8) -> bool:
+def _matches(teacher: FrozenTeacher, data: ImageDataset, array: np.ndarray, probe: int = 8) -> bool:
     """Whether cached rows equal what ``teacher`` computes now on the first ``probe`` samples."""
     n = min(probe, len(data))
     fresh = _compute(teacher, data, n, 0, n).numpy()
@@ -195,13 +199,17 @@ def _matches(teacher: FrozenTeacher, data: ArrayDataset, array: np.ndarray, prob
     return bool(np.abs(fresh - cached).max(initial=0.0) <= 1e-3 * (1.0 + np.abs(cached).max(initial=0.0)))
 
 
-def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500,
+def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500,
                    progress: Progress | None = None) -> TeacherLogits:
     """The teacher's logits ``(N, K)`` over ``data``, from the disk cache when present and verified.
 
+    Without DDP and with a ``cache_dir`` the logits are written batch by batch into a
+    memory-mapped ``.npy`` (an ImageNet-sized cache never sits in memory); under DDP each rank
+    scores a contiguous shard and the shards are gathered.
+
     Args:
         teacher: The frozen teacher.
-        data: Un-augmented training inputs.
+        data: Un-augmented training inputs (arrays or an image folder, decoded by its workers).
         cache_dir: Where ``<key>.npy`` files live; None keeps the logits in memory only.
         batch_size: Inference batch size.
         progress: Reports the pass over the data (a bar, or a line when it starts and ends).
@@ -225,29 +233,63 @@ def teacher_logits(teacher: FrozenTeacher, data: ArrayDataset, *, cache_dir: str
     start = time.perf_counter()
     progress.line(f"teacher: scoring {len(data)} training images once for the logit cache")
     task = progress.add("teacher logits", len(data))
+    if path is not None and not ctx.enabled:
+        mapped = _score_to_file(teacher, data, path, batch_size, progress, task)
+        seconds = time.perf_counter() - start
+        progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
+        return TeacherLogits(mapped, key=key, path=path, seconds=seconds)
     # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
     bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
     lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
     chunks = []
-    for i in range(lo, hi, batch_size):
-        chunks.append(_compute(teacher, data, batch_size, i, min(i + batch_size, hi)))
-        progress.update(task, advance=chunks[-1].shape[0] * ctx.world_size)
+    with torch.inference_mode():
+        for _i, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device):
+            chunks.append(teacher(x).cpu())
+            progress.update(task, advance=chunks[-1].shape[0] * ctx.world_size)
     part = torch.cat(chunks) if chunks else torch.empty(0, 0)
     logits = dist_.all_gather_rows(part) if ctx.enabled else part
     seconds = time.perf_counter() - start
-    progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s")
-    if path is None or not ctx.is_main:
-        return TeacherLogits(logits, key=key, seconds=seconds)
+    progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
+    if path is not None and ctx.is_main:
+        _write_atomic(path, lambda f: np.save(f, logits.numpy().astype(np.float32), allow_pickle=False))
+    return TeacherLogits(logits, key=key, path=path if path is not None and ctx.is_main else None, seconds=seconds)
+
+
+def _score_to_file(teacher: FrozenTeacher, data: ImageDataset, path: Path, batch_size: int, progress: Progress, task: int) -> np.ndarray:
+    """Score ``data`` into a memory-mapped ``.npy`` written under a temporary name, then renamed; returns it mapped read-only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".npy")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, logits.numpy().astype(np.float32), allow_pickle=False)
+        out = None
+        with torch.inference_mode():
+            for idx, x, _y in data.batches(_batches(data, batch_size, 0, len(data)), device=teacher.device):
+                logits = teacher(x).cpu().numpy()
+                if out is None:  # the class count is known from the first batch
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), logits.shape[1]))
+                out[int(idx[0]) : int(idx[-1]) + 1] = logits
+                progress.update(task, advance=logits.shape[0])
+        if out is None:
+            raise ValueError("cannot cache the logits of an empty dataset")
+        out.flush()
+        del out
         os.replace(tmp, path)  # atomic: readers see the old file, no file, or the whole new one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return TeacherLogits(logits, key=key, path=path, seconds=seconds)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _read_cache(path: Path, rows: int) -> np.ndarray | None:

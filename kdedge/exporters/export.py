@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 from kdedge._version import __version__
 from kdedge._fs import atomic_dir, file_sha256, new_dir
 from kdedge.config import ExportConfig
-from kdedge.data import DataSplits, DatasetSpec, load_dataset
+from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
 from kdedge.metrics import evaluation_from_predictions
 from kdedge.errors import BackendUnavailable, DataError, ModelError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
@@ -76,6 +76,26 @@ def tolerances(config: ExportConfig) -> dict[str, Tolerance]:
 
 
 
+def preprocessing(spec: DatasetSpec) -> dict[str, Any]:
+    """The whole input contract of a model trained on ``spec``: from an image file (or array) to the input tensor.
+
+    ``color`` is the channel order of the pixels (``L``, ``RGB``; None: as the training array stored
+    them), ``resize`` the image-folder rule (None: images used at ``size``), then
+    ``x = (pixel * scale - mean[c]) / std[c]`` into an NCHW float32 batch.
+    """
+    c, h, w = spec.input_shape
+    resize = None if spec.resize is None else {
+        "shorter_side": spec.resize, "interpolation": "bilinear (Pillow Image.Resampling.BILINEAR, antialiased)",
+        "crop": "center", "long_side": "int(shorter_side * long / short)", "crop_offset": "round((resized - size) / 2)",
+    }
+    return {
+        "color": spec.color, "channels": c, "channel_order": list(spec.color) if spec.color in ("RGB", "RGBA") else None,
+        "layout": "NCHW", "size": [h, w], "resize": resize,
+        "image_file": ("PIL.ImageOps.exif_transpose, then Image.convert(color)" if spec.resize is not None or spec.color is not None else None),
+        "scale": spec.scale, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]",
+    }
+
+
 def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | None, input_name: str = "input") -> dict[str, str]:
     """``metadata_props`` for an artifact: enough to preprocess an input and name the output.
 
@@ -94,17 +114,16 @@ def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | No
         "kdedge.source_sha256": source_sha256 or "",
         "kdedge.dataset": spec.name,
         "kdedge.input": json.dumps({"name": input_name, "shape": ["batch", *spec.input_shape], "dtype": "float32", "layout": "NCHW"}),
-        "kdedge.preprocessing": json.dumps(
-            {"scale": spec.scale, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]"}
-        ),
+        "kdedge.preprocessing": json.dumps(preprocessing(spec)),
         "kdedge.labels": json.dumps(list(spec.labels)),
         "kdedge.precision": "fp32",
     }
 
 
-def _accuracy(session, inputs: np.ndarray, data: DataSplits, *, batch_size: int = 500) -> dict[str, Any]:
-    logits = ort_predict(session, inputs, batch_size=batch_size)
-    ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, data.spec.num_classes)
+def _accuracy(session, inputs: Callable[[], Iterator[np.ndarray]], split: ImageDataset, *, batch_size: int = 500) -> dict[str, Any]:
+    """Accuracy of an ONNX session over ``split``, whose normalized inputs ``inputs()`` yields in order."""
+    logits = np.concatenate([ort_predict(session, x, batch_size=batch_size) for x in inputs()])
+    ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), split.labels, split.spec.num_classes)
     return {"accuracy": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples, "runtime": "onnxruntime cpu"}
 
 
@@ -198,10 +217,15 @@ class _ArtifactWriter:
         with torch.inference_mode():
             self.reference = model(self.parity_inputs).numpy()  # (N, K): what every artifact must reproduce
         _check_data(None, int(self.reference.shape[-1]), data.spec)
-        self._test_inputs: np.ndarray | None = None
+        self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
         self.skipped: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+
+    def _source(self, split: str, data: ImageDataset) -> Callable[[], Iterator[np.ndarray]]:
+        if split not in self._sources:
+            self._sources[split] = data.pass_source()  # a small split normalized once; a large one streamed per pass
+        return self._sources[split]
 
     def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -217,12 +241,14 @@ class _ArtifactWriter:
                                                                             allow_mismatch=self.config.allow_mismatch, session=session))
         accuracy = None
         if self.config.evaluate:
-            self.log(f"accuracy: {path.name} on {len(self.data.test)} test images")
-            if self._test_inputs is None:
-                self._test_inputs = self.data.test.inputs().numpy()  # the whole test split as floats, built once per export
-            accuracy = _accuracy(session, self._test_inputs, self.data)
+            self.log(f"accuracy: {path.name} on {len(self.data.test)} test images" + (f" and {len(self.data.val)} validation images" if self.data.val else ""))
+            accuracy = _accuracy(session, self._source("test", self.data.test), self.data.test)
+            if self.data.val is not None:  # what the gates of compress-and-export judge
+                accuracy["val_accuracy"] = _accuracy(session, self._source("val", self.data.val), self.data.val)["accuracy"]
             if fp32_accuracy:
                 accuracy["drop_vs_fp32_pt"] = 100 * (fp32_accuracy["accuracy"] - accuracy["accuracy"])
+                if "val_accuracy" in accuracy:
+                    accuracy["val_drop_vs_fp32_pt"] = 100 * (fp32_accuracy["val_accuracy"] - accuracy["val_accuracy"])
         a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
                      parity=report.to_dict(), accuracy=accuracy, details=details)
         self.artifacts.append(a)
@@ -307,7 +333,7 @@ def _tensorrt_artifact(tmp: Path, config: ExportConfig, spec: DatasetSpec, parit
         raise ParityError(f"{engine_path.name} does not match PyTorch: " + "; ".join(failures) + " (pass --allow-mismatch to keep it anyway)")
     accuracy = None
     if config.evaluate:
-        logits = run(data.test.inputs())
+        logits = np.concatenate([run(x) for x in data.test.pass_source()()])
         ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), data.test.labels, spec.num_classes)
         accuracy = {"accuracy": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples, "runtime": report.runtime}
     return Artifact(path=engine_path.name, format="tensorrt", precision=config.trt_precision, bytes=engine_path.stat().st_size,
@@ -340,6 +366,7 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None, *,
     data_name = config.data or (ckpt.data.name if ckpt.data else None)
     if data_name is None:
         raise DataError(f"{ckpt.path}: records no dataset; pass --data NAME_OR_PATH for parity, calibration and accuracy")
-    data = load_dataset(data_name)
+    recorded = ckpt.data if ckpt.data is not None and ckpt.data.name == data_name else None
+    data = load_dataset(data_name, image_size=recorded.resize if recorded is not None else None)  # an image folder's recorded resize/crop
     _check_data(tuple(ckpt.spec.input_shape), ckpt.spec.num_classes, data.spec)
     return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256, log=log)

@@ -28,16 +28,18 @@ from kdedge.models import architectures
 
 __all__ = [
     "MODELS",
-    "ModelSpec",
+    "TEACHERS",
     "Checkpoint",
-    "parse_model_name",
-    "create_model",
-    "count_parameters",
+    "ModelSpec",
     "count_flops",
-    "save_checkpoint",
+    "count_parameters",
+    "create_model",
     "load_checkpoint",
     "load_weights",
+    "model_cost",
+    "parse_model_name",
     "pretrained_path",
+    "save_checkpoint",
     "state_dict_sha256",
 ]
 
@@ -48,10 +50,16 @@ ModelFactory = Callable[[int, tuple[int, int, int], float], nn.Module]
 #: Architecture name -> factory(num_classes, input_shape, width).
 MODELS: dict[str, ModelFactory] = {
     "resnet": architectures.resnet,
+    "resnet_cifar": architectures.resnet_cifar,
     "tiny_cnn": architectures.tiny_cnn,
     "dw_cnn": architectures.dw_cnn,
+    "mobilenet_v2": architectures.mobilenet_v2,
     "mlp": architectures.mlp,
 }
+
+#: Architectures meant as teachers. Any zoo model can be named as a student, but ``--student auto``
+#: searches only the others: a budgeted search should not hand back a thin copy of the teacher.
+TEACHERS: frozenset[str] = frozenset({"resnet", "resnet_cifar"})
 
 #: (architecture, width, dataset) -> weights file shipped in kdedge/models/weights/.
 PRETRAINED: dict[tuple[str, float, str], str] = {
@@ -142,6 +150,20 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
+def model_cost(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """``{"params": ..., "flops": ...}`` of zoo model ``name`` (``arch`` or ``arch@width``) on one sample.
+
+    The RGB models' parameters do not depend on ``input_shape`` but their FLOPs do; the flatten
+    models' (``tiny_cnn``, ``mlp``) parameters grow with it.
+
+    Raises:
+        ModelError: ``name`` is not a zoo model.
+    """
+    arch, width = parse_model_name(name)
+    model = create_model(ModelSpec(arch, width, num_classes, tuple(input_shape)))  # type: ignore[arg-type]
+    return {"params": count_parameters(model), "flops": count_flops(model, tuple(input_shape))}
+
+
 def state_dict_sha256(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's names, shapes, dtypes and bytes, in sorted key order."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -182,7 +204,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
+                return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelError(f"{path}: not a readable safetensors file ({exc}); is it truncated or corrupt?") from exc
     try:

@@ -1,0 +1,366 @@
+"""Image folders: ``DIR/train/<class>/*.jpg`` (and ``test/``, ``val/``), decoded with Pillow in DataLoader workers.
+
+The layout is torchvision's ImageFolder convention: one sub-folder per class, class index =
+position of the folder name in sorted order, images anywhere below it (JPEG, PNG, WebP, BMP).
+Files are listed and their headers read once, at load time, so a non-image file, an empty class
+or images of mixed sizes are reported before any training is paid for; pixels are decoded only
+when a batch needs them, so memory does not grow with the number of images.
+
+The transform is the one every exported artifact declares (:class:`ImageTransform`):
+``ImageOps.exif_transpose`` (photos from phones carry their rotation in EXIF), conversion to
+``L`` or ``RGB``, and — with ``image_size`` — a bilinear resize of the shorter side to
+``image_size`` followed by a center crop to ``image_size × image_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdedge.data.spec import UINT8_SCALE, DatasetSpec, DataSplits, ImageDataset
+from kdedge.errors import DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "ImageTransform", "default_workers", "is_image_folder", "load_folder", "resize_and_crop", "write_image_folder"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+#: Training images whose pixels give the recorded mean and std.
+NORM_SAMPLE = 1000
+
+
+def default_workers() -> int:
+    """DataLoader worker processes decoding images: one per core, at most 8.
+
+    Measured on 2 cores (``benchmarks/folders.py``): the workers decode while the main process
+    trains, and the training step's own threads leave them enough time.
+    """
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How a stored image file becomes a ``(C, H, W)`` uint8 array — the deployment's preprocessing too.
+
+    Attributes:
+        color: Pillow mode the image is converted to: ``"L"`` (1 channel) or ``"RGB"`` (3).
+        size: ``(H, W)`` of the result.
+        resize: Shorter side after a bilinear resize, before the center crop to ``size``; None
+            uses images as they are (they must all be ``size``).
+    """
+
+    color: str
+    size: tuple[int, int]
+    resize: int | None = None
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert(self.color)
+        if self.resize is not None:
+            image = resize_and_crop(image, self.resize, self.size)
+        elif image.size != (self.size[1], self.size[0]):
+            raise DataError(f"{path}: image is {image.size[0]}×{image.size[1]}, the others are {self.size[1]}×{self.size[0]}; "
+                            "pass --image-size N to resize them all")
+        array = np.asarray(image, dtype=np.uint8)
+        return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+
+def resize_and_crop(image: Any, shorter: int, size: tuple[int, int]) -> Any:
+    """Resize ``image`` (a PIL image) so its shorter side is ``shorter`` (bilinear), then center-crop to ``size`` ``(H, W)``.
+
+    The arithmetic is torchvision's ``Resize(shorter)`` + ``CenterCrop(size)``: the longer side
+    becomes ``int(shorter * long / short)``, the crop's corner ``round((W' - W) / 2)``.
+    """
+    from PIL import Image
+
+    w, h = image.size
+    if w <= h:
+        new = (shorter, int(shorter * h / w))
+    else:
+        new = (int(shorter * w / h), shorter)
+    if new != (w, h):
+        image = image.resize(new, Image.Resampling.BILINEAR)
+    ch, cw = size
+    left, top = int(round((new[0] - cw) / 2.0)), int(round((new[1] - ch) / 2.0))
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def is_image_folder(directory: Path) -> bool:
+    """Whether ``directory`` has a ``train/`` folder of class folders."""
+    train = directory / "train"
+    return train.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in train.iterdir())
+
+
+@dataclass
+class _Listing:
+    """The files of one split: paths relative to the root, labels, and (size, mtime_ns) per file."""
+
+    files: np.ndarray  # (N,) bytes
+    labels: np.ndarray  # (N,) int64
+    stats: np.ndarray  # (N, 2) int64
+    sizes: dict[tuple[int, int], str]  # (width, height) -> one file of that size
+    modes: set[str]
+
+
+def _list_split(root: Path, split: str, classes: list[str]) -> _Listing:
+    files: list[str] = []
+    labels: list[int] = []
+    stats: list[tuple[int, int]] = []
+    sizes: dict[tuple[int, int], str] = {}
+    modes: set[str] = set()
+    from PIL import Image, UnidentifiedImageError
+
+    for label, cls in enumerate(classes):
+        class_dir = root / split / cls
+        if not class_dir.is_dir():
+            continue
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith(".") or name in ("Thumbs.db", "desktop.ini"):
+                    continue  # what file managers leave behind
+                path = Path(dirpath) / name
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); move it out of {root / split}")
+                try:
+                    with Image.open(path) as image:  # reads the header only
+                        sizes.setdefault(image.size[::-1] if _exif_rotates(image) else image.size, str(path))  # as displayed
+                        modes.add(image.mode)
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                    raise DataError(f"{path}: cannot be read as an image ({exc}); remove or replace the file") from None
+                st = path.stat()
+                files.append(str(path.relative_to(root)))
+                labels.append(label)
+                stats.append((st.st_size, st.st_mtime_ns))
+                found += 1
+        if found == 0:
+            raise DataError(f"{class_dir}: empty class folder; put its images in it or remove the folder")
+    return _Listing(np.array(files, dtype=np.bytes_) if files else np.array([], dtype="S1"), np.array(labels, dtype=np.int64),
+                    np.array(stats, dtype=np.int64).reshape(-1, 2), sizes, modes)
+
+
+def _exif_rotates(image: Any) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+    except Exception:  # noqa: BLE001 — a malformed EXIF block: Pillow's exif_transpose leaves such an image as it is
+        return False
+
+
+def _classes(root: Path, split: str) -> list[str]:
+    return sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class _Decode(Dataset):
+    """Runs in DataLoader workers: index -> (index, pixels or None, error or None)."""
+
+    def __init__(self, data: FolderDataset) -> None:
+        self.root, self.files, self.transform = data.root, data.files, data.transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+        path = self.root / self.files[i].decode()
+        try:
+            return i, self.transform(path), None
+        except DataError as exc:
+            return i, None, str(exc)
+        except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated or corrupt data
+            return i, None, f"{path}: cannot be decoded ({exc}); remove or replace the file"
+
+
+def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    errors = [e for _i, _x, e in items if e is not None]
+    index = torch.tensor([i for i, _x, _e in items], dtype=torch.int64)
+    if errors:
+        return index, None, errors[0]
+    return index, torch.from_numpy(np.stack([x for _i, x, _e in items])), None  # type: ignore[misc]
+
+
+class FolderDataset(ImageDataset):
+    """Labelled image files under ``root``, decoded a batch at a time (see :mod:`kdedge.data.folders`).
+
+    Args:
+        root: The folder the file paths are relative to.
+        files: ``(N,)`` relative paths, as bytes.
+        labels: ``(N,)`` class indices.
+        stats: ``(N, 2)`` file size and modification time (ns): with the paths they identify the
+            images for the teacher-logit cache without reading every file (a file rewritten with
+            the same size within the same nanosecond would go unnoticed; the cache is also checked
+            against the teacher's outputs on a few images).
+        spec: The dataset's spec.
+        transform: File -> ``(C, H, W)`` uint8.
+        workers: DataLoader worker processes for :meth:`batches` (0 decodes in this process).
+    """
+
+    def __init__(self, root: Path, files: np.ndarray, labels: torch.Tensor, stats: np.ndarray, spec: DatasetSpec, transform: ImageTransform,
+                 *, workers: int | None = None) -> None:
+        super().__init__(labels, spec)
+        self.root, self.files, self.stats, self.transform = root, files, stats, transform
+        self.workers = default_workers() if workers is None else workers
+
+    def raw(self, index: torch.Tensor) -> torch.Tensor:
+        items = [_Decode(self)[int(i)] for i in index]
+        index_, x, error = _collate(items)
+        if error is not None:
+            raise DataError(error)
+        return x if x is not None else torch.empty(0, *self.spec.input_shape, dtype=torch.uint8)
+
+    def subset(self, rows: torch.Tensor) -> FolderDataset:
+        r = torch.as_tensor(rows, dtype=torch.int64).reshape(-1).numpy()
+        return FolderDataset(self.root, self.files[r], self.labels[r], self.stats[r], self.spec, self.transform, workers=self.workers)
+
+    def raw_batches(self, index_batches: Iterable[torch.Tensor], *, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(index, stored pixels)`` for each batch of sample indices, in order, decoded by the worker processes."""
+        batches = [torch.as_tensor(b).cpu().tolist() for b in index_batches]
+        if self.workers == 0 or len(batches) <= 1:
+            for b in batches:
+                idx = torch.tensor(b, dtype=torch.int64)
+                yield idx, self.raw(idx)
+            return
+        loader = DataLoader(_Decode(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, prefetch_factor=4,
+                            pin_memory=pin_memory)
+        for index, x, error in loader:
+            if error is not None:
+                raise DataError(error)
+            yield index, x
+
+    def batches(self, index_batches: Iterable[torch.Tensor], *, device: torch.device | str | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        pin = torch.device(device or "cpu").type == "cuda"
+        for index, x in self.raw_batches(index_batches, pin_memory=pin):
+            yield index, self.normalize(x, device), self.labels[index].to(device or "cpu")
+
+    def _identity(self, h: hashlib._Hash) -> None:  # type: ignore[name-defined]
+        h.update(repr(self.transform).encode())
+        h.update(b"\0".join(self.files.tolist()))
+        h.update(np.ascontiguousarray(self.stats).tobytes())
+
+    def listing_sha256(self) -> str:
+        """sha256 of the relative paths, sizes and modification times: this split's files, wherever the folder lies."""
+        h = hashlib.sha256()
+        h.update(b"\0".join(self.files.tolist()))
+        h.update(np.ascontiguousarray(self.stats).tobytes())
+        return h.hexdigest()
+
+
+def _split_dirs(root: Path) -> tuple[str, str | None]:
+    """(test split folder, validation folder or None): ``test/`` (with ``val/`` for validation), else ``val/`` as the test split."""
+    has = {s: (root / s).is_dir() for s in ("test", "val")}
+    if has["test"]:
+        return "test", "val" if has["val"] else None
+    if has["val"]:
+        return "val", None
+    raise DataError(f"{root}: has train/ but no test/ or val/ folder; add DIR/test/<class>/ images to score the models on")
+
+
+def load_folder(root: str | Path, *, image_size: int | None = None, workers: int | None = None,
+                norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataSplits:
+    """Load ``root/train/<class>/*`` with ``root/test/`` (or ``root/val/``) — and ``root/val/`` as validation when both exist.
+
+    Args:
+        root: The folder holding ``train/`` and ``test/`` or ``val/``.
+        image_size: Resize the shorter side to this and center-crop a square; None uses the
+            images as they are (they must then all have one size).
+        workers: DataLoader worker processes decoding images (default :func:`default_workers`).
+        norm: ``(mean, std)`` to record instead of measuring them on :data:`NORM_SAMPLE`
+            training images (a model's recorded normalization, say).
+
+    Raises:
+        DataError: A missing split, an empty class folder, a file that is not an image, a test or
+            validation class missing from ``train/``, or mixed sizes without ``image_size``.
+    """
+    root = Path(root).expanduser()
+    if image_size is not None and image_size < 8:
+        raise DataError(f"--image-size must be at least 8 pixels, got {image_size}")
+    classes = _classes(root, "train")
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'}: found {len(classes)} class folder(s); expected one folder per class, at least 2")
+    test_dir, val_dir = _split_dirs(root)
+    listings = {"train": _list_split(root, "train", classes)}
+    for split in (test_dir, val_dir):
+        if split is None:
+            continue
+        extra = sorted(set(_classes(root, split)) - set(classes))
+        if extra:
+            raise DataError(f"{root / split}: has class folder(s) {', '.join(extra[:5])} that train/ lacks; every class needs training images "
+                            "(add them to train/ or remove them here)")
+        listings[split] = _list_split(root, split, classes)
+        if len(listings[split].files) == 0:
+            raise DataError(f"{root / split}: holds no images; expected {split}/<class>/ folders of images")
+    sizes = {s: f for listing in listings.values() for s, f in listing.sizes.items()}
+    if image_size is None and len(sizes) > 1:
+        (s1, f1), (s2, f2) = list(sizes.items())[:2]
+        raise DataError(f"{root}: images have different sizes ({f1} is {s1[0]}×{s1[1]}, {f2} is {s2[0]}×{s2[1]}); "
+                        "pass --image-size N to resize the shorter side to N and center-crop N×N")
+    color = "L" if all(m in _GRAY_MODES for listing in listings.values() for m in listing.modes) else "RGB"
+    if image_size is not None:
+        hw = (image_size, image_size)
+    else:
+        (w, h), = sizes.keys()
+        hw = (h, w)
+    transform = ImageTransform(color=color, size=hw, resize=image_size)
+    channels = 1 if color == "L" else 3
+    provisional = DatasetSpec(name=str(root), input_shape=(channels, *hw), num_classes=len(classes), labels=tuple(classes),
+                              mean=(0.0,) * channels, std=(1.0,) * channels, scale=UINT8_SCALE, color=color, resize=image_size)
+    datasets = {s: FolderDataset(root, lst.files, torch.from_numpy(lst.labels), lst.stats, provisional, transform, workers=workers)
+                for s, lst in listings.items()}
+    mean, std = norm if norm is not None else _sample_normalization(datasets["train"])
+    spec = DatasetSpec(name=str(root), input_shape=(channels, *hw), num_classes=len(classes), labels=tuple(classes), mean=mean, std=std,
+                       scale=UINT8_SCALE, color=color, resize=image_size,
+                       files={f"{s}_listing": d.listing_sha256() for s, d in datasets.items()})
+    final = {s: FolderDataset(root, d.files, d.labels, d.stats, spec, transform, workers=d.workers) for s, d in datasets.items()}
+    return DataSplits(final["train"], final[test_dir], spec, final[val_dir] if val_dir else None)
+
+
+def _sample_normalization(train: FolderDataset, n: int = NORM_SAMPLE) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of the pixels (scaled to [0, 1]) of ``n`` training images drawn with seed 0."""
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    total = squares = None
+    count = 0
+    for _idx, raw in train.raw_batches(rows.split(100)):
+        x = raw.to(torch.float64) * UINT8_SCALE
+        s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count  # type: ignore[operator]
+    std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-6)  # type: ignore[operator]
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def write_image_folder(root: str | Path, split: str, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], *,
+                       format: str = "png", quality: int = 95) -> list[Path]:
+    """Write ``images`` as ``root/split/<class>/<index>.<format>``: the layout :func:`load_folder` reads.
+
+    Args:
+        images: ``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)`` uint8 pixels (RGB).
+        labels: ``(N,)`` class indices into ``class_names``.
+        format: ``png`` (lossless), ``jpeg`` or ``webp``.
+        quality: JPEG/WebP quality.
+
+    Returns:
+        The files written, in order.
+    """
+    from PIL import Image
+
+    ext = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}[format.lower()]
+    paths = []
+    width = len(str(max(len(images) - 1, 0)))
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+        path = Path(root) / split / class_names[int(label)] / f"{i:0{width}d}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)  # only classes with images get a folder: an empty one is refused
+        options = {} if ext == "png" else {"quality": quality}
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path, **options)
+        paths.append(path)
+    return paths
