@@ -7,7 +7,7 @@ per-image colour), resized to 36×36 and saved as JPEG (quality 90), so the pixe
 lossy and not the model's input size. Then, each step a ``kdedge`` command with
 ``--image-size 32`` (shorter side to 32, center crop 32×32):
 
-1. ``kdedge train`` a ``resnet_cifar@0.5`` teacher on the folder;
+1. ``kdedge train`` a ``resnet_cifar`` teacher on the folder;
 2. ``kdedge distill`` it into ``mobilenet_v2@0.25`` with ``--val-split 0.1``;
 3. ``kdedge export`` the student (ONNX FP32 + INT8, parity-checked on the folder's images);
 4. ``kdedge bench`` the student against the teacher;
@@ -85,9 +85,9 @@ def main() -> int:
     common = ["--data", str(photos), "--image-size", "32", "--epochs", str(args.epochs)]
     results = {}
 
-    _, t = kdedge("train", *common, "--model", "resnet_cifar@0.5", "--lr", "0.1", "--out", str(w / "teacher"))
+    _, t = kdedge("train", *common, "--model", "resnet_cifar", "--lr", "0.1", "--out", str(w / "teacher"))
     teacher_acc = json.loads((w / "teacher" / "metrics.json").read_text())["test"]["accuracy"]
-    print(f"1. train teacher resnet_cifar@0.5: test acc {teacher_acc:.4f} ({t:.0f} s)", flush=True)
+    print(f"1. train teacher resnet_cifar: test acc {teacher_acc:.4f} ({t:.0f} s)", flush=True)
 
     _, t = kdedge("distill", *common, "--teacher", str(w / "teacher"), "--student", "mobilenet_v2@0.25", "--val-split", "0.1",
                   "--out", str(w / "student"))
@@ -127,7 +127,7 @@ def main() -> int:
     print(f"6. consumer example on {len(files)} JPEG files: accuracy {consumer_acc:.4f}; kdedge measured {artifact_acc:.4f} for {rec['artifact']} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     print("\n| step | result |\n|---|---|")
-    print(f"| teacher resnet_cifar@0.5 (`kdedge train`) | test acc {teacher_acc:.4f} |")
+    print(f"| teacher resnet_cifar (`kdedge train`) | test acc {teacher_acc:.4f} |")
     print(f"| student mobilenet_v2@0.25 (`kdedge distill --val-split 0.1`) | test acc {results['distill']:.4f} |")
     print(f"| `kdedge compress-and-export` bundle, {rec['artifact']} | kdedge {artifact_acc:.4f}; consumer example on JPEGs {consumer_acc:.4f} |")
     return 0 if abs(consumer_acc - artifact_acc) < 1e-9 else 1

@@ -14,6 +14,11 @@ from pathlib import Path
 __all__ = ["atomic_dir", "atomic_write_bytes", "default_out", "file_sha256", "new_dir", "umask"]
 
 
+def cache_dir() -> Path:
+    """kdedge's cache root: ``$KDEDGE_CACHE`` or ``~/.cache/kdedge``."""
+    return Path(os.environ.get("KDEDGE_CACHE") or Path.home() / ".cache" / "kdedge")
+
+
 def umask() -> int:
     """The process's umask (reading it means setting it; it is restored at once)."""
     mask = os.umask(0)

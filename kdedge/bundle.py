@@ -85,6 +85,14 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
     """
     fp32_acc = next((a["accuracy"]["accuracy"] for a in artifacts if a["format"] == "onnx" and a["precision"] == "fp32" and a.get("accuracy")), None)
     by_variant = {_artifact_variant(a): a for a in artifacts if a.get("details", {}).get("for") != "tensorrt"}
+    # With a validation split the choice is made on validation accuracy, as the gates are: the test split only reports.
+    val_drop: dict[str, float] = {}
+    for v, a in by_variant.items():
+        acc = a.get("accuracy") or {}
+        if "val_drop_vs_fp32_pt" in acc:
+            val_drop[v] = acc["val_drop_vs_fp32_pt"]
+        elif "val_accuracy" in acc and a["precision"] == "fp32":
+            val_drop[v] = 0.0
     smallest = min((r["batch"] for r in rows), default=1)
     out: dict[str, dict[str, Any]] = {}
     for target in sorted({r["target"] for r in rows if r["role"] == "student" and r["variant"] in by_variant}):
@@ -93,7 +101,7 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             if r["role"] != "student" or r["target"] != target or r["batch"] != smallest or r["variant"] not in by_variant:
                 continue
             acc = (r.get("accuracy") or {}).get("top1")
-            drop = None if acc is None or fp32_acc is None else 100 * (fp32_acc - acc)
+            drop = val_drop.get(r["variant"]) if val_drop else (None if acc is None or fp32_acc is None else 100 * (fp32_acc - acc))
             ok = drop is None or drop <= max_quant_drop
             candidates.append((r["latency_ms"]["p50_ms"], r["variant"], acc, drop, ok))
         passing = sorted(c for c in candidates if c[4])
@@ -106,8 +114,8 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             "batch": smallest,
             "p50_ms": p50,
             "accuracy": acc,
-            "why": "fastest at batch %d among variants within %.2g pt of FP32: %s" % (
-                smallest, max_quant_drop, ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok in sorted(candidates))),
+            "why": "fastest at batch %d among variants within %.2g pt of FP32%s: %s" % (
+                smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok in sorted(candidates))),
         }
     return out
 
@@ -396,7 +404,8 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
                     "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": result.test.accuracy,  # type: ignore[union-attr]
                     "test_macro_f1": result.test.macro_f1},  # type: ignore[union-attr]
         "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
-                 "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files},
+                 "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files,
+                 **({"val_fingerprint": data.val.fingerprint(), "val_samples": len(data.val)} if data.val is not None else {})},
         "input": exported.manifest["input"],
         "preprocessing": exported.manifest["preprocessing"],
         "labels": list(data.spec.labels),

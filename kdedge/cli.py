@@ -15,7 +15,7 @@ from kdedge.config import CompressConfig, DistillConfig, TrainConfig, _allowed_t
 from kdedge.errors import KdedgeError
 
 _HELP = {
-    "data": "Built-in dataset (fashion-mnist, mnist), a directory of IDX files, or an .npz file.",
+    "data": "Built-in dataset (fashion-mnist, mnist, cifar10), an image folder (DIR/train/<class>/*.jpg with DIR/test/ or DIR/val/), a directory of IDX or .npy files, or an .npz file.",
     "train_limit": "Use only the first N training samples.",
     "test_limit": "Use only the first N test samples.",
     "epochs": "Number of training epochs.",
@@ -31,6 +31,7 @@ _HELP = {
     "val_split": "Hold out this fraction of the training images (fixed seed) for validation: per-epoch accuracy and the gates use it; the test split is read for the final report only. An image folder's val/ next to test/ is used without it.",
     "image_size": "Image folders: resize the shorter side to N (bilinear) and center-crop N×N; needed when the images' sizes differ.",
     "layout": "Arrays: NCHW or NHWC, for a shape that could be either (e.g. (N, 3, 32, 3)).",
+    "decode_cache": "Image folders: decode every image once into the cache (~/.cache/kdedge/decoded, C·H·W bytes per image) so epochs read pixels instead of decoding files; skipped when it would fill over half the free disk.",
     "workers": "Image folders: DataLoader worker processes decoding images [default: one per core, at most 8; 0 decodes in the training process].",
     "random_erasing": "Probability of random erasing when --augment is on.",
     "seed": "Seed for initialization, shuffling and augmentation.",
@@ -157,6 +158,8 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
 @click.argument("source")
 @click.option("--format", "formats", multiple=True, help="onnx, onnx-int8, onnx-fp16, tensorrt; repeat or comma-separate. [default: onnx,onnx-int8]")
 @click.option("--data", help="Dataset for parity, calibration and accuracy [default: the one recorded in the checkpoint].")
+@click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one recorded in the checkpoint].")
+@click.option("--layout", help="Arrays: NCHW or NHWC, for a shape that could be either.")
 @click.option("--opset", type=int, help="ONNX opset (18..23). [default: 18]")
 @click.option("--parity-samples", type=int, help="Real test inputs compared with PyTorch (batch N; the first 16 also at batch 1). [default: 1000]")
 @click.option("--calibration-samples", type=int, help="Training inputs that calibrate static INT8. [default: 512]")
@@ -212,6 +215,8 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], trust
 @click.option("--min-iters", type=int, help="Timed calls at least. [default: 50]")
 @click.option("--min-s", type=float, help="Timed seconds at least. [default: 1.0]")
 @click.option("--test-limit", type=int, help="Use only the first N test images for accuracy.")
+@click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one the models record].")
+@click.option("--layout", help="Arrays: NCHW or NHWC, for a shape that could be either.")
 @click.option("--no-accuracy", "accuracy", flag_value=False, default=None, help="Skip measuring accuracy.")
 @click.option("--export-variants", help="ONNX variants exported from checkpoints for ort-* targets. [default: fp32,int8]")
 @click.option("--no-plots", "plots", flag_value=False, default=None, help="Skip the PNG plots.")

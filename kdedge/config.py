@@ -98,6 +98,7 @@ class _RunConfig(_Config):
     image_size: int | None = None
     layout: str | None = None
     workers: int | None = None
+    decode_cache: bool = True
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -218,6 +219,8 @@ class ExportConfig(_Config):
 
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
     data: str | None = None
+    image_size: int | None = None
+    layout: str | None = None
     opset: int = 18
     parity_samples: int = 1000
     calibration_samples: int = 512
@@ -238,7 +241,7 @@ class ExportConfig(_Config):
     out: str | None = None
 
     def _problems(self) -> list[str]:
-        p = []
+        p = _data_problems(self)
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if bad or not self.formats:
             p.append(f"formats must be one or more of {', '.join(EXPORT_FORMATS)}, got {', '.join(self.formats) or 'none'}")
@@ -271,6 +274,8 @@ class BenchConfig(_Config):
     """
 
     data: str | None = None
+    image_size: int | None = None
+    layout: str | None = None
     targets: tuple[str, ...] = ("torch-cpu", "ort-cpu")
     batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
     threads: int | None = None
@@ -288,7 +293,7 @@ class BenchConfig(_Config):
     out: str | None = None
 
     def _problems(self) -> list[str]:
-        p = []
+        p = _data_problems(self)
         if self.data is not None and not self.data.strip():
             p.append("data must be a dataset name or path, or null for the dataset recorded with the models, got ''")
         bad = [t for t in self.targets if t not in BENCH_TARGETS]

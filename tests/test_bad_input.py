@@ -152,10 +152,50 @@ def _unexportable_student(tmp: Path) -> list[str]:
 
 
 #: README row input -> (build argv in tmp, fragment of the one-line message, exit code)
+def _folder(problem: str) -> Callable[[Path], list[str]]:
+    """An image folder (2 classes, 8×8 PNGs) with one ``problem``, trained on from the command line."""
+    def make(tmp: Path) -> list[str]:
+        from PIL import Image
+
+        from kdedge.data.folders import write_image_folder
+
+        root = tmp / "photos"
+        img = np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8)
+        for split in ("train", "test"):
+            write_image_folder(root, split, np.stack([img] * 4), np.array([0, 0, 1, 1]), ("p", "q"))
+        if problem == "empty":
+            (root / "train" / "r").mkdir()
+        elif problem == "text":
+            (root / "train" / "p" / "notes.txt").write_text("hi")
+        elif problem == "header":
+            (root / "train" / "p" / "fake.png").write_bytes(b"this is not a png")
+        elif problem == "truncated":
+            f = root / "train" / "q" / "3.png"
+            f.write_bytes(f.read_bytes()[:60])
+        elif problem == "sizes":
+            Image.fromarray(np.zeros((9, 8), np.uint8)).save(root / "train" / "q" / "big.png")
+        elif problem == "val":
+            write_image_folder(root, "val", img[None], np.array([0]), ("d_extra",))
+        return ["train", "--data", str(root), "--epochs", "1", "--workers", "0", "--out", str(tmp / "r")]
+    return make
+
+
+def _ambiguous_npz(tmp: Path) -> list[str]:
+    np.savez(tmp / "d.npz", x=np.zeros((10, 3, 7, 4), np.uint8), y=np.arange(10) % 2)
+    return ["train", "--data", str(tmp / "d.npz"), "--out", str(tmp / "r")]
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "unknown dataset name": (lambda t: ["train", "--data", "fashion-mnsit", "--out", str(t / "r")], "unknown dataset 'fashion-mnsit'", 2),
     "truncated or corrupt IDX file": (_truncated_idx, "truncated: header says shape", 2),
     ".npz holding pickled objects": (_pickled_npz, "not a readable .npz archive", 2),
+    "image folder with an empty class folder": (_folder("empty"), "train/r: empty class folder; put its images in it or remove the folder", 2),
+    "file in an image folder that is not an image": (_folder("text"), "notes.txt: not an image file (expected .jpg, .jpeg, .png, .webp, .bmp); move it out of", 2),
+    "image whose header cannot be read": (_folder("header"), "fake.png: cannot be read as an image", 2),
+    "truncated image (header intact)": (_folder("truncated"), "3.png: cannot be decoded (OSError: image file is truncated", 2),
+    "images of mixed sizes without `--image-size`": (_folder("sizes"), "pass --image-size N to resize the shorter side to N and center-crop N×N", 2),
+    "`val/` (or `test/`) class folder missing from `train/`": (_folder("val"), "has class folder(s) d_extra that train/ lacks", 2),
+    "array shape that reads as NCHW and as NHWC": (_ambiguous_npz, "could be (N, C, H, W) or (N, H, W, C); pass --layout NCHW or --layout NHWC", 2),
     "config key that does not exist": (_yaml("epocs: 3\n"), "unknown key(s) epocs", 2),
     "config file that is not YAML": (_yaml("epochs: [3\n"), "not valid YAML at line", 2),
     "value out of range": (lambda t: ["train", "--epochs", "0", "--out", str(t / "r")], "epochs must be >= 1, got 0", 2),

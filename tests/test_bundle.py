@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from kdedge.cli import main
-from kdedge.data import find_builtin
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -196,21 +195,53 @@ def _consumer_example() -> str:
     return match.group(1)
 
 
+# Runs a script with kdedge unimportable: ``import kdedge`` there, or in anything it imports, raises ImportError
+# (``-I`` alone is not enough: the editable install puts kdedge on every interpreter's path).
+_WITHOUT_KDEDGE = "import runpy, sys; sys.modules['kdedge'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def _consume(script: Path, bundle: Path, files: list[str], cwd: Path) -> list[str]:
+    done = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_KDEDGE, str(script), str(bundle), *files], cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+def _agree(predicted, logits) -> None:
+    """``predicted`` (labels) is PyTorch's argmax, except where its top two logits are within 1e-3, on at most 0.1 % of the images."""
+    top2 = logits.topk(2, dim=1).values
+    near_tie = top2[:, 0] - top2[:, 1] < 1e-3
+    differ = predicted != logits.argmax(1)
+    assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} of {len(predicted)} predictions differ from PyTorch's away from a near-tie"
+    assert int(differ.sum()) <= len(predicted) // 1000
+
+
 def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
-    """The README's consumer code, as its own process without kdedge, predicts on all 10,000 test
-    images what the bundled student predicts in PyTorch (differing only where PyTorch's top two
-    logits are within 1e-3 of each other, and on at most 0.1 % of the images)."""
+    """The README's consumer code, as its own process that cannot import kdedge, classifies PNG files
+    of all 10,000 test images as the bundled student does in PyTorch (differing only where PyTorch's
+    top two logits are within 1e-3 of each other, and on at most 0.1 % of the images). Its resize
+    branch, which a Fashion-MNIST bundle does not use, is run on a manifest declaring kdedge's
+    image-folder rule, with images of other sizes (some rotated by EXIF), against kdedge's own
+    transform of the same files."""
+    import ast
+    import dataclasses
     import shutil
 
+    import numpy as np
     import torch
+    from PIL import Image
 
     from kdedge.data import load_dataset
+    from kdedge.data.folders import ImageTransform
+    from kdedge.exporters.export import preprocessing
     from kdedge.models import load_checkpoint
 
     code = _consumer_example()
     assert len(code.strip().splitlines()) <= 30
-    assert "kdedge" not in code.split("bundle, images")[0]  # imports nothing from kdedge
-    script = tmp_path / "consume.py"
+    tree = ast.parse(code)
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"json", "sys", "numpy", "onnxruntime", "PIL"}
+    script = tmp_path / "classify.py"
     script.write_text(code)
     # Which variant is recommended follows this machine's timings, and only FP32 can match PyTorch
     # up to near-ties (INT8 is held to argmax agreement >= 95 %): a copy of the bundle recommends FP32.
@@ -219,26 +250,54 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
     manifest["recommended"]["ort-cpu"]["artifact"] = "models/model.onnx"
+    assert manifest["preprocessing"]["color"] == "L" and manifest["preprocessing"]["resize"] is None
     (copy / "manifest.json").write_text(json.dumps(manifest))
-
-    n = 10_000
-    images = next(p for p in find_builtin("fashion-mnist").iterdir() if p.name.startswith("t10k-images"))
-    out = subprocess.run([sys.executable, "-I", str(script), str(copy), str(images), str(n)], capture_output=True, text=True, check=True).stdout.splitlines()
     labels = manifest["labels"]
-    assert len(out) == n and set(out) <= set(labels) and len(set(labels)) == len(labels)
-    predicted = torch.tensor([labels.index(name) for name in out])
+    assert len(set(labels)) == len(labels)
+    checkpoint = load_checkpoint(bundle / "student.safetensors")
+    student = checkpoint.model.eval()
 
+    # The test images as PNG files (lossless: the pixels the student is scored on).
+    n = 10_000
     test = load_dataset("fashion-mnist").test
-    student = load_checkpoint(bundle / "student.safetensors").model.eval()
+    pixels = test.raw(torch.arange(n))[:, 0].numpy()  # (n, 28, 28) uint8
+    images = tmp_path / "images"
+    images.mkdir()
+    files = [f"{i:05d}.png" for i in range(n)]
+    for name, p in zip(files, pixels):
+        Image.fromarray(p).save(images / name)
+    out = _consume(script, copy, files, cwd=images)
+    assert len(out) == n and set(out) <= set(labels)
+    predicted = torch.tensor([labels.index(name) for name in out])
     with torch.inference_mode():
         logits = student(test.inputs(slice(0, n)))  # (n, 10)
-    top2 = logits.topk(2, dim=1).values
-    near_tie = top2[:, 0] - top2[:, 1] < 1e-3
-    differ = predicted != logits.argmax(1)
-    assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} of {n} predictions differ from PyTorch's away from a near-tie"
-    assert int(differ.sum()) <= n // 1000
+    _agree(predicted, logits)
     # A real classifier, not a constant: one epoch on 2,000 images scores well above chance (10 %).
     assert (predicted == test.labels[:n]).float().mean() > 0.5
+
+    # The resize branch: the manifest kdedge writes for an image folder loaded with --image-size 28.
+    spec = dataclasses.replace(checkpoint.data, resize=28)
+    manifest["preprocessing"] = preprocessing(spec)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90°
+    resized = []
+    for i in range(300):
+        size = (20 + i % 29, 20 + (7 * i) % 37)  # (W, H): smaller and larger, both orientations, odd and even crop margins
+        image = Image.fromarray(pixels[i]).resize(size, Image.Resampling.BILINEAR)
+        if i % 5 == 0:
+            resized.append(f"r{i:03d}.jpg")
+            image.convert("RGB").save(images / resized[-1], exif=exif.tobytes(), quality=95)
+        else:
+            resized.append(f"r{i:03d}.png")
+            image.save(images / resized[-1])
+    out = _consume(script, copy, resized, cwd=images)
+    transform = ImageTransform(color="L", size=(28, 28), resize=28)
+    raw = torch.from_numpy(np.stack([transform(images / f) for f in resized])).float()  # (300, 1, 28, 28)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
+    with torch.inference_mode():
+        logits = student((raw * spec.scale - mean) / std)
+    _agree(torch.tensor([labels.index(name) for name in out]), logits)
 
 
 def test_auto_formats_and_targets_follow_the_machine():

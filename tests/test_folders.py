@@ -207,7 +207,7 @@ def test_folder_logit_cache_is_keyed_by_files_and_matches_arrays(png_folder, tmp
     assert not first.hit and first.path is not None and first.path.is_file()
     torch.testing.assert_close(first.tensor(), teacher_logits(teacher, arrays).tensor())
     assert teacher_logits(teacher, folder.train, cache_dir=tmp_path / "c").hit
-    f = root / folder.train.files[0].decode()
+    f = root / os.fsdecode(folder.train.files[0])
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a touched (perhaps rewritten) file: another key
     try:
@@ -266,3 +266,62 @@ def test_cli_trains_from_a_folder_and_refuses_bad_input_in_one_line(png_folder, 
     bad = subprocess.run([sys.executable, "-m", "kdedge", "train", "--data", str(root), "--image-size", "4", "--epochs", "1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_decoded_cache_serves_the_same_pixels_and_is_reused(png_folder):
+    from kdedge._fs import cache_dir
+
+    root, _, _ = png_folder
+    fresh = load_folder(root, workers=1)
+    want = fresh.train.raw(torch.arange(len(fresh.train)))
+    fresh.train.prepare()
+    files = list((cache_dir() / "decoded").glob("*.u8"))
+    assert len(files) == 1 and files[0].stat().st_size == 90 * 28 * 28
+    assert torch.equal(fresh.train.raw(torch.arange(90)), want)
+    got = list(fresh.train.batches([torch.tensor([7, 2]), torch.tensor([89])]))
+    assert torch.equal(got[0][1], fresh.train.normalize(want[[7, 2]])) and torch.equal(got[1][2], fresh.train.labels[[89]])
+    mtime = files[0].stat().st_mtime_ns
+    again = load_folder(root, workers=0)
+    again.train.prepare()  # the same listing and transform: the file is reused, not rewritten
+    assert files[0].stat().st_mtime_ns == mtime and torch.equal(again.train.raw(torch.arange(90)), want)
+    off = load_folder(root, workers=0, decode_cache=False)
+    off.train.prepare()
+    assert off.train._decoded is None
+
+
+def test_train_limit_applies_before_the_validation_split():
+    data = load_dataset("fashion-mnist", train_limit=1000, test_limit=200, val_split=0.1)
+    assert (len(data.train), len(data.val), len(data.test)) == (900, 100, 200)
+
+
+def test_non_ascii_names_and_symlink_loops(tmp_path):
+    img = np.full((8, 8), 90, np.uint8)
+    for split in ("train", "test"):
+        write_image_folder(tmp_path, split, np.stack([img] * 4), np.array([0, 0, 1, 1]), ("café", "日本"))
+    data = load_folder(tmp_path, workers=0)
+    assert data.spec.labels == ("café", "日本") and data.train.raw(torch.arange(4)).shape == (4, 1, 8, 8)
+    (tmp_path / "train" / "café" / "loop").symlink_to(tmp_path / "train" / "café")
+    with pytest.raises(DataError, match="symbolic link loop") as info:
+        load_folder(tmp_path, workers=0)
+    assert "\n" not in str(info.value)
+
+
+def test_a_shard_of_a_prepared_folder_reads_the_decoded_file(png_folder):
+    root, _, _ = png_folder
+    data = load_folder(root, workers=0)
+    want = data.train.raw(torch.arange(90))
+    data.train.prepare()
+    part = data.train.subset(torch.tensor([5, 80, 7])).subset(torch.tensor([2, 0]))
+    assert part._decoded is data.train._decoded  # no decoding from files
+    assert torch.equal(part.raw(torch.arange(2)), want[[7, 5]])
+
+
+def test_resume_accepts_a_checkpoint_written_before_new_options():
+    from kdedge.config import DistillConfig
+    from kdedge.distill.checkpoint import config_differences
+
+    current = DistillConfig(epochs=3).to_dict()
+    saved = {k: v for k, v in current.items() if k not in ("val_split", "image_size", "layout", "workers", "decode_cache")}
+    assert config_differences(saved, current, defaults=DistillConfig().to_dict()) == []
+    assert config_differences(saved, current | {"val_split": 0.1}, defaults=DistillConfig().to_dict()) == ["val_split: None -> 0.1"]
+    assert config_differences(current, current | {"workers": 4, "decode_cache": False}) == []  # they do not change the numbers

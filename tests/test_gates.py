@@ -170,3 +170,19 @@ def test_with_a_validation_split_the_gates_judge_validation_numbers():
                            config=_config(), split="validation")
     assert gates["max_quant_drop"]["value"] == 2.5 and not gates["max_quant_drop"]["passed"]
     assert gates["min_retention"]["detail"] == "student 0.9000 / teacher 0.9500 (validation accuracy)"
+
+
+def test_recommend_chooses_on_validation_when_there_is_a_validation_split():
+    """INT8 loses 2 pt on test but 0.1 on validation: with a validation split, validation decides (the test split only reports)."""
+    from kdedge.bundle import recommend
+
+    arts = [
+        {"path": "model.onnx", "format": "onnx", "precision": "fp32", "accuracy": {"accuracy": 0.90, "val_accuracy": 0.91}},
+        {"path": "model.int8.onnx", "format": "onnx", "precision": "int8",
+         "accuracy": {"accuracy": 0.88, "drop_vs_fp32_pt": 2.0, "val_accuracy": 0.909, "val_drop_vs_fp32_pt": 0.1}},
+    ]
+    rows = [{"role": "student", "target": "ort-cpu", "batch": 1, "variant": v, "latency_ms": {"p50_ms": t}, "accuracy": {"top1": a}}
+            for v, t, a in (("onnx-fp32", 1.0, 0.90), ("onnx-int8", 0.5, 0.88))]
+    assert recommend(rows, arts, max_quant_drop=0.5)["ort-cpu"]["variant"] == "onnx-int8"
+    test_only = [{**a, "accuracy": {k: v for k, v in a["accuracy"].items() if not k.startswith("val")}} for a in arts]
+    assert recommend(rows, test_only, max_quant_drop=0.5)["ort-cpu"]["variant"] == "onnx-fp32"

@@ -71,6 +71,7 @@ class RecordedData:
         num_classes: Number of classes.
         files: sha256 of the dataset's source files by role; two paths with equal hashes hold the same data.
         resize: An image folder's shorter-side resize (``--image-size``) the model was trained with.
+        norm: ``(mean, std)`` the model was trained with (an image folder's are reused, not re-measured).
     """
 
     name: str | None = None
@@ -78,6 +79,7 @@ class RecordedData:
     num_classes: int | None = None
     files: dict[str, str] = field(default_factory=dict)
     resize: int | None = None
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def _onnx_params(path: Path) -> int | None:
@@ -145,7 +147,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
     ckpt = load_checkpoint(path, trust_code=trust_code)
     recorded = RecordedData(name=ckpt.data.name if ckpt.data else None, input_shape=tuple(ckpt.spec.input_shape),
                             num_classes=ckpt.spec.num_classes, files=dict(ckpt.data.files) if ckpt.data else {},
-                            resize=ckpt.data.resize if ckpt.data else None)
+                            resize=ckpt.data.resize if ckpt.data else None, norm=(ckpt.data.mean, ckpt.data.std) if ckpt.data else None)
     return BenchModel(name=ckpt.spec.name, role=role, module=ckpt.model.eval(), params=count_parameters(ckpt.model),
                       flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path),
                       recorded=recorded)
@@ -158,6 +160,7 @@ def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
     name, shape, classes, files, resize = d.get("name"), d.get("input_shape"), d.get("num_classes"), d.get("files"), d.get("resize")
     return RecordedData(
         resize=resize if isinstance(resize, int) and not isinstance(resize, bool) else None,
+        norm=_norm(d.get("mean"), d.get("std")),
         name=str(name) if name else None,
         input_shape=tuple(int(v) for v in shape) if isinstance(shape, list) and all(isinstance(v, int) for v in shape) else None,
         num_classes=classes if isinstance(classes, int) and not isinstance(classes, bool) else None,
@@ -181,13 +184,24 @@ def _recorded_in_onnx(meta: dict[str, str]) -> RecordedData | None:
         classes = len(labels) if isinstance(labels, list) else None
     except (KeyError, TypeError, ValueError):
         pass
-    resize = None
+    resize, norm = None, None
     try:
-        rule = json.loads(meta["kdedge.preprocessing"]).get("resize")
+        pre = json.loads(meta["kdedge.preprocessing"])
+        rule = pre.get("resize")
         resize = int(rule["shorter_side"]) if isinstance(rule, dict) else None
+        norm = _norm(pre.get("mean"), pre.get("std"))
     except (KeyError, TypeError, ValueError, AttributeError):
         pass
-    return RecordedData(name=meta.get("kdedge.dataset") or None, input_shape=shape, num_classes=classes, resize=resize)
+    return RecordedData(name=meta.get("kdedge.dataset") or None, input_shape=shape, num_classes=classes, resize=resize, norm=norm)
+
+
+def _norm(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """A recorded ``(mean, std)``, or None when either is missing or malformed."""
+    try:
+        m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        return None
+    return (m, s) if m and len(m) == len(s) else None
 
 
 def _recorded_beside_plan(path: Path) -> RecordedData | None:
@@ -417,7 +431,8 @@ def _label(model: BenchModel) -> str:
     return ("teacher " if model.role == "teacher" else "") + (model.source or model.name)
 
 
-def _bench_data(models: list[BenchModel], data: str | None, *, test_limit: int | None) -> DataSplits:
+def _bench_data(models: list[BenchModel], data: str | None, *, test_limit: int | None, image_size: int | None = None,
+                layout: str | None = None) -> DataSplits:
     """The test split to score ``models`` on: ``data``, else the dataset they record.
 
     Every recorded dataset must be that one: the same built-in name or the same path (absolute);
@@ -445,8 +460,10 @@ def _bench_data(models: list[BenchModel], data: str | None, *, test_limit: int |
     if any(m.recorded.name in BUILTIN_DATASETS or choice in BUILTIN_DATASETS or not m.recorded.files for m in others):
         raise mismatch()  # decided by the names, before loading (and perhaps downloading) anything
     try:
-        resize = next((m.recorded.resize for m, name in named if name == choice and m.recorded.resize is not None), None)
-        splits = load_dataset(choice, test_limit=test_limit, image_size=resize)  # an image folder at the size the models were trained on
+        # An image folder at the size the models were trained on (a moved folder too), unless --image-size says otherwise.
+        resize = image_size or next((m.recorded.resize for m, _name in named if m.recorded.resize is not None), None)
+        norm = next((m.recorded.norm for m, _name in named if m.recorded.norm is not None), None)  # an image folder's recorded mean/std
+        splits = load_dataset(choice, test_limit=test_limit, image_size=resize, layout=layout, norm=norm)
     except DataError as exc:
         if data is not None:
             raise
@@ -495,7 +512,7 @@ def run_bench(models: list[str], *, teacher: str | None = None, config: BenchCon
             raise BackendUnavailable(why)
     resolved = [resolve_bench_model(teacher, role="teacher", data_name=config.data, trust_code=trust_code)] if teacher else []
     resolved += [resolve_bench_model(m, role="student" if teacher else "model", data_name=config.data, trust_code=trust_code) for m in models]
-    data = _bench_data(resolved, config.data, test_limit=config.test_limit)
+    data = _bench_data(resolved, config.data, test_limit=config.test_limit, image_size=config.image_size, layout=config.layout)
     report = benchmark(resolved, data, config, log=log)
     write_report(report, out, plots=config.plots)
     return report, out

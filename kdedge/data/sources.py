@@ -27,7 +27,7 @@ from kdedge.data import cifar
 from kdedge.data.idx import read_idx
 from kdedge.data.folders import is_image_folder, load_folder
 from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, pixel_scale
-from kdedge._fs import file_sha256
+from kdedge._fs import cache_dir, file_sha256
 from kdedge.errors import DataError
 
 __all__ = [
@@ -105,11 +105,6 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         ),
     ),
 }
-
-
-def cache_dir() -> Path:
-    """kdedge's cache root: ``$KDEDGE_CACHE`` or ``~/.cache/kdedge``."""
-    return Path(os.environ.get("KDEDGE_CACHE") or Path.home() / ".cache" / "kdedge")
 
 
 def _search_dirs(name: str) -> list[Path]:
@@ -217,6 +212,7 @@ _MAX_CLASSES = 100_000
 
 
 _CHANNELS = (1, 3, 4)
+_MAX_CONVERTED_BYTES = 2 << 30  # a memory-mapped array of another dtype converted to float32 in memory, at most
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -261,6 +257,9 @@ def _stack_images(images: np.ndarray, source: str, layout: str | None = None) ->
     if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
         raise DataError(f"{source}: images must hold integer or floating-point pixels, found dtype {images.dtype}")
     if images.dtype != np.uint8 and images.dtype != np.float32:
+        if isinstance(images, np.memmap) and images.size * 4 > _MAX_CONVERTED_BYTES:
+            raise DataError(f"{source}: {images.dtype} pixels ({images.size * 4 / 2**30:.1f} GiB as float32) would be converted in memory; "
+                            "save the arrays as uint8 or float32 so they stay memory-mapped")
         with np.errstate(over="ignore", invalid="ignore"):
             images = images.astype(np.float32)
     if images.dtype == np.float32:
@@ -520,20 +519,25 @@ def hold_out(splits: DataSplits, fraction: float, *, seed: int = 0) -> DataSplit
 
 
 def load_dataset(name_or_path: str, *, train_limit: int | None = None, test_limit: int | None = None, val_split: float | None = None,
-                 image_size: int | None = None, layout: str | None = None, workers: int | None = None) -> DataSplits:
+                 image_size: int | None = None, layout: str | None = None, workers: int | None = None, decode_cache: bool = True,
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataSplits:
     """Load a built-in dataset by name, an image folder, a directory of IDX or ``.npy`` files, or an ``.npz`` file.
 
     Args:
         name_or_path: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"``, an image folder
             (``DIR/train/<class>/*.jpg`` and ``DIR/test/`` or ``DIR/val/``), a directory of IDX
             files or of ``x_train.npy``... (memory-mapped), or an ``.npz`` path.
-        train_limit: Keep only the first N training samples (for quick runs).
+        train_limit: Keep only the first N training samples (for quick runs), before ``val_split`` holds some out.
         test_limit: Keep only the first N test samples.
         val_split: Hold out this fraction of the training samples for validation (fixed seed);
             an image folder's own ``val/`` (next to ``test/``) is used when this is None.
         image_size: Image folders: resize the shorter side and center-crop to this size.
         layout: Arrays: ``"NCHW"`` or ``"NHWC"`` when the shape is ambiguous.
         workers: Image folders: DataLoader worker processes decoding images.
+        decode_cache: Image folders: training decodes each image once into kdedge's cache
+            (:meth:`~kdedge.data.FolderDataset.prepare`).
+        norm: Image folders: the ``(mean, std)`` to use instead of measuring them on a sample — a
+            model's recorded normalization, when export or bench reload the folder it was trained on.
 
     Raises:
         DataError: Unknown name, missing or corrupt files, or options the data cannot take.
@@ -548,7 +552,7 @@ def load_dataset(name_or_path: str, *, train_limit: int | None = None, test_limi
     if builtin is not None:
         splits = load_builtin(builtin)
     elif folder:
-        splits = load_folder(path, image_size=image_size, workers=workers)
+        splits = load_folder(path, image_size=image_size, workers=workers, decode_cache=decode_cache, norm=norm)
     elif path.is_dir():
         splits = load_npy_dir(path, layout=layout) if is_npy_dir(path) else load_idx_dir(path)
     elif path.suffix == ".npz":
@@ -560,14 +564,15 @@ def load_dataset(name_or_path: str, *, train_limit: int | None = None, test_limi
             f"unknown dataset {name_or_path!r}: expected a built-in name ({', '.join(BUILTIN_DATASETS)}), "
             "an image folder (DIR/train/<class>/*.jpg), a directory of IDX or .npy files, or an .npz file"
         )
+    splits = splits.limit(train_limit, test_limit)  # first: --train-limit 5000 --val-split 0.1 trains on 4,500 and validates on 500
     if val_split is not None:
         if splits.val is not None:
             raise DataError(f"{path}: has its own val/ folder, so --val-split would hold out a second validation set; drop --val-split")
         splits = hold_out(splits, val_split)
-    return splits.limit(train_limit, test_limit)
+    return splits
 
 
 def load_data_for(config: Any) -> DataSplits:
     """The data a run config names (``config.data``), with its data options: limits, validation split, image size, layout, workers."""
     return load_dataset(config.data, train_limit=config.train_limit, test_limit=config.test_limit, val_split=config.val_split,
-                        image_size=config.image_size, layout=config.layout, workers=config.workers)
+                        image_size=config.image_size, layout=config.layout, workers=config.workers, decode_cache=config.decode_cache)

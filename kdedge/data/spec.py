@@ -184,6 +184,9 @@ class ImageDataset(Dataset):
         """Feed what identifies the stored pixels into ``h`` (see :meth:`fingerprint`)."""
         raise NotImplementedError
 
+    def prepare(self, progress: Any = None) -> None:
+        """Get ready for repeated passes (an image folder decodes its images once into a cache); a no-op here."""
+
     # -- shared --------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -234,6 +237,7 @@ class ImageDataset(Dataset):
         if len(self) * math.prod(self.spec.input_shape) * 4 <= max_bytes:
             whole = self.inputs().numpy()
             return lambda: iter([whole])
+        self.prepare()  # an image folder decodes once, not on every pass
         return lambda: (x.numpy() for x, _y in self.chunks(batch_size))
 
     def take(self, n: int | None) -> ImageDataset:

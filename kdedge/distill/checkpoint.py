@@ -26,7 +26,7 @@ __all__ = ["FORMAT", "save_state", "load_state", "config_differences"]
 FORMAT = "kdedge-train-state-v1"
 
 #: config keys a resumed run may change: they do not alter the numbers (or are where the state lives)
-RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks"})
+RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks", "workers", "decode_cache"})
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -62,7 +62,13 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every setting that changed and would change the numbers."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """``key: saved -> current`` for every setting that changed and would change the numbers.
+
+    A key the saved config lacks (written by a kdedge before the option existed) counts as its
+    value in ``defaults``: the behaviour that kdedge had.
+    """
+    defaults = defaults or {}
     keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    old = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}: {old[k]!r} -> {current.get(k)!r}" for k in keys if old[k] != current.get(k)]

@@ -219,7 +219,8 @@ def fit(
         torch.set_num_threads(config.threads)
     state = _resume_state(checkpoint, config) if resume else None  # type: ignore[arg-type]
     with Progress(progress and ctx.is_main) as bar:
-        run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar)
+        run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar,
+                     extra_splits=(val,) if val is not None else ((test,) if test is not None else ()))
         try:
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
@@ -247,7 +248,7 @@ def fit(
 
 def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
     state = load_state(checkpoint)
-    changed = config_differences(state["config"], config.to_dict())
+    changed = config_differences(state["config"], config.to_dict(), defaults=type(config)().to_dict())
     if changed:
         raise ConfigError(f"--resume: the config differs from the checkpoint's ({'; '.join(changed)}); resume with the original settings")
     return state
@@ -258,7 +259,7 @@ def _needs_features(loss: DistillLoss) -> bool:
 
 
 def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, device: torch.device,
-           ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress) -> _Run:
+           ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress, extra_splits: tuple = ()) -> _Run:
     """Seeds, data placement, teacher logits, feature hooks, optimizer and schedule — in the order the RNG streams expect."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -267,6 +268,7 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
     aug_generator = torch.Generator().manual_seed(_rank_seed(config.seed, ctx.rank)) if ctx.enabled else generator
     if ctx.enabled:
         torch.manual_seed(_rank_seed(config.seed, ctx.rank))  # e.g. dropout masks differ per rank
+    _prepare([s for s in (train, *extra_splits) if isinstance(s, ImageDataset)], ctx, bar)
     if isinstance(train, ArrayDataset) and device.type == "cuda" and _fits_on(train, device):
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
     cached = None
@@ -286,6 +288,20 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
                 aug_generator=aug_generator, steps=steps, cached=cached, hooks=hooks, optimizer=optimizer,
                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)),
                 scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), extra=extra)
+
+
+def _prepare(splits: list[ImageDataset], ctx: dist_.DistContext, bar: Progress) -> None:
+    """Let each split get ready for many passes (an image folder decodes its images once into the cache).
+
+    Under DDP the main rank prepares first and the others then find its files, rather than every
+    rank decoding the whole set into a file of its own at once.
+    """
+    if ctx.enabled and not ctx.is_main:
+        dist_.all_true(True)  # wait for the main rank
+    for split in splits:
+        split.prepare(bar)
+    if ctx.enabled and ctx.is_main:
+        dist_.all_true(True)
 
 
 def _fits_on(data: ArrayDataset, device: torch.device, share: float = 0.25) -> bool:

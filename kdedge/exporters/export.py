@@ -91,7 +91,8 @@ def preprocessing(spec: DatasetSpec) -> dict[str, Any]:
     return {
         "color": spec.color, "channels": c, "channel_order": list(spec.color) if spec.color in ("RGB", "RGBA") else None,
         "layout": "NCHW", "size": [h, w], "resize": resize,
-        "image_file": ("PIL.ImageOps.exif_transpose, then Image.convert(color)" if spec.resize is not None or spec.color is not None else None),
+        "image_file": ("PIL.ImageOps.exif_transpose, then Image.convert(color); 16-bit grayscale keeps its top 8 bits (pixel >> 8)"
+                       if spec.color is not None else None),
         "scale": spec.scale, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]",
     }
 
@@ -214,8 +215,8 @@ class _ArtifactWriter:
         self.model, self.tmp, self.data, self.config, self.log, self.meta = model, tmp, data, config, log, meta
         self.tol = tolerances(config)
         self.parity_inputs = data.test.inputs(slice(0, config.parity_samples))
-        with torch.inference_mode():
-            self.reference = model(self.parity_inputs).numpy()  # (N, K): what every artifact must reproduce
+        with torch.inference_mode():  # in batches: 1,000 images of 3×224×224 through a large model at once would not fit
+            self.reference = torch.cat([model(x) for x in self.parity_inputs.split(64)]).numpy()  # (N, K): what every artifact must reproduce
         _check_data(None, int(self.reference.shape[-1]), data.spec)
         self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
@@ -366,7 +367,10 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None, *,
     data_name = config.data or (ckpt.data.name if ckpt.data else None)
     if data_name is None:
         raise DataError(f"{ckpt.path}: records no dataset; pass --data NAME_OR_PATH for parity, calibration and accuracy")
-    recorded = ckpt.data if ckpt.data is not None and ckpt.data.name == data_name else None
-    data = load_dataset(data_name, image_size=recorded.resize if recorded is not None else None)  # an image folder's recorded resize/crop
+    recorded = ckpt.data
+    resize = config.image_size or (recorded.resize if recorded is not None else None)  # an image folder at the size the model was trained on
+    # An image folder's mean/std are measured on a sample of it: reuse the model's, so a folder that gained images since keeps its contract.
+    norm = (recorded.mean, recorded.std) if recorded is not None else None  # (load_dataset applies it to image folders only)
+    data = load_dataset(data_name, image_size=resize, layout=config.layout, norm=norm)
     _check_data(tuple(ckpt.spec.input_shape), ckpt.spec.num_classes, data.spec)
     return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256, log=log)
