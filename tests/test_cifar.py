@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from kdedge.data import cifar
 from kdedge.data.cifar import ARCHIVE, CIFAR10_LABELS, FOLDER, TEST_FILE, TRAIN_FILES, find_cifar10, read_cifar10
 from kdedge.errors import DataError
 
@@ -187,3 +189,34 @@ def test_nothing_there(tmp_path):
     one_line_error(tmp_path / "absent", "no such file or directory")
     make_folder(tmp_path, {TEST_FILE: batch_bytes(5, 2)})
     one_line_error(tmp_path, "missing data_batch_1.bin")
+
+
+def test_load_dataset_cifar10_downloads_from_a_mirror_and_checks_sha256(tmp_path, monkeypatch):
+    """`--data cifar10`: not found locally, fetched from the (local) mirror, sha256 checked, loaded as RGB NHWC data."""
+    import dataclasses
+    import hashlib
+
+    import kdedge.data.sources as sources
+    from kdedge.data import load_dataset
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    archive = make_archive(mirror / cifar.ARCHIVE, files())
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    real = sources.BUILTIN_DATASETS["cifar10"]
+    monkeypatch.setitem(sources.BUILTIN_DATASETS, "cifar10", dataclasses.replace(real, files={"archive": (cifar.ARCHIVE, sha)},
+                                                                                   mirrors=(mirror.as_uri() + "/",)))
+    monkeypatch.setattr(sources, "_search_dirs", lambda name: [tmp_path / "cache" / name])
+    monkeypatch.setattr(sources, "cache_dir", lambda: tmp_path / "cache")
+    data = load_dataset("cifar10")
+    assert (tmp_path / "cache" / "cifar10" / cifar.ARCHIVE).is_file()
+    assert data.spec.input_shape == (3, 32, 32) and data.spec.color == "RGB" and data.spec.labels == cifar.CIFAR10_LABELS
+    assert len(data.train) == 5 * TRAIN_PER_BATCH and len(data.test) == TEST_RECORDS
+    x = data.train.raw(torch.tensor([0]))[0]  # NHWC stored, read as (C, H, W)
+    np.testing.assert_array_equal(x.numpy(), pixel(0, 0, np.arange(32)[:, None], np.arange(32)[None, :], np.arange(3)[:, None, None]))
+    monkeypatch.setitem(sources.BUILTIN_DATASETS, "cifar10", dataclasses.replace(real, files={"archive": (cifar.ARCHIVE, "0" * 64)},
+                                                                                   mirrors=(mirror.as_uri() + "/",)))
+    monkeypatch.setattr(sources, "_search_dirs", lambda name: [tmp_path / "cache2" / name])
+    monkeypatch.setattr(sources, "cache_dir", lambda: tmp_path / "cache2")
+    with pytest.raises(DataError, match="sha256"):
+        load_dataset("cifar10")
