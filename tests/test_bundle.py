@@ -288,6 +288,9 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
         if i % 5 == 0:
             resized.append(f"r{i:03d}.jpg")
             image.convert("RGB").save(images / resized[-1], exif=exif.tobytes(), quality=95)
+        elif i % 7 == 3:  # a 16-bit grayscale PNG: the contract keeps its top 8 bits
+            resized.append(f"r{i:03d}.png")
+            Image.fromarray(np.asarray(image).astype(np.uint16) * 257).save(images / resized[-1])
         else:
             resized.append(f"r{i:03d}.png")
             image.save(images / resized[-1])
