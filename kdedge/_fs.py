@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "default_out", "file_sha256", "new_dir", "umask"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "default_out", "file_sha256", "new_dir", "umask"]
 
 
 def cache_dir() -> Path:
@@ -51,6 +51,29 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed over ``path`` when the block succeeds, removed when it fails.
+
+    Readers see the old file, no file, or the whole new one. The file gets the permissions the
+    umask gives any new file (``mkstemp`` would leave 0600 on a shared cache); ``fsync`` flushes it
+    to disk before the rename, so a crash cannot leave a full-size file of zeros under ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

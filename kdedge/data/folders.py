@@ -15,11 +15,12 @@ The transform is the one every exported artifact declares (:class:`ImageTransfor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
 import shutil
-import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdedge.data.spec import UINT8_SCALE, DatasetSpec, DataSplits, ImageDataset
+from kdedge._fs import atomic_file, cache_dir
+from kdedge.data.spec import UINT8_SCALE, DatasetSpec, DataSplits, ImageDataset, channel_mean_std
 from kdedge.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "ImageTransform", "default_workers", "is_image_folder", "load_folder", "resize_and_crop", "write_image_folder"]
@@ -107,7 +109,7 @@ def resize_and_crop(image: Any, shorter: int, size: tuple[int, int]) -> Any:
     if new != (w, h):
         image = image.resize(new, Image.Resampling.BILINEAR)
     ch, cw = size
-    left, top = int(round((new[0] - cw) / 2.0)), int(round((new[1] - ch) / 2.0))
+    left, top = round((new[0] - cw) / 2.0), round((new[1] - ch) / 2.0)
     return image.crop((left, top, left + cw, top + ch))
 
 
@@ -210,29 +212,16 @@ class _DecodedFile:
 
 def _decode_to(data: FolderDataset, path: Path, row: int, progress: Any) -> None:
     """Decode all of ``data`` (with its workers) into ``path``, written under a temporary name and renamed when complete."""
-    import time
-
-    from kdedge._fs import umask
-
     start = time.perf_counter()
     task = progress.add("decoding images", len(data)) if progress is not None else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.truncate(len(data) * row)
-            batch = max(1, min(256, (16 << 20) // row))
-            for index, x in data.raw_batches(torch.arange(len(data)).split(batch)):
-                f.seek(int(index[0]) * row)
-                f.write(memoryview(np.ascontiguousarray(x.numpy())).cast("B"))
-                if task is not None:
-                    progress.update(task, advance=len(index))
-            f.flush()
-            os.fsync(f.fileno())  # a crash must not leave a full-size file of zeros under the final name
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a shared cache follows the umask like any file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        f.truncate(len(data) * row)
+        batch = max(1, min(256, (16 << 20) // row))
+        for index, x in data.raw_batches(torch.arange(len(data)).split(batch)):
+            f.seek(int(index[0]) * row)
+            f.write(memoryview(np.ascontiguousarray(x.numpy())).cast("B"))
+            if task is not None:
+                progress.update(task, advance=len(index))
     if task is not None:
         seconds = time.perf_counter() - start
         progress.finish(task, f"data: decoded {len(data):,} images once in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s); "
@@ -305,8 +294,6 @@ class FolderDataset(ImageDataset):
         """
         if not self.decode_cache or self._decoded is not None or len(self) == 0:
             return
-        from kdedge._fs import cache_dir
-
         row = math.prod(self.spec.input_shape)
         directory = cache_dir() / "decoded"
         key = hashlib.sha256(f"kdedge-decoded-v1|{self.transform!r}|{self.spec.input_shape}|{self.listing_sha256()}".encode()).hexdigest()
@@ -324,14 +311,13 @@ class FolderDataset(ImageDataset):
         except OSError as exc:  # an unwritable cache, a full disk: train on, decoding every pass
             if progress is not None:
                 progress.line(f"data: cannot cache decoded images in {directory} ({exc.strerror or exc}); decoding every pass instead")
-        self._decoded_rows = None
 
     def raw(self, index: torch.Tensor) -> torch.Tensor:
         if self._decoded is not None:
             rows = torch.as_tensor(index).reshape(-1).numpy()
             return self._decoded.read(rows if self._decoded_rows is None else self._decoded_rows[rows])
-        items = [_Decode(self)[int(i)] for i in index]
-        index_, x, error = _collate(items)
+        decode = _Decode(self)
+        _index, x, error = _collate([decode[int(i)] for i in index])
         if error is not None:
             raise DataError(error)
         return x if x is not None else torch.empty(0, *self.spec.input_shape, dtype=torch.uint8)
@@ -366,16 +352,18 @@ class FolderDataset(ImageDataset):
             yield index, self.normalize(x, device), self.labels[index].to(device or "cpu")
 
     def _identity(self, h: hashlib._Hash) -> None:  # type: ignore[name-defined]
-        h.update(repr(self.transform).encode())
-        h.update(b"\0".join(self.files.tolist()))
-        h.update(np.ascontiguousarray(self.stats).tobytes())
+        h.update(f"{self.transform!r}|{self.listing_sha256()}".encode())
 
     def listing_sha256(self) -> str:
         """sha256 of the relative paths, sizes and modification times: this split's files, wherever the folder lies."""
-        h = hashlib.sha256()
-        h.update(b"\0".join(self.files.tolist()))
-        h.update(np.ascontiguousarray(self.stats).tobytes())
-        return h.hexdigest()
+        return _listing_sha256(self.files, self.stats)
+
+
+def _listing_sha256(files: np.ndarray, stats: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(b"\0".join(files.tolist()))
+    h.update(np.ascontiguousarray(stats).tobytes())
+    return h.hexdigest()
 
 
 def _split_dirs(root: Path) -> tuple[str, str | None]:
@@ -436,32 +424,25 @@ def load_folder(root: str | Path, *, image_size: int | None = None, workers: int
         hw = (h, w)
     transform = ImageTransform(color=color, size=hw, resize=image_size)
     channels = 1 if color == "L" else 3
-    provisional = DatasetSpec(name=str(root), input_shape=(channels, *hw), num_classes=len(classes), labels=tuple(classes),
-                              mean=(0.0,) * channels, std=(1.0,) * channels, scale=UINT8_SCALE, color=color, resize=image_size)
-    datasets = {s: FolderDataset(root, lst.files, torch.from_numpy(lst.labels), lst.stats, provisional, transform, workers=workers)
-                for s, lst in listings.items()}
-    mean, std = norm if norm is not None else _sample_normalization(datasets["train"])
-    spec = DatasetSpec(name=str(root), input_shape=(channels, *hw), num_classes=len(classes), labels=tuple(classes), mean=mean, std=std,
-                       scale=UINT8_SCALE, color=color, resize=image_size,
-                       files={f"{s}_listing": d.listing_sha256() for s, d in datasets.items()})
-    final = {s: FolderDataset(root, d.files, d.labels, d.stats, spec, transform, workers=d.workers, decode_cache=decode_cache)
-             for s, d in datasets.items()}
+    spec = DatasetSpec(name=str(root), input_shape=(channels, *hw), num_classes=len(classes), labels=tuple(classes),
+                       mean=(0.0,) * channels, std=(1.0,) * channels, scale=UINT8_SCALE, color=color, resize=image_size,
+                       files={f"{s}_listing": _listing_sha256(lst.files, lst.stats) for s, lst in listings.items()})
+
+    def dataset(listing: _Listing, spec: DatasetSpec) -> FolderDataset:
+        return FolderDataset(root, listing.files, torch.from_numpy(listing.labels), listing.stats, spec, transform, workers=workers,
+                             decode_cache=decode_cache)
+
+    if norm is None:  # measured on stored pixels: the placeholder mean/std above play no part
+        norm = _sample_normalization(dataset(listings["train"], spec))
+    spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
+    final = {s: dataset(lst, spec) for s, lst in listings.items()}
     return DataSplits(final["train"], final[test_dir], spec, final[val_dir] if val_dir else None)
 
 
 def _sample_normalization(train: FolderDataset, n: int = NORM_SAMPLE) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std of the pixels (scaled to [0, 1]) of ``n`` training images drawn with seed 0."""
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    total = squares = None
-    count = 0
-    for _idx, raw in train.raw_batches(rows.split(100)):
-        x = raw.to(torch.float64) * UINT8_SCALE
-        s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
-        total, squares = (s, q) if total is None else (total + s, squares + q)
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count  # type: ignore[operator]
-    std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-6)  # type: ignore[operator]
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+    return channel_mean_std((raw for _idx, raw in train.raw_batches(rows.split(100))), UINT8_SCALE)
 
 
 def write_image_folder(root: str | Path, split: str, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], *,

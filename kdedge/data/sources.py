@@ -26,7 +26,7 @@ import torch
 from kdedge.data import cifar
 from kdedge.data.idx import read_idx
 from kdedge.data.folders import is_image_folder, load_folder
-from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, pixel_scale
+from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, channel_mean_std, pixel_scale
 from kdedge._fs import cache_dir, file_sha256
 from kdedge.errors import DataError
 
@@ -287,34 +287,12 @@ def _labels(labels: np.ndarray, source: str) -> torch.Tensor:
 
 
 def _normalization(images: torch.Tensor, layout: str = "NCHW", rows: torch.Tensor | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the scaled pixels (of ``rows`` only, when given), accumulated in float64 chunk by chunk."""
+    """Per-channel mean and std of the scaled pixels (of ``rows`` only, when given), read chunk by chunk."""
     stored = images.permute(0, 3, 1, 2) if layout == "NHWC" else images
-    if rows is not None:
-        stored = _Rows(stored, rows)  # type: ignore[assignment]
-    scale = pixel_scale(images.dtype)  # the scale ArrayDataset applies
-    c = stored.shape[1]
-    total, squares, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    n = stored.shape[0] if rows is None else rows.shape[0]
     step = max(1, (8 << 20) // max(1, math.prod(stored.shape[1:])))
-    for i in range(0, stored.shape[0], step):
-        x = stored[i : i + step].to(torch.float64) * scale
-        total += x.sum(dim=(0, 2, 3))
-        squares += (x * x).sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    var = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0)
-    std = var.sqrt().clamp_min(1e-6)
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
-
-
-class _Rows:
-    """``stored[rows]`` read a slice at a time, for :func:`_normalization`."""
-
-    def __init__(self, stored: torch.Tensor, rows: torch.Tensor) -> None:
-        self.stored, self.rows = stored, rows
-        self.shape = (rows.shape[0], *stored.shape[1:])
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.stored[self.rows[index]]
+    chunks = (stored[i : i + step] if rows is None else stored[rows[i : i + step]] for i in range(0, n, step))
+    return channel_mean_std(chunks, pixel_scale(images.dtype))  # the scale ArrayDataset applies
 
 
 _Split = tuple[torch.Tensor, torch.Tensor, str]  # images as stored, labels (N,), layout

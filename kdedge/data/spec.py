@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from kdedge.errors import DataError
 
-__all__ = ["DatasetSpec", "ImageDataset", "ArrayDataset", "DataSplits", "UINT8_SCALE", "pixel_scale"]
+__all__ = ["DatasetSpec", "ImageDataset", "channel_mean_std", "ArrayDataset", "DataSplits", "UINT8_SCALE", "pixel_scale"]
 
 UINT8_SCALE = 1.0 / 255.0
 
@@ -37,6 +37,25 @@ def pixel_scale(dtype: torch.dtype) -> float:
     other than uint8, which the loaders convert to float32) is used as stored.
     """
     return UINT8_SCALE if dtype == torch.uint8 else 1.0
+
+
+def channel_mean_std(chunks: Iterable[torch.Tensor], scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) std of ``pixel * scale`` over ``(B, C, H, W)`` chunks, accumulated in float64.
+
+    One chunk at a time: no float copy of the whole set. Rounded to 6 decimals, as specs record them.
+    """
+    total = squares = None
+    count = 0
+    for chunk in chunks:
+        x = chunk.to(torch.float64) * scale
+        s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    if total is None:
+        raise DataError("cannot measure mean/std on no images")
+    mean = total / count
+    std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-6)  # type: ignore[operator]
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,12 @@ The file is a ``torch.save`` archive of tensors, numbers, strings, lists and dic
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdedge._fs import umask
+from kdedge._fs import atomic_file
 from kdedge.errors import ConfigError
 
 __all__ = ["FORMAT", "save_state", "load_state", "config_differences"]
@@ -31,19 +29,8 @@ RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a reader sees the previous checkpoint or this one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint is as readable as the run directory
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(Path(path), fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)  # as readable as the run directory (the umask's permissions)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -218,16 +218,16 @@ def fit(
     if config.threads:
         torch.set_num_threads(config.threads)
     state = _resume_state(checkpoint, config) if resume else None  # type: ignore[arg-type]
+    watched, split = (val, "val") if val is not None else (test, "test")  # what every epoch is scored on
     with Progress(progress and ctx.is_main) as bar:
         run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar,
-                     extra_splits=(val,) if val is not None else ((test,) if test is not None else ()))
+                     extra_splits=(watched,) if watched is not None else ())
         try:
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 row = _train_epoch(run, epoch, bar, task)
-                watched, split = (val, "val") if val is not None else (test, "test")
                 ev = evaluate(model, watched, device=device) if watched is not None else None
                 if ev is not None:
                     row.update({f"{split}_accuracy": ev.accuracy, f"{split}_macro_f1": ev.macro_f1})

@@ -18,10 +18,9 @@ batch instead.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdedge._fs import atomic_file
 from kdedge.data.normalization import InputMap, Normalization
 from kdedge.data.spec import DatasetSpec, ImageDataset
 from kdedge.errors import ConfigError
@@ -183,11 +183,20 @@ def _batches(data: ImageDataset, batch_size: int, lo: int, hi: int) -> list[torc
     return [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
 
 
-@torch.inference_mode()
-def _compute(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-    """Logits of samples ``lo:hi`` (all by default)."""
-    hi = len(data) if hi is None else hi
-    chunks = [teacher(x).cpu() for _i, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device)]
+def _scored(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int, hi: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(index, logits)`` of samples ``lo:hi`` in batches, in order, on the CPU (the teacher runs under inference mode)."""
+    for idx, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device):
+        yield idx, teacher(x).cpu()
+
+
+def _compute(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int = 0, hi: int | None = None,
+             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits of samples ``lo:hi`` (all by default); ``on_batch`` gets each batch's size."""
+    chunks = []
+    for _idx, logits in _scored(teacher, data, batch_size, lo, len(data) if hi is None else hi):
+        chunks.append(logits)
+        if on_batch is not None:
+            on_batch(logits.shape[0])
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -241,55 +250,30 @@ def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str
     # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
     bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
     lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
-    chunks = []
-    with torch.inference_mode():
-        for _i, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device):
-            chunks.append(teacher(x).cpu())
-            progress.update(task, advance=chunks[-1].shape[0] * ctx.world_size)
-    part = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    part = _compute(teacher, data, batch_size, lo, hi, on_batch=lambda n: progress.update(task, advance=n * ctx.world_size))
     logits = dist_.all_gather_rows(part) if ctx.enabled else part
     seconds = time.perf_counter() - start
     progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
     if path is not None and ctx.is_main:
-        _write_atomic(path, lambda f: np.save(f, logits.numpy().astype(np.float32), allow_pickle=False))
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, logits.numpy().astype(np.float32), allow_pickle=False)
     return TeacherLogits(logits, key=key, path=path if path is not None and ctx.is_main else None, seconds=seconds)
 
 
 def _score_to_file(teacher: FrozenTeacher, data: ImageDataset, path: Path, batch_size: int, progress: Progress, task: int) -> np.ndarray:
     """Score ``data`` into a memory-mapped ``.npy`` written under a temporary name, then renamed; returns it mapped read-only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         out = None
-        with torch.inference_mode():
-            for idx, x, _y in data.batches(_batches(data, batch_size, 0, len(data)), device=teacher.device):
-                logits = teacher(x).cpu().numpy()
-                if out is None:  # the class count is known from the first batch
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), logits.shape[1]))
-                out[int(idx[0]) : int(idx[-1]) + 1] = logits
-                progress.update(task, advance=logits.shape[0])
+        for idx, logits in _scored(teacher, data, batch_size, 0, len(data)):
+            if out is None:  # the class count is known from the first batch
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), logits.shape[1]))
+            out[int(idx[0]) : int(idx[-1]) + 1] = logits.numpy()
+            progress.update(task, advance=logits.shape[0])
         if out is None:
             raise ValueError("cannot cache the logits of an empty dataset")
         out.flush()
-        del out
-        os.replace(tmp, path)  # atomic: readers see the old file, no file, or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        del out  # unmapped before the rename
     return np.load(path, mmap_mode="r", allow_pickle=False)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_cache(path: Path, rows: int) -> np.ndarray | None:
