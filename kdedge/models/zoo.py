@@ -25,6 +25,7 @@ from kdedge._modes import evaluating
 from kdedge.data.spec import DatasetSpec
 from kdedge.errors import ModelError
 from kdedge.models import architectures
+from kdedge.models.genome import GenomeNet, is_genome, parse_genome
 
 __all__ = [
     "MODELS",
@@ -108,8 +109,11 @@ class Checkpoint:
 def parse_model_name(name: str) -> tuple[str, float]:
     """``"tiny_cnn@0.5"`` -> ``("tiny_cnn", 0.5)``; validates both parts."""
     arch, _, width_text = name.partition("@")
-    if arch not in MODELS:
-        raise ModelError(f"unknown model {arch!r}; expected one of {', '.join(sorted(MODELS))} (optionally NAME@WIDTH, e.g. tiny_cnn@0.5)")
+    if is_genome(arch):
+        parse_genome(arch)  # a searched architecture, spelled out; raises on a bad token
+    elif arch not in MODELS:
+        raise ModelError(f"unknown model {arch!r}; expected one of {', '.join(sorted(MODELS))} (optionally NAME@WIDTH, e.g. tiny_cnn@0.5), "
+                         "or a searched architecture such as net:c16k3s2-d32k3s2-fc")
     width = 1.0
     if width_text:
         try:
@@ -130,8 +134,10 @@ def create_model(spec: ModelSpec) -> nn.Module:
 
     if is_factory_ref(spec.arch):
         return build_from_factory(spec.arch, num_classes=spec.num_classes, input_shape=spec.input_shape)
+    if is_genome(spec.arch):
+        return GenomeNet(parse_genome(spec.arch), spec.num_classes, spec.input_shape, spec.width)
     if spec.arch not in MODELS:
-        raise ModelError(f"unknown model {spec.arch!r}; expected one of {', '.join(sorted(MODELS))}")
+        raise ModelError(f"unknown model {spec.arch!r}; expected one of {', '.join(sorted(MODELS))} or a searched net:... architecture")
     return MODELS[spec.arch](spec.num_classes, spec.input_shape, spec.width)
 
 
