@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LatencyStats", "TimingPolicy", "measure", "measure_cuda"]
+__all__ = ["LatencyStats", "TimingPolicy", "measure", "measure_cuda", "measure_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,54 @@ def measure_cuda(fn: Callable[[], Any], policy: TimingPolicy = TimingPolicy()) -
             end.synchronize()  # bound the queue so the host clock tracks the device
     torch.cuda.synchronize()
     return LatencyStats.from_samples([b.elapsed_time(e) for b, e in events])
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, block_iters: int = 100, block_s: float = 0.05,
+                        warmup_iters: int = 20, block_warmup_s: float = 0.005) -> dict[str, LatencyStats]:
+    """Host-timed latency of several functions, measured in interleaved blocks.
+
+    A machine whose speed drifts by ±25 % over seconds (a shared host, thermal or frequency
+    changes) ranks two functions timed one after the other by when they ran. Here every round
+    times one block of each function (``block_iters`` calls and at least ``block_s`` seconds),
+    in an order rotated each round, so drift lands on all of them alike. Each returned
+    :class:`LatencyStats` pools that function's samples over all rounds, except ``p50_ms``, which
+    is the median of its per-block medians: one slow block moves it less than pooling would.
+
+    Args:
+        fns: Name -> a call that finishes its work before returning (e.g. ``session.run``).
+        rounds: Blocks per function.
+        block_iters: Calls per block at least.
+        block_s: Seconds per block at least.
+        warmup_iters: Untimed calls per function before the first round.
+        block_warmup_s: Untimed calls at the start of every block, for this long (at least one): the
+            previous block's runtime may still hold the cores (onnxruntime's worker threads spin
+            after a call) and its data the caches; neither is this function's cost.
+    """
+    if not fns:
+        return {}
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup_iters):
+            fns[name]()
+    clock = time.perf_counter_ns
+    samples: dict[str, list[int]] = {n: [] for n in names}
+    block_medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, block = fns[name], []
+            settle = clock() + int(block_warmup_s * 1e9)
+            fn()
+            while clock() < settle:
+                fn()
+            deadline = clock() + int(block_s * 1e9)
+            while len(block) < block_iters or clock() < deadline:
+                t0 = clock()
+                fn()
+                block.append(clock() - t0)
+            samples[name] += block
+            block_medians[name].append(float(np.median(block)) / 1e6)
+    out = {}
+    for name in names:
+        stats = LatencyStats.from_samples(np.asarray(samples[name], dtype=np.float64) / 1e6)
+        out[name] = replace(stats, p50_ms=float(np.median(block_medians[name])))
+    return out
