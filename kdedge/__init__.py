@@ -14,7 +14,7 @@ Importing kdedge loads torch but neither onnx, onnxruntime nor TensorRT; they lo
 """
 
 from kdedge._version import __version__
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, TrainConfig, load_config
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, SearchConfig, TrainConfig, load_config
 from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset
 from kdedge.distill import FrozenTeacher, HintonLoss, LossParts, teacher_logits
 from kdedge.errors import (
@@ -62,6 +62,7 @@ __all__ = [
     "ModelSpec",
     "ParityError",
     "RunResult",
+    "SearchConfig",
     "TrainConfig",
     "__version__",
     "count_flops",

@@ -16,6 +16,7 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ from kdedge._version import __version__
 from kdedge.bench.harness import BenchModel, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, config_to_yaml
+from kdedge.bench.tuning import settings_call, time_within, tune
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
@@ -45,7 +47,7 @@ from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
 from kdedge.exporters.onnx import export_onnx
 from kdedge.exporters.quantize import quantize_int8
-from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, save_checkpoint, state_dict_sha256
+from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, save_checkpoint, state_dict_sha256
 from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
 
@@ -219,6 +221,7 @@ class BundlePlan:
     student: nn.Module
     student_spec: ModelSpec
     teacher_bench: BenchModel
+    search: Path | None = None  # with --latency-budget: the search directory that chose the student
 
 
 def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False, log: Callable[[str], None] | None = None) -> BundlePlan:
@@ -305,12 +308,14 @@ def _teacher_bench(teacher: ResolvedTeacher, input_map: InputMap | None, data: D
 
 
 def compress_and_export(config: CompressConfig | None = None, *, progress: bool = False, log: Callable[[str], None] | None = None,
-                        trust_code: bool = False) -> BundleResult:
+                        trust_code: bool = False, search: SearchConfig | None = None) -> BundleResult:
     """The main job: distill the teacher into the student, export, benchmark, gate and bundle.
 
     Everything that can be checked before training is checked first (:func:`plan_bundle`).
     ``trust_code`` lets teacher and student checkpoints run the factory code they name (see
-    :func:`~kdedge.models.load_checkpoint`); it is an argument, never a config key.
+    :func:`~kdedge.models.load_checkpoint`); it is an argument, never a config key. With
+    ``config.latency_budget`` the student is searched (:func:`kdedge.search.search`); ``search``
+    sets that search's own knobs (candidates, proxy, finalists), its recipe and budget come from ``config``.
 
     Raises:
         GateFailure: A gate failed; the candidate is kept at ``<out>.rejected`` and no bundle is published.
@@ -329,8 +334,11 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         log(f"distill: {plan.teacher.name} -> {plan.student_spec.name} on {data.spec.name} "
             f"({len(data.train)} train{val} / {len(data.test)} test, {config.epochs} epochs)")
         start = time.perf_counter()
-        result = distill(plan.student, plan.teacher.model, data.train, data.test, val_data=data.val, config=plan.distill_config,
-                         student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
+        if config.latency_budget is not None:
+            plan, result = _searched_student(plan, Path(work), search, progress=progress, log=log)
+        else:
+            result = distill(plan.student, plan.teacher.model, data.train, data.test, val_data=data.val, config=plan.distill_config,
+                             student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
         timings["distill"] = time.perf_counter() - start
         log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})"
             + (f"; on validation: student {result.val.accuracy:.4f}, teacher {result.teacher_val.accuracy:.4f}" if result.val and result.teacher_val else ""))
@@ -347,10 +355,41 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
     return BundleResult(out=out, manifest=manifest, report=report, archive=archive)
 
 
+def _searched_student(plan: BundlePlan, work: Path, base: SearchConfig | None, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+    """``--latency-budget``: the student is the one :func:`kdedge.search.search` finds, trained with this run's recipe.
+
+    Latency is measured on ort-cpu with ``bench_threads`` (default 1) at batch 1; the search's
+    record (``search.json``, the plot) goes into the bundle's ``search/`` folder.
+    """
+    from kdedge.search import search
+
+    config = plan.config
+    fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume")}
+    search_cfg = dataclasses.replace(base or SearchConfig(latency_budget=config.latency_budget), **fields | {
+        "val_split": config.val_split or 0.1, "latency_budget": config.latency_budget, "target": "ort-cpu",
+        "target_threads": config.bench_threads or 1, "target_batch": 1})
+    found = search(plan.teacher.model, plan.data, config=search_cfg, out=work / "search", teacher_name=plan.teacher.name,
+                   teacher_input=plan.teacher.input, progress=progress, log=log)
+    assert found.student is not None  # a fresh search trains its finalists
+    spec = load_checkpoint(found.out / "student").spec
+    plan = dataclasses.replace(plan, student=found.student.model, student_spec=spec, search=found.out)
+    return plan, found.student
+
+
+def _search_summary(search_dir: Path) -> dict[str, Any]:
+    rec = json.loads((search_dir / "search.json").read_text())
+    return {"record": "search/search.json", "latency_budget_ms": rec["target"]["latency_budget_ms"], "target": rec["target"],
+            "p50_ms": rec["winner_p50_ms"], "candidates": len(rec["candidates"])}
+
+
 def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: dict[str, float], t_start: float,
                      log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Student, config, artifacts, benchmark and manifest into ``tmp``; returns the manifest and the report."""
     config, data = plan.config, plan.data
+    if plan.search is not None:  # what chose the student, for whoever deploys it
+        (tmp / "search").mkdir()
+        for name in ("search.json", "accuracy_vs_latency.png"):
+            shutil.copy2(plan.search / name, tmp / "search" / name)
     save_checkpoint(tmp / "student.safetensors", result.model, plan.student_spec, data.spec,
                     extra={"kdedge_version": __version__, "test_accuracy": result.test.accuracy})
     # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
@@ -381,15 +420,70 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     judged = (result.val, result.teacher_val, "validation") if result.val is not None and result.teacher_val is not None else (result.test, result.teacher_test, "test")
     gates = evaluate_gates(student_acc=judged[0].accuracy, teacher_acc=judged[1].accuracy, artifacts=artifacts, recommended=recommended,  # type: ignore[union-attr]
                            rows=report["rows"], config=config, split=judged[2])
+    tuned: list[dict[str, Any]] = []
+    if config.tune_runtime and all(g["passed"] for g in gates.values()):  # a rejected candidate is not deployed: no time spent tuning it
+        start = time.perf_counter()
+        tuned = _tune_targets(tmp, plan, result.model, recommended, log)
+        timings["tune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t_start
-    manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings)
+    manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings, tuned)
     manifest["files"] = _files_entry(tmp, skip={"manifest.json"})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest, report
 
 
+def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: dict[str, dict[str, Any]],
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Per CPU target, the student's and the teacher's best runtime settings, each tuned on its own, then timed head to head.
+
+    ort-cpu tunes the recommended artifact (its entry gains ``settings``, ``tuned_p50_ms``,
+    ``tuning`` and ``vs_teacher_tuned``) against the teacher's ONNX FP32; torch-cpu tunes the
+    student and the teacher in eager PyTorch. GPU targets have no thread settings to tune. The
+    ratio comes from one interleaved measurement of both at their best settings, so machine drift
+    between the two tunings cannot tilt it.
+    """
+    config, teacher = plan.config, plan.teacher_bench
+    budget = max(0.5, 4 * config.bench_min_s)  # per model: a few benchmark measurements' worth
+    entries = []
+    for target in plan.targets:
+        runtime, device = TARGETS[target]
+        rec = recommended.get(target)
+        if device != "cpu" or (runtime == "onnxruntime" and rec is None):
+            continue
+        batch = rec["batch"] if rec else min(config.batch_sizes)
+        x = _real_batch(plan.data, batch)
+        if runtime == "onnxruntime":
+            assert rec is not None  # skipped above: no artifact passed the accuracy gate
+            models = {"student": (rec["variant"], tmp / rec["artifact"]), "teacher": ("onnx-fp32", teacher.artifacts.get("onnx-fp32"))}
+        else:
+            models = {"student": ("torch-fp32", student), "teacher": ("torch-fp32", teacher.module)}
+        inputs = {"student": x, "teacher": teacher.preprocess(x) if teacher.preprocess else x}  # an ONNX teacher's own normalization
+        results = {role: tune(model, inputs[role], budget_s=budget) for role, (_, model) in models.items() if model is not None}
+        entry: dict[str, Any] = {"target": target, "batch": batch}
+        for role, r in results.items():
+            entry[role] = {"variant": models[role][0], "settings": r.best, "p50_ms": r.p50_ms}
+        if len(results) == 2:
+            head = time_within({role: settings_call(models[role][1], inputs[role], results[role].best) for role in results}, budget_s=budget / 2)  # type: ignore[arg-type]
+            entry["head_to_head_p50_ms"] = {role: head[role].p50_ms for role in results}
+            entry["latency_speedup"] = head["teacher"].p50_ms / head["student"].p50_ms
+        if rec is not None:
+            rec.update(settings=results["student"].best, tuned_p50_ms=results["student"].p50_ms, tuning=results["student"].to_dict())
+            if "latency_speedup" in entry:
+                rec["vs_teacher_tuned"] = entry["latency_speedup"]
+        log(f"tune: {target} at batch {batch}: " + "; ".join(f"{role} {models[role][0]} {r.best} p50 {r.p50_ms:.4f} ms" for role, r in results.items())
+            + (f"; teacher/student {entry['latency_speedup']:.2f}x, each at its best" if "latency_speedup" in entry else ""))
+        entries.append(entry)
+    return entries
+
+
+def _real_batch(data: DataSplits, batch: int) -> np.ndarray:
+    """The first ``batch`` test inputs ``(B, C, H, W)``, repeated when the test split is smaller."""
+    first = data.test.inputs(slice(0, batch)).numpy()
+    return np.concatenate([first] * (batch // len(first) + 1))[:batch] if len(first) < batch else first
+
+
 def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, report: dict[str, Any], student_bm: BenchModel,
-              recommended: dict[str, Any], gates: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+              recommended: dict[str, Any], gates: dict[str, Any], timings: dict[str, float], tuned: list[dict[str, Any]]) -> dict[str, Any]:
     """``manifest.json`` without its file list (see the README for every key)."""
     config, data, teacher = plan.config, plan.data, plan.teacher
     artifacts = exported.manifest["artifacts"]
@@ -402,7 +496,8 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
                     "input_map": result.metrics["teacher"].get("input_map")},
         "student": {"model": plan.student_spec.to_dict(), "weights": "student.safetensors", "sha256": exported.manifest["source_sha256"],
                     "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": result.test.accuracy,  # type: ignore[union-attr]
-                    "test_macro_f1": result.test.macro_f1},  # type: ignore[union-attr]
+                    "test_macro_f1": result.test.macro_f1,  # type: ignore[union-attr]
+                    **({"searched": _search_summary(plan.search)} if plan.search is not None else {})},
         "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
                  "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files,
                  **({"val_fingerprint": data.val.fingerprint(), "val_samples": len(data.val)} if data.val is not None else {})},
@@ -419,7 +514,8 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
         "skipped": exported.skipped,
         "gates": gates,
         "recommended": recommended,
-        "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)]},
+        "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)],
+                        **({"tuned": tuned} if tuned else {})},
         "resolved": {"formats": list(plan.formats), "targets": list(plan.targets)},
         "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": plan.distill_config.device},
         "timings_s": timings,
@@ -505,6 +601,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     bad = {p.split(":")[0] for p in problems}
     smoke = [a for a in manifest.get("artifacts", []) if a["format"] == "onnx" and a["path"] not in bad and (path / a["path"]).is_file()]
     problems += [p for a in smoke for p in _smoke_problems(path, a["path"], manifest)]
+    problems += _settings_problems(path, manifest, skip=bad)
     if problems:
         raise VerifyError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     return {"bundle": str(path), "files": len(manifest.get("files", [])), "onnx_models_run": len(smoke)}
@@ -541,6 +638,22 @@ def _file_problems(bundle: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
         if file_sha256(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
+    return problems
+
+
+def _settings_problems(bundle: Path, manifest: dict[str, Any], *, skip: set[str]) -> list[str]:
+    """Every tuned ``recommended[target]["settings"]`` must open its ONNX artifact, as a consumer applying them would."""
+    from kdedge.ort import ort_session, session_kwargs
+
+    problems = []
+    for target, rec in (manifest.get("recommended") or {}).items():
+        settings, rel = rec.get("settings"), rec.get("artifact", "")
+        if settings is None or not rel.endswith(".onnx") or rel in skip or not (bundle / rel).is_file():
+            continue
+        try:
+            ort_session(bundle / rel, **session_kwargs(settings))
+        except KdedgeError as exc:
+            problems.append(f"recommended.{target}.settings: {exc}")
     return problems
 
 

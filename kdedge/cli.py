@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from kdedge.config import CompressConfig, DistillConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
+from kdedge.config import CompressConfig, DistillConfig, SearchConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
 from kdedge.errors import KdedgeError
 
 _HELP = {
@@ -72,16 +72,31 @@ _HELP = {
     "max_quant_drop": "Gate: INT8 may lose at most this many accuracy points vs FP32.",
     "min_speedup": "Gate (optional): recommended artifact's batch-1 p50 speedup over the teacher in eager PyTorch.",
     "archive": "Also write BUNDLE.tar.gz.",
+    "tune_runtime": "Tune each CPU target's runtime settings (threads; onnxruntime graph optimization and execution mode) for the recommended artifact and the teacher, and record the best in the manifest.",
+    "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs): kdedge search finds the most accurate student within it "
+                      "(compress-and-export: measured in onnxruntime on the CPU with --bench-threads, default 1, at batch 1; --student is then ignored).",
+    "target": "search: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch).",
+    "target_threads": "search: intra-op threads of the deployment, used for every latency measurement.",
+    "target_batch": "search: batch size of the deployment, used for every latency measurement.",
+    "time_budget": "search: minutes the whole search may take; ranking stops early to leave time for the finalists' full recipe.",
+    "candidates": "search: architectures sampled from the search space (seeded by --seed).",
+    "proxy_epochs": "search: epochs of the short distillation that ranks candidates.",
+    "proxy_samples": "search: training images of that short distillation.",
+    "finalists": "search: best-ranked candidates that get the full recipe; the best on validation is the student.",
+    "generations": "search: rounds of evolution: mutations of the 5 best-ranked searched students are timed and ranked like the rest (0: sampling only).",
+    "children": "search: mutations per generation.",
+    "include_zoo": "search: also measure the zoo's students (tiny_cnn, dw_cnn, mlp at widths 1 and 0.5) as candidates and for comparison.",
+    "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
 }
 
 
-def _options_from(cls: type[_RunConfig]):
-    """One click option per config field; defaults stay in the dataclass, not in click."""
+def _options_from(cls: type[_RunConfig], *, skip: tuple[str, ...] = ()):
+    """One click option per config field (but ``skip``); defaults stay in the dataclass, not in click."""
 
     hints = typing.get_type_hints(cls)
 
     def decorate(func):
-        for f in reversed(fields(cls)):
+        for f in reversed([f for f in fields(cls) if f.name not in skip]):
             flag = "--" + f.name.replace("_", "-")
             types_ = [str if _element_type(t) else t for t in _allowed_types(hints[f.name]) if t is not type(None)]  # lists: "a,b,c"
             default = f.default if f.default is not MISSING else None
@@ -152,6 +167,30 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
     result = run_distill(_config(DistillConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@_trust_code_option
+@_options_from(SearchConfig, skip=("student", "student_weights", "flops_budget"))
+def search(config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
+    """The most accurate student within --latency-budget ms, timed on the target.
+
+    Samples architectures, times each exported candidate on --target with --target-threads at
+    --target-batch (the deployment's settings; cached per machine), drops those over budget,
+    ranks the rest by a short distillation, gives the best --finalists the full recipe and writes
+    OUT/search.json, OUT/student/ (a distill run directory) and OUT/accuracy_vs_latency.png.
+    """
+    from kdedge.search import run_search
+
+    result = run_search(_config(SearchConfig, config_file, params, trust_code=trust_code), progress=not quiet,
+                        log=None if quiet else click.echo, trust_code=trust_code)
+    r = result.record
+    fin = r["finalists"][result.winner]
+    click.echo(f"student {result.winner}: p50 {r['winner_p50_ms']:.4f} ms (budget {r['target']['latency_budget_ms']:.4f} ms), "
+               f"val {fin['val_accuracy']:.4f}, test {fin['test_accuracy']:.4f} | teacher p50 {r['teacher']['p50_ms']:.4f} ms, val {r['teacher']['val_accuracy']:.4f}")
+    click.echo(f"wrote {result.out}")
 
 
 @cli.command()

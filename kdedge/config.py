@@ -18,7 +18,7 @@ import yaml
 
 from kdedge.errors import ConfigError
 
-__all__ = ["TrainConfig", "DistillConfig", "ExportConfig", "BenchConfig", "CompressConfig", "load_config", "config_from_dict", "config_to_yaml"]
+__all__ = ["BenchConfig", "CompressConfig", "DistillConfig", "ExportConfig", "SearchConfig", "TrainConfig", "config_from_dict", "config_to_yaml", "load_config"]
 
 C = TypeVar("C", bound="_Config")
 
@@ -344,6 +344,8 @@ class CompressConfig(DistillConfig):
     max_quant_drop: float = 0.5
     min_speedup: float | None = None
     archive: bool = False
+    tune_runtime: bool = True
+    latency_budget: float | None = None
 
     def _problems(self) -> list[str]:
         p = super()._problems()
@@ -368,6 +370,55 @@ class CompressConfig(DistillConfig):
             p.append(f"max_quant_drop must be >= 0 (accuracy points), got {self.max_quant_drop}")
         if self.min_speedup is not None and not self.min_speedup > 0:
             p.append(f"min_speedup must be > 0 or null, got {self.min_speedup}")
+        if self.latency_budget is not None and not self.latency_budget > 0:
+            p.append(f"latency_budget must be a positive number of milliseconds or null, got {self.latency_budget}")
+        return p
+
+
+SEARCH_TARGETS = ("ort-cpu", "torch-cpu")
+
+
+@dataclass
+class SearchConfig(DistillConfig):
+    """``kdedge search``: the most accurate student within a latency budget measured on the target.
+
+    Candidates (sampled architectures and the zoo's students) are timed on ``target`` with
+    ``target_threads`` threads at batch ``target_batch`` — the deployment's settings; those over
+    ``latency_budget`` ms are dropped; the rest are ranked by a short distillation
+    (``proxy_epochs`` on ``proxy_samples`` training images, scored on the validation split);
+    ``generations`` rounds of ``children`` mutations of the best ranked ones are timed and ranked
+    the same way; the best ``finalists`` get the full recipe (the inherited distillation fields: 15 epochs, α 0.5,
+    T 2) and the one most accurate on validation is the student. The search stops ranking when
+    ``time_budget`` minutes would be exceeded by what is left.
+    """
+
+    latency_budget: float | None = None
+    target: str = "ort-cpu"
+    target_threads: int = 1
+    target_batch: int = 1
+    time_budget: float = 20.0
+    candidates: int = 48
+    proxy_epochs: int = 3
+    proxy_samples: int = 20000
+    finalists: int = 3
+    generations: int = 8
+    children: int = 8
+    include_zoo: bool = True
+    latency_cache: bool = True
+    val_split: float | None = 0.1
+
+    def _problems(self) -> list[str]:
+        p = super()._problems()
+        if self.latency_budget is None or not self.latency_budget > 0:
+            p.append(f"latency_budget must be a positive number of milliseconds (e.g. --latency-budget 0.02), got {self.latency_budget}")
+        p += _choices(self, ("target", SEARCH_TARGETS))
+        for name in ("target_threads", "target_batch", "candidates", "proxy_epochs", "proxy_samples", "finalists", "children"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generations < 0:
+            p.append(f"generations must be >= 0 (0: no evolution), got {self.generations}")
+        if not self.time_budget > 0:
+            p.append(f"time_budget must be > 0 minutes, got {self.time_budget}")
         return p
 
 

@@ -53,9 +53,29 @@ def test_bundle_layout_and_manifest(bundle):
     assert all(a["parity"]["passed"] for a in m["artifacts"])
     assert m["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
     assert m["gates"]["min_retention"]["passed"] and m["gates"]["min_retention"]["limit"] == 0.5
+    _check_tuned(m)
     for name in ("student.safetensors", "config.yaml", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
         assert (bundle / name).is_file() and name in {f["path"] for f in m["files"]}
     assert (bundle.parent / "b1.tar.gz").is_file()
+
+
+def _check_tuned(m):
+    """The recommended ONNX artifact's tuned settings, one of its tuning rows; student and teacher each at their best per CPU target."""
+    rec = m["recommended"]["ort-cpu"]
+    assert set(rec["settings"]) == {"intra_op_threads", "graph_optimization_level", "execution_mode"}
+    tuning = rec["tuning"]
+    assert tuning["runtime"] == "onnxruntime" and tuning["batch"] == rec["batch"] == 1 and tuning["best"] == rec["settings"]
+    assert rec["settings"] in [r["settings"] for r in tuning["rows"]] and rec["tuned_p50_ms"] == tuning["p50_ms"] > 0
+    assert len(tuning["rows"]) == 6 * len({r["settings"]["intra_op_threads"] for r in tuning["rows"]})  # threads x 3 levels x 2 modes
+    tuned = {t["target"]: t for t in m["performance"]["tuned"]}
+    assert set(tuned) == {"torch-cpu", "ort-cpu"}
+    assert tuned["ort-cpu"]["student"]["settings"] == rec["settings"] and tuned["ort-cpu"]["teacher"]["variant"] == "onnx-fp32"
+    assert set(tuned["torch-cpu"]["student"]["settings"]) == set(tuned["torch-cpu"]["teacher"]["settings"]) == {"threads"}
+    for t in tuned.values():
+        head = t["head_to_head_p50_ms"]
+        assert t["latency_speedup"] == pytest.approx(head["teacher"] / head["student"])
+    assert rec["vs_teacher_tuned"] == tuned["ort-cpu"]["latency_speedup"]
+    assert m["timings_s"]["tune"] > 0
 
 
 def test_verify_accepts_the_bundle_and_its_archive(bundle, capsys):
@@ -81,6 +101,19 @@ def test_verify_catches_one_flipped_byte_in_any_file(bundle, capsys):
         assert code == 2, rel
         assert f"{rel}: sha256 mismatch" in err and len(err.strip().splitlines()) == 1
     assert _run(capsys, "verify", bundle)[0] == 0  # restored
+
+
+def test_verify_opens_the_recommended_artifact_with_its_settings(bundle, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["recommended"]["ort-cpu"]["settings"]["graph_optimization_level"] = "fastest"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _run(capsys, "verify", copy)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "recommended.ort-cpu.settings: ort_session: unsupported optimization 'fastest'" in err
 
 
 def test_verify_names_missing_files_and_bad_input(bundle, tmp_path, capsys):
@@ -163,6 +196,8 @@ def test_gate_failure_publishes_no_bundle(tmp_path, deploy_yaml, capsys):
     assert not out2.exists() and (tmp_path / "strict.rejected" / "manifest.json").is_file()
     rejected = json.loads((tmp_path / "strict.rejected" / "manifest.json").read_text())
     assert rejected["gates"]["min_retention"]["passed"] is False
+    assert "tune" not in rejected["timings_s"] and "tuned" not in rejected["performance"]  # a rejected candidate is not tuned
+    assert all("settings" not in r for r in rejected["recommended"].values())
 
 
 def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path, deploy_yaml):
@@ -197,13 +232,26 @@ def _consumer_example() -> str:
 
 # Runs a script with kdedge unimportable: ``import kdedge`` there, or in anything it imports, raises ImportError
 # (``-I`` alone is not enough: the editable install puts kdedge on every interpreter's path).
-_WITHOUT_KDEDGE = "import runpy, sys; sys.modules['kdedge'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# After the script, the options of the session it made (the real onnxruntime object) go to stderr's last line.
+_WITHOUT_KDEDGE = ("import json, runpy, sys; sys.modules['kdedge'] = None; sys.argv = sys.argv[1:]; "
+                   "o = runpy.run_path(sys.argv[0], run_name='__main__')['session'].get_session_options(); "
+                   "print(json.dumps([o.intra_op_num_threads, o.graph_optimization_level.name, o.execution_mode.name]), file=sys.stderr)")
 
 
-def _consume(script: Path, bundle: Path, files: list[str], cwd: Path) -> list[str]:
+def _consume(script: Path, bundle: Path, files: list[str], cwd: Path) -> tuple[list[str], list]:
+    """The script's output lines, and its session's ``[intra_op_num_threads, graph_optimization_level, execution_mode]``."""
     done = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_KDEDGE, str(script), str(bundle), *files], cwd=cwd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.splitlines()
+    return done.stdout.splitlines(), json.loads(done.stderr.strip().splitlines()[-1])
+
+
+def _session_options(settings: dict | None) -> list:
+    """What onnxruntime reports for a session made with a bundle's ``settings`` (None: onnxruntime's defaults)."""
+    from kdedge.ort import EXECUTION_MODES, OPTIMIZATION_LEVELS
+
+    if settings is None:
+        return [0, "ORT_ENABLE_ALL", "ORT_SEQUENTIAL"]
+    return [settings["intra_op_threads"], OPTIMIZATION_LEVELS[settings["graph_optimization_level"]], EXECUTION_MODES[settings["execution_mode"]]]
 
 
 def _agree(predicted, logits) -> None:
@@ -221,7 +269,8 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     top two logits are within 1e-3 of each other, and on at most 0.1 % of the images). Its resize
     branch, which a Fashion-MNIST bundle does not use, is run on a manifest declaring kdedge's
     image-folder rule, with images of other sizes (some rotated by EXIF), against kdedge's own
-    transform of the same files."""
+    transform of the same files. The session it makes carries the manifest's tuned onnxruntime
+    settings, and a manifest without them (a bundle built with --no-tune-runtime) gets onnxruntime's defaults."""
     import ast
     import dataclasses
     import shutil
@@ -236,7 +285,7 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     from kdedge.models import load_checkpoint
 
     code = _consumer_example()
-    assert len(code.strip().splitlines()) <= 30
+    assert len(code.strip().splitlines()) <= 36
     tree = ast.parse(code)
     imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
@@ -266,7 +315,8 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     files = [f"{i:05d}.png" for i in range(n)]
     for name, p in zip(files, pixels):
         Image.fromarray(p).save(images / name)
-    out = _consume(script, copy, files, cwd=images)
+    out, options = _consume(script, copy, files, cwd=images)
+    assert options == _session_options(manifest["recommended"]["ort-cpu"]["settings"])  # as tuned for this bundle
     assert len(out) == n and set(out) <= set(labels)
     predicted = torch.tensor([labels.index(name) for name in out])
     with torch.inference_mode():
@@ -276,8 +326,10 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     assert (predicted == test.labels[:n]).float().mean() > 0.5
 
     # The resize branch: the manifest kdedge writes for an image folder loaded with --image-size 28.
+    # Settings unlike the defaults on every count, so each one is seen to be applied.
     spec = dataclasses.replace(checkpoint.data, resize=28)
     manifest["preprocessing"] = preprocessing(spec)
+    settings = manifest["recommended"]["ort-cpu"]["settings"] = {"intra_op_threads": 1, "graph_optimization_level": "basic", "execution_mode": "parallel"}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated by 90°
@@ -294,13 +346,20 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
         else:
             resized.append(f"r{i:03d}.png")
             image.save(images / resized[-1])
-    out = _consume(script, copy, resized, cwd=images)
+    out, options = _consume(script, copy, resized, cwd=images)
+    assert options == _session_options(settings) == [1, "ORT_ENABLE_BASIC", "ORT_PARALLEL"]
     transform = ImageTransform(color="L", size=(28, 28), resize=28)
     raw = torch.from_numpy(np.stack([transform(images / f) for f in resized])).float()  # (300, 1, 28, 28)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
     with torch.inference_mode():
         logits = student((raw * spec.scale - mean) / std)
     _agree(torch.tensor([labels.index(name) for name in out]), logits)
+
+    # A bundle without tuned settings: onnxruntime's defaults, the same predictions.
+    del manifest["recommended"]["ort-cpu"]["settings"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    untuned, options = _consume(script, copy, resized[:20], cwd=images)
+    assert options == _session_options(None) and untuned == out[:20]
 
 
 def test_auto_formats_and_targets_follow_the_machine():
@@ -319,3 +378,20 @@ def test_auto_formats_and_targets_follow_the_machine():
         CompressConfig(formats=("onnx-int8",))
     with pytest.raises(ConfigError, match="min_retention must be in"):
         CompressConfig(min_retention=-1)
+
+
+
+def test_compress_with_a_latency_budget_bundles_the_searched_student(tmp_path):
+    """--latency-budget: the student comes from kdedge search (a small one here), and the bundle carries its record."""
+    from kdedge.bundle import compress_and_export
+    from kdedge.config import CompressConfig, SearchConfig
+
+    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "latency_budget": 1.0, "tune_runtime": False, "out": str(tmp_path / "b")}))
+    small_search = SearchConfig(latency_budget=1.0, candidates=1, proxy_samples=1000, proxy_epochs=1, finalists=2, generations=0)
+    result = compress_and_export(config, search=small_search)
+    m = result.manifest
+    searched = m["student"]["searched"]
+    assert searched["latency_budget_ms"] == 1.0 and searched["p50_ms"] <= 1.0 and searched["record"] == "search/search.json"
+    rec = json.loads((result.out / "search" / "search.json").read_text())
+    assert m["student"]["model"]["arch"] == rec["winner"] and rec["config"]["epochs"] == 1  # the bundle's recipe trained the finalist
+    assert {"search/search.json", "search/accuracy_vs_latency.png"} <= {f["path"] for f in m["files"]}

@@ -28,7 +28,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # How many ```python blocks the README holds, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 5
+EXPECTED_BLOCKS = 6
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -44,6 +44,10 @@ CHEAP = [
     ('kdedge.CompressConfig(epochs=6, out="bundles/nb")',
      'kdedge.CompressConfig(epochs=1, out="bundles/nb", train_limit=2000, test_limit=500, bench_min_s=0.05, '
      'parity_samples=200, calibration_samples=128, cache="memory", min_retention=0.5, max_quant_drop=5.0)'),
+    # A search over 3 sampled candidates and one generation of 2 children, 1-epoch proxy and recipe, instead of 48 + 8x8 and 15 epochs.
+    ("kdedge.SearchConfig(latency_budget=0.02)",
+     "kdedge.SearchConfig(latency_budget=1.0, candidates=3, include_zoo=False, proxy_samples=500, proxy_epochs=1, generations=1, children=2, "
+     "finalists=1, epochs=1)"),
     # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
     ('kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32))',
      'kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32), warmup_iters=1, warmup_s=0, min_iters=3, min_s=0.02)'),

@@ -1,0 +1,21 @@
+"""Latency-first students: search architectures against a latency budget measured on the deployment target."""
+
+from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter, environment_key, time_candidates
+from kdedge.search.run import ZOO_STUDENTS, SearchResult, run_search, search, spearman
+from kdedge.search.space import SearchSpace, mutate, sample_genomes
+
+__all__ = [
+    "ANCHOR",
+    "ZOO_STUDENTS",
+    "LatencyCache",
+    "LatencyMeter",
+    "SearchResult",
+    "SearchSpace",
+    "environment_key",
+    "mutate",
+    "run_search",
+    "sample_genomes",
+    "search",
+    "spearman",
+    "time_candidates",
+]

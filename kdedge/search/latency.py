@@ -1,0 +1,199 @@
+"""Measured latency of candidate students on the deployment target, and its cache.
+
+Every candidate is exported as it would be deployed (``export_onnx``, the same exporter and
+opset) and timed by the bench harness's runner for the target, at the deployment's thread count
+and batch size. Candidates are timed in groups, interleaved block by block
+(:func:`~kdedge.bench.timing.measure_interleaved`), so drift on a shared machine is spread over
+the group instead of deciding which of two candidates looks faster.
+
+Latency depends on the architecture, not on the weights, so a measurement (a ratio to the
+anchor, see :class:`LatencyMeter`) is cached under the architecture's name and the environment's fingerprint (CPU model and ISA flags, runtime and
+exporter versions, target, threads, batch). A second search on the same machine re-times only
+what it has not seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge._fs import atomic_file, cache_dir
+from kdedge.bench.env import capture_environment
+from kdedge.bench.runners import make_runner
+from kdedge.bench.timing import measure_interleaved
+from kdedge.models import ModelSpec, create_model
+
+__all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "time_candidates"]
+
+CACHE_FORMAT = 2  # 2: ratios to the anchor
+
+
+def environment_key(target: str, threads: int, batch: int) -> tuple[str, dict[str, Any]]:
+    """A short key for "the same machine and software", and what it was made from."""
+    env = capture_environment(threads)
+    facts = {
+        "format": CACHE_FORMAT,
+        "cpu": env["cpu"].get("model"),
+        "flags": env["cpu"].get("flags"),
+        "cores": env["cpu"].get("usable_cores") or env["cpu"].get("logical_cores"),
+        "versions": {k: env["versions"].get(k) for k in ("torch", "onnx", "onnxruntime")},
+        "gpu": (env["gpu"] or {}).get("name"),
+        "target": target,
+        "threads": threads,
+        "batch": batch,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16], facts
+
+
+class LatencyCache:
+    """Measured latencies for one environment, in ``<cache>/latency/<key>.json``; ``path=None`` keeps them in memory."""
+
+    def __init__(self, path: Path | None, facts: dict[str, Any]) -> None:
+        self.path, self.facts = path, facts
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("facts") == facts:
+                    self.entries = dict(saved.get("entries", {}))
+            except (OSError, ValueError):
+                self.entries = {}  # a corrupt cache is re-measured, not trusted
+
+    @classmethod
+    def open(cls, target: str, threads: int, batch: int, *, enabled: bool = True) -> LatencyCache:
+        key, facts = environment_key(target, threads, batch)
+        return cls(cache_dir() / "latency" / f"{key}.json" if enabled else None, facts)
+
+    @staticmethod
+    def key(name: str, num_classes: int, input_shape: tuple[int, ...]) -> str:
+        return f"{name}|{num_classes}|{'x'.join(map(str, input_shape))}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.entries[key] = entry
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"facts": self.facts, "entries": self.entries}, indent=1, sort_keys=True))
+
+
+#: Timed in every group: latencies are kept as ratios to it, so drift between groups (and between
+#: runs, for cached entries) cancels. The zoo's default student: small, and built for any input shape.
+ANCHOR = "tiny_cnn"
+
+
+class LatencyMeter:
+    """Times models on one target, in interleaved groups that each include the :data:`ANCHOR`.
+
+    A machine whose speed drifts by ±25 % over seconds would rank two candidates timed a minute
+    apart by when they ran. Every group therefore also times the anchor, and a candidate is kept
+    as its p50 (and p90) divided by the anchor's p50 *in the same group*; its latency is that
+    ratio times the anchor's p50 over the whole run (the median of its per-group p50s). Cached
+    entries are ratios too, so a second run scales them by its own anchor measurement.
+
+    Args:
+        inputs: Real, normalized inputs ``(N, C, H, W)``, N >= ``batch``.
+        target: ``ort-cpu`` (exported ONNX in onnxruntime) or ``torch-cpu`` (eager PyTorch).
+        threads: Intra-op threads, as the deployment will use.
+        batch: Batch size, as the deployment will use.
+        cache: Where ratios are looked up and stored; None measures everything.
+        group: Models timed together (anchor included).
+        rounds: Interleaved blocks per model.
+        log: Called with one line per measured group.
+    """
+
+    def __init__(self, inputs: np.ndarray, *, num_classes: int, target: str = "ort-cpu", threads: int = 1, batch: int = 1,
+                 cache: LatencyCache | None = None, group: int = 8, rounds: int = 7, log: Callable[[str], None] | None = None) -> None:
+        self.x = np.ascontiguousarray(inputs[:batch], dtype=np.float32)
+        self.target, self.threads, self.batch, self.cache = target, threads, batch, cache
+        self.group, self.rounds = max(2, group), rounds
+        self.log = log or (lambda _line: None)
+        self.anchor_spec = ModelSpec(ANCHOR, 1.0, num_classes, tuple(inputs.shape[1:]))  # type: ignore[arg-type]
+        self.anchor_samples: list[float] = []
+
+    @property
+    def anchor_p50_ms(self) -> float:
+        """The anchor's p50 over this run: the median of its per-group p50s (measured once if needed)."""
+        if not self.anchor_samples:
+            self._measure_group([], {}, {})
+        return float(np.median(self.anchor_samples))
+
+    def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None) -> dict[str, dict[str, Any]]:
+        """Name -> ``{"p50_ms", "p90_ms", "ratio", "cached"}`` (``ratio``: p50 ÷ the anchor's, in the same group).
+
+        ``modules`` times already built modules (a teacher) instead of building ``specs[name]``; they are never cached.
+        """
+        modules = modules or {}
+        ratios: dict[str, dict[str, Any]] = {}
+        todo = []
+        for name, spec in specs.items():
+            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in modules else None
+            if hit is not None and "ratio" in hit:
+                ratios[name] = hit | {"cached": True}
+            else:
+                todo.append(name)
+        step = self.group - 1
+        for start in range(0, len(todo), step):
+            ratios |= self._measure_group(todo[start : start + step], specs, modules)
+        anchor = self.anchor_p50_ms
+        return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "cached": r["cached"]}
+                for n, r in ratios.items()}
+
+    def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+        from kdedge.exporters.onnx import export_onnx
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="kdedge-search-") as work:
+            fns = {}
+            for i, name in enumerate([ANCHOR, *names]):
+                spec = self.anchor_spec if i == 0 else specs[name]
+                module = modules.get(name) if i else None
+                if module is None:
+                    torch.manual_seed(0)
+                    module = create_model(spec).eval()
+                if self.target == "torch-cpu":
+                    runner = make_runner(self.target, module=module, threads=self.threads)
+                else:
+                    path = Path(work) / f"{i}.onnx"
+                    export_onnx(module, path, input_shape=tuple(spec.input_shape))
+                    runner = make_runner(self.target, path=path, threads=self.threads)
+                fns[f"{i}"] = runner.prepare(self.x)
+            stats = measure_interleaved(fns, rounds=self.rounds)
+        anchor = stats["0"].p50_ms
+        self.anchor_samples.append(anchor)
+        out = {}
+        for i, name in enumerate(names, start=1):
+            entry = {"ratio": stats[str(i)].p50_ms / anchor, "p90_ratio": stats[str(i)].p90_ms / anchor, "raw_p50_ms": stats[str(i)].p50_ms,
+                     "anchor_p50_ms": anchor, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            out[name] = entry | {"cached": False}
+            if self.cache is not None and name not in modules:
+                self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), entry)
+        if self.cache is not None and names:
+            self.cache.save()  # after every group: a killed search keeps what it measured
+        if names:
+            self.log(f"search: timed {len(names)} models + the anchor on {self.target} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
+                     f"batch {self.batch}) in {time.perf_counter() - t0:.1f} s")
+        return out
+
+
+def time_candidates(specs: dict[str, ModelSpec], inputs: np.ndarray, *, target: str = "ort-cpu", threads: int = 1, batch: int = 1,
+                    cache: LatencyCache | None = None, modules: dict[str, nn.Module] | None = None, group: int = 8, rounds: int = 7,
+                    log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """p50/p90 latency (ms) of each model at ``batch`` on ``target``, from the cache or measured (see :class:`LatencyMeter`)."""
+    num_classes = next(iter(specs.values())).num_classes if specs else 10
+    meter = LatencyMeter(inputs, num_classes=num_classes, target=target, threads=threads, batch=batch, cache=cache, group=group, rounds=rounds, log=log)
+    return meter.measure(specs, modules=modules)

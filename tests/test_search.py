@@ -1,0 +1,223 @@
+"""kdedge search: the architecture grammar, the search space, latency measurement and its cache, and a real search end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdedge.bench.timing import measure_interleaved
+from kdedge.config import SearchConfig
+from kdedge.errors import ConfigError, ModelError
+from kdedge.models import ModelSpec, count_parameters, create_model, load_checkpoint, save_checkpoint
+from kdedge.models.genome import Block, Genome, parse_genome
+from kdedge.models.zoo import parse_model_name
+from kdedge.search import LatencyCache, sample_genomes, search, spearman, time_candidates
+from kdedge.search.space import mutate
+
+
+# --- the grammar -----------------------------------------------------------------------------
+
+def test_genome_round_trip_and_golden_parameter_count():
+    g = parse_genome("net:c16k3s2-d32k3s2-fc")
+    assert g == Genome((Block("c", 16, 3, 2), Block("d", 32, 3, 2)), "fc")
+    assert str(g) == "net:c16k3s2-d32k3s2-fc"
+    model = create_model(ModelSpec(str(g), 1.0, 10, (1, 28, 28)))
+    # conv 1->16 3x3 (144) + BN (32); depthwise 16 3x3 (144) + BN (32); pointwise 16->32 (512) + BN (64); linear 32*7*7 -> 10 (15,690)
+    assert count_parameters(model) == 144 + 32 + 144 + 32 + 512 + 64 + 32 * 7 * 7 * 10 + 10 == 16618
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_genome_heads_pools_and_width():
+    m = create_model(ModelSpec("net:c8k5s1p-c16k3s2-fc32", 1.0, 4, (3, 32, 32)))
+    assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert m.head[1].in_features == 16 * 8 * 8 and m.head[1].out_features == 32  # 32 -pool-> 16 -stride-> 8
+    gap = create_model(ModelSpec("net:c8k3s2-gap", 0.5, 3, (1, 9, 9)))
+    assert gap.head[-1].in_features == 4  # 8 channels at width 0.5
+    assert parse_model_name("net:c8k3s2-gap@0.5") == ("net:c8k3s2-gap", 0.5)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("net:c16k4s2-fc", "kernel 1, 3, 5 or 7"),
+    ("net:x-gap", "'x' is not a block"),
+    ("net:c16k3s2-fcx", "head 'fcx'"),
+    ("net:gap", "at least one block"),
+    ("net:c16k3s3-fc", "stride 1 or 2"),
+])
+def test_bad_genomes_are_one_clear_error(name, fragment):
+    with pytest.raises(ModelError, match=fragment):
+        parse_model_name(name)
+
+
+def test_downsampling_below_one_pixel_is_refused():
+    with pytest.raises(ModelError, match="below 1x1"):
+        create_model(ModelSpec("net:c8k3s2p-c8k3s2p-c8k3s2p-fc", 1.0, 10, (1, 16, 16)))
+
+
+def test_searched_checkpoint_rebuilds_by_name(tmp_path):
+    spec = ModelSpec("net:c8k3s2-d16k3s2-fc", 1.0, 10, (1, 28, 28))
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    save_checkpoint(tmp_path / "m.safetensors", model, spec)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    assert ckpt.spec == spec
+    torch.testing.assert_close(ckpt.model.eval()(x), model(x), rtol=0, atol=0)
+
+
+# --- the space --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 96, 96)])
+def test_sampled_genomes_are_seeded_distinct_and_buildable(shape):
+    a = sample_genomes(20, shape, seed=3)
+    assert [str(g) for g in a] == [str(g) for g in sample_genomes(20, shape, seed=3)]
+    assert len({str(g) for g in a}) == len(a) == 20
+    assert [str(g) for g in a] != [str(g) for g in sample_genomes(20, shape, seed=4)]
+    for g in a:
+        fh, fw = g.feature_size(*shape[1:])
+        assert 1 <= min(fh, fw) <= 8, (g, fh)  # downsampled to a small map, never below 1x1
+        assert create_model(ModelSpec(str(g), 1.0, 10, shape))(torch.zeros(1, *shape)).shape == (1, 10)
+
+
+def test_mutations_are_valid_neighbours():
+    import random
+
+    rng = random.Random(0)
+    parent = parse_genome("net:c16k3s2-d32k3s2-c32k3s1-fc")
+    children = [mutate(parent, rng, (1, 28, 28)) for _ in range(60)]
+    assert all(c is not None for c in children)
+    names = {str(c) for c in children}
+    assert str(parent) not in names and len(names) > 15
+    for c in children:
+        assert create_model(ModelSpec(str(c), 1.0, 10, (1, 28, 28)))(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+        changed = sum(a != b for a, b in zip(c.blocks, parent.blocks)) + abs(len(c.blocks) - len(parent.blocks)) + (c.head != parent.head)
+        assert changed >= 1
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def test_interleaved_timing_gives_every_function_its_blocks():
+    calls = {"a": 0, "b": 0}
+
+    def make(k):
+        def fn():
+            calls[k] += 1
+        return fn
+
+    stats = measure_interleaved({"a": make("a"), "b": make("b")}, rounds=3, block_iters=10, block_s=0.0, warmup_iters=2, block_warmup_s=0.0)
+    assert calls == {"a": 2 + 3 * (1 + 10), "b": 35} and stats["a"].n == stats["b"].n == 30  # warm-up, then per block: one settling call + 10 timed
+    assert stats["a"].min_ms <= stats["a"].p50_ms <= stats["a"].max_ms
+
+
+def test_spearman_golden():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2, 3, 4) vs (1.5, 1.5, 3, 4): Pearson of the ranks
+    assert spearman([1, 2, 3, 4], [5, 5, 6, 7]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [1.5, 1.5, 3, 4])[0, 1])
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 2, 3], [1, 1, 1]) is None
+
+
+def test_latency_cache_real_onnxruntime(tmp_path):
+    specs = {n: ModelSpec(*parse_model_name(n), 10, (1, 28, 28)) for n in ("net:c8k3s2-c16k3s2-fc", "mlp@0.5")}
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    cache = LatencyCache.open("ort-cpu", 1, 1)
+    first = time_candidates(specs, x, cache=cache, rounds=2)
+    assert all(not v["cached"] and 0 < v["p50_ms"] <= v["p90_ms"] for v in first.values())
+    again = time_candidates(specs, x, cache=LatencyCache.open("ort-cpu", 1, 1), rounds=2)
+    assert all(v["cached"] for v in again.values())
+    # Kept as ratios to the anchor timed in the same group: a second run rescales them by its own anchor measurement.
+    assert {k: v["ratio"] for k, v in again.items()} == {k: v["ratio"] for k, v in first.items()}
+    for v in again.values():
+        assert v["p50_ms"] / v["ratio"] == pytest.approx(next(iter(again.values()))["p50_ms"] / next(iter(again.values()))["ratio"])
+    other = LatencyCache.open("ort-cpu", 2, 1)  # another thread count is another measurement
+    assert other.path != cache.path and other.get(LatencyCache.key("mlp@0.5", 10, (1, 28, 28))) is None
+
+
+# --- a real search -------------------------------------------------------------------------------
+
+@pytest.fixture
+def small(fmnist):
+    return fmnist.limit(train=3000, test=500)
+
+
+def _config(**kw):
+    base = dict(latency_budget=1.0, candidates=4, include_zoo=True, proxy_epochs=1, proxy_samples=1000, finalists=2, epochs=1, val_split=0.2,
+                generations=1, children=2)
+    return SearchConfig(**(base | kw))
+
+
+def test_search_end_to_end_and_resume(small, tmp_path):
+    from kdedge.resolve import resolve_teacher
+
+    teacher = resolve_teacher("resnet", small.spec)
+    config = _config()
+    result = search(teacher.model, small, config=config, out=tmp_path / "s", teacher_name=teacher.name, teacher_input=teacher.input)
+    rec = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert rec["winner"] == result.winner and rec["within_budget"]
+    cands = rec["candidates"]
+    assert len(cands) == 4 + 6 + 2  # sampled + the zoo's students + one generation of two children
+    evolved = [c for c in cands.values() if c["origin"] == "evolved"]
+    assert [c["name"] for c in evolved] == rec["generations"][0] and all(c["parent"] in cands and c["generation"] == 1 for c in evolved)
+    for c in cands.values():
+        assert c["p50_ms"] > 0 and c["params"] > 0 and c["flops"] > 0
+        if c["origin"] != "zoo":
+            assert ("proxy_val_accuracy" in c) != ("dropped" in c)  # ranked, or dropped with the reason
+        else:
+            assert "proxy_val_accuracy" in c  # the zoo is ranked over budget too, for comparison
+    assert len(rec["finalists"]) == 2 and result.winner in rec["finalists"]
+    best = max(rec["finalists"], key=lambda n: rec["finalists"][n]["val_accuracy"])
+    assert rec["finalists"][best]["val_accuracy"] == rec["finalists"][result.winner]["val_accuracy"]
+    assert rec["teacher"]["p50_ms"] > 0 and rec["teacher"]["val_accuracy"] > 0.8
+    student = load_checkpoint(tmp_path / "s" / "student")
+    assert student.spec.name == result.winner
+    assert (tmp_path / "s" / "accuracy_vs_latency.png").stat().st_size > 10_000
+    ranked = [n for n in cands if "proxy_val_accuracy" in cands[n]]
+    front = [n for n in ranked if cands[n]["pareto"]]
+    for n in ranked:  # nothing ranked beats a Pareto point on both axes
+        for f in front:
+            assert not (cands[n]["p50_ms"] < cands[f]["p50_ms"] and cands[n]["proxy_val_accuracy"] > cands[f]["proxy_val_accuracy"])
+
+    # Resumed: everything comes from search.json and the cache; nothing is trained again.
+    again = search(teacher.model, small, config=_config(resume=True), out=tmp_path / "s")
+    assert again.winner == result.winner and again.student is None
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["timing_cache_hits"] == 12
+    with pytest.raises(ConfigError, match=r"ran with other settings \(target: .*latency_budget_ms': 1.0.* -> .*0.5"):
+        search(teacher.model, small, config=_config(resume=True, latency_budget=0.5), out=tmp_path / "s")
+
+
+def test_budget_drops_slow_candidates(small, tmp_path):
+    from kdedge.resolve import resolve_teacher
+
+    teacher = resolve_teacher("resnet", small.spec)
+    cache = LatencyCache.open("ort-cpu", 1, 1)
+    specs = {n: ModelSpec(*parse_model_name(n), 10, (1, 28, 28)) for n in ("mlp@0.5", "tiny_cnn")}
+    lat = time_candidates(specs, small.test.inputs(slice(0, 1)).numpy(), cache=cache)
+    budget = (lat["mlp@0.5"]["p50_ms"] + lat["tiny_cnn"]["p50_ms"]) / 2
+    if not lat["mlp@0.5"]["p50_ms"] < budget < lat["tiny_cnn"]["p50_ms"]:
+        pytest.skip("mlp@0.5 not faster than tiny_cnn on this machine")
+    config = _config(latency_budget=budget, candidates=1, finalists=1)
+    result = search(teacher.model, small, config=config, out=tmp_path / "s")
+    cands = result.record["candidates"]
+    assert "over budget" in cands["tiny_cnn"]["dropped"] and "proxy_val_accuracy" in cands["tiny_cnn"]
+    assert cands[result.winner]["p50_ms"] <= budget and result.winner != "tiny_cnn"
+    assert "tiny_cnn" not in result.record["finalists"]
+
+
+def test_no_candidate_within_budget_is_one_error_and_no_directory(small, tmp_path):
+    from kdedge.resolve import resolve_teacher
+
+    teacher = resolve_teacher("resnet", small.spec)
+    with pytest.raises(ConfigError, match="no candidate meets .* raise --latency-budget"):
+        search(teacher.model, small, config=_config(latency_budget=1e-6, include_zoo=False, candidates=2), out=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_search_config_problems():
+    with pytest.raises(ConfigError) as e:
+        SearchConfig(target="trt", target_threads=0, time_budget=0)
+    text = str(e.value)
+    for fragment in ("latency_budget must be a positive number", "target must be one of ort-cpu, torch-cpu", "target_threads must be >= 1",
+                     "time_budget must be > 0"):
+        assert fragment in text
