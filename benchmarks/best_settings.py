@@ -6,11 +6,12 @@ Each model (the shipped teacher, then every student checkpoint given) is exporte
 tuned (`kdedge.bench.tuning.tune_onnx`: intra-op threads 1..cores, graph optimization level,
 execution mode); then all of them run at their best settings in one interleaved measurement
 (`measure_interleaved`, 20 rounds), and each student's speedup over the teacher is that run's ratio.
-Prints a table and the CPU flags.
+Prints a table and the CPU flags; writes benchmarks/results/best_settings.json.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -40,8 +41,6 @@ def main(argv: list[str]) -> int:
         models[ckpt.spec.name] = ckpt.model
         metrics = Path(ref) / "metrics.json"
         if metrics.is_file():
-            import json
-
             accuracy[ckpt.spec.name] = json.loads(metrics.read_text())["test"]["accuracy"]
     paths, tuned = {}, {}
     for i, (name, model) in enumerate(models.items()):
@@ -57,6 +56,11 @@ def main(argv: list[str]) -> int:
         acc = f"{accuracy[n]:.4f}" if n in accuracy else "—"
         print(f"| {n} | {b['intra_op_threads']}, {b['graph_optimization_level']}, {b['execution_mode']} | {1e3 * tuned[n].p50_ms:.1f} | "
               f"{1e3 * side[n].p50_ms:.1f} | {side[teacher].p50_ms / side[n].p50_ms:.1f}x | {acc} |")
+    out = Path(__file__).resolve().parent / "results" / "best_settings.json"
+    out.write_text(json.dumps({"env": env, "models": {n: {"tuning": tuned[n].to_dict(), "side_by_side_p50_ms": side[n].p50_ms,
+                                                          "speedup_vs_teacher": side[teacher].p50_ms / side[n].p50_ms,
+                                                          "test_accuracy": accuracy.get(n)} for n in models}}, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

@@ -134,6 +134,7 @@ def main() -> int:
     }
     results_dir = Path(tempfile.mkdtemp()) if args.smoke else RESULTS
     shutil.copy(s1.out / "accuracy_vs_latency.png", results_dir / "search1_accuracy_vs_latency.png")
+    shutil.copy(s1.out / "search.json", results_dir / "search1_record.json")  # every candidate, for the README's counts
     records = [r1]
 
     if not args.skip_goal:

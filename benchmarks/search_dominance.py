@@ -84,6 +84,7 @@ def main() -> int:
     print(f"search wall {wall / 60:.1f} min, timing {r['timing_seconds']:.0f} s ({r['timing_cache_hits']} cache hits)")
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(found.out / "accuracy_vs_latency.png", RESULTS / "search_dominance_accuracy_vs_latency.png")
+    shutil.copy(found.out / "search.json", RESULTS / "search_dominance_record.json")
     (RESULTS / "search_dominance.json").write_text(json.dumps({
         "env": env, "budget_ms": budget, "anchor_groups_ms": meter.anchor_samples, "wall_s": wall, "zoo_dominated_by": rows,
         "winner": {"name": w, **fin[w], "p50_ms": c[w]["p50_ms"]},

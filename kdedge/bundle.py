@@ -40,7 +40,7 @@ from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.bench.tuning import settings_call, time_within, tune
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, SearchConfig, config_to_yaml
-from kdedge.data import DataSplits, load_data_for
+from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
@@ -153,7 +153,7 @@ def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[di
 
 
 #: Files whose bytes carry timings or timestamps; every other file is reproducible bit for bit.
-_TIMING_FILES = ("models/export.json", "report.json", "report.md", "plots/")
+_TIMING_FILES = ("models/export.json", "report.json", "report.md", "plots/", "search/")
 
 
 def _files_entry(root: Path, skip: set[str]) -> list[dict[str, Any]]:
@@ -364,6 +364,8 @@ def _searched_student(plan: BundlePlan, work: Path, base: SearchConfig | None, *
     from kdedge.search import search
 
     config = plan.config
+    if plan.data.val is None:  # held out here, as kdedge search would, so the manifest describes the data the student saw
+        plan = dataclasses.replace(plan, data=hold_out(plan.data, 0.1))
     fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume")}
     search_cfg = dataclasses.replace(base or SearchConfig(latency_budget=config.latency_budget), **fields | {
         "val_split": config.val_split or 0.1, "latency_budget": config.latency_budget, "target": "ort-cpu",
@@ -451,7 +453,7 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
         if device != "cpu" or (runtime == "onnxruntime" and rec is None):
             continue
         batch = rec["batch"] if rec else min(config.batch_sizes)
-        x = _real_batch(plan.data, batch)
+        x = plan.data.test.batch_of(batch)
         if runtime == "onnxruntime":
             assert rec is not None  # skipped above: no artifact passed the accuracy gate
             models = {"student": (rec["variant"], tmp / rec["artifact"]), "teacher": ("onnx-fp32", teacher.artifacts.get("onnx-fp32"))}
@@ -474,12 +476,6 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
             + (f"; teacher/student {entry['latency_speedup']:.2f}x, each at its best" if "latency_speedup" in entry else ""))
         entries.append(entry)
     return entries
-
-
-def _real_batch(data: DataSplits, batch: int) -> np.ndarray:
-    """The first ``batch`` test inputs ``(B, C, H, W)``, repeated when the test split is smaller."""
-    first = data.test.inputs(slice(0, batch)).numpy()
-    return np.concatenate([first] * (batch // len(first) + 1))[:batch] if len(first) < batch else first
 
 
 def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, report: dict[str, Any], student_bm: BenchModel,

@@ -389,7 +389,8 @@ class SearchConfig(DistillConfig):
     ``generations`` rounds of ``children`` mutations of the best ranked ones are timed and ranked
     the same way; the best ``finalists`` get the full recipe (the inherited distillation fields: 15 epochs, α 0.5,
     T 2) and the one most accurate on validation is the student. The search stops ranking when
-    ``time_budget`` minutes would be exceeded by what is left.
+    ``time_budget`` minutes would be exceeded by what is left. Data without a validation split
+    gets one: ``val_split`` of the training images (0.1 when unset), held out with ``seed``.
     """
 
     latency_budget: float | None = None
@@ -405,7 +406,6 @@ class SearchConfig(DistillConfig):
     children: int = 8
     include_zoo: bool = True
     latency_cache: bool = True
-    val_split: float | None = 0.1
 
     def _problems(self) -> list[str]:
         p = super()._problems()

@@ -108,7 +108,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, bench = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, bench, searched = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
     assert 0.5 < student_acc < teacher_acc and 0.5 < student_f1 < 1 and teacher_acc > 0.9  # one epoch on 2,000 images vs the shipped teacher
     assert (tmp_path / "runs/notebook/model.safetensors").is_file()
@@ -120,3 +120,6 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "bench/report.json").read_text())
     assert {(r["model"], r["target"]) for r in report["rows"]} == {(m, t) for m in ("resnet", "tiny_cnn") for t in ("torch-cpu", "ort-cpu")}
     assert bench == ""  # the bench block prints nothing; it writes bench/
+    winner, test_acc, p50 = searched.split()
+    assert winner.startswith("net:") and 0 < float(test_acc) <= 1 and 0 < float(p50) <= 1.0  # a searched student within the 1 ms budget
+    assert (tmp_path / "runs/search/student/model.safetensors").is_file() and (tmp_path / "runs/search/search.json").is_file()

@@ -259,6 +259,11 @@ class ImageDataset(Dataset):
         self.prepare()  # an image folder decodes once, not on every pass
         return lambda: (x.numpy() for x, _y in self.chunks(batch_size))
 
+    def batch_of(self, n: int) -> np.ndarray:
+        """The first ``n`` normalized inputs ``(n, C, H, W)`` as float32, repeated when the split is smaller: a timing batch of real images."""
+        first = self.inputs(slice(0, n)).numpy()
+        return np.ascontiguousarray(np.concatenate([first] * (n // len(first) + 1))[:n] if len(first) < n else first, dtype=np.float32)
+
     def take(self, n: int | None) -> ImageDataset:
         """The first ``n`` samples (all when None) — the sets are shuffled at the source."""
         if n is None or n >= len(self):

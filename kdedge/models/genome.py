@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from kdedge.errors import ModelError
+from kdedge.models.architectures import _conv_bn, scaled
 
 __all__ = ["PREFIX", "Block", "Genome", "GenomeNet", "is_genome", "parse_genome"]
 
 PREFIX = "net:"
-_BLOCK = re.compile(r"^(?P<kind>[cd])(?P<ch>\d{1,4})k(?P<k>\d)s(?P<s>\d)(?P<pool>p?)$")
-_HEAD = re.compile(r"^(?P<kind>gap|fc)(?P<hidden>\d{1,5})?$")
+_BLOCK = re.compile(r"^(?P<kind>[cd])(?P<ch>[1-9]\d{0,3})k(?P<k>\d)s(?P<s>\d)(?P<pool>p?)$")  # no leading zeros: one name per network
+_HEAD = re.compile(r"^(?P<kind>gap|fc)(?P<hidden>[1-9]\d{0,3})?$")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def parse_genome(arch: str) -> Genome:
     for t in tokens[:-1]:
         m = _BLOCK.match(t)
         if m is None:
-            problems.append(f"{t!r} is not a block (c|d, channels, k KERNEL, s STRIDE, optional p: e.g. c16k3s2, d32k5s1p)")
+            problems.append(f"{t!r} is not a block (c|d, channels without leading zeros, k KERNEL, s STRIDE, optional p: e.g. c16k3s2, d32k5s1p)")
             continue
         ch, k, s = int(m["ch"]), int(m["k"]), int(m["s"])
         if not 1 <= ch <= 2048 or k not in (1, 3, 5, 7) or s not in (1, 2):
@@ -97,8 +98,9 @@ def parse_genome(arch: str) -> Genome:
             continue
         blocks.append(Block(m["kind"], ch, k, s, bool(m["pool"])))
     head = tokens[-1]
-    if _HEAD.match(head) is None or head == "gap0" or (head.startswith("gap") and head != "gap"):
-        problems.append(f"head {head!r} must be gap, fc or fc{{HIDDEN}} (e.g. fc64)")
+    m = _HEAD.match(head)
+    if m is None or (m["kind"] == "gap" and m["hidden"]) or (m["hidden"] and int(m["hidden"]) > 4096):
+        problems.append(f"head {head!r} must be gap, fc or fc{{HIDDEN}} with HIDDEN 1..4096 (e.g. fc64)")
     if problems:
         raise ModelError(f"architecture {arch!r}: " + "; ".join(problems))
     return Genome(tuple(blocks), head)
@@ -109,16 +111,14 @@ class GenomeNet(nn.Module):
 
     def __init__(self, genome: Genome, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> None:
         super().__init__()
-        from kdedge.models.architectures import scaled
-
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for b in genome.blocks:
             cout = scaled(b.channels, width) if width != 1.0 else b.channels
             if b.kind == "c":
-                layers += _conv_bn(c, cout, b.kernel, b.stride)
-            else:
-                layers += _conv_bn(c, c, b.kernel, b.stride, groups=c) + _conv_bn(c, cout, 1, 1)
+                layers.append(_conv_bn(c, cout, stride=b.stride, kernel=b.kernel))
+            else:  # depthwise k x k, then pointwise 1 x 1
+                layers.append(nn.Sequential(_conv_bn(c, c, stride=b.stride, kernel=b.kernel, groups=c), _conv_bn(c, cout, kernel=1)))
             if b.pool:
                 layers.append(nn.MaxPool2d(2))
             c = cout
@@ -138,6 +138,3 @@ class GenomeNet(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, num_classes)
         return self.head(self.features(x))
 
-
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int, *, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_file, cache_dir
+from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
 from kdedge.bench.runners import make_runner
 from kdedge.bench.timing import measure_interleaved
@@ -34,7 +35,7 @@ from kdedge.models import ModelSpec, create_model
 
 __all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "time_candidates"]
 
-CACHE_FORMAT = 2  # 2: ratios to the anchor
+CACHE_FORMAT = 3  # 2: ratios to the anchor; 3: blocks start with untimed calls, kdedge's version in the key
 
 
 def environment_key(target: str, threads: int, batch: int) -> tuple[str, dict[str, Any]]:
@@ -45,7 +46,7 @@ def environment_key(target: str, threads: int, batch: int) -> tuple[str, dict[st
         "cpu": env["cpu"].get("model"),
         "flags": env["cpu"].get("flags"),
         "cores": env["cpu"].get("usable_cores") or env["cpu"].get("logical_cores"),
-        "versions": {k: env["versions"].get(k) for k in ("torch", "onnx", "onnxruntime")},
+        "versions": {k: env["versions"].get(k) for k in ("torch", "onnx", "onnxruntime")} | {"kdedge": __version__},  # kdedge: the exporter, the anchor
         "gpu": (env["gpu"] or {}).get("name"),
         "target": target,
         "threads": threads,
@@ -124,11 +125,16 @@ class LatencyMeter:
         self.log = log or (lambda _line: None)
         self.anchor_spec = ModelSpec(ANCHOR, 1.0, num_classes, tuple(inputs.shape[1:]))  # type: ignore[arg-type]
         self.anchor_samples: list[float] = []
+        self._work = tempfile.TemporaryDirectory(prefix="kdedge-search-")  # removed with the meter
+        self._anchor: Callable[[], Any] | None = None
+
+    #: The anchor's p50 is a median over at least this many groups, even when every candidate came from the cache.
+    MIN_ANCHOR_GROUPS = 3
 
     @property
     def anchor_p50_ms(self) -> float:
-        """The anchor's p50 over this run: the median of its per-group p50s (measured once if needed)."""
-        if not self.anchor_samples:
+        """The anchor's p50 over this run: the median of its per-group p50s."""
+        while len(self.anchor_samples) < self.MIN_ANCHOR_GROUPS:
             self._measure_group([], {}, {})
         return float(np.median(self.anchor_samples))
 
@@ -150,29 +156,33 @@ class LatencyMeter:
         for start in range(0, len(todo), step):
             ratios |= self._measure_group(todo[start : start + step], specs, modules)
         anchor = self.anchor_p50_ms
-        return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "cached": r["cached"]}
-                for n, r in ratios.items()}
+        return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
+                    "cached": r["cached"]} for n, r in ratios.items()}
 
-    def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path) -> Callable[[], Any]:
+        if module is None:
+            torch.manual_seed(0)
+            module = create_model(spec).eval()
+        if self.target == "torch-cpu":
+            return make_runner(self.target, module=module, threads=self.threads).prepare(self.x)
         from kdedge.exporters.onnx import export_onnx
 
+        export_onnx(module, path, input_shape=tuple(spec.input_shape))
+        return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
+
+    def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="kdedge-search-") as work:
-            fns = {}
-            for i, name in enumerate([ANCHOR, *names]):
-                spec = self.anchor_spec if i == 0 else specs[name]
-                module = modules.get(name) if i else None
-                if module is None:
-                    torch.manual_seed(0)
-                    module = create_model(spec).eval()
-                if self.target == "torch-cpu":
-                    runner = make_runner(self.target, module=module, threads=self.threads)
-                else:
-                    path = Path(work) / f"{i}.onnx"
-                    export_onnx(module, path, input_shape=tuple(spec.input_shape))
-                    runner = make_runner(self.target, path=path, threads=self.threads)
-                fns[f"{i}"] = runner.prepare(self.x)
-            stats = measure_interleaved(fns, rounds=self.rounds)
+        torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
+        try:
+            with tempfile.TemporaryDirectory(dir=self._work.name) as work:
+                if self._anchor is None:
+                    self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx")
+                fns = {"0": self._anchor}
+                for i, name in enumerate(names, start=1):
+                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx")
+                stats = measure_interleaved(fns, rounds=self.rounds)
+        finally:
+            torch.set_num_threads(torch_threads)
         anchor = stats["0"].p50_ms
         self.anchor_samples.append(anchor)
         out = {}

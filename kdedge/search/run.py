@@ -29,16 +29,16 @@ from kdedge._fs import atomic_file
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
 from kdedge.bench.report import pareto_front
-from kdedge.config import SearchConfig
+from kdedge.config import DistillConfig, SearchConfig
 from kdedge.data.normalization import Normalization
 from kdedge.data.sources import hold_out
 from kdedge.data.spec import DataSplits
 from kdedge.distill.factory import make_loss
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
-from kdedge.errors import ConfigError, TrainingDiverged
+from kdedge.errors import ConfigError, ExportError, TrainingDiverged
 from kdedge.metrics import evaluate
-from kdedge.models import ModelSpec, count_flops, count_parameters, create_model
+from kdedge.models import ModelSpec, count_flops, count_parameters, create_model, load_checkpoint
 from kdedge.models.genome import parse_genome
 from kdedge.models.zoo import MODELS, TEACHERS
 from kdedge.runs import RunResult, distill
@@ -48,6 +48,8 @@ from kdedge.search.space import mutate, sample_genomes
 __all__ = ["ZOO_STUDENTS", "SearchResult", "run_search", "search", "spearman"]
 
 SEARCH_FORMAT = 1
+#: Settings a resumed search may change: they decide how long it runs and where, not what it measures.
+_RESUMABLE = frozenset({"time_budget", "finalists", "generations", "out", "resume", "device", "workers", "threads", "latency_cache", "progress"})
 #: The hand-made students every search also measures, for comparison (and as candidates).
 ZOO_STUDENTS = ("tiny_cnn", "tiny_cnn@0.5", "dw_cnn", "dw_cnn@0.5", "mlp", "mlp@0.5")
 
@@ -167,14 +169,14 @@ def search(
     log = log or (lambda _line: None)
     budget = float(config.latency_budget)  # type: ignore[arg-type]  # validated by SearchConfig
     out = Path(out)
-    saved = _open_out(out, resume=config.resume)
-    if data.val is None:
-        data = hold_out(data, config.val_split or 0.1, seed=config.seed)
-    record, names, specs = _start(config, data, out, saved)
-    device = resolve_device(config.device)
+    if data.val is None:  # the same hold-out as --val-split (permutation seed 0), so the CLI and Python see one split
+        data = hold_out(data, config.val_split or 0.1)
+    device = resolve_device(config.device)  # everything that can fail on bad input fails before OUT is written
     frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last,
                            input_map=teacher_input_map(config, teacher_input, data.spec))
-    inputs = data.test.inputs(slice(0, config.target_batch)).numpy()
+    inputs = data.test.batch_of(config.target_batch)
+    saved = _open_out(out, resume=config.resume)
+    record, names, specs = _start(config, data, out, saved, teacher_sha256=frozen.fingerprint())
 
     # 1. Latency of every candidate and of the teacher, on the target.
     cache = LatencyCache.open(config.target, config.target_threads, config.target_batch, enabled=config.latency_cache)
@@ -191,11 +193,11 @@ def search(
             shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: the latencies are in the cache
         raise _nothing_fits(record, config)
 
-    # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop.
-    #    The zoo's students are ranked too, over budget or not, so the searched front can be compared with them.
+    # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop;
+    #    then the zoo's students over budget, so the searched front can be compared with them.
     proxy = _Proxy(frozen, data, config, record, log)
     references = [n for n, origin in names if origin == "zoo" and n not in survivors]
-    proxy.rank(references + sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]), specs)
+    proxy.rank(sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]) + references, specs)
 
     # 2b. Evolution: neighbours of the best-ranked searched students, timed and ranked like the rest, while time allows.
     survivors += _evolve(specs, record, proxy, meter, config, data, log)
@@ -204,23 +206,31 @@ def search(
     ranked = sorted((n for n in survivors if "proxy_val_accuracy" in record.candidates[n]),
                     key=lambda n: (-record.candidates[n]["proxy_val_accuracy"], record.candidates[n]["p50_ms"]))
     finalists = ranked[: config.finalists]
+    if not finalists:
+        raise ConfigError(f"no candidate within budget was ranked in --time-budget {config.time_budget:g} minutes (timing took "
+                          f"{record.data['timing_seconds']:.0f} s); raise --time-budget and --resume")
     results = _train_finalists(finalists, specs, record, teacher, data, config, out, teacher_name, teacher_input, progress, log)
     winner = _finish(record, finalists, out, log)
     return SearchResult(out=out, winner=winner, student=results.get(winner), record=record.data)
 
 
-def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, Any] | None) -> tuple[_Record, list[tuple[str, str]], dict[str, ModelSpec]]:
+def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, Any] | None, *,
+           teacher_sha256: str) -> tuple[_Record, list[tuple[str, str]], dict[str, ModelSpec]]:
     """The record (fresh, or the saved one of a resumed search), the sampled and zoo candidates, and their specs."""
     header = {
         "format": SEARCH_FORMAT, "kdedge_version": __version__, "env": capture_environment(config.target_threads),
-        "config": config.to_dict(), "data": data.spec.to_dict(),
+        "config": config.to_dict(), "data": data.spec.to_dict(), "teacher_sha256": teacher_sha256,
+        "val_fingerprint": data.val.fingerprint(),  # type: ignore[union-attr]
         "target": {"name": config.target, "threads": config.target_threads, "batch": config.target_batch, "latency_budget_ms": config.latency_budget},
     }
     if saved is not None:
-        keys = ("seed", "candidates", "proxy_epochs", "proxy_samples", "epochs", "val_split", "data")
-        changed = [f"{k}: {saved['config'].get(k)!r} -> {header['config'].get(k)!r}" for k in keys if saved["config"].get(k) != header["config"].get(k)]
+        changed = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(header["config"])).items()
+                   if k not in _RESUMABLE and saved["config"].get(k) != v]
         if saved.get("target") != header["target"]:
             changed.insert(0, f"target: {saved.get('target')} -> {header['target']}")
+        for key, what in (("teacher_sha256", "the teacher's weights"), ("val_fingerprint", "the validation split")):
+            if saved.get(key) != header[key]:
+                changed.append(f"{what} changed")
         if changed:
             raise ConfigError(f"--resume: the search in {out} ran with other settings ({'; '.join(changed)}); resume with the original ones or pass a new --out")
     record = _Record(out / "search.json", header, saved)
@@ -250,8 +260,7 @@ def _finish(record: _Record, finalists: list[str], out: Path, log: Callable[[str
                           "or pass a new --out")
     winner = max(trained, key=lambda n: (fin[n]["val_accuracy"], -record.candidates[n]["p50_ms"]))
     _summarize(record, winner, budget)
-    if not (out / "student").exists():
-        shutil.copytree(out / "finalists" / _slug(winner), out / "student")
+    _publish_student(out, winner)
     record.save()
     _plot(record, out / "accuracy_vs_latency.png", budget)
     log(f"search: {winner} — val {fin[winner]['val_accuracy']:.4f}, test {fin[winner]['test_accuracy']:.4f}, "
@@ -259,14 +268,31 @@ def _finish(record: _Record, finalists: list[str], out: Path, log: Callable[[str
     return winner
 
 
+def _publish_student(out: Path, winner: str) -> None:
+    """``out/student`` := the winner's run, replaced whole (a resumed search with more finalists may pick another)."""
+    from kdedge._fs import atomic_dir
+
+    student = out / "student"
+    if (student / "model.safetensors").is_file() and load_checkpoint(student).spec.name == winner:
+        return
+    if student.exists():
+        shutil.rmtree(student)
+    with atomic_dir(student) as tmp:
+        shutil.copytree(out / "finalists" / _slug(winner), tmp, dirs_exist_ok=True)
+
+
 def _teacher_entry(frozen: FrozenTeacher, teacher: nn.Module, name: str | None, data: DataSplits, meter: LatencyMeter,
                    device: torch.device) -> dict[str, Any]:
     """The teacher's latency on the target (same settings as the candidates) and its validation accuracy, for the plot."""
     spec = ModelSpec("teacher", 1.0, data.spec.num_classes, tuple(data.spec.input_shape))  # type: ignore[arg-type]
-    lat = meter.measure({"teacher": spec}, modules={"teacher": frozen.module.cpu().eval()})["teacher"]
+    try:
+        lat = meter.measure({"teacher": spec}, modules={"teacher": frozen.module.cpu().eval()})["teacher"]
+    except ExportError:  # an ONNX teacher (or one torch.export cannot trace): its latency is only for the plot
+        lat = {"p50_ms": None, "p90_ms": None, "ratio": None, "p90_ratio": None}
     frozen.module.to(device)
     val = evaluate(frozen.module, data.val, device=device)  # type: ignore[arg-type]
-    return {"name": name or type(teacher).__name__, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "val_accuracy": val.accuracy,
+    return {"name": name or type(teacher).__name__, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "vs_anchor": lat["ratio"],
+            "vs_anchor_p90": lat["p90_ratio"], "val_accuracy": val.accuracy,
             "params": count_parameters(teacher)}
 
 
@@ -281,7 +307,8 @@ def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: _Recor
     record.data["timing_cache_hits"] += sum(v["cached"] for v in latencies.values())
     for n, lat in latencies.items():
         c = record.candidates[n]
-        c.update({"p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "vs_anchor": lat["ratio"], "latency_cached": lat["cached"]})
+        c.update({"p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "vs_anchor": lat["ratio"], "vs_anchor_p90": lat["p90_ratio"],
+                  "latency_cached": lat["cached"]})
         c.pop("dropped", None)
         if lat["p50_ms"] > budget:
             c["dropped"] = f"over budget: p50 {lat['p50_ms']:.4f} ms > {budget:.4f} ms"
@@ -347,10 +374,6 @@ def _open_out(out: Path, *, resume: bool) -> dict[str, Any] | None:
         raise ConfigError(f"{out} is not a search directory (no search.json); pass a new --out")
     out.mkdir(parents=True, exist_ok=True)
     return None
-
-
-def _proxy_config(config: SearchConfig) -> SearchConfig:
-    return dataclasses.replace(config, epochs=config.proxy_epochs, resume=False, out=None, warmup_epochs=0.0)
 
 
 class _Proxy:
@@ -426,7 +449,9 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
         log(f"search: full recipe ({config.epochs} epochs) for finalist {name}")
         torch.manual_seed(config.seed)
         student = create_model(specs[name])
-        fconfig = dataclasses.replace(config, resume=partial.exists(), out=None)
+        # The finalist's own run: the distillation fields only, naming the student it trains, so its config.yaml repeats it.
+        fconfig = DistillConfig(**{k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__}
+                                | {"student": name, "resume": partial.exists(), "out": None, "val_split": None})
         try:
             result = distill(student, teacher, data.train, data.test, val_data=data.val, config=fconfig, student_spec=specs[name],
                              teacher_name=teacher_name, teacher_input=teacher_input, out=run_dir, progress=progress)
@@ -448,6 +473,12 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
 
 
 def _summarize(record: _Record, winner: str, budget: float) -> None:
+    # One scale for every latency: each ratio to the anchor times the anchor's median over the whole run (decisions taken
+    # along the way used the median so far; the record shows the final scale).
+    anchor = record.data["anchor"]["p50_ms"]
+    for entry in [*record.candidates.values(), record.data["teacher"]]:
+        if entry.get("vs_anchor") is not None:
+            entry["p50_ms"], entry["p90_ms"] = entry["vs_anchor"] * anchor, entry["vs_anchor_p90"] * anchor
     cands = record.candidates
     ranked = [n for n in cands if "proxy_val_accuracy" in cands[n]]
     front = pareto_front([(cands[n]["p50_ms"], cands[n]["proxy_val_accuracy"]) for n in ranked])
@@ -494,7 +525,7 @@ def _plot(record: _Record, path: Path, budget: float) -> None:
     ax.scatter([us * cands[n]["p50_ms"] for n in fin], [100 * fin[n]["val_accuracy"] for n in fin], marker="*", s=90, color="tab:purple",
                label="finalists (full recipe, val)")
     t = record.data.get("teacher")
-    if t:
+    if t and t["p50_ms"] is not None:
         ax.scatter([us * t["p50_ms"]], [100 * t["val_accuracy"]], marker="s", s=50, color="tab:red", label=f"teacher ({t['name']}, val)")
     ax.axvline(us * budget, color="grey", linestyle=":", label=f"budget {us * budget:.4g} µs")
     ax.set_xscale("log")
