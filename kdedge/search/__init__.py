@@ -1,7 +1,8 @@
 """Latency-first students: search architectures against a latency budget measured on the deployment target."""
 
 from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter, environment_key, time_candidates
-from kdedge.search.run import ZOO_STUDENTS, SearchResult, run_search, search, spearman
+from kdedge.search.record import SearchRecord, spearman
+from kdedge.search.run import ZOO_STUDENTS, SearchResult, run_search, search
 from kdedge.search.space import SearchSpace, mutate, sample_genomes
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "ZOO_STUDENTS",
     "LatencyCache",
     "LatencyMeter",
+    "SearchRecord",
     "SearchResult",
     "SearchSpace",
     "environment_key",

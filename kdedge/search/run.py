@@ -11,7 +11,6 @@ and finished finalists from ``search.json``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -21,20 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from kdedge._fs import atomic_file
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
-from kdedge.bench.report import pareto_front
 from kdedge.config import DistillConfig, SearchConfig
 from kdedge.data.normalization import Normalization
 from kdedge.data.sources import hold_out
 from kdedge.data.spec import DataSplits
-from kdedge.distill.factory import make_loss
-from kdedge.distill.loop import fit, resolve_device
+from kdedge.distill.loop import resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import ConfigError, ExportError, TrainingDiverged
 from kdedge.metrics import evaluate
@@ -43,9 +38,11 @@ from kdedge.models.genome import parse_genome
 from kdedge.models.zoo import MODELS, TEACHERS
 from kdedge.runs import RunResult, distill
 from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter
+from kdedge.search.proxy import Proxy
+from kdedge.search.record import SearchRecord, plot, summarize
 from kdedge.search.space import mutate, sample_genomes
 
-__all__ = ["ZOO_STUDENTS", "SearchResult", "run_search", "search", "spearman"]
+__all__ = ["ZOO_STUDENTS", "SearchResult", "run_search", "search"]
 
 SEARCH_FORMAT = 1
 #: Settings a resumed search may change: they decide how long it runs and where, not what it measures.
@@ -69,50 +66,6 @@ class SearchResult:
     winner: str
     student: RunResult | None
     record: dict[str, Any]
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side."""
-    if len(a) < 3 or len(a) != len(b):
-        return None
-
-    def ranks(v: list[float]) -> np.ndarray:
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=float)
-        for value in set(v):  # ties share their average rank
-            idx = [i for i, x in enumerate(v) if x == value]
-            r[idx] = r[idx].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-class _Record:
-    """``search.json``: candidates, finalists and the winner, rewritten atomically after every step."""
-
-    def __init__(self, path: Path, header: dict[str, Any], saved: dict[str, Any] | None) -> None:
-        self.path = path
-        self.data: dict[str, Any] = saved or (header | {"candidates": {}, "finalists": {}, "winner": None})
-        self.data.update({k: v for k, v in header.items() if k in ("env", "kdedge_version")})
-        self.prior_s = float(self.data.get("seconds", 0.0))  # spent before a resume
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        """Seconds this search has run, resumed runs included."""
-        return self.prior_s + time.perf_counter() - self.t0
-
-    @property
-    def candidates(self) -> dict[str, dict[str, Any]]:
-        return self.data["candidates"]
-
-    def save(self) -> None:
-        self.data["seconds"] = self.elapsed()
-        with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps(self.data, indent=1))
 
 
 def _spec(name: str, data: DataSplits) -> ModelSpec:
@@ -195,7 +148,7 @@ def search(
 
     # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop;
     #    then the zoo's students over budget, so the searched front can be compared with them.
-    proxy = _Proxy(frozen, data, config, record, log)
+    proxy = Proxy(frozen, data, config, record, log)
     references = [n for n, origin in names if origin == "zoo" and n not in survivors]
     proxy.rank(sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]) + references, specs)
 
@@ -215,7 +168,7 @@ def search(
 
 
 def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, Any] | None, *,
-           teacher_sha256: str) -> tuple[_Record, list[tuple[str, str]], dict[str, ModelSpec]]:
+           teacher_sha256: str) -> tuple[SearchRecord, list[tuple[str, str]], dict[str, ModelSpec]]:
     """The record (fresh, or the saved one of a resumed search), the sampled and zoo candidates, and their specs."""
     header = {
         "format": SEARCH_FORMAT, "kdedge_version": __version__, "env": capture_environment(config.target_threads),
@@ -233,7 +186,7 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
                 changed.append(f"{what} changed")
         if changed:
             raise ConfigError(f"--resume: the search in {out} ran with other settings ({'; '.join(changed)}); resume with the original ones or pass a new --out")
-    record = _Record(out / "search.json", header, saved)
+    record = SearchRecord(out / "search.json", header, saved)
     names = _candidate_names(config, data)
     specs = {n: _spec(n, data) for n, _ in names}
     for n, origin in names:
@@ -244,13 +197,13 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
     return record, names, specs
 
 
-def _nothing_fits(record: _Record, config: SearchConfig) -> ConfigError:
+def _nothing_fits(record: SearchRecord, config: SearchConfig) -> ConfigError:
     fastest = min((c for c in record.candidates.values() if "p50_ms" in c), key=lambda c: c["p50_ms"])
     return ConfigError(f"no candidate meets {config.latency_budget:.4f} ms on {config.target} ({config.target_threads} threads, batch {config.target_batch}); "
                        f"the fastest measured, {fastest['name']}, takes {fastest['p50_ms']:.4f} ms: raise --latency-budget")
 
 
-def _finish(record: _Record, finalists: list[str], out: Path, log: Callable[[str], None]) -> str:
+def _finish(record: SearchRecord, finalists: list[str], out: Path, log: Callable[[str], None]) -> str:
     """The winner (best full-recipe validation accuracy; the faster on a tie) into ``out/student``; summary and plot."""
     budget = record.data["target"]["latency_budget_ms"]
     fin = record.data["finalists"]
@@ -259,10 +212,10 @@ def _finish(record: _Record, finalists: list[str], out: Path, log: Callable[[str
         raise ConfigError(f"every finalist diverged with the full recipe ({fin[finalists[0]]['diverged']}); fix the recipe and --resume, "
                           "or pass a new --out")
     winner = max(trained, key=lambda n: (fin[n]["val_accuracy"], -record.candidates[n]["p50_ms"]))
-    _summarize(record, winner, budget)
+    summarize(record, winner, budget)
     _publish_student(out, winner)
     record.save()
-    _plot(record, out / "accuracy_vs_latency.png", budget)
+    plot(record, out / "accuracy_vs_latency.png", budget)
     log(f"search: {winner} — val {fin[winner]['val_accuracy']:.4f}, test {fin[winner]['test_accuracy']:.4f}, "
         f"p50 {record.candidates[winner]['p50_ms']:.4f} ms (budget {budget:.4f} ms); wrote {out}")
     return winner
@@ -296,7 +249,7 @@ def _teacher_entry(frozen: FrozenTeacher, teacher: nn.Module, name: str | None, 
             "params": count_parameters(teacher)}
 
 
-def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: _Record, meter: LatencyMeter, config: SearchConfig) -> list[str]:
+def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: SearchRecord, meter: LatencyMeter, config: SearchConfig) -> list[str]:
     """Time ``names`` (cache first), record p50/p90 and the over-budget ones; returns those within budget."""
     budget = float(config.latency_budget)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -316,7 +269,7 @@ def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: _Recor
     return [n for n in names if record.candidates[n]["p50_ms"] <= budget]
 
 
-def _evolve(specs: dict[str, ModelSpec], record: _Record, proxy: _Proxy, meter: LatencyMeter, config: SearchConfig,
+def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, meter: LatencyMeter, config: SearchConfig,
             data: DataSplits, log: Callable[[str], None]) -> list[str]:
     """``config.generations`` rounds: ``config.children`` mutations of the 5 best-ranked searched survivors each.
 
@@ -376,66 +329,11 @@ def _open_out(out: Path, *, resume: bool) -> dict[str, Any] | None:
     return None
 
 
-class _Proxy:
-    """The cheap accuracy estimate: ``proxy_epochs`` of distillation on ``proxy_samples`` training images
-    (teacher logits from the cache), scored on the validation split.
-
-    It also keeps the time budget: once ``finalists`` candidates are ranked it knows what a proxy
-    costs and, scaled by images seen, what a full-recipe finalist will; a candidate is not ranked when
-    ranking it would leave too little time for the finalists.
-    """
-
-    def __init__(self, frozen: FrozenTeacher, data: DataSplits, config: SearchConfig, record: _Record, log: Callable[[str], None]) -> None:
-        from kdedge._fs import cache_dir
-
-        self.frozen, self.data, self.config, self.record, self.log = frozen, data, config, record, log
-        # No sanity checks: a candidate stuck near chance after a short run is a low score, not an error that ends the search.
-        self.pconfig = dataclasses.replace(config, epochs=config.proxy_epochs, resume=False, out=None, warmup_epochs=0.0, sanity_checks=False)
-        self.n = min(config.proxy_samples, len(data.train))
-        rows = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))[: self.n].sort().values
-        self.train = data.train.subset(rows)
-        self.loss = make_loss(self.pconfig)
-        self.cache_dir = cache_dir() / "logits" if config.cache == "disk" else None
-        self.device = resolve_device(config.device)
-
-    def _spent(self) -> list[float]:
-        return [c["proxy_seconds"] for c in self.record.candidates.values() if "proxy_seconds" in c]
-
-    def time_left(self, extra: int = 1) -> bool:
-        """Whether ``extra`` more proxies fit in the time budget next to the finalists' full recipe."""
-        spent = self._spent()
-        if len(spent) < self.config.finalists:
-            return True
-        per_proxy = float(np.median(spent))
-        full = per_proxy * (self.config.epochs * len(self.data.train)) / (self.config.proxy_epochs * self.n)
-        return self.record.elapsed() + extra * per_proxy + self.config.finalists * full <= 60 * self.config.time_budget
-
-    def rank(self, names: list[str], specs: dict[str, ModelSpec]) -> None:
-        for name in names:
-            c = self.record.candidates[name]
-            if "proxy_val_accuracy" in c:
-                continue
-            if not self.time_left():
-                c.setdefault("dropped", "not ranked: the time budget ran out (raise --time-budget)")
-                continue
-            t0 = time.perf_counter()
-            torch.manual_seed(self.config.seed)
-            model = create_model(specs[name])
-            fit(model, self.train, config=self.pconfig, loss=self.loss, teacher=self.frozen, cache_dir=self.cache_dir,
-                use_cache=self.config.cache != "off", progress=False)
-            acc = evaluate(model, self.data.val, device=self.device).accuracy  # type: ignore[arg-type]
-            c.update({"proxy_val_accuracy": acc, "proxy_seconds": time.perf_counter() - t0})
-            if c["p50_ms"] <= float(self.config.latency_budget):  # type: ignore[arg-type]
-                c.pop("dropped", None)  # ranked after all: a resumed search with more time
-            self.record.save()
-            self.log(f"search: proxy {name:<44} p50 {c['p50_ms']:.4f} ms  val {acc:.4f}  ({c['proxy_seconds']:.1f} s)")
-
-
 def _slug(name: str) -> str:
     return name.replace("net:", "net-").replace("@", "_w").replace(":", "-")
 
 
-def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: _Record, teacher: nn.Module, data: DataSplits, config: SearchConfig,
+def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: SearchRecord, teacher: nn.Module, data: DataSplits, config: SearchConfig,
                      out: Path, teacher_name: str | None, teacher_input: Normalization | None, progress: bool,
                      log: Callable[[str], None]) -> dict[str, RunResult]:
     results: dict[str, RunResult] = {}
@@ -470,78 +368,6 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
         record.candidates[name]["final_test_accuracy"] = result.test.accuracy if result.test else None
         record.save()
     return results
-
-
-def _summarize(record: _Record, winner: str, budget: float) -> None:
-    # One scale for every latency: each ratio to the anchor times the anchor's median over the whole run (decisions taken
-    # along the way used the median so far; the record shows the final scale).
-    anchor = record.data["anchor"]["p50_ms"]
-    for entry in [*record.candidates.values(), record.data["teacher"]]:
-        if entry.get("vs_anchor") is not None:
-            entry["p50_ms"], entry["p90_ms"] = entry["vs_anchor"] * anchor, entry["vs_anchor_p90"] * anchor
-    cands = record.candidates
-    ranked = [n for n in cands if "proxy_val_accuracy" in cands[n]]
-    front = pareto_front([(cands[n]["p50_ms"], cands[n]["proxy_val_accuracy"]) for n in ranked])
-    for i, n in enumerate(ranked):
-        cands[n]["pareto"] = i in front
-    fin = record.data["finalists"]
-    names = [n for n in fin if fin[n]["val_accuracy"] is not None]
-    rho = spearman([fin[n]["proxy_val_accuracy"] for n in names], [fin[n]["val_accuracy"] for n in names])
-    # The zoo vs the searched students, on the proxy: for each zoo student, a searched one at least as accurate and no slower.
-    searched = [n for n in ranked if cands[n]["origin"] != "zoo"]
-    dominance = {}
-    for z in (n for n in ranked if cands[n]["origin"] == "zoo"):
-        better = [s for s in searched if cands[s]["p50_ms"] <= cands[z]["p50_ms"] and cands[s]["proxy_val_accuracy"] >= cands[z]["proxy_val_accuracy"]]
-        dominance[z] = max(better, key=lambda s: cands[s]["proxy_val_accuracy"]) if better else None
-    record.data.update({
-        "winner": winner,
-        "winner_p50_ms": cands[winner]["p50_ms"],
-        "within_budget": cands[winner]["p50_ms"] <= budget,
-        "proxy_rank_correlation": {"spearman": rho, "n": len(names), "over": "finalists (proxy val accuracy vs full-recipe val accuracy)"},
-        "zoo_dominated_by": dominance,
-    })
-
-
-def _plot(record: _Record, path: Path, budget: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    cands = record.candidates
-    us = 1000.0  # plotted in microseconds: the students live at tens of them
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    ranked = [n for n in cands if "proxy_val_accuracy" in cands[n]]
-    for origin, color, marker in (("searched", "tab:blue", "o"), ("evolved", "tab:cyan", "o"), ("zoo", "tab:orange", "D")):
-        pts = [n for n in ranked if cands[n]["origin"] == origin]
-        ax.scatter([us * cands[n]["p50_ms"] for n in pts], [100 * cands[n]["proxy_val_accuracy"] for n in pts], s=36 if origin == "zoo" else 18,
-                   color=color, marker=marker, alpha=0.8, label=f"{origin} (proxy, val)")
-    for n in (n for n in ranked if cands[n]["origin"] == "zoo"):
-        ax.annotate(n, (us * cands[n]["p50_ms"], 100 * cands[n]["proxy_val_accuracy"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
-    front = sorted((n for n in ranked if cands[n].get("pareto")), key=lambda n: us * cands[n]["p50_ms"])
-    ax.plot([us * cands[n]["p50_ms"] for n in front], [100 * cands[n]["proxy_val_accuracy"] for n in front], "--", color="tab:green", label="Pareto front (proxy)")
-    fin = {n: f for n, f in record.data["finalists"].items() if f["val_accuracy"] is not None}
-    ax.scatter([us * cands[n]["p50_ms"] for n in fin], [100 * fin[n]["val_accuracy"] for n in fin], marker="*", s=90, color="tab:purple",
-               label="finalists (full recipe, val)")
-    t = record.data.get("teacher")
-    if t and t["p50_ms"] is not None:
-        ax.scatter([us * t["p50_ms"]], [100 * t["val_accuracy"]], marker="s", s=50, color="tab:red", label=f"teacher ({t['name']}, val)")
-    ax.axvline(us * budget, color="grey", linestyle=":", label=f"budget {us * budget:.4g} µs")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.tick_params(axis="x", which="minor", labelsize=6)
-    target = record.data["target"]
-    ax.set_xlabel(f"p50 latency on {target['name']}, {target['threads']} thread(s), batch {target['batch']} (µs, log scale)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"kdedge search: accuracy vs measured latency (winner {record.data['winner']})", fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def run_search(config: SearchConfig, *, progress: bool = False, log: Callable[[str], None] | None = None, trust_code: bool = False) -> SearchResult:
