@@ -305,8 +305,7 @@ def benchmark(
     policy = TimingPolicy(warmup_iters=config.warmup_iters, warmup_s=config.warmup_s, min_iters=config.min_iters, min_s=config.min_s)
     source = data.test.pass_source()  # (N, C, H, W) normalized: once for every model when small, streamed when large
     max_batch = max(config.batch_sizes)
-    first = data.test.inputs(slice(0, max_batch)).numpy()
-    inputs = np.concatenate([first] * (max_batch // len(first) + 1))[:max_batch] if max_batch > len(first) else first  # real images, repeated to fill the batch
+    inputs = data.test.batch_of(max_batch)  # real images, repeated to fill the batch
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
         if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):

@@ -49,13 +49,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None, *,
+                       resumable: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
     """``key: saved -> current`` for every setting that changed and would change the numbers.
 
     A key the saved config lacks (written by a kdedge before the option existed) counts as its
-    value in ``defaults``: the behaviour that kdedge had.
+    value in ``defaults``: the behaviour that kdedge had. Keys in ``resumable`` may change.
     """
     defaults = defaults or {}
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
+    keys = sorted((set(saved) | set(current)) - resumable)
     old = {k: saved.get(k, defaults.get(k)) for k in keys}
     return [f"{k}: {old[k]!r} -> {current.get(k)!r}" for k in keys if old[k] != current.get(k)]

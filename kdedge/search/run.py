@@ -29,13 +29,14 @@ from kdedge.config import DistillConfig, SearchConfig
 from kdedge.data.normalization import Normalization
 from kdedge.data.sources import hold_out
 from kdedge.data.spec import DataSplits
+from kdedge.distill.checkpoint import config_differences
 from kdedge.distill.loop import resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import ConfigError, ExportError, TrainingDiverged
 from kdedge.metrics import evaluate
-from kdedge.models import ModelSpec, count_flops, count_parameters, create_model, load_checkpoint
+from kdedge.models import ModelSpec, count_parameters, create_model, load_checkpoint
 from kdedge.models.genome import parse_genome
-from kdedge.models.zoo import MODELS, TEACHERS
+from kdedge.models.zoo import MODELS, TEACHERS, model_cost, parse_model_name
 from kdedge.runs import RunResult, distill
 from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter
 from kdedge.search.proxy import Proxy
@@ -69,8 +70,6 @@ class SearchResult:
 
 
 def _spec(name: str, data: DataSplits) -> ModelSpec:
-    from kdedge.models.zoo import parse_model_name
-
     arch, width = parse_model_name(name)
     return ModelSpec(arch, width, data.spec.num_classes, tuple(data.spec.input_shape))  # type: ignore[arg-type]
 
@@ -82,12 +81,6 @@ def _candidate_names(config: SearchConfig, data: DataSplits) -> list[tuple[str, 
         zoo = [n for n in ZOO_STUDENTS if n.partition("@")[0] in MODELS.keys() - TEACHERS]
         names += [(n, "zoo") for n in zoo]
     return names
-
-
-def _describe(name: str, spec: ModelSpec) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = create_model(spec)
-    return {"params": count_parameters(model), "flops": count_flops(model, spec.input_shape)}
 
 
 def search(
@@ -177,8 +170,7 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
         "target": {"name": config.target, "threads": config.target_threads, "batch": config.target_batch, "latency_budget_ms": config.latency_budget},
     }
     if saved is not None:
-        changed = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(header["config"])).items()
-                   if k not in _RESUMABLE and saved["config"].get(k) != v]
+        changed = config_differences(saved["config"], json.loads(json.dumps(header["config"])), resumable=_RESUMABLE)
         if saved.get("target") != header["target"]:
             changed.insert(0, f"target: {saved.get('target')} -> {header['target']}")
         for key, what in (("teacher_sha256", "the teacher's weights"), ("val_fingerprint", "the validation split")):
@@ -192,7 +184,7 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
     for n, origin in names:
         c = record.candidates.setdefault(n, {"name": n, "origin": origin})
         if "params" not in c:
-            c.update(_describe(n, specs[n]))
+            c.update(model_cost(n, specs[n].num_classes, specs[n].input_shape))
     record.save()
     return record, names, specs
 
@@ -306,7 +298,7 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
         for n in children:
             specs[n] = _spec(n, data)
             if "params" not in cands[n]:
-                cands[n].update(_describe(n, specs[n]))
+                cands[n].update(model_cost(n, specs[n].num_classes, specs[n].input_shape))
         within = _time_and_mark(children, specs, record, meter, config)
         proxy.rank(sorted(within, key=lambda nm: -cands[nm]["p50_ms"]), specs)
         found += within
@@ -315,9 +307,13 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
     return found
 
 
-def _open_out(out: Path, *, resume: bool) -> dict[str, Any] | None:
+def _refuse_existing(out: Path, *, resume: bool) -> None:
     if out.exists() and not resume:
         raise ConfigError(f"{out} already exists; pass a new --out, or --resume to continue the search there")
+
+
+def _open_out(out: Path, *, resume: bool) -> dict[str, Any] | None:
+    _refuse_existing(out, resume=resume)
     if resume and (out / "search.json").is_file():
         try:
             return json.loads((out / "search.json").read_text())
@@ -377,8 +373,7 @@ def run_search(config: SearchConfig, *, progress: bool = False, log: Callable[[s
     from kdedge.resolve import resolve_teacher
 
     out = Path(config.out) if config.out else default_out("search")
-    if out.exists() and not config.resume:  # before the data and the teacher load
-        raise ConfigError(f"{out} already exists; pass a new --out, or --resume to continue the search there")
+    _refuse_existing(out, resume=config.resume)  # before the data and the teacher load
     data = load_data_for(config)
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
     return search(teacher.model, data, config=config, out=out, teacher_name=teacher.name, teacher_input=teacher.input, progress=progress, log=log)
