@@ -11,6 +11,12 @@ STAMP  := $(VENV)/.kdedge-installed
 # command does), never mixed with PyPI's CUDA wheel; kdedge and everything else then come from PyPI.
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
+# The edge runtimes (ExecuTorch, LiteRT, OpenVINO; ~1.5 GB with their dependencies), so `make test` runs every
+# format for real (KDEDGE_REQUIRE_EDGE=1: a missing runtime fails its tests). `make EXTRAS= test` leaves them out
+# and their tests skip, naming the extra.
+EXTRAS ?= edge
+comma := ,
+space := $(subst ,, )
 
 .PHONY: install data demo test test-fast bench bench-deploy teacher clean
 
@@ -20,7 +26,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(if $(TORCH_INDEX),@$(PY) -c "import torch; print('torch', torch.__version__, 'from $(TORCH_INDEX); CUDA:', torch.version.cuda)")
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[$(subst $(space),$(comma),$(strip dev $(EXTRAS)))]'
 	@touch $(STAMP)
 
 # Fashion-MNIST: found locally ($$KDEDGE_DATA, ~/.cache/kdedge, /usr/share/datasets), else Debian's
@@ -37,10 +43,10 @@ demo: data
 	$(VENV)/bin/kdedge compress-and-export
 
 test: data
-	$(PY) -m pytest -q
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q
 
 test-fast: data
-	$(PY) -m pytest -q -m "not slow"
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q -m "not slow"
 
 bench: data
 	$(PY) benchmarks/kd_vs_scratch.py

@@ -18,10 +18,17 @@ def _importable(name: str) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` or `tensorrt` skip, with the reason, where the hardware or library is absent."""
+    """Tests marked `gpu`, `tensorrt` or `edge(FORMAT, ...)` skip, with the reason, where the hardware or library is absent."""
+    from kdedge.exporters.edge import edge_unavailable
+
     has_cuda = torch.cuda.is_available()
     has_trt = _importable("tensorrt")
+    require_edge = os.environ.get("KDEDGE_REQUIRE_EDGE") == "1"  # `make test` installs them: a missing one must fail, not skip
     for item in items:
+        edge = item.get_closest_marker("edge")
+        missing = [why for fmt in (edge.args if edge else ()) if (why := edge_unavailable(fmt))]
+        if missing and not require_edge:
+            item.add_marker(pytest.mark.skip(reason="; ".join(missing)))
         if "tensorrt" in item.keywords and not (has_trt and has_cuda):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (pip install 'kdedge-distill[tensorrt]')" if not has_trt else "needs a CUDA GPU"))
         elif "gpu" in item.keywords and not has_cuda:

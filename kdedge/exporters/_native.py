@@ -1,0 +1,105 @@
+"""What the edge backends share: silencing converters' and runtimes' native logs, their errors in one line, sidecar batch contracts.
+
+The edge converters (ExecuTorch, LiteRT) log from Python (warnings, loggers, progress bars on
+stdout) and from C++ straight to file descriptor 2. :func:`quiet` keeps all of it off the
+terminal and hands the native lines back, so an error can quote the runtime's own reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from kdedge.errors import ExportError
+from kdedge.exporters.edge import sidecar_path
+
+__all__ = ["attach_native_log", "cause", "last_native_line", "native_stderr", "quiet", "sidecar_batch", "version_of"]
+
+
+@contextlib.contextmanager
+def quiet(native: list[str], loggers: tuple[str, ...] = (), *, root: bool = False) -> Iterator[None]:
+    """Silence warnings, the ``loggers`` (and the root logger with ``root``), stdout, and native logs on fd 2.
+
+    The native lines are appended to ``native`` when the block ends.
+    """
+    quieted = [logging.getLogger(name) for name in loggers] + ([logging.getLogger()] if root else [])
+    levels = [lg.level for lg in quieted]
+    for lg in quieted:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), native_stderr(native):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(quieted, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def native_stderr(lines: list[str]) -> Iterator[None]:
+    """Collect what is written to file descriptor 2 (C++ logging bypasses ``sys.stderr``) into ``lines``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (an embedded interpreter): nothing to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+
+
+def last_native_line(native: list[str]) -> str:
+    """The runtime's last native log line, without its ``[file.cpp:123]`` / ``file.cc:123]`` prefix."""
+    for line in reversed(native):
+        line = line.strip()
+        if line:
+            return (line.split("] ", 1)[1] if "] " in line[:80] else line)[:300]
+    return ""
+
+
+def cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+    return f"{type(exc).__name__}: {text}"
+
+
+def attach_native_log(exc: BaseException, native: list[str]) -> None:
+    """Keep the native log on the exception chain (``kdedge --debug`` prints it) instead of on the terminal."""
+    if native:
+        exc.add_note("native log:\n" + "\n".join(native[-50:]))
+
+
+def sidecar_batch(path: Path) -> dict[str, int]:
+    """The batch contract an export recorded in the sidecar: ``{"min": 1, "max": M}`` or ``{"fixed": B}``; ``{}`` without a sidecar."""
+    side = sidecar_path(path)
+    try:
+        batch = json.loads(side.read_text()).get("batch") if side.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        raise ExportError(f"{side}: not a readable kdedge sidecar (JSON); re-export the artifact or delete the sidecar") from None
+    return {k: int(v) for k, v in batch.items() if k in ("min", "max", "fixed")} if isinstance(batch, dict) else {}
+
+
+def version_of(distribution: str) -> str:
+    """An installed distribution's version, without a local ``+...`` tag."""
+    from importlib.metadata import version
+
+    return version(distribution).split("+")[0]

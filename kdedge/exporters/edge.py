@@ -1,0 +1,256 @@
+"""Edge runtimes: ExecuTorch (``.pte``, XNNPACK), LiteRT (``.tflite``), OpenVINO (IR ``.xml``/``.bin``) and ONNX Runtime's ORT format.
+
+Each is an :class:`EdgeFormat`: how an artifact is made (from the PyTorch module, or converted
+from the parity-checked ONNX artifact), which packages run it (an optional extra of
+``kdedge-distill``; ORT format needs only onnxruntime) and the benchmark target that times it.
+The pipeline treats every format alike: :func:`export_edge` writes the artifact,
+:func:`load_edge` opens it in its own runtime as an :class:`EdgeSession`, and the export checks
+its parity against PyTorch and measures its accuracy through that session, as it does for ONNX.
+
+The backends live in their own modules (``pte``, ``tflite``, ``openvino_ir``, ``ort_format``) and
+are imported only when a format is used, so ``import kdedge`` never loads a runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge.errors import BackendUnavailable, ConfigError
+
+__all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
+           "read_sidecar", "sidecar_path", "write_sidecar"]
+
+
+@dataclass(frozen=True)
+class EdgeFormat:
+    """One edge runtime's artifact format.
+
+    Attributes:
+        name: The artifact's ``format`` in ``export.json`` and the prefix of its variants (``executorch-fp32``).
+        target: The benchmark target that runs it (``executorch-cpu``).
+        suffix: The artifact's file suffix.
+        packages: Import names that must be importable to export and run it.
+        extra: The ``kdedge-distill`` extra that installs them (None: they come with kdedge).
+        source: ``torch`` (exported from the PyTorch module) or ``onnx`` (converted from the ONNX artifact of the same precision).
+        precisions: What it can be exported as.
+        module: The kdedge module implementing it (``export`` and ``Session``).
+        title: How people call the runtime.
+    """
+
+    name: str
+    target: str
+    suffix: str
+    packages: tuple[str, ...]
+    extra: str | None
+    source: str
+    precisions: tuple[str, ...]
+    module: str
+    title: str
+
+
+EDGE_FORMATS: dict[str, EdgeFormat] = {
+    f.name: f
+    for f in (
+        EdgeFormat("executorch", "executorch-cpu", ".pte", ("executorch",), "executorch", "torch", ("fp32", "int8"), "kdedge.exporters.pte",
+                   "ExecuTorch (XNNPACK)"),
+        EdgeFormat("litert", "litert-cpu", ".tflite", ("litert_torch", "ai_edge_litert"), "litert", "torch", ("fp32", "int8"), "kdedge.exporters.tflite",
+                   "LiteRT (TFLite)"),
+        EdgeFormat("openvino", "openvino-cpu", ".xml", ("openvino",), "openvino", "onnx", ("fp32", "int8"), "kdedge.exporters.openvino_ir", "OpenVINO"),
+        EdgeFormat("ort", "ort-mobile-cpu", ".ort", ("onnxruntime",), None, "onnx", ("fp32", "int8"), "kdedge.exporters.ort_format",
+                   "ONNX Runtime (ORT format)"),
+    )
+}
+
+
+class EdgeSession(Protocol):
+    """An artifact opened in its own runtime.
+
+    Attributes:
+        runtime: The runtime and its version, e.g. ``"executorch 1.4.1 XNNPACK"``.
+        threads: The thread count it runs with (None: the runtime's default).
+        max_batch: The largest batch one call takes (None: any); :func:`edge_predict` chunks to it.
+        fixed_batch: When the artifact only takes exactly this batch size (None: any up to ``max_batch``).
+    """
+
+    runtime: str
+    threads: int | None
+    max_batch: int | None
+    fixed_batch: int | None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``(B, K)`` float32 for one batch ``x`` ``(B, C, H, W)`` float32 that the artifact accepts."""
+        ...
+
+    def prepare(self, x: np.ndarray) -> Callable[[], Any]:
+        """A callable performing exactly one inference on ``x``, with the input already in place (for timing)."""
+        ...
+
+
+def edge_format(name: str) -> EdgeFormat:
+    try:
+        return EDGE_FORMATS[name]
+    except KeyError:
+        raise ConfigError(f"unknown edge format {name!r}; expected one of {', '.join(EDGE_FORMATS)}") from None
+
+
+def _install_hint(fmt: EdgeFormat) -> str:
+    return f"pip install 'kdedge-distill[{fmt.extra}]'" if fmt.extra else "pip install onnxruntime"
+
+
+def edge_unavailable(name: str) -> str | None:
+    """None when format ``name`` can be exported and run here, else one line naming the extra to install.
+
+    Only looks for the packages (no import): cheap enough for ``formats: auto``.
+    """
+    fmt = edge_format(name)
+    missing = []
+    for package in fmt.packages:
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a parent package set to None in sys.modules, or a broken spec
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        return f"{fmt.title} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; {_install_hint(fmt)}"
+    return None
+
+
+def _backend(fmt: EdgeFormat):
+    why = edge_unavailable(fmt.name)
+    if why:
+        raise BackendUnavailable(why)
+    try:
+        return importlib.import_module(fmt.module)
+    except ImportError as exc:  # installed but broken (a missing shared library, an incompatible torch)
+        raise BackendUnavailable(f"{fmt.title} is installed but does not import ({exc}); reinstall with {_install_hint(fmt)}") from exc
+
+
+def export_edge(
+    name: str,
+    *,
+    out: Path,
+    precision: str,
+    model: nn.Module | None = None,
+    onnx: Path | None = None,
+    input_shape: tuple[int, ...],
+    calibration: np.ndarray | None = None,
+    metadata: dict[str, str],
+    max_batch: int = 256,
+) -> dict[str, Any]:
+    """Write one edge artifact to ``out`` (its full file name, with the format's suffix); returns its ``details``.
+
+    Args:
+        name: The format (a key of :data:`EDGE_FORMATS`).
+        out: The artifact's path. A format with companion files (OpenVINO's ``.bin``) writes them
+            beside it; :func:`artifact_files` lists them.
+        precision: ``fp32`` or ``int8``.
+        model: The PyTorch model in eval mode on the CPU (formats whose ``source`` is ``torch``).
+        onnx: The parity-checked ONNX artifact of the same precision (formats whose ``source`` is ``onnx``).
+        input_shape: One sample's ``(C, H, W)``.
+        calibration: Training inputs ``(N, C, H, W)`` float32 for INT8 calibration.
+        metadata: The kdedge input contract (``onnx_metadata``); embedded where the format has a
+            place for it, else written to the sidecar ``<artifact>.json``.
+        max_batch: The largest batch the artifact must take (formats whose batch is bounded at export).
+
+    Raises:
+        BackendUnavailable: The runtime is not installed (one line naming the extra).
+        ExportError: The converter fails on this model.
+    """
+    fmt = edge_format(name)
+    if precision not in fmt.precisions:
+        raise ConfigError(f"{fmt.title} artifacts are exported as {' or '.join(fmt.precisions)}, not {precision}")
+    if model is not None and fmt.source == "torch" and any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
+        # A model trained channels-last (kdedge's default on the CPU) keeps NHWC-strided weights; XNNPACK's lowering expects
+        # NCHW constants ("Expected ..._fused_bn to be NCHW"), and the artifact's layout is the converter's business, not the trainer's.
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    return _backend(fmt).export(out=out, precision=precision, model=model, onnx=onnx, input_shape=input_shape, calibration=calibration,
+                                metadata=metadata, max_batch=max_batch)
+
+
+def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> EdgeSession:
+    """Open ``path`` in format ``name``'s runtime, with ``threads`` threads (None: the runtime's default).
+
+    Raises:
+        BackendUnavailable: The runtime is not installed.
+        ExportError: The file cannot be loaded (truncated, corrupt, another format).
+    """
+    return _backend(edge_format(name)).Session(Path(path), threads=threads)
+
+
+def edge_predict(session: EdgeSession, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Logits for all of ``x`` ``(N, ...)`` through ``session``, in batches it accepts, concatenated.
+
+    A fixed-batch artifact gets batches of exactly that size, the last one zero-padded (its
+    padding rows dropped from the output).
+    """
+    step = session.fixed_batch or min(batch_size, session.max_batch or batch_size)
+    outputs = []
+    for i in range(0, len(x), step):
+        chunk = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
+        n = len(chunk)
+        if n < step and session.fixed_batch is not None:
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(np.asarray(session.run(chunk), dtype=np.float32)[:n])
+    return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0), np.float32)
+
+
+def artifact_files(name: str, path: Path) -> list[Path]:
+    """The files an artifact consists of: itself, OpenVINO's weights, ORT format's required-operators config, a sidecar."""
+    files = [path]
+    if name == "openvino":
+        files.append(path.with_suffix(".bin"))
+    elif name == "ort":  # not needed to run it: it configures a reduced onnxruntime build for the device
+        files.append(path.with_name(path.stem + ".required_operators.config"))
+    side = sidecar_path(path)
+    if side.is_file():
+        files.append(side)
+    return files
+
+
+def artifact_bytes(name: str, path: Path) -> int:
+    """What the artifact weighs on the device: its files without the sidecar (OpenVINO: ``.xml`` + ``.bin``)."""
+    side = sidecar_path(path)
+    return sum(p.stat().st_size for p in artifact_files(name, path) if p != side and p.suffix != ".config" and p.is_file())
+
+
+def sidecar_path(path: Path) -> Path:
+    """``model.pte`` -> ``model.pte.json``: the input contract of a format with no metadata of its own."""
+    return path.with_name(path.name + ".json")
+
+
+def write_sidecar(path: Path, metadata: dict[str, str], **details: Any) -> Path:
+    """Write ``metadata`` (the ``kdedge.*`` strings of :func:`~kdedge.exporters.onnx_metadata`) beside ``path``.
+
+    The JSON-valued keys are stored as JSON, not as strings, so a deployment reads one document.
+    """
+    doc: dict[str, Any] = {}
+    for key, value in metadata.items():
+        try:
+            doc[key] = json.loads(value) if key in ("kdedge.input", "kdedge.preprocessing", "kdedge.labels") else value
+        except ValueError:
+            doc[key] = value
+    doc.update(details)
+    side = sidecar_path(path)
+    side.write_text(json.dumps(doc, indent=2) + "\n")  # unsorted: read_sidecar then gives back the very strings it was given
+    return side
+
+
+def read_sidecar(path: Path) -> dict[str, str]:
+    """The metadata of :func:`write_sidecar` back as ``kdedge.*`` strings (as ONNX metadata reads); ``{}`` when absent."""
+    side = sidecar_path(Path(path))
+    if not side.is_file():
+        return {}
+    doc = json.loads(side.read_text())
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items() if k.startswith("kdedge.")}

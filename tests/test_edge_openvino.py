@@ -1,0 +1,136 @@
+"""OpenVINO IR: the shipped teacher's FP32 and INT8 ONNX artifacts converted, run by OpenVINO on 1,000 real test images.
+
+The reference is onnxruntime on the ONNX artifact the IR was converted from (itself parity-checked
+against PyTorch by the export). Tolerances: FP32 max |Δ| <= 1e-3 and 100 % argmax agreement;
+INT8 >= 97 % argmax agreement with the INT8 ONNX and accuracy within 1.5 pt of FP32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("KDEDGE_REQUIRE_EDGE") == "1":  # `make test` installs it: missing, it must fail, not skip
+    import openvino as ov
+else:
+    ov = pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'kdedge-distill[openvino]'")
+
+from kdedge.errors import ExportError
+from kdedge.exporters import export_onnx, onnx_metadata, quantize_int8
+from kdedge.exporters import read_metadata as onnx_read_metadata
+from kdedge.exporters.edge import edge_predict, export_edge, load_edge
+from kdedge.exporters.openvino_ir import COMPILE_CONFIG, RUNTIME_CONFIG_KEY, read_metadata
+from kdedge.models.zoo import load_checkpoint, pretrained_path
+from kdedge.ort import ort_predict, ort_session
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def teacher_ir(tmp_path_factory, fmnist):
+    """The teacher as ONNX FP32 / INT8 (the export's artifacts), their IRs, and onnxruntime's logits on 1,000 test images."""
+    root = tmp_path_factory.mktemp("openvino")
+    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
+    meta = onnx_metadata(fmnist.spec, model_name="resnet", source_sha256=None)
+    export_onnx(ck.model.eval(), root / "model.onnx", input_shape=(1, 28, 28), metadata=meta)
+    quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration=fmnist.train.inputs(slice(0, 256)).numpy())
+    x, labels = fmnist.test.inputs(slice(0, N)).numpy(), fmnist.test.labels[:N].numpy()
+    out = root / "ir"
+    out.mkdir()
+    art = {}
+    for precision, name in (("fp32", "model"), ("int8", "model.int8")):
+        onnx = root / f"{name}.onnx"
+        m = {k: v for k, v in onnx_read_metadata(onnx).items() if k.startswith("kdedge.")}
+        details = export_edge("openvino", out=out / f"{name}.xml", precision=precision, onnx=onnx, input_shape=(1, 28, 28), metadata=m)
+        print(f"\n{name}.xml: converted in {details['seconds']['convert']:.3f} s, compiled in {details['seconds']['compile']:.3f} s")
+        art[precision] = {"xml": out / f"{name}.xml", "details": details, "metadata": m, "ort": ort_predict(ort_session(onnx), x)}
+    return art, x, labels, out
+
+
+def _raw_compile(xml, config=None):
+    """OpenVINO alone: the compile settings come from the artifact's own rt_info, as a deployment outside kdedge reads them."""
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    config = config or json.loads(model.get_rt_info(["kdedge", RUNTIME_CONFIG_KEY]).astype(str))
+    return core.compile_model(model, "CPU", config)
+
+
+def test_fp32_ir_alone_matches_onnxruntime_on_1000_images(teacher_ir):
+    art, x, _, _ = teacher_ir
+    fp32 = art["fp32"]
+    compiled = _raw_compile(fp32["xml"])
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    logits = np.concatenate([compiled(x[i : i + 250])[0] for i in range(0, N, 250)])
+    diff = float(np.abs(logits - fp32["ort"]).max())
+    print(f"\nOpenVINO FP32 vs onnxruntime FP32 on {N} images: max |Δ| = {diff:.2e}")
+    assert diff <= 1e-3
+    assert (logits.argmax(1) == fp32["ort"].argmax(1)).mean() == 1.0
+    # FP32 weights stay FP32 in the IR (save_model compresses them to FP16 by default)
+    constants = {op.get_element_type() for op in ov.Core().read_model(str(fp32["xml"])).get_ordered_ops() if op.get_type_name() == "Constant"}
+    assert ov.Type.f32 in constants and ov.Type.f16 not in constants
+    assert fp32["details"]["exec_precisions"]["Convolution"] == {"f32": 17}  # no bf16 kernels under the f32 hint
+
+
+def test_session_matches_raw_runtime_at_batch_1_and_32_with_one_thread(teacher_ir):
+    art, x, _, _ = teacher_ir
+    raw = _raw_compile(art["fp32"]["xml"])(x[:32])[0]
+    session = load_edge("openvino", art["fp32"]["xml"], threads=1)
+    assert session.threads == 1 and session.fixed_batch is None and session.max_batch is None
+    assert session.runtime.startswith(f"openvino {ov.__version__.split('-')[0]} CPU f32")
+    np.testing.assert_allclose(session.run(x[:32]), raw, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([session.run(x[i : i + 1]) for i in range(4)]), raw[:4], rtol=0, atol=1e-5)
+    infer = session.prepare(x[:1])
+    infer()
+    np.testing.assert_allclose(np.asarray(infer()[0]), raw[:1], rtol=0, atol=1e-5)  # the timed call computes the same logits
+    np.testing.assert_allclose(edge_predict(session, x[:100], batch_size=32), _raw_compile(art["fp32"]["xml"])(x[:100])[0], rtol=0, atol=1e-5)
+
+
+def test_int8_ir_runs_int8_kernels_and_keeps_accuracy(teacher_ir):
+    art, x, labels, out = teacher_ir
+    int8, fp32 = art["int8"], art["fp32"]
+    compiled = _raw_compile(int8["xml"])
+    convs = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+             if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    assert convs and set(convs) <= {"u8", "i8"}  # OpenVINO runs the QDQ artifact with INT8 kernels, not FakeQuantize emulation
+    assert int8["details"]["int8_execution"] and int8["details"]["int8_layers"] >= len(convs)
+    assert (out / "model.int8.bin").stat().st_size < 0.3 * (out / "model.bin").stat().st_size  # weights stored as int8
+    logits = np.concatenate([compiled(x[i : i + 250])[0] for i in range(0, N, 250)])
+    agreement = float((logits.argmax(1) == int8["ort"].argmax(1)).mean())
+    accuracy, fp32_accuracy = float((logits.argmax(1) == labels).mean()), float((fp32["ort"].argmax(1) == labels).mean())
+    print(f"\nOpenVINO INT8: {agreement:.1%} argmax agreement with onnxruntime INT8, accuracy {accuracy:.1%} (FP32 {fp32_accuracy:.1%})")
+    assert agreement >= 0.97
+    assert accuracy >= fp32_accuracy - 0.015
+    assert load_edge("openvino", int8["xml"]).runtime.endswith("CPU int8")
+
+
+def test_metadata_round_trips_through_rt_info(teacher_ir):
+    art, _, _, out = teacher_ir
+    for a in art.values():
+        meta = read_metadata(a["xml"])
+        assert meta == a["metadata"] | {RUNTIME_CONFIG_KEY: json.dumps(COMPILE_CONFIG, sort_keys=True)}
+        assert json.loads(meta[RUNTIME_CONFIG_KEY])["INFERENCE_PRECISION_HINT"] == "f32"
+    assert read_metadata(art["int8"]["xml"])["kdedge.precision"] == "int8"
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.int8.bin", "model.int8.xml", "model.xml"]  # no sidecar, no leftovers
+
+
+@pytest.mark.parametrize("damaged", ["model.xml", "model.bin"])
+def test_truncated_artifact_is_one_line_export_error(teacher_ir, tmp_path, damaged):
+    _, _, _, out = teacher_ir
+    for name in ("model.xml", "model.bin"):
+        data = (out / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2] if name == damaged else data)
+    with pytest.raises(ExportError) as info:
+        load_edge("openvino", tmp_path / "model.xml")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(tmp_path / "model.xml") in message and "Exception from" not in message
+
+
+def test_onnx_under_an_ir_name_is_refused(teacher_ir, tmp_path):
+    _, _, _, out = teacher_ir
+    renamed = tmp_path / "model.xml"  # read_model alone would open it with the ONNX frontend and run it
+    renamed.write_bytes((out.parent / "model.onnx").read_bytes())
+    with pytest.raises(ExportError, match="not an OpenVINO IR"):
+        load_edge("openvino", renamed)

@@ -1,0 +1,142 @@
+"""ExecuTorch (``.pte``, XNNPACK): the shipped teacher exported from PyTorch, run on 1,000 real test images.
+
+The reference is onnxruntime on the teacher's FP32 ONNX export. Tolerances: FP32 max |Δ| <= 1e-3
+and 100 % argmax agreement, run by ExecuTorch's own runtime API alone; kdedge's session equals
+that runtime to 1e-6; INT8 >= 97 % argmax agreement with FP32 and accuracy within 1.5 pt of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdedge.errors import ExportError
+from kdedge.exporters import export_onnx, onnx_metadata
+from kdedge.exporters.edge import edge_predict, export_edge, load_edge, sidecar_path
+from kdedge.exporters.pte import Session, read_metadata
+from kdedge.models.zoo import load_checkpoint, pretrained_path
+from kdedge.ort import ort_predict, ort_session
+
+pytestmark = pytest.mark.edge("executorch")  # skipped without the runtime, unless KDEDGE_REQUIRE_EDGE=1 (tests/conftest.py)
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def teacher_pte(tmp_path_factory, fmnist):
+    """The teacher as FP32 and INT8 programs, its ONNX export, and onnxruntime's FP32 logits on 1,000 test images."""
+    root = tmp_path_factory.mktemp("executorch")
+    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
+    model = ck.model.eval()
+    meta = onnx_metadata(fmnist.spec, model_name=ck.spec.name, source_sha256=None)
+    export_onnx(model, root / "model.onnx", input_shape=(1, 28, 28))
+    x, labels = fmnist.test.inputs(slice(0, N)).numpy(), fmnist.test.labels[:N].numpy()
+    calibration = fmnist.train.inputs(slice(0, 512)).numpy()
+    art = {}
+    for precision in ("fp32", "int8"):
+        path = root / f"model.{precision}.pte"
+        details = export_edge("executorch", out=path, precision=precision, model=model, input_shape=(1, 28, 28),
+                              calibration=calibration, metadata=meta, max_batch=256)
+        print(f"\n{path.name}: exported in {details['seconds']:.1f} s, batch {details['batch']}")
+        art[precision] = {"path": path, "details": details}
+    return art, meta, x, labels, ort_predict(ort_session(root / "model.onnx"), x), root
+
+
+def _raw_logits(path, x, *, batch=250):
+    """ExecuTorch's runtime API alone, as a deployment outside kdedge would call it."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(path).load_method("forward")
+    return np.concatenate([method.execute([torch.from_numpy(x[i : i + batch])])[0].numpy() for i in range(0, len(x), batch)])
+
+
+def test_fp32_program_alone_matches_onnxruntime_on_1000_images(teacher_pte):
+    art, _, x, _, reference, _ = teacher_pte
+    logits = _raw_logits(art["fp32"]["path"], x)
+    diff = float(np.abs(logits - reference).max())
+    print(f"\nExecuTorch FP32 vs onnxruntime FP32 on {N} images: max |Δ| = {diff:.2e}")
+    assert diff <= 1e-3
+    assert (logits.argmax(1) == reference.argmax(1)).mean() == 1.0
+    details = art["fp32"]["details"]
+    assert details["batch"] == {"min": 1, "max": 256} and details["quantization"] is None
+    assert not [op for op in details["outside_delegate"] if op.startswith("aten.") and op != "aten.sym_size.int"]  # all compute in XNNPACK
+
+
+def test_session_matches_raw_runtime_at_batch_1_and_32_with_one_thread(teacher_pte):
+    art, _, x, _, _, _ = teacher_pte
+    session = load_edge("executorch", art["fp32"]["path"], threads=1)
+    assert isinstance(session, Session)
+    assert session.threads == 1 and session.fixed_batch is None and session.max_batch == 256
+    assert session.runtime.startswith("executorch ") and session.runtime.endswith(" XNNPACK")
+    raw = _raw_logits(art["fp32"]["path"], x[:32], batch=32)  # loaded after the session set the pool: see pte._Pool
+    np.testing.assert_allclose(session.run(x[:32]), raw, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([session.run(x[i : i + 1]) for i in range(4)]), raw[:4], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(edge_predict(session, x[:300], batch_size=256), _raw_logits(art["fp32"]["path"], x[:300]), rtol=0, atol=1e-6)
+    infer = session.prepare(x[:1])
+    infer()
+    other = Session(art["fp32"]["path"], threads=2)  # replaces the process-wide pool the first session's method was loaded under
+    assert other.threads == 2
+    infer()  # rebinds under the new pool instead of calling into the destroyed one
+    np.testing.assert_allclose(session.run(x[:8]), raw[:8], rtol=0, atol=1e-6)
+    assert session.threads == 1
+    np.testing.assert_allclose(other.run(x[:8]), raw[:8], rtol=0, atol=1e-6)
+
+
+def test_int8_program_keeps_accuracy_on_1000_images(teacher_pte):
+    art, _, x, labels, reference, _ = teacher_pte
+    details = art["int8"]["details"]
+    assert details["quantization"]["weights"] == "int8 symmetric per output channel" and details["quantization"]["calibration_samples"] == 512
+    assert art["int8"]["path"].stat().st_size < 0.35 * art["fp32"]["path"].stat().st_size  # int8 weights in the program
+    logits = edge_predict(load_edge("executorch", art["int8"]["path"]), x)
+    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    accuracy, fp32_accuracy = float((logits.argmax(1) == labels).mean()), float((reference.argmax(1) == labels).mean())
+    print(f"\nExecuTorch INT8: {agreement:.1%} argmax agreement with FP32, accuracy {accuracy:.1%} (FP32 {fp32_accuracy:.1%})")
+    assert agreement >= 0.97
+    assert accuracy >= fp32_accuracy - 0.015
+
+
+def test_metadata_round_trips_through_the_sidecar(teacher_pte):
+    art, meta, _, _, _, root = teacher_pte
+    for precision, a in art.items():
+        assert read_metadata(a["path"]) == meta | {"kdedge.precision": precision}
+        doc = json.loads(sidecar_path(a["path"]).read_text())
+        assert doc["format"] == "executorch" and doc["batch"] == {"min": 1, "max": 256}
+        assert doc["kdedge.input"]["shape"] == ["batch", 1, 28, 28]  # stored as JSON, not as a string
+    assert sorted(p.name for p in root.iterdir() if "pte" in p.name) == ["model.fp32.pte", "model.fp32.pte.json", "model.int8.pte",
+                                                                         "model.int8.pte.json"]  # no leftovers
+
+
+@pytest.mark.parametrize("damage", ["truncated", "onnx renamed"])
+def test_bad_program_is_one_line_export_error(teacher_pte, tmp_path, damage):
+    art, _, _, _, _, root = teacher_pte
+    data = art["fp32"]["path"].read_bytes()
+    bad = tmp_path / "model.pte"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else (root / "model.onnx").read_bytes())
+    with pytest.raises(ExportError) as info:
+        Session(bad)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(bad) in message and "not a loadable ExecuTorch program" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no runtime traceback behind it
+
+
+def test_untraceable_model_is_one_line_export_error(tmp_path):
+    class Branchy(nn.Module):
+        def forward(self, x):  # data-dependent control flow: torch.export cannot trace it
+            return x.flatten(1)[:, :10] if x.sum() > 0 else -x.flatten(1)[:, :10]
+
+    with pytest.raises(ExportError) as info:
+        export_edge("executorch", out=tmp_path / "m.pte", precision="fp32", model=Branchy(), input_shape=(1, 4, 4), metadata={})
+    assert len(str(info.value).splitlines()) == 1 and "cannot export Branchy to ExecuTorch" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_importing_the_backend_loads_no_runtime():
+    code = "import sys, kdedge.exporters.pte; print(sorted({'executorch', 'torchao'} & {m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
