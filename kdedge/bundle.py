@@ -25,7 +25,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from kdedge._fs import atomic_dir, file_sha256, new_dir
 from kdedge._version import __version__
-from kdedge.bench.harness import BenchModel, benchmark
+from kdedge.bench.harness import BenchModel, artifact_variant, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.bench.tuning import settings_call, time_within, tune
@@ -45,13 +45,16 @@ from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
-from kdedge.exporters.onnx import export_onnx
+from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, export_edge
+from kdedge.exporters.export import onnx_metadata
+from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.exporters.quantize import quantize_int8
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, save_checkpoint, state_dict_sha256
 from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
 
-__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundlePlan", "BundleResult", "compress_and_export", "plan_bundle", "resolve_auto", "verify_bundle", "recommend", "evaluate_gates"]
+__all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundlePlan", "BundleResult", "compress_and_export", "plan_bundle", "resolve_auto",
+           "installed_edge_formats", "verify_bundle", "recommend", "evaluate_gates", "fastest_target"]
 
 MANIFEST_SCHEMA = 1
 
@@ -75,10 +78,6 @@ class BundleResult:
 
 
 
-def _artifact_variant(a: dict[str, Any]) -> str:
-    return ("trt-" if a["format"] == "tensorrt" else "onnx-") + a["precision"]
-
-
 def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, max_quant_drop: float) -> dict[str, dict[str, Any]]:
     """Per target, the fastest student artifact (batch-1 p50) whose accuracy is within the gate of FP32.
 
@@ -86,7 +85,7 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
     by the measured rows, never by precision alone.
     """
     fp32_acc = next((a["accuracy"]["accuracy"] for a in artifacts if a["format"] == "onnx" and a["precision"] == "fp32" and a.get("accuracy")), None)
-    by_variant = {_artifact_variant(a): a for a in artifacts if a.get("details", {}).get("for") != "tensorrt"}
+    by_variant = {artifact_variant(a): a for a in artifacts if a.get("details", {}).get("for") != "tensorrt"}
     # With a validation split the choice is made on validation accuracy, as the gates are: the test split only reports.
     val_drop: dict[str, float] = {}
     for v, a in by_variant.items():
@@ -120,6 +119,22 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
                 smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok in sorted(candidates))),
         }
     return out
+
+
+def fastest_target(recommended: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Among the CPU targets' recommended artifacts, the one with the lowest batch-1 p50: the runtime to deploy on a CPU.
+
+    The targets were measured one after another on the same machine; on a machine whose speed
+    drifts, a margin of a few percent between two runtimes is not a ranking.
+    """
+    cpu = [(rec["p50_ms"], target) for target, rec in recommended.items() if TARGETS[target][1] == "cpu"]
+    if not cpu:
+        return None
+    p50, target = min(cpu)
+    rec = recommended[target]
+    runners_up = sorted((p / p50, t) for p, t in cpu if t != target)
+    return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50,
+            "others": {t: {"variant": recommended[t]["variant"], "p50_ratio": ratio} for ratio, t in runners_up}}
 
 
 def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[dict[str, Any]], recommended: dict[str, dict[str, Any]],
@@ -193,13 +208,21 @@ def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ..
 
     cuda = torch.cuda.is_available()
     trt = cuda and importlib.util.find_spec("tensorrt") is not None
+    edge = installed_edge_formats() if config.edge else ()
     formats = config.formats
     if formats == ("auto",):
         formats = ("onnx", "onnx-int8") + (("onnx-fp16",) if cuda else ()) + (("tensorrt",) if trt else ())
+        formats += tuple(f for name in edge for f in (name, f"{name}-int8"))
     targets = config.targets
     if targets == ("auto",):
         targets = ("torch-cpu", "ort-cpu") + (("torch-cuda",) if cuda else ()) + (("trt",) if trt else ())
+        targets += tuple(EDGE_FORMATS[name].target for name in edge)
     return formats, targets
+
+
+def installed_edge_formats() -> tuple[str, ...]:
+    """The edge formats whose runtimes are installed here (ORT format always is, with onnxruntime)."""
+    return tuple(name for name in EDGE_FORMATS if edge_unavailable(name) is None)
 
 
 @dataclass
@@ -263,9 +286,10 @@ def _check_writable(directory: Path) -> None:
 
 
 def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], work: Path, log: Callable[[str], None]) -> None:
-    """The untrained student through every ONNX format: the graph, the quantizer and the FP16 cast do not depend on the weights.
+    """The untrained student through every format: the graph, the quantizers, the FP16 cast and the edge converters do not depend on the weights.
 
-    Parity and accuracy do, so they are checked on the trained student only.
+    Parity and accuracy do, so they are checked on the trained student only. Edge formats are
+    checked in FP32 (their INT8 paths quantize the same graph).
     """
     log(f"preflight: the {spec.name} student's graph through " + ", ".join(f for f in formats if f != "tensorrt"))
     shape = tuple(data.spec.input_shape)
@@ -274,6 +298,11 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
         quantize_int8(fp32.path, work / "student.int8.onnx", calibration=data.train.inputs(slice(0, 32)).numpy())
     if "onnx-fp16" in formats:
         export_onnx(student, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
+    meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None)
+    with cpu_eval(student) as model:
+        for name in (n for n in EDGE_FORMATS if n in formats):
+            export_edge(name, out=work / f"student{EDGE_FORMATS[name].suffix}", precision="fp32", model=model, onnx=fp32.path, input_shape=shape,
+                        metadata=meta, max_batch=ExportConfig().edge_max_batch)
 
 
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
@@ -299,11 +328,14 @@ def _teacher_bench(teacher: ResolvedTeacher, input_map: InputMap | None, data: D
     shape = tuple(data.spec.input_shape)
     bench = BenchModel(teacher.spec.name, role="teacher", module=module, params=count_parameters(teacher.model), flops=count_flops(module, shape),
                        source=teacher.name)
-    if any(TARGETS[t][0] == "onnxruntime" for t in targets):
-        log(f"preflight: exporting the teacher {teacher.spec.name} to ONNX FP32 and INT8 for the onnxruntime targets")
-        exported = export_model(module, work / "teacher", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), evaluate=False, parity_samples=256),
+    edge = [TARGETS[t][0] for t in targets if TARGETS[t][0] in EDGE_FORMATS]
+    if edge or any(TARGETS[t][0] == "onnxruntime" for t in targets):
+        # ONNX FP32 and INT8 for onnxruntime; each edge runtime's FP32, to compare the student with the teacher on that runtime.
+        formats = ("onnx", "onnx-int8", *edge)
+        log(f"preflight: exporting the teacher {teacher.spec.name} to {', '.join(formats)} for the {', '.join(targets)} targets")
+        exported = export_model(module, work / "teacher", data=data, config=ExportConfig(formats=formats, evaluate=False, parity_samples=256),
                                 model_name=teacher.spec.name)
-        bench.artifacts = {f"onnx-{a.precision}": work / "teacher" / a.path for a in exported.artifacts}
+        bench.artifacts = {artifact_variant(asdict(a)): work / "teacher" / a.path for a in exported.artifacts}
     return bench
 
 
@@ -408,10 +440,10 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     artifacts = exported.manifest["artifacts"]
     student_bm = BenchModel(plan.student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
                             flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
-                            artifacts={_artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
+                            artifacts={artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
     targets = plan.targets
     bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
-                            threads=config.bench_threads, export_variants=("fp32", "int8"), warmup_s=0.1, min_iters=20)
+                            threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
     log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
     report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
     write_report_files(report, tmp)
@@ -440,7 +472,7 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
 
     ort-cpu tunes the recommended artifact (its entry gains ``settings``, ``tuned_p50_ms``,
     ``tuning`` and ``vs_teacher_tuned``) against the teacher's ONNX FP32; torch-cpu tunes the
-    student and the teacher in eager PyTorch. GPU targets have no thread settings to tune. The
+    student and the teacher in eager PyTorch. GPU targets have no thread settings to tune; edge targets are not tuned. The
     ratio comes from one interleaved measurement of both at their best settings, so machine drift
     between the two tunings cannot tilt it.
     """
@@ -450,8 +482,8 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
     for target in plan.targets:
         runtime, device = TARGETS[target]
         rec = recommended.get(target)
-        if device != "cpu" or (runtime == "onnxruntime" and rec is None):
-            continue
+        if device != "cpu" or runtime not in ("torch", "onnxruntime") or (runtime == "onnxruntime" and rec is None):
+            continue  # edge runtimes: their thread count is the benchmark's (tuning them is not built yet)
         batch = rec["batch"] if rec else min(config.batch_sizes)
         x = plan.data.test.batch_of(batch)
         if runtime == "onnxruntime":
@@ -504,12 +536,15 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
             {"path": f"models/{a['path']}", "format": a["format"], "precision": a["precision"], "bytes": a["bytes"], "sha256": a["sha256"],
              "parity": {"passed": a["parity"]["passed"], "samples": a["parity"]["samples"],
                         "max_abs_diff": a["parity"]["outputs"][0]["max_abs_diff"], "argmax_agreement": a["parity"]["outputs"][0]["argmax_agreement"]},
-             "accuracy": (a.get("accuracy") or {}).get("accuracy"), "for": a.get("details", {}).get("for", "any")}
+             "accuracy": (a.get("accuracy") or {}).get("accuracy"), "for": a.get("details", {}).get("for", "any"),
+             **({"runtime": a["details"]["runtime"], "companions": [f"models/{n}" for n in a["details"].get("files", {})]}
+                if a["format"] in EDGE_FORMATS else {})}
             for a in artifacts
         ],
         "skipped": exported.skipped,
         "gates": gates,
         "recommended": recommended,
+        "fastest": fastest_target(recommended),
         "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)],
                         **({"tuned": tuned} if tuned else {})},
         "resolved": {"formats": list(plan.formats), "targets": list(plan.targets)},
@@ -570,13 +605,16 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
-    """Recompute every sha256 in the manifest and run each ONNX artifact on a smoke batch.
+    """Recompute every sha256 in the manifest and run each artifact in its own runtime on a smoke batch.
+
+    An edge artifact whose runtime is not installed here is listed under ``not_run`` with the
+    extra that installs it; its hashes are still checked.
 
     Args:
         path: A bundle directory or a ``.tar.gz`` written with ``--archive``.
 
     Returns:
-        A summary: files checked, ONNX models run.
+        A summary: files checked, the artifacts run, those not run (with why).
 
     Raises:
         VerifyError: Naming every mismatch (missing files, wrong size or hash, models that fail).
@@ -595,12 +633,15 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     manifest = _read_manifest(path)
     problems = _file_problems(path, manifest)
     bad = {p.split(":")[0] for p in problems}
-    smoke = [a for a in manifest.get("artifacts", []) if a["format"] == "onnx" and a["path"] not in bad and (path / a["path"]).is_file()]
-    problems += [p for a in smoke for p in _smoke_problems(path, a["path"], manifest)]
+    runnable = [a for a in manifest.get("artifacts", []) if a["format"] in ("onnx", *EDGE_FORMATS) and a["path"] not in bad and (path / a["path"]).is_file()]
+    not_run = {a["path"]: why for a in runnable if a["format"] in EDGE_FORMATS and (why := edge_unavailable(a["format"]))}
+    ran = [a for a in runnable if a["path"] not in not_run]
+    problems += [p for a in ran for p in _smoke_problems(path, a, manifest)]
     problems += _settings_problems(path, manifest, skip=bad)
     if problems:
         raise VerifyError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return {"bundle": str(path), "files": len(manifest.get("files", [])), "onnx_models_run": len(smoke)}
+    return {"bundle": str(path), "files": len(manifest.get("files", [])), "models_run": [a["path"] for a in ran],
+            "onnx_models_run": sum(a["format"] == "onnx" for a in ran), "not_run": not_run}
 
 
 def _read_manifest(bundle: Path) -> dict[str, Any]:
@@ -653,13 +694,18 @@ def _settings_problems(bundle: Path, manifest: dict[str, Any], *, skip: set[str]
     return problems
 
 
-def _smoke_problems(bundle: Path, rel: str, manifest: dict[str, Any]) -> list[str]:
-    """An ONNX artifact run in onnxruntime on a smoke batch must give finite ``(2, K)`` logits."""
+def _smoke_problems(bundle: Path, artifact: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """An artifact run in its own runtime (onnxruntime, or its edge runtime) on a smoke batch must give finite ``(2, K)`` logits."""
+    from kdedge.exporters.edge import edge_predict, load_edge
     from kdedge.ort import ort_session
 
+    rel, x = artifact["path"], _smoke_inputs(manifest)
     try:
-        session = ort_session(bundle / rel)
-        out = session.run(None, {session.get_inputs()[0].name: _smoke_inputs(manifest)})[0]
+        if artifact["format"] == "onnx":
+            session = ort_session(bundle / rel)
+            out = session.run(None, {session.get_inputs()[0].name: x})[0]
+        else:
+            out = edge_predict(load_edge(artifact["format"], bundle / rel), x)
     except KdedgeError as exc:
         return [f"{rel}: {exc}"]
     k = len(manifest["labels"])

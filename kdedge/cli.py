@@ -60,11 +60,13 @@ _HELP = {
     "dkd_warmup": "DKD: epochs over which the DKD term's weight rises linearly from 0 to 1.",
     "temperature": "Softmax temperature T of the distillation term.",
     "cache": "Teacher-logit cache: disk (~/.cache/kdedge/logits), memory or off.",
-    "formats": "Export formats, comma-separated: onnx, onnx-int8, onnx-fp16, tensorrt.",
+    "formats": "Export formats, comma-separated: onnx, onnx-int8, onnx-fp16, tensorrt; edge: executorch, litert, openvino, ort (ONNX Runtime's "
+               "mobile format), each also as <name>-int8. auto: ONNX FP32+INT8, FP16/TensorRT with a GPU, and every installed edge runtime.",
     "calibration_samples": "Training images that calibrate static INT8.",
     "calibration_method": "INT8 calibration: minmax, entropy or percentile.",
     "parity_samples": "Test images every artifact is compared with PyTorch on.",
-    "targets": "Benchmark targets, comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt.",
+    "targets": "Benchmark targets, comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt; edge: executorch-cpu, litert-cpu, "
+               "openvino-cpu, ort-mobile-cpu.",
     "batch_sizes": "Benchmark batch sizes, comma-separated.",
     "bench_min_s": "Timed seconds per benchmark measurement.",
     "bench_threads": "Intra-op threads while benchmarking (default: each runtime's choice).",
@@ -72,6 +74,8 @@ _HELP = {
     "max_quant_drop": "Gate: INT8 may lose at most this many accuracy points vs FP32.",
     "min_speedup": "Gate (optional): recommended artifact's batch-1 p50 speedup over the teacher in eager PyTorch.",
     "archive": "Also write BUNDLE.tar.gz.",
+    "edge": "formats/targets auto also take every installed edge runtime (ExecuTorch, LiteRT, OpenVINO, ORT format): FP32 and INT8 artifacts, "
+            "parity-checked and benchmarked against the teacher on each.",
     "tune_runtime": "Tune each CPU target's runtime settings (threads; onnxruntime graph optimization and execution mode) for the recommended artifact and the teacher, and record the best in the manifest.",
     "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs): kdedge search finds the most accurate student within it "
                       "(compress-and-export: measured in onnxruntime on the CPU with --bench-threads, default 1, at batch 1; --student is then ignored).",
@@ -195,7 +199,8 @@ def search(config_file: str | None, quiet: bool, trust_code: bool, **params: Any
 
 @cli.command()
 @click.argument("source")
-@click.option("--format", "formats", multiple=True, help="onnx, onnx-int8, onnx-fp16, tensorrt; repeat or comma-separate. [default: onnx,onnx-int8]")
+@click.option("--format", "formats", multiple=True, help="onnx, onnx-int8, onnx-fp16, tensorrt, executorch[-int8], litert[-int8], openvino[-int8], "
+              "ort[-int8]; repeat or comma-separate. [default: onnx,onnx-int8]")
 @click.option("--data", help="Dataset for parity, calibration and accuracy [default: the one recorded in the checkpoint].")
 @click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one recorded in the checkpoint].")
 @click.option("--layout", help="Arrays: NCHW or NHWC, for a shape that could be either.")
@@ -246,9 +251,10 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], trust
 @click.option("--teacher", help="The teacher (run dir, checkpoint, export dir, .onnx, .plan or shipped name); MODELs are then compared with it.")
 @click.option("--data", help="Dataset whose test images feed latency batches and accuracy; must be the one the models record. "
               "[default: the dataset recorded with the model]")
-@click.option("--targets", help="Comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt. [default: torch-cpu,ort-cpu]")
+@click.option("--targets", help="Comma-separated: torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-trt, trt, executorch-cpu, litert-cpu, openvino-cpu, "
+              "ort-mobile-cpu. [default: torch-cpu,ort-cpu]")
 @click.option("--batch-sizes", help="Comma-separated batch sizes. [default: 1,8,32,128]")
-@click.option("--threads", type=int, help="Intra-op threads for torch and onnxruntime [default: each runtime's choice].")
+@click.option("--threads", type=int, help="Intra-op threads of every runtime [default: each runtime's choice].")
 @click.option("--streams", type=int, help="Also measure throughput with K concurrent sessions. [default: 1 = off]")
 @click.option("--warmup-iters", type=int, help="Warm-up calls before timing. [default: 10]")
 @click.option("--min-iters", type=int, help="Timed calls at least. [default: 50]")
@@ -257,7 +263,8 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], trust
 @click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one the models record].")
 @click.option("--layout", help="Arrays: NCHW or NHWC, for a shape that could be either.")
 @click.option("--no-accuracy", "accuracy", flag_value=False, default=None, help="Skip measuring accuracy.")
-@click.option("--export-variants", help="ONNX variants exported from checkpoints for ort-* targets. [default: fp32,int8]")
+@click.option("--export-variants", help="Variants exported from checkpoints for the onnxruntime and edge targets (fp32, int8; fp16 for ONNX). "
+              "[default: fp32,int8]")
 @click.option("--no-plots", "plots", flag_value=False, default=None, help="Skip the PNG plots.")
 @click.option("--compare", "compare", nargs=2, type=click.Path(), help="Compare two reports (A B): ratios B/A, flagged beyond measured noise.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
@@ -265,8 +272,8 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], trust
 @_trust_code_option
 def bench(models: tuple[str, ...], teacher: str | None, compare: tuple[str, str] | None, config_file: str | None, trust_code: bool,
           **params: Any) -> None:
-    """Latency, throughput, accuracy and size of MODELs (run dirs, checkpoints, export dirs, .onnx, .plan)
-    on each target, with teacher-vs-student ratios when --teacher is given.
+    """Latency, throughput, accuracy and size of MODELs (run dirs, checkpoints, export dirs, .onnx, .plan,
+    .pte, .tflite, OpenVINO .xml, .ort) on each target, with teacher-vs-student ratios when --teacher is given.
     """
     if compare:
         from kdedge.bench.report import compare_reports, load_report, render_comparison
@@ -329,11 +336,14 @@ def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:
 @cli.command()
 @click.argument("bundle")
 def verify(bundle: str) -> None:
-    """Check a bundle (directory or .tar.gz): every sha256 in its manifest, and each ONNX model on a smoke batch."""
+    """Check a bundle (directory or .tar.gz): every sha256 in its manifest, and each model in its own runtime on a smoke batch."""
     from kdedge.bundle import verify_bundle
 
     summary = verify_bundle(bundle)
-    click.echo(f"ok: {summary['files']} files match the manifest, {summary['onnx_models_run']} ONNX models ran")
+    click.echo(f"ok: {summary['files']} files match the manifest, {len(summary['models_run'])} models ran in their runtimes "
+               f"({summary['onnx_models_run']} ONNX models ran in onnxruntime)")
+    for rel, why in summary["not_run"].items():
+        click.echo(f"not run: {rel}: {why}")
 
 
 @cli.command()

@@ -28,11 +28,16 @@ _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _CACHES = ("disk", "memory", "off")
 _LOSSES = ("hinton", "dkd", "fitnets", "at")
-EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt")
+#: Edge formats (``kdedge.exporters.edge``): FP32 by its name, INT8 as ``<name>-int8``.
+EDGE_EXPORT_FORMATS = ("executorch", "executorch-int8", "litert", "litert-int8", "openvino", "openvino-int8", "ort", "ort-int8")
+EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt", *EDGE_EXPORT_FORMATS)
+#: Edge formats converted from the ONNX INT8 artifact rather than quantized on their own.
+_FROM_ONNX_INT8 = ("openvino-int8", "ort-int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZATION_MODES = ("static", "dynamic")
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
-BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+EDGE_TARGETS = ("executorch-cpu", "litert-cpu", "openvino-cpu", "ort-mobile-cpu")
+BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt", *EDGE_TARGETS)
 EXPORT_VARIANTS = ("fp32", "int8", "fp16")
 
 
@@ -215,7 +220,10 @@ class ExportConfig(_Config):
     batch 1 and batch N. Tolerances per precision: FP32 max |Δ| ≤ ``fp32_atol``; FP16 max |Δ| ≤
     ``fp16_atol`` + ``fp16_rtol``·max|reference|; argmax must agree except on near-ties
     (reference top-2 margin ≤ 2× the tolerance). INT8 is judged by argmax agreement
-    (≥ ``int8_min_agreement``) and its measured test accuracy.
+    (≥ ``int8_min_agreement``) and its measured test accuracy. Edge formats (``executorch``,
+    ``litert``, ``openvino``, ``ort`` and their ``-int8``) get the same parity and accuracy checks,
+    each run in its own runtime; an artifact whose batch is bounded at export takes up to
+    ``edge_max_batch``.
     """
 
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
@@ -239,6 +247,7 @@ class ExportConfig(_Config):
     trt_precision: str = "fp16"
     trt_batch: tuple[int, ...] = (1, 32, 256)
     trt_workspace_mib: int = 1024
+    edge_max_batch: int = 256
     out: str | None = None
 
     def _problems(self) -> list[str]:
@@ -246,9 +255,10 @@ class ExportConfig(_Config):
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if bad or not self.formats:
             p.append(f"formats must be one or more of {', '.join(EXPORT_FORMATS)}, got {', '.join(self.formats) or 'none'}")
+        p += _int8_sources(self.formats)
         if not 18 <= self.opset <= 23:
             p.append(f"opset must be in 18..23 (the dynamo exporter's range), got {self.opset}")
-        for name in ("parity_samples", "calibration_samples", "trt_workspace_mib"):
+        for name in ("parity_samples", "calibration_samples", "trt_workspace_mib", "edge_max_batch"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         p += _choices(self, ("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS))
@@ -261,6 +271,14 @@ class ExportConfig(_Config):
         if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
             p.append(f"trt_batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {','.join(map(str, b))}")
         return p
+
+
+def _int8_sources(formats: tuple[str, ...]) -> list[str]:
+    """OpenVINO and ORT-format INT8 artifacts are converted from the ONNX INT8 one, which must be exported too."""
+    need = [f for f in formats if f in _FROM_ONNX_INT8]
+    if need and "onnx-int8" not in formats:
+        return [f"{', '.join(need)} {'is' if len(need) == 1 else 'are'} converted from the ONNX INT8 artifact; add onnx-int8 to formats"]
+    return []
 
 
 @dataclass
@@ -325,7 +343,9 @@ class CompressConfig(DistillConfig):
     Fashion-MNIST, 6 epochs (not the 15 of ``kdedge distill``, so the whole run fits in about
     three minutes on a 2-core CPU). ``formats: auto`` is ONNX FP32 + INT8, plus FP16 where a CUDA
     GPU is visible and a TensorRT engine where TensorRT also imports; ``targets: auto`` is
-    torch-cpu and ort-cpu, plus torch-cuda and trt likewise. Gates: the student
+    torch-cpu and ort-cpu, plus torch-cuda and trt likewise. With ``edge``, ``auto`` also takes
+    every installed edge runtime (ExecuTorch, LiteRT, OpenVINO, ORT format): its FP32 and INT8
+    artifacts and its target. Gates: the student
     keeps ``min_retention`` of the teacher's accuracy, INT8 loses at most ``max_quant_drop``
     points, and (optionally) the recommended artifact is ``min_speedup``× faster than the teacher
     in eager PyTorch at batch 1.
@@ -344,6 +364,7 @@ class CompressConfig(DistillConfig):
     max_quant_drop: float = 0.5
     min_speedup: float | None = None
     archive: bool = False
+    edge: bool = False
     tune_runtime: bool = True
     latency_budget: float | None = None
 
@@ -354,6 +375,8 @@ class CompressConfig(DistillConfig):
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if self.formats != ("auto",) and (bad or "onnx" not in self.formats):
             p.append(f"formats must be auto, or include onnx and be among {', '.join(EXPORT_FORMATS)}; got {', '.join(self.formats) or 'none'}")
+        elif self.formats != ("auto",):
+            p += _int8_sources(self.formats)
         bad = [t for t in self.targets if t not in BENCH_TARGETS]
         if self.targets != ("auto",) and (bad or not self.targets):
             p.append(f"targets must be auto, or one or more of {', '.join(BENCH_TARGETS)}; got {', '.join(self.targets) or 'none'}")

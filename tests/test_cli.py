@@ -107,7 +107,8 @@ def test_entry_point_has_no_traceback(tmp_path):
 
 
 def test_import_is_lean():
-    code = "import sys, kdedge; bad = [m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'tensorrt', 'onnx')]; print(bad)"
+    runtimes = ('onnxruntime', 'tensorrt', 'onnx', 'executorch', 'torchao', 'litert_torch', 'ai_edge_litert', 'jax', 'tensorflow', 'openvino')
+    code = f"import sys, kdedge, kdedge.exporters, kdedge.bench; bad = [m for m in sys.modules if m.split('.')[0] in {runtimes!r}]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

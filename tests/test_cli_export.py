@@ -74,7 +74,8 @@ def test_export_bad_inputs_are_one_line_and_leave_nothing(capsys, tmp_path, stud
         ((truncated,), "not a readable safetensors file"),
         ((wrong_arch,), "weights do not fit"),
         ((tmp_path / "missing.safetensors",), "no such run directory or checkpoint"),
-        ((student_ckpt, "--format", "onnx,zip"), "formats must be one or more of onnx, onnx-int8, onnx-fp16, tensorrt, got onnx, zip"),
+        ((student_ckpt, "--format", "onnx,zip"), "formats must be one or more of onnx, onnx-int8, onnx-fp16, tensorrt, executorch, executorch-int8, "
+                                                "litert, litert-int8, openvino, openvino-int8, ort, ort-int8, got onnx, zip"),
         ((student_ckpt, "--trt-batch", "8,4,16"), "trt_batch must be MIN,OPT,MAX"),
         ((student_ckpt, "--opset", 9), "opset must be in 18..23"),
         ((student_ckpt, "--data", "mnist-like-nothing"), "mnist-like-nothing"),

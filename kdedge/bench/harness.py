@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 from kdedge._version import __version__
 from kdedge.bench.report import REPORT_SCHEMA, write_report
 from kdedge.bench.env import capture_environment, current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from kdedge.bench.runners import TARGETS, Runner, make_runner, target_available
+from kdedge.bench.runners import EDGE_RUNTIMES, TARGETS, Runner, make_runner, target_available, variant_prefix
 from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
 from kdedge.config import BenchConfig, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec
@@ -110,10 +110,9 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
         manifest = json.loads((path / "export.json").read_text())
         artifacts = {}
         for a in manifest.get("artifacts", []):
-            kind = "trt" if a["format"] == "tensorrt" else "onnx"
             if a.get("details", {}).get("for") == "tensorrt":
                 continue  # the symmetric INT8 ONNX only feeds TensorRT
-            artifacts[f"{kind}-{a['precision']}"] = path / a["path"]
+            artifacts[artifact_variant(a)] = path / a["path"]
         fp32 = artifacts.get("onnx-fp32")
         return BenchModel(name=manifest.get("model") or path.name, role=role, artifacts=artifacts, params=_onnx_params(fp32) if fp32 else None,
                           bytes=fp32.stat().st_size if fp32 else None, source=str(path), recorded=_recorded_in_spec_dict(manifest.get("data")))
@@ -130,6 +129,16 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
         precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"onnx-{precision}": path}, params=_onnx_params(path) if precision != "int8" else None,
                           bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta))
+    edge = _edge_format_of(path)
+    if edge is not None:
+        from kdedge.exporters.edge import artifact_bytes, load_edge
+
+        meta = _edge_metadata(edge, path)
+        if not meta:
+            load_edge(edge, path)  # an unreadable file: its runtime says why in one line, before "no dataset recorded" could mislead
+        precision = meta.get("kdedge.precision", "fp32")
+        return BenchModel(name=path.stem, role=role, artifacts={f"{edge}-{precision}": path}, bytes=artifact_bytes(edge, path),
+                          source=str(path), recorded=_recorded_in_onnx(meta))
     if path.is_file() and path.suffix in (".plan", ".engine"):
         meta_path = path.with_name(path.name + ".json")
         precision = json.loads(meta_path.read_text()).get("precision", "fp16") if meta_path.is_file() else "fp16"
@@ -151,6 +160,34 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
     return BenchModel(name=ckpt.spec.name, role=role, module=ckpt.model.eval(), params=count_parameters(ckpt.model),
                       flops=count_flops(ckpt.model, tuple(ckpt.spec.input_shape)), bytes=ckpt.path.stat().st_size, source=str(ckpt.path),
                       recorded=recorded)
+
+
+def artifact_variant(a: dict[str, Any]) -> str:
+    """The variant name of an ``export.json`` artifact: ``onnx-int8``, ``trt-fp16``, ``executorch-fp32``..."""
+    return {"onnx": "onnx-", "tensorrt": "trt-"}.get(a["format"], f"{a['format']}-") + a["precision"]
+
+
+def _edge_format_of(path: Path) -> str | None:
+    """The edge format of an artifact file, by its suffix (None: not an edge artifact)."""
+    from kdedge.exporters.edge import EDGE_FORMATS
+
+    if not path.is_file():
+        return None
+    return next((f.name for f in EDGE_FORMATS.values() if path.suffix == f.suffix), None)
+
+
+def _edge_metadata(edge: str, path: Path) -> dict[str, str]:
+    """The kdedge metadata of an edge artifact (embedded, or in its sidecar); ``{}`` when it has none or is unreadable."""
+    import importlib
+
+    from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, read_sidecar
+
+    if edge_unavailable(edge):
+        return read_sidecar(path)
+    try:
+        return importlib.import_module(EDGE_FORMATS[edge].module).read_metadata(path)
+    except Exception:  # noqa: BLE001 - any reader failure means an unreadable file, which the runner reports in one line
+        return read_sidecar(path)
 
 
 def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
@@ -216,20 +253,31 @@ def _recorded_beside_plan(path: Path) -> RecordedData | None:
     return _recorded_in_spec_dict(manifest.get("data"))
 
 
-def _ensure_onnx(model: BenchModel, data: DataSplits, config: BenchConfig, workdir: Path, log: Callable[[str], None]) -> None:
-    """Export the module to the configured ONNX variants (parity-checked) when an ORT target needs them."""
-    wanted = [v for v in config.export_variants if f"onnx-{v}" not in model.artifacts]
-    if model.module is None or not wanted:
+def _ensure_artifacts(model: BenchModel, data: DataSplits, config: BenchConfig, workdir: Path, log: Callable[[str], None]) -> None:
+    """Export the module (parity-checked) to what the configured onnxruntime and edge targets run, where it has no such artifact."""
+    if model.module is None:
+        return
+    wanted: list[str] = []
+    runtimes = {TARGETS[t][0] for t in config.targets}
+    if "onnxruntime" in runtimes:
+        wanted += [{"fp32": "onnx", "int8": "onnx-int8", "fp16": "onnx-fp16"}[v] for v in config.export_variants if f"onnx-{v}" not in model.artifacts]
+    for runtime in sorted(runtimes & set(EDGE_RUNTIMES)):
+        for v in ("fp32", "int8"):
+            if v in config.export_variants and f"{runtime}-{v}" not in model.artifacts:
+                wanted.append(runtime if v == "fp32" else f"{runtime}-int8")
+                if v == "int8" and runtime in ("openvino", "ort"):
+                    wanted.append("onnx-int8")  # they are converted from it
+    if not wanted:
         return
     from kdedge.exporters import export_model
 
-    formats = ["onnx"] + [{"int8": "onnx-int8", "fp16": "onnx-fp16"}[v] for v in wanted if v != "fp32"]
+    formats = tuple(dict.fromkeys(["onnx", *wanted]))
     out = workdir / f"{model.role}-{model.name}".replace("/", "_")
-    log(f"bench: exporting {model.name} to {', '.join(formats)} for the onnxruntime targets")
-    result = export_model(model.module, out, data=data, config=ExportConfig(formats=tuple(formats), evaluate=False, parity_samples=256), model_name=model.name,
+    log(f"bench: exporting {model.name} to {', '.join(formats)} for the {', '.join(config.targets)} targets")
+    result = export_model(model.module, out, data=data, config=ExportConfig(formats=formats, evaluate=False, parity_samples=256), model_name=model.name,
                           log=log)
     for a in result.artifacts:
-        model.artifacts.setdefault(f"onnx-{a.precision}", out / a.path)
+        model.artifacts.setdefault(artifact_variant(asdict(a)), out / a.path)
 
 
 def _variants_for(model: BenchModel, target: str) -> list[tuple[str, Path | None]]:
@@ -238,7 +286,7 @@ def _variants_for(model: BenchModel, target: str) -> list[tuple[str, Path | None
         if model.module is None:
             return []
         return [("torch-fp32", None)] + ([("torch-fp16", None)] if device == "cuda" else [])
-    prefix = "trt-" if runtime == "tensorrt" else "onnx-"
+    prefix = variant_prefix(target)
     return [(v, p) for v, p in sorted(model.artifacts.items()) if v.startswith(prefix)]
 
 
@@ -308,9 +356,8 @@ def benchmark(
     inputs = data.test.batch_of(max_batch)  # real images, repeated to fill the batch
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdedge-bench-") as work:
-        if any(TARGETS[t][0] == "onnxruntime" for t in config.targets):
-            for m in models:
-                _ensure_onnx(m, data, config, Path(work), log)
+        for m in models:
+            _ensure_artifacts(m, data, config, Path(work), log)
         for model in models:
             # A model's own input normalization (an ONNX teacher's) is applied before timing: a deployment feeds it prepared inputs.
             own = model.preprocess or (lambda x: x)
@@ -350,7 +397,14 @@ def _measure(model: BenchModel, target: str, variant: str, path: Path | None, in
         runner.check_batch(b)
     batch = min(config.accuracy_batch, getattr(runner, "max_batch", config.accuracy_batch))
     accuracy = _accuracy(runner, test_inputs, data, batch) if test_inputs is not None else None
-    artifact_bytes = path.stat().st_size if path is not None else model.bytes
+    if path is None:
+        artifact_bytes = model.bytes
+    elif runtime in EDGE_RUNTIMES:
+        from kdedge.exporters.edge import artifact_bytes as edge_bytes
+
+        artifact_bytes = edge_bytes(runtime, path)
+    else:
+        artifact_bytes = path.stat().st_size
     group = []
     for b in config.batch_sizes:
         stats = (measure_cuda if runner.on_device_timing else measure)(runner.prepare(inputs[:b]), policy)
@@ -359,6 +413,7 @@ def _measure(model: BenchModel, target: str, variant: str, path: Path | None, in
             "precision": _precision(variant), "batch": b, "threads": config.threads, "latency_ms": stats.to_dict(),
             "throughput_per_s": b / (stats.p50_ms / 1e3), "accuracy": accuracy, "params": model.params, "flops": model.flops,
             "bytes": artifact_bytes, "timing": "cuda-events" if runner.on_device_timing else "host",
+            **({"runtime_version": runner.runtime_version} if hasattr(runner, "runtime_version") else {}),
         }
         if config.streams > 1:  # K independent sessions/copies, each fed by its own thread
             def fresh(b: int = b) -> Callable[[], Any]:
@@ -387,7 +442,7 @@ def compare_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key = {(r["target"], r["variant"], r["batch"]): r for r in teachers}
     out = []
     for s in students:
-        same_runtime_fp32 = "torch-fp32" if s["runtime"] == "torch" else ("onnx-fp32" if s["runtime"] == "onnxruntime" else None)
+        same_runtime_fp32 = variant_prefix(s["target"]) + "fp32" if s["target"] in TARGETS else None
         baselines = []
         if same_runtime_fp32 and (s["target"], same_runtime_fp32, s["batch"]) in by_key:
             baselines.append(by_key[(s["target"], same_runtime_fp32, s["batch"])])

@@ -1,4 +1,4 @@
-"""Runners: one interface over PyTorch eager, onnxruntime and TensorRT engines.
+"""Runners: one interface over PyTorch eager, onnxruntime, TensorRT engines and the edge runtimes.
 
 A runner turns a prepared batch into a zero-argument callable that performs exactly one inference
 (input already in place, on the runner's device), so the timer measures the model and not the
@@ -19,7 +19,7 @@ from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError
 
-__all__ = ["Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "target_available"]
+__all__ = ["EdgeRunner", "Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "target_available", "variant_prefix"]
 
 #: target name -> (runtime, device). A target's runners are built from the model's variants.
 TARGETS: dict[str, tuple[str, str]] = {
@@ -29,7 +29,20 @@ TARGETS: dict[str, tuple[str, str]] = {
     "ort-cuda": ("onnxruntime", "cuda"),
     "ort-trt": ("onnxruntime", "tensorrt"),
     "trt": ("tensorrt", "cuda"),
+    # Edge runtimes: the runtime is the artifact format of kdedge.exporters.edge that the target runs.
+    "executorch-cpu": ("executorch", "cpu"),
+    "litert-cpu": ("litert", "cpu"),
+    "openvino-cpu": ("openvino", "cpu"),
+    "ort-mobile-cpu": ("ort", "cpu"),
 }
+#: Runtimes whose targets run edge artifacts (their variants are ``<runtime>-<precision>``).
+EDGE_RUNTIMES = ("executorch", "litert", "openvino", "ort")
+
+
+def variant_prefix(target: str) -> str:
+    """The prefix of the variants ``target`` runs: ``torch-``, ``onnx-``, ``trt-``, or an edge format's (``executorch-``)."""
+    runtime = TARGETS[target][0]
+    return {"torch": "torch-", "onnxruntime": "onnx-", "tensorrt": "trt-"}.get(runtime, f"{runtime}-")
 
 _ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                   "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -77,6 +90,11 @@ def target_available(target: str) -> str | None:
             import tensorrt  # noqa: F401
         except ImportError:
             return f"{target} needs TensorRT: pip install 'kdedge-distill[tensorrt]'"
+    if runtime in EDGE_RUNTIMES:
+        from kdedge.exporters.edge import edge_unavailable
+
+        why = edge_unavailable(runtime)
+        return f"{target}: {why}" if why else None
     return None
 
 
@@ -179,6 +197,38 @@ class TensorRTRunner:
         return np.concatenate([self.engine(torch.from_numpy(x[i : i + step])).float().cpu().numpy() for i in range(0, len(x), step)])
 
 
+class EdgeRunner:
+    """An edge artifact in its own runtime (:func:`kdedge.exporters.edge.load_edge`)."""
+
+    device = "cpu"
+
+    def __init__(self, runtime: str, path: str | Path, *, precision: str = "fp32", threads: int | None = None) -> None:
+        from kdedge.exporters.edge import load_edge
+
+        self.runtime, self.path, self.precision, self.threads = runtime, Path(path), precision, threads
+        self.session = load_edge(runtime, self.path, threads=threads)
+        self.runtime_version = self.session.runtime
+        self.on_device_timing = False
+        self.max_batch = self.session.max_batch or 2**31
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        return self.session.prepare(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+        from kdedge.exporters.edge import edge_predict
+
+        return edge_predict(self.session, x, batch_size=batch_size)
+
+    def check_batch(self, batch: int) -> None:
+        s = self.session
+        if s.fixed_batch is not None and batch != s.fixed_batch:
+            raise ConfigError(f"{self.path.name} ({s.runtime}) takes a fixed batch of {s.fixed_batch}; batch {batch} is not allowed "
+                              f"(pass --batch-sizes {s.fixed_batch} for {self.runtime} targets)")
+        if s.max_batch is not None and batch > s.max_batch:
+            raise ConfigError(f"{self.path.name} ({s.runtime}) takes batches up to {s.max_batch}; batch {batch} is not allowed "
+                              "(export with a larger edge_max_batch)")
+
+
 def make_runner(target: str, *, module: nn.Module | None = None, path: str | Path | None = None, precision: str = "fp32",
                 threads: int | None = None, channels_last: bool = False) -> Runner:
     """The runner for ``target`` over a torch ``module`` or an artifact ``path``."""
@@ -194,6 +244,10 @@ def make_runner(target: str, *, module: nn.Module | None = None, path: str | Pat
         if path is None:
             raise ConfigError(f"{target} runs ONNX files; export the model first")
         return OrtRunner(path, device=device, precision=precision, threads=threads)
+    if runtime in EDGE_RUNTIMES:
+        if path is None:
+            raise ConfigError(f"{target} runs {runtime} artifacts; export the model first (kdedge export --format {runtime})")
+        return EdgeRunner(runtime, path, precision=precision, threads=threads)
     if path is None:
         raise ConfigError(f"{target} runs TensorRT engines (.plan); build one with kdedge export --format tensorrt")
     return TensorRTRunner(path, precision=precision, threads=threads)

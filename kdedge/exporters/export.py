@@ -1,4 +1,4 @@
-"""The export pipeline: checkpoint -> ONNX FP32 -> INT8 / FP16 -> TensorRT, every step parity-checked.
+"""The export pipeline: checkpoint -> ONNX FP32 -> INT8 / FP16 -> TensorRT and edge formats, every step parity-checked.
 
 An export directory holds the artifacts and ``export.json``: for each artifact its format,
 precision, bytes, sha256, parity report against PyTorch and measured test accuracy. It is
@@ -22,13 +22,13 @@ from torch import nn
 
 from kdedge._version import __version__
 from kdedge._fs import atomic_dir, file_sha256, new_dir
-from kdedge.config import ExportConfig
+from kdedge.config import EDGE_EXPORT_FORMATS, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
 from kdedge.metrics import evaluation_from_predictions
 from kdedge.errors import BackendUnavailable, DataError, ModelError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
-from kdedge.exporters.parity import ParityReport, Tolerance, check_parity, compare_outputs
+from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
 from kdedge.exporters.quantize import quantize_int8
 
 __all__ = ["Artifact", "ExportResult", "export_model", "export_checkpoint", "onnx_metadata", "tolerances"]
@@ -41,7 +41,7 @@ class Artifact:
     """One exported file and the evidence that it computes what the PyTorch model computes."""
 
     path: str  # relative to the export directory
-    format: str  # onnx | tensorrt
+    format: str  # onnx | tensorrt | executorch | litert | openvino | ort
     precision: str  # fp32 | fp16 | int8
     bytes: int
     sha256: str
@@ -121,11 +121,12 @@ def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | No
     }
 
 
-def _accuracy(session, inputs: Callable[[], Iterator[np.ndarray]], split: ImageDataset, *, batch_size: int = 500) -> dict[str, Any]:
-    """Accuracy of an ONNX session over ``split``, whose normalized inputs ``inputs()`` yields in order."""
-    logits = np.concatenate([ort_predict(session, x, batch_size=batch_size) for x in inputs()])
+def _accuracy(predict: Callable[[np.ndarray], np.ndarray], inputs: Callable[[], Iterator[np.ndarray]], split: ImageDataset, *,
+              runtime: str = "onnxruntime cpu") -> dict[str, Any]:
+    """Accuracy over ``split`` of ``predict`` (a batch of normalized inputs -> logits), fed ``inputs()`` in order."""
+    logits = np.concatenate([predict(x) for x in inputs()])
     ev = evaluation_from_predictions(torch.from_numpy(logits.argmax(-1)), split.labels, split.spec.num_classes)
-    return {"accuracy": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples, "runtime": "onnxruntime cpu"}
+    return {"accuracy": ev.accuracy, "macro_f1": ev.macro_f1, "samples": ev.num_samples, "runtime": runtime}
 
 
 def _calibration(data: DataSplits, n: int, seed: int = 0) -> np.ndarray:
@@ -170,9 +171,12 @@ def export_model(
     Raises:
         ParityError: An artifact's outputs differ from PyTorch beyond tolerance (unless
             ``config.allow_mismatch``); nothing is written.
+        BackendUnavailable: An edge format's runtime is not installed (checked first; the
+            message names the extra to install).
         ExportError, DataError: The model cannot be exported, or the data does not fit it.
     """
     config = config or ExportConfig()
+    _check_edge_runtimes(config.formats)
     out = new_dir(out, "export")
     model_name = model_name or type(model).__name__
     with cpu_eval(model) as cpu_model, atomic_dir(out) as tmp:
@@ -189,6 +193,11 @@ def export_model(
             writer.fp16()
         if want_trt:
             writer.tensorrt(fp32)
+        onnx_by_precision = {a.precision: a for a in writer.artifacts if a.format == "onnx" and a.details.get("for") != "tensorrt"}
+        for name in EDGE_EXPORT_FORMATS:  # in a fixed order, whatever order the formats were given in
+            if name in config.formats:
+                fmt, precision = (name[: -len("-int8")], "int8") if name.endswith("-int8") else (name, "fp32")
+                writer.edge(fmt, precision, onnx_by_precision, fp32)
         manifest = {
             "schema": EXPORT_SCHEMA,
             "kdedge_version": __version__,
@@ -240,12 +249,18 @@ class _ArtifactWriter:
         session = ort_session(path)
         report = self._timed(f"parity_{path.stem}", lambda: check_parity(path, lambda _x: self.reference, self.parity_inputs, tolerance=self.tol[precision],
                                                                             allow_mismatch=self.config.allow_mismatch, session=session))
+        return self._record(path, precision, fmt, details, report, lambda x: ort_predict(session, x, batch_size=500), "onnxruntime cpu",
+                            fp32_accuracy=fp32_accuracy)
+
+    def _record(self, path: Path, precision: str, fmt: str, details: dict[str, Any], report: ParityReport, predict: Callable[[np.ndarray], np.ndarray],
+                runtime: str, *, fp32_accuracy: dict | None = None) -> Artifact:
+        """Measure the accuracy of an artifact that passed parity (through ``predict``, its own runtime) and record it."""
         accuracy = None
         if self.config.evaluate:
             self.log(f"accuracy: {path.name} on {len(self.data.test)} test images" + (f" and {len(self.data.val)} validation images" if self.data.val else ""))
-            accuracy = _accuracy(session, self._source("test", self.data.test), self.data.test)
+            accuracy = _accuracy(predict, self._source("test", self.data.test), self.data.test, runtime=runtime)
             if self.data.val is not None:  # what the gates of compress-and-export judge
-                accuracy["val_accuracy"] = _accuracy(session, self._source("val", self.data.val), self.data.val)["accuracy"]
+                accuracy["val_accuracy"] = _accuracy(predict, self._source("val", self.data.val), self.data.val, runtime=runtime)["accuracy"]
             if fp32_accuracy:
                 accuracy["drop_vs_fp32_pt"] = 100 * (fp32_accuracy["accuracy"] - accuracy["accuracy"])
                 if "val_accuracy" in accuracy:
@@ -279,6 +294,34 @@ class _ArtifactWriter:
                                                                precision="fp16", metadata=self.meta | {"kdedge.precision": "fp16"}))
         return self._checked(fp16.path, "fp16", "onnx", {"opset": fp16.opset, "nodes": fp16.nodes, "io": "float32"})
 
+    def edge(self, name: str, precision: str, onnx: dict[str, Artifact], fp32: Artifact) -> Artifact:
+        """An edge artifact (``kdedge.exporters.edge``), parity-checked and scored in its own runtime."""
+        from kdedge.exporters.edge import artifact_bytes, artifact_files, edge_format, edge_predict, export_edge, load_edge
+
+        c, fmt = self.config, edge_format(name)
+        path = self.tmp / (("model" if precision == "fp32" else f"model.{precision}") + fmt.suffix)
+        source = onnx.get(precision) if fmt.source == "onnx" else None
+        self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
+        calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" else None
+        details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
+            name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,
+            input_shape=tuple(self.data.spec.input_shape), calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
+            max_batch=c.edge_max_batch))
+        details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
+        session = load_edge(name, path)
+        details["runtime"] = session.runtime
+        self.log(f"parity: {path.name} in {session.runtime} vs PyTorch on {len(self.parity_inputs)} test images ({precision} tolerance)")
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return edge_predict(session, x, batch_size=500)
+
+        report = self._timed(f"parity_{path.name}", lambda: check_outputs(predict, lambda _x: self.reference, self.parity_inputs, artifact=path.name,
+                                                                         runtime=session.runtime, tolerance=self.tol[precision],
+                                                                         allow_mismatch=c.allow_mismatch))
+        a = self._record(path, precision, name, details, report, predict, session.runtime, fp32_accuracy=fp32.accuracy if precision != "fp32" else None)
+        a.bytes = artifact_bytes(name, path)
+        return a
+
     def tensorrt(self, fp32: Artifact) -> Artifact:
         c = self.config
         if c.trt_precision == "int8":
@@ -291,6 +334,15 @@ class _ArtifactWriter:
         a = self._timed("tensorrt", lambda: _tensorrt_artifact(self.tmp, c, self.data.spec, self.parity_inputs, self.reference, self.tol, self.data))
         self.artifacts.append(a)
         return a
+
+
+def _check_edge_runtimes(formats: tuple[str, ...]) -> None:
+    """BackendUnavailable, before any work, when an edge format is asked for and its runtime is not installed."""
+    from kdedge.exporters.edge import edge_unavailable
+
+    missing = [why for name in dict.fromkeys(f.removesuffix("-int8") for f in formats if f in EDGE_EXPORT_FORMATS) if (why := edge_unavailable(name))]
+    if missing:
+        raise BackendUnavailable("; ".join(missing))
 
 
 def _tensorrt_unavailable() -> str | None:

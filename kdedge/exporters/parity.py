@@ -20,7 +20,7 @@ from torch import nn
 from kdedge.errors import ParityError
 from kdedge.ort import ort_session, ort_version
 
-__all__ = ["Tolerance", "OutputParity", "ParityReport", "check_parity", "compare_outputs"]
+__all__ = ["Tolerance", "OutputParity", "ParityReport", "check_outputs", "check_parity", "compare_outputs"]
 
 
 @dataclass(frozen=True)
@@ -171,23 +171,52 @@ def check_parity(
     Raises:
         ParityError: The outputs differ beyond ``tolerance`` (and ``allow_mismatch`` is False).
     """
-    inputs = inputs.detach().cpu().float().contiguous()
     session = session or ort_session(artifact)
-    names = [o.name for o in session.get_outputs()]
     input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    return check_outputs(lambda x: session.run(None, {input_name: x}), reference, inputs, names=names, artifact=Path(artifact).name,
+                         runtime=f"onnxruntime {ort_version()} CPUExecutionProvider", tolerance=tolerance, batch1_samples=batch1_samples,
+                         allow_mismatch=allow_mismatch)
+
+
+def check_outputs(
+    run: Callable[[np.ndarray], list[np.ndarray] | np.ndarray],
+    reference: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    *,
+    names: list[str] | None = None,
+    artifact: str,
+    runtime: str,
+    tolerance: Tolerance,
+    batch1_samples: int = 16,
+    allow_mismatch: bool = False,
+) -> ParityReport:
+    """:func:`check_parity` for any runtime: ``run`` maps a float32 batch to the artifact's outputs.
+
+    ``run`` gets all of ``inputs`` at once and each of the first ``batch1_samples`` alone; a
+    runtime with a bounded batch chunks inside ``run``. ``artifact`` and ``runtime`` name what
+    was run in the report and in the error.
+    """
+    inputs = inputs.detach().cpu().float().contiguous()
     x = inputs.numpy()
-    outputs = session.run(None, {input_name: x})
+
+    def outputs_of(batch: np.ndarray) -> list[np.ndarray]:
+        out = run(batch)
+        return [out] if isinstance(out, np.ndarray) else list(out)
+
+    outputs = outputs_of(x)
+    names = names or (["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
     k = min(batch1_samples, len(x))
-    singles = [session.run(None, {input_name: x[i : i + 1]}) for i in range(k)]
-    batch1 = [np.concatenate([s[j] for s in singles], axis=0) for j in range(len(names))]
+    singles = [outputs_of(x[i : i + 1]) for i in range(k)]
+    batch1 = [np.concatenate([s[j] for s in singles], axis=0) for j in range(len(outputs))]
     ref = _reference_fn(reference)(inputs)
     references = [ref] if isinstance(ref, np.ndarray) else list(ref)
     stats = compare_outputs(outputs[: len(references)], references, batch1[: len(references)], names[: len(references)], tolerance)
     failures = [f for s in stats for f in s.failures(tolerance)]
     report = ParityReport(
-        artifact=Path(artifact).name,
+        artifact=artifact,
         reference=f"torch {torch.__version__} cpu",
-        runtime=f"onnxruntime {ort_version()} CPUExecutionProvider",
+        runtime=runtime,
         samples=len(x),
         batch1_samples=k,
         tolerance=asdict(tolerance),
@@ -196,6 +225,5 @@ def check_parity(
         failures=failures,
     )
     if failures and not allow_mismatch:
-        raise ParityError(f"{Path(artifact).name} does not match PyTorch: " + "; ".join(failures) + " (pass --allow-mismatch to keep it anyway)")
+        raise ParityError(f"{artifact} does not match PyTorch: " + "; ".join(failures) + " (pass --allow-mismatch to keep it anyway)")
     return report
-

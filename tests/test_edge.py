@@ -1,0 +1,164 @@
+"""Edge runtimes through the whole pipeline: export, bench targets, an `--edge` bundle, verify, and a missing runtime.
+
+Each format's own artifact checks (its runtime alone vs onnxruntime on 1,000 test images) are in
+tests/test_edge_<format>.py; this file checks that kdedge treats every edge format as it treats ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from kdedge.cli import main
+from kdedge.exporters.edge import EDGE_FORMATS, edge_predict, load_edge
+
+EDGE = tuple(EDGE_FORMATS)
+pytestmark = pytest.mark.edge(*EDGE)
+# A small but real --edge bundle: 2,000 training and 500 test images, 1 epoch, short benchmark.
+SMALL = {"train_limit": 2000, "test_limit": 500, "epochs": 1, "batch_sizes": [1, 8], "bench_min_s": 0.05, "parity_samples": 200,
+         "calibration_samples": 128, "cache": "memory", "min_retention": 0.5, "max_quant_drop": 3.0, "edge": True}
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdedge: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def edge_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edge-bundle")
+    (root / "deploy.yaml").write_text(yaml.safe_dump(SMALL))
+    out = root / "b"
+    assert main(["build", "--config", str(root / "deploy.yaml"), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_edge_bundle_has_every_runtime_parity_checked(edge_bundle):
+    m = json.loads((edge_bundle / "manifest.json").read_text())
+    by_path = {a["path"]: a for a in m["artifacts"]}
+    expected = {"models/model.onnx", "models/model.int8.onnx"} | {f"models/model{EDGE_FORMATS[f].suffix}" for f in EDGE} \
+        | {f"models/model.int8{EDGE_FORMATS[f].suffix}" for f in EDGE}
+    assert set(by_path) == expected
+    files = {f["path"] for f in m["files"]}
+    for a in m["artifacts"]:
+        assert a["parity"]["passed"], a
+        if a["format"] in EDGE_FORMATS:
+            assert a["runtime"] and set(a["companions"]) <= files
+            if a["precision"] == "fp32":  # FP32 in every runtime agrees with PyTorch to the FP32 tolerance, and so on the test set
+                assert a["parity"]["max_abs_diff"] <= 1e-4 and a["parity"]["argmax_agreement"] == 1.0
+                assert a["accuracy"] == pytest.approx(by_path["models/model.onnx"]["accuracy"], abs=0.004)
+    assert "models/model.bin" in by_path["models/model.xml"]["companions"]  # OpenVINO's weights are part of the artifact
+    assert m["resolved"]["targets"] == ["torch-cpu", "ort-cpu", *(EDGE_FORMATS[f].target for f in EDGE)]
+
+
+def test_edge_bundle_recommends_per_runtime_and_compares_with_the_teacher_there(edge_bundle):
+    m = json.loads((edge_bundle / "manifest.json").read_text())
+    for f in EDGE:
+        rec = m["recommended"][EDGE_FORMATS[f].target]
+        assert rec["variant"] in (f"{f}-fp32", f"{f}-int8") and rec["p50_ms"] > 0
+        same_runtime = [c for c in m["performance"]["comparison"] if c["student_target"] == EDGE_FORMATS[f].target and c["teacher_variant"] == f"{f}-fp32"]
+        assert same_runtime and all(c["latency_speedup"] > 1 for c in same_runtime)  # a 1/20-FLOPs student is faster on every runtime
+    fastest = m["fastest"]
+    assert fastest["target"] in m["recommended"] and fastest["p50_ms"] == min(r["p50_ms"] for r in m["recommended"].values())
+    rows = json.loads((edge_bundle / "report.json").read_text())["rows"]
+    edge_rows = [r for r in rows if r["target"] in {EDGE_FORMATS[f].target for f in EDGE}]
+    assert {r["runtime_version"].split()[0] for r in edge_rows} >= {"executorch", "openvino", "onnxruntime"}
+
+
+def test_verify_runs_every_artifact_in_its_runtime(edge_bundle, capsys):
+    code, out, err = _run(capsys, "verify", edge_bundle)
+    assert code == 0, err
+    assert "10 models ran in their runtimes (2 ONNX" in out and "not run" not in out
+
+
+def test_verify_without_a_runtime_names_its_extra(edge_bundle, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    code, out, err = _run(capsys, "verify", edge_bundle)
+    assert code == 0, err
+    assert "8 models ran" in out
+    assert "not run: models/model.pte: ExecuTorch (XNNPACK) needs executorch, which is not installed; pip install 'kdedge-distill[executorch]'" in out
+
+
+def test_verify_catches_a_changed_openvino_weights_file(edge_bundle, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(edge_bundle, copy)
+    weights = copy / "models" / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, _, err = _run(capsys, "verify", copy)
+    assert code != 0 and "models/model.bin: sha256 mismatch" in err
+
+
+def test_bench_takes_edge_artifacts_by_file_and_by_export_dir(edge_bundle, tmp_path, capsys):
+    fast = ["--batch-sizes", "1", "--warmup-iters", "1", "--min-iters", "3", "--min-s", "0", "--no-plots", "--threads", "1"]
+    code, _, err = _run(capsys, "bench", edge_bundle / "models", "--targets", "litert-cpu,ort-mobile-cpu", "--test-limit", "200", *fast,
+                        "--out", tmp_path / "r1")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r1" / "report.json").read_text())["rows"]
+    assert {(r["variant"], r["target"]) for r in rows} == {("litert-fp32", "litert-cpu"), ("litert-int8", "litert-cpu"),
+                                                          ("ort-fp32", "ort-mobile-cpu"), ("ort-int8", "ort-mobile-cpu")}
+    assert all(r["threads"] == 1 and r["accuracy"]["samples"] == 200 for r in rows)
+    code, _, err = _run(capsys, "bench", edge_bundle / "models" / "model.pte", "--targets", "executorch-cpu", "--test-limit", "200", *fast,
+                        "--out", tmp_path / "r2")
+    assert code == 0, err
+    [row] = json.loads((tmp_path / "r2" / "report.json").read_text())["rows"]
+    export = json.loads((edge_bundle / "models" / "export.json").read_text())
+    pte = next(a for a in export["artifacts"] if a["path"] == "model.pte")
+    assert row["variant"] == "executorch-fp32" and row["bytes"] == pte["bytes"]
+
+
+def test_edge_session_agrees_with_the_recorded_parity(edge_bundle, fmnist):
+    """The artifact in the bundle, opened again, gives the logits the export checked (batch 1 and a batch of 8)."""
+    x = fmnist.test.inputs(slice(0, 8)).numpy()
+    reference = None
+    for f in EDGE:
+        path = edge_bundle / "models" / f"model{EDGE_FORMATS[f].suffix}"
+        session = load_edge(f, path, threads=1)
+        logits = edge_predict(session, x)
+        one = np.concatenate([edge_predict(session, x[i : i + 1]) for i in range(len(x))])
+        assert logits.shape == (8, 10) and np.abs(logits - one).max() <= 1e-4
+        if reference is None:
+            reference = logits
+        assert np.abs(logits - reference).max() <= 2e-4
+
+
+def test_missing_runtime_is_one_line_naming_its_extra(capsys, tmp_path, monkeypatch):
+    for module, fmt, extra in (("openvino", "openvino", "openvino"), ("litert_torch", "litert", "litert")):
+        monkeypatch.setitem(sys.modules, module, None)
+        code, _, err = _run(capsys, "export", "resnet", "--format", f"onnx,{fmt}", "--out", tmp_path / f"x-{fmt}")
+        line = _one_line(err)
+        assert code == 2 and f"pip install 'kdedge-distill[{extra}]'" in line and not (tmp_path / f"x-{fmt}").exists()
+        code, _, err = _run(capsys, "bench", "resnet", "--targets", EDGE_FORMATS[fmt].target, "--out", tmp_path / f"b-{fmt}")
+        assert code == 2 and f"pip install 'kdedge-distill[{extra}]'" in _one_line(err)
+        monkeypatch.delitem(sys.modules, module)
+
+
+def test_int8_conversions_need_the_onnx_int8_artifact(capsys, tmp_path):
+    code, _, err = _run(capsys, "export", "resnet", "--format", "onnx,ort-int8,openvino-int8", "--out", tmp_path / "x")
+    assert code == 2 and "ort-int8, openvino-int8 are converted from the ONNX INT8 artifact; add onnx-int8 to formats" in _one_line(err)
+
+
+def test_openvino_is_imported_with_its_telemetry_declined(tmp_path):
+    """`import openvino` alone forks a process that sends a usage event and writes ~/intel/openvino_ga_cid; kdedge's import does neither."""
+    import os
+    import subprocess
+
+    code = ("import os; os.register_at_fork(before=lambda: print('fork', flush=True)); "
+            "from kdedge.exporters.openvino_ir import _openvino; _openvino(); print('CI' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "KDEDGE_OPENVINO_TELEMETRY")} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"] and not (tmp_path / "intel").exists()
