@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.kdedge-installed
 # The development environment pins torch (the library itself only needs torch>=2.4). On Linux,
 # PyPI's torch wheel bundles CUDA: a multi-GB download. TORCH_INDEX takes torch from another index,
 # e.g. PyTorch's CPU-only wheels (torch==2.13.0 resolves to 2.13.0+cpu there):
@@ -17,6 +16,8 @@ TORCH_INDEX ?=
 EXTRAS ?= edge
 comma := ,
 space := $(subst ,, )
+# One stamp per extras set: `make EXTRAS= install` then `make test` installs the edge runtimes.
+STAMP  := $(VENV)/.kdedge-installed$(if $(strip $(EXTRAS)),-$(subst $(space),-,$(strip $(EXTRAS))))
 
 .PHONY: install data demo test test-fast bench bench-deploy teacher clean
 

@@ -114,6 +114,7 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             "variant": variant,
             "batch": smallest,
             "p50_ms": p50,
+            "threads": next((r.get("threads_used") for r in rows if r["target"] == target and r["variant"] == variant and r["role"] == "student"), None),
             "accuracy": acc,
             "why": "fastest at batch %d among variants within %.2g pt of FP32%s: %s" % (
                 smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok in sorted(candidates))),
@@ -125,7 +126,9 @@ def fastest_target(recommended: dict[str, dict[str, Any]]) -> dict[str, Any] | N
     """Among the CPU targets' recommended artifacts, the one with the lowest batch-1 p50: the runtime to deploy on a CPU.
 
     The targets were measured one after another on the same machine; on a machine whose speed
-    drifts, a margin of a few percent between two runtimes is not a ranking.
+    drifts, a margin of a few percent between two runtimes is not a ranking. Each runs with
+    ``--bench-threads``, or without it its own default (recorded as ``threads``: LiteRT's is 1,
+    the others use every core), so pass ``--bench-threads`` to rank at the deployment's count.
     """
     cpu = [(rec["p50_ms"], target) for target, rec in recommended.items() if TARGETS[target][1] == "cpu"]
     if not cpu:
@@ -133,8 +136,8 @@ def fastest_target(recommended: dict[str, dict[str, Any]]) -> dict[str, Any] | N
     p50, target = min(cpu)
     rec = recommended[target]
     runners_up = sorted((p / p50, t) for p, t in cpu if t != target)
-    return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50,
-            "others": {t: {"variant": recommended[t]["variant"], "p50_ratio": ratio} for ratio, t in runners_up}}
+    return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50, "threads": rec.get("threads"),
+            "others": {t: {"variant": recommended[t]["variant"], "p50_ratio": ratio, "threads": recommended[t].get("threads")} for ratio, t in runners_up}}
 
 
 def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[dict[str, Any]], recommended: dict[str, dict[str, Any]],
@@ -149,11 +152,12 @@ def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[di
     gates["min_retention"] = {"value": retention, "limit": config.min_retention, "passed": retention >= config.min_retention,
                               "detail": f"student {student_acc:.4f} / teacher {teacher_acc:.4f} ({split} accuracy)"}
     key = "val_drop_vs_fp32_pt" if split == "validation" else "drop_vs_fp32_pt"
-    drops = [a["accuracy"][key] for a in artifacts if a["precision"] == "int8" and a.get("accuracy") and key in a["accuracy"]]
+    # Every INT8 artifact the bundle ships, edge ones included: a deployment may pick any of them.
+    drops = [(a["accuracy"][key], a["path"]) for a in artifacts if a["precision"] == "int8" and a.get("accuracy") and key in a["accuracy"]]
     if drops:
-        worst = max(drops)
+        worst, path = max(drops, key=lambda d: d[0])  # the first of equals
         gates["max_quant_drop"] = {"value": worst, "limit": config.max_quant_drop, "passed": worst <= config.max_quant_drop,
-                                   "detail": f"INT8 accuracy drop vs FP32, points ({split} accuracy)"}
+                                   "detail": f"worst INT8 accuracy drop vs FP32, points ({split} accuracy): {path}"}
     if config.min_speedup is not None:
         eager = {r["batch"]: r for r in rows if r["role"] == "teacher" and r["target"] == "torch-cpu" and r["variant"] == "torch-fp32"}
         best = None
@@ -167,8 +171,11 @@ def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[di
     return gates
 
 
-#: Files whose bytes carry timings or timestamps; every other file is reproducible bit for bit.
+#: Files whose bytes carry timings or timestamps; every other file is reproducible bit for bit, but for :data:`_UNSTABLE_SUFFIXES`.
 _TIMING_FILES = ("models/export.json", "report.json", "report.md", "plots/", "search/")
+#: Artifacts whose converter lays out the same model differently on every run: onnxruntime's ORT-format serializer
+#: (measured: three conversions of one ONNX file, three sha256s, the same operators and weights).
+_UNSTABLE_SUFFIXES = (".ort",)
 
 
 def _files_entry(root: Path, skip: set[str]) -> list[dict[str, Any]]:
@@ -177,7 +184,7 @@ def _files_entry(root: Path, skip: set[str]) -> list[dict[str, Any]]:
         rel = path.relative_to(root).as_posix()
         if rel in skip:
             continue
-        deterministic = not any(rel == t or (t.endswith("/") and rel.startswith(t)) for t in _TIMING_FILES)
+        deterministic = not any(rel == t or (t.endswith("/") and rel.startswith(t)) for t in _TIMING_FILES) and not rel.endswith(_UNSTABLE_SUFFIXES)
         files.append({"path": rel, "bytes": path.stat().st_size, "sha256": file_sha256(path), "deterministic": deterministic})
     return files
 
@@ -270,9 +277,10 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
                                             trust_code=trust_code)
     distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
     _check_measurable(config, teacher, targets)
-    _check_student_exports(student, student_spec, data, formats, work, log)
+    _check_edge_targets(formats, targets)
+    _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
-    teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log)
+    teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
 
 
@@ -285,11 +293,38 @@ def _check_writable(directory: Path) -> None:
         raise ConfigError(f"{directory} is not writable, so the bundle cannot be written there; pass an --out in a writable place")
 
 
-def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], work: Path, log: Callable[[str], None]) -> None:
+def _edge_max_batch(batch_sizes: tuple[int, ...]) -> int:
+    """The largest batch an ExecuTorch or LiteRT artifact must take: the export's default, or the largest benchmarked batch."""
+    return max(ExportConfig().edge_max_batch, *batch_sizes)
+
+
+def _check_batch_contract(whose: str, name: str, details: dict[str, Any], batch_sizes: tuple[int, ...]) -> None:
+    """ConfigError when an edge artifact's batch contract (``{"fixed": B}`` or ``{"max": M}``) excludes a benchmarked batch size."""
+    batch = details.get("batch")
+    if not isinstance(batch, dict):  # OpenVINO and ORT format keep the ONNX's symbolic batch: any size
+        return
+    takes = (lambda b: b == batch["fixed"]) if "fixed" in batch else (lambda b: b <= batch.get("max", b))
+    if not all(takes(b) for b in batch_sizes):
+        raise ConfigError(f"{whose} {EDGE_FORMATS[name].title} artifact takes batch {batch}, so it cannot be benchmarked at "
+                          f"--batch-sizes {','.join(map(str, batch_sizes))}; pass batch sizes it takes, or leave {name} out of --formats")
+
+
+def _check_edge_targets(formats: tuple[str, ...], targets: tuple[str, ...]) -> None:
+    """An edge target benchmarks the bundle's artifacts of its format: the format must be among ``formats``."""
+    missing = [t for t in targets if TARGETS[t][0] in EDGE_FORMATS and not {TARGETS[t][0], f"{TARGETS[t][0]}-int8"} & set(formats)]
+    if missing:
+        names = [TARGETS[t][0] for t in missing]
+        raise ConfigError(f"targets {', '.join(missing)} run the bundle's {', '.join(names)} artifacts, but formats are {', '.join(formats)}; "
+                          f"add {', '.join(names)} to --formats, or pass --edge with formats auto")
+
+
+def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], work: Path, log: Callable[[str], None],
+                           *, batch_sizes: tuple[int, ...] = (1,)) -> None:
     """The untrained student through every format: the graph, the quantizers, the FP16 cast and the edge converters do not depend on the weights.
 
     Parity and accuracy do, so they are checked on the trained student only. Edge formats are
-    checked in FP32 (their INT8 paths quantize the same graph).
+    checked in FP32 (their INT8 paths quantize the same graph), and each artifact's batch
+    contract against the batch sizes the benchmark will time.
     """
     log(f"preflight: the {spec.name} student's graph through " + ", ".join(f for f in formats if f != "tensorrt"))
     shape = tuple(data.spec.input_shape)
@@ -300,9 +335,10 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
         export_onnx(student, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
     meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None)
     with cpu_eval(student) as model:
-        for name in (n for n in EDGE_FORMATS if n in formats):
-            export_edge(name, out=work / f"student{EDGE_FORMATS[name].suffix}", precision="fp32", model=model, onnx=fp32.path, input_shape=shape,
-                        metadata=meta, max_batch=ExportConfig().edge_max_batch)
+        for name in (n for n in EDGE_FORMATS if {n, f"{n}-int8"} & set(formats)):
+            details = export_edge(name, out=work / f"student{EDGE_FORMATS[name].suffix}", precision="fp32", model=model, onnx=fp32.path,
+                                  input_shape=shape, metadata=meta, max_batch=_edge_max_batch(batch_sizes))
+            _check_batch_contract(f"the {spec.name} student's", name, details, batch_sizes)
 
 
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
@@ -318,7 +354,7 @@ def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets:
 
 
 def _teacher_bench(teacher: ResolvedTeacher, input_map: InputMap | None, data: DataSplits, targets: tuple[str, ...], work: Path,
-                   log: Callable[[str], None]) -> BenchModel:
+                   log: Callable[[str], None], *, batch_sizes: tuple[int, ...] = (1,)) -> BenchModel:
     """The teacher for the benchmark; a PyTorch teacher is exported (parity-checked) now, while failing is cheap."""
     if teacher.is_onnx:
         # Run the file itself in onnxruntime: re-exporting or copying its wrapper is neither possible nor meaningful.
@@ -333,8 +369,11 @@ def _teacher_bench(teacher: ResolvedTeacher, input_map: InputMap | None, data: D
         # ONNX FP32 and INT8 for onnxruntime; each edge runtime's FP32, to compare the student with the teacher on that runtime.
         formats = ("onnx", "onnx-int8", *edge)
         log(f"preflight: exporting the teacher {teacher.spec.name} to {', '.join(formats)} for the {', '.join(targets)} targets")
-        exported = export_model(module, work / "teacher", data=data, config=ExportConfig(formats=formats, evaluate=False, parity_samples=256),
-                                model_name=teacher.spec.name)
+        exported = export_model(module, work / "teacher", data=data, model_name=teacher.spec.name,
+                                config=ExportConfig(formats=formats, evaluate=False, parity_samples=256, edge_max_batch=_edge_max_batch(batch_sizes)))
+        for a in exported.artifacts:
+            if a.format in EDGE_FORMATS:
+                _check_batch_contract(f"the teacher {teacher.spec.name}'s", a.format, a.details, batch_sizes)
         bench.artifacts = {artifact_variant(asdict(a)): work / "teacher" / a.path for a in exported.artifacts}
     return bench
 
@@ -430,7 +469,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
-                              parity_samples=config.parity_samples)
+                              parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes))
     exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=plan.student_spec.name,
                             source_sha256=file_sha256(tmp / "student.safetensors"), log=log)
     timings["export"] = time.perf_counter() - start
@@ -604,11 +643,11 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                 shutil.copyfileobj(source, out, 1 << 20)
 
 
-def verify_bundle(path: str | Path) -> dict[str, Any]:
+def verify_bundle(path: str | Path, *, strict: bool = False) -> dict[str, Any]:
     """Recompute every sha256 in the manifest and run each artifact in its own runtime on a smoke batch.
 
     An edge artifact whose runtime is not installed here is listed under ``not_run`` with the
-    extra that installs it; its hashes are still checked.
+    extra that installs it (its hashes are still checked), or, with ``strict``, is a problem.
 
     Args:
         path: A bundle directory or a ``.tar.gz`` written with ``--archive``.
@@ -629,13 +668,15 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
             if len(roots) != 1:
                 raise VerifyError(f"{path}: expected one bundle directory inside the archive, found {len(roots)}")
-            return verify_bundle(roots[0])
+            return verify_bundle(roots[0], strict=strict)
     manifest = _read_manifest(path)
     problems = _file_problems(path, manifest)
     bad = {p.split(":")[0] for p in problems}
     runnable = [a for a in manifest.get("artifacts", []) if a["format"] in ("onnx", *EDGE_FORMATS) and a["path"] not in bad and (path / a["path"]).is_file()]
-    not_run = {a["path"]: why for a in runnable if a["format"] in EDGE_FORMATS and (why := edge_unavailable(a["format"]))}
+    not_run = {a["path"]: why for a in runnable if a["format"] in EDGE_FORMATS and (why := edge_unavailable(a["format"], purpose="run"))}
     ran = [a for a in runnable if a["path"] not in not_run]
+    if strict:
+        problems += [f"{rel}: not run ({why})" for rel, why in not_run.items()]
     problems += [p for a in ran for p in _smoke_problems(path, a, manifest)]
     problems += _settings_problems(path, manifest, skip=bad)
     if problems:
@@ -708,6 +749,8 @@ def _smoke_problems(bundle: Path, artifact: dict[str, Any], manifest: dict[str, 
             out = edge_predict(load_edge(artifact["format"], bundle / rel), x)
     except KdedgeError as exc:
         return [f"{rel}: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - a runtime failing on the smoke batch (e.g. an edited input shape) is a finding, not a crash
+        return [f"{rel}: the smoke batch failed in its runtime ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"]
     k = len(manifest["labels"])
     if out.shape != (2, k) or not np.isfinite(out).all():
         return [f"{rel}: smoke batch gave shape {out.shape} (finite: {bool(np.isfinite(out).all())}), expected (2, {k})"]

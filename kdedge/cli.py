@@ -217,12 +217,14 @@ def search(config_file: str | None, quiet: bool, trust_code: bool, **params: Any
 @click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "int8"]), help="TensorRT engine precision. [default: fp16]")
 @click.option("--trt-batch", help="TensorRT batch profile MIN,OPT,MAX. [default: 1,32,256]")
 @click.option("--trt-workspace-mib", type=int, help="TensorRT builder workspace in MiB. [default: 1024]")
+@click.option("--edge-max-batch", type=int, help="The largest batch an ExecuTorch or LiteRT artifact takes (ExecuTorch plans its memory for it). [default: 256]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
 @click.option("--out", help="Export directory to create (default runs/export-<time>); must not exist.")
 @_trust_code_option
 def export(source: str, config_file: str | None, formats: tuple[str, ...], trust_code: bool, **params: Any) -> None:
     """Export SOURCE (a run directory, a .safetensors checkpoint or a shipped zoo name) to ONNX,
-    INT8, FP16 and TensorRT, checking every artifact against PyTorch on real test inputs.
+    INT8, FP16, TensorRT and the edge runtimes (ExecuTorch, LiteRT, OpenVINO, ORT format), checking
+    every artifact against PyTorch on real test inputs, each in its own runtime.
     """
     from kdedge.config import ExportConfig
     from kdedge.errors import BackendUnavailable
@@ -335,15 +337,16 @@ def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:
 
 @cli.command()
 @click.argument("bundle")
-def verify(bundle: str) -> None:
+@click.option("--strict", is_flag=True, help="Fail when an artifact cannot be run here (its edge runtime is not installed), instead of listing it.")
+def verify(bundle: str, strict: bool) -> None:
     """Check a bundle (directory or .tar.gz): every sha256 in its manifest, and each model in its own runtime on a smoke batch."""
     from kdedge.bundle import verify_bundle
 
-    summary = verify_bundle(bundle)
-    click.echo(f"ok: {summary['files']} files match the manifest, {len(summary['models_run'])} models ran in their runtimes "
-               f"({summary['onnx_models_run']} ONNX models ran in onnxruntime)")
+    summary = verify_bundle(bundle, strict=strict)
     for rel, why in summary["not_run"].items():
-        click.echo(f"not run: {rel}: {why}")
+        click.echo(f"not run: {rel}: {why}", err=True)
+    click.echo(f"ok: {summary['files']} files match the manifest, {len(summary['models_run'])} models ran in their runtimes "
+               f"({summary['onnx_models_run']} ONNX models ran in onnxruntime)" + (f", {len(summary['not_run'])} not run" if summary["not_run"] else ""))
 
 
 @cli.command()

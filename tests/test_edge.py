@@ -40,8 +40,18 @@ def edge_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("edge-bundle")
     (root / "deploy.yaml").write_text(yaml.safe_dump(SMALL))
     out = root / "b"
-    assert main(["build", "--config", str(root / "deploy.yaml"), "--out", str(out), "--quiet"]) == 0
+    _build(root / "deploy.yaml", out)
     return out
+
+
+def _build(config, out) -> None:
+    """`kdedge build` in a process of its own, as a user or CI runs it: OpenVINO numbers the nodes it creates per process, so only
+    fresh processes write the same .xml bytes (the reproducibility test compares two)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "kdedge", "build", "--config", str(config), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_edge_bundle_has_every_runtime_parity_checked(edge_bundle):
@@ -86,8 +96,10 @@ def test_verify_without_a_runtime_names_its_extra(edge_bundle, capsys, monkeypat
     monkeypatch.setitem(sys.modules, "executorch", None)
     code, out, err = _run(capsys, "verify", edge_bundle)
     assert code == 0, err
-    assert "8 models ran" in out
-    assert "not run: models/model.pte: ExecuTorch (XNNPACK) needs executorch, which is not installed; pip install 'kdedge-distill[executorch]'" in out
+    assert "8 models ran" in out and "models/model.int8.pte" in err
+    assert "not run: models/model.pte: ExecuTorch (XNNPACK) needs executorch to run, which is not installed; pip install 'kdedge-distill[executorch]'" in err
+    code, _, err = _run(capsys, "verify", edge_bundle, "--strict")  # a deployment gate that must see every artifact run
+    assert code == 2 and "models/model.pte" in _one_line(err)
 
 
 def test_verify_catches_a_changed_openvino_weights_file(edge_bundle, tmp_path, capsys):
@@ -162,3 +174,24 @@ def test_openvino_is_imported_with_its_telemetry_declined(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "KDEDGE_OPENVINO_TELEMETRY")} | {"HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"] and not (tmp_path / "intel").exists()
+
+
+def test_edge_bundle_is_reproducible(edge_bundle, tmp_path):
+    """The same config and seed: every edge artifact and sidecar is the same file again, but the ORT-format ones (declared unstable)."""
+    out = tmp_path / "b2"
+    (tmp_path / "deploy.yaml").write_text(yaml.safe_dump(SMALL))
+    _build(tmp_path / "deploy.yaml", out)
+    first, second = ({f["path"]: f for f in json.loads((b / "manifest.json").read_text())["files"]} for b in (edge_bundle, out))
+    assert first.keys() == second.keys()
+    stable = {p for p, f in first.items() if f["deterministic"]}
+    assert {p for p in first if p.startswith("models/") and not p.endswith((".ort", "export.json"))} <= stable
+    assert {"models/model.ort", "models/model.int8.ort"}.isdisjoint(stable)
+    assert [p for p in stable if first[p]["sha256"] != second[p]["sha256"]] == []
+
+
+def test_an_edge_target_needs_its_format_before_any_training(capsys, tmp_path):
+    code, _, err = _run(capsys, "compress-and-export", "--train-limit", "200", "--test-limit", "100", "--formats", "onnx,litert",
+                        "--targets", "ort-cpu,executorch-cpu", "--quiet", "--out", tmp_path / "b")
+    line = _one_line(err)
+    assert code == 2 and "executorch-cpu run the bundle's executorch artifacts" in line and "add executorch to --formats" in line
+    assert not (tmp_path / "b").exists()

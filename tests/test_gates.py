@@ -19,7 +19,7 @@ FP32_ACC = 0.875  # the student's ONNX FP32 test accuracy
 def _row(variant: str, target: str, p50_ms: float, top1: float | None, *, role: str = "student", batch: int = 1) -> dict:
     """One benchmark row, with only the keys the decisions read (the harness writes many more)."""
     return {"model": role, "role": role, "variant": variant, "target": target, "batch": batch,
-            "latency_ms": {"p50_ms": p50_ms}, "accuracy": None if top1 is None else {"top1": top1}}
+            "latency_ms": {"p50_ms": p50_ms}, "accuracy": None if top1 is None else {"top1": top1}, "threads_used": 2}
 
 
 def _artifact(path: str, precision: str, accuracy: float, *, fmt: str = "onnx", drop: float | None = None, details: dict | None = None) -> dict:
@@ -60,7 +60,8 @@ WHY_STRICT = "fastest at batch 1 among variants within 0.5 pt of FP32: onnx-int8
 def test_recommend_skips_a_faster_variant_beyond_the_quant_drop():
     assert recommend(_rows(), ARTIFACTS, max_quant_drop=0.5) == {
         # INT8 is faster but 0.78125 pt below FP32 (> 0.5): the fastest *passing* variant is FP32.
-        "ort-cpu": {"artifact": "models/model.onnx", "variant": "onnx-fp32", "batch": 1, "p50_ms": 0.100, "accuracy": 0.875, "why": WHY_STRICT},
+        "ort-cpu": {"artifact": "models/model.onnx", "variant": "onnx-fp32", "batch": 1, "p50_ms": 0.100, "threads": 2, "accuracy": 0.875,
+                    "why": WHY_STRICT},
         # ort-cuda: its only variant fails the accuracy limit, so the target has no recommendation at all.
         # torch-cpu: no artifact variant was measured there, so it is absent too.
     }
@@ -80,7 +81,8 @@ def test_recommend_at_above_and_below_the_quant_drop(max_quant_drop, expected):
     # ort-cuda has a recommendation exactly when its INT8 passes.
     assert ("ort-cuda" in rec) == (expected == "onnx-int8")
     if expected == "onnx-int8":
-        assert rec["ort-cuda"] == {"artifact": "models/model.int8.onnx", "variant": "onnx-int8", "batch": 1, "p50_ms": 0.020, "accuracy": 0.8671875,
+        assert rec["ort-cuda"] == {"artifact": "models/model.int8.onnx", "variant": "onnx-int8", "batch": 1, "p50_ms": 0.020, "threads": 2,
+                                   "accuracy": 0.8671875,
                                    "why": f"fastest at batch 1 among variants within {max_quant_drop:.2g} pt of FP32: onnx-int8 0.0200 ms"}
     assert "torch-cpu" not in rec
 
@@ -110,7 +112,7 @@ def test_gates_golden_values():
     assert set(gates) == {"min_retention", "max_quant_drop", "min_speedup"}
     assert gates["min_retention"] == {"value": 0.975, "limit": 0.975, "passed": True, "detail": "student 0.9141 / teacher 0.9375 (test accuracy)"}
     # The worst INT8 drop over every INT8 artifact, the TensorRT one included (both 0.78125 here).
-    assert gates["max_quant_drop"] == {"value": 0.78125, "limit": 0.78125, "passed": True, "detail": "INT8 accuracy drop vs FP32, points (test accuracy)"}
+    assert gates["max_quant_drop"] == {"value": 0.78125, "limit": 0.78125, "passed": True, "detail": "worst INT8 accuracy drop vs FP32, points (test accuracy): model.int8.onnx"}
     # The eager teacher's batch-1 p50 (4.0 ms) over the recommended artifact's (0.5 ms): 8.0.
     assert gates["min_speedup"] == {"value": 8.0, "limit": 8.0, "passed": True,
                                     "detail": "recommended artifact's batch-1 p50 vs the teacher in eager PyTorch on the CPU"}

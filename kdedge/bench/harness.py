@@ -182,7 +182,7 @@ def _edge_metadata(edge: str, path: Path) -> dict[str, str]:
 
     from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, read_sidecar
 
-    if edge_unavailable(edge):
+    if edge_unavailable(edge, purpose="run"):
         return read_sidecar(path)
     try:
         return importlib.import_module(EDGE_FORMATS[edge].module).read_metadata(path)
@@ -274,8 +274,8 @@ def _ensure_artifacts(model: BenchModel, data: DataSplits, config: BenchConfig, 
     formats = tuple(dict.fromkeys(["onnx", *wanted]))
     out = workdir / f"{model.role}-{model.name}".replace("/", "_")
     log(f"bench: exporting {model.name} to {', '.join(formats)} for the {', '.join(config.targets)} targets")
-    result = export_model(model.module, out, data=data, config=ExportConfig(formats=formats, evaluate=False, parity_samples=256), model_name=model.name,
-                          log=log)
+    config = ExportConfig(formats=formats, evaluate=False, parity_samples=256, edge_max_batch=max(256, *config.batch_sizes))
+    result = export_model(model.module, out, data=data, config=config, model_name=model.name, log=log)
     for a in result.artifacts:
         model.artifacts.setdefault(artifact_variant(asdict(a)), out / a.path)
 
@@ -346,6 +346,14 @@ def benchmark(
         why = target_available(target)
         if why:
             raise BackendUnavailable(why)
+    threads = torch.get_num_threads()  # --threads is the benchmark's, not the caller's: restored after, so a later training run is unchanged
+    try:
+        return _benchmark(models, data, config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _benchmark(models: list[BenchModel], data: DataSplits, config: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if config.test_limit:
@@ -413,6 +421,7 @@ def _measure(model: BenchModel, target: str, variant: str, path: Path | None, in
             "precision": _precision(variant), "batch": b, "threads": config.threads, "latency_ms": stats.to_dict(),
             "throughput_per_s": b / (stats.p50_ms / 1e3), "accuracy": accuracy, "params": model.params, "flops": model.flops,
             "bytes": artifact_bytes, "timing": "cuda-events" if runner.on_device_timing else "host",
+            "threads_used": _threads_used(runner),
             **({"runtime_version": runner.runtime_version} if hasattr(runner, "runtime_version") else {}),
         }
         if config.streams > 1:  # K independent sessions/copies, each fed by its own thread
@@ -427,6 +436,15 @@ def _measure(model: BenchModel, target: str, variant: str, path: Path | None, in
     for row in group:
         row["memory"] = {"peak_rss_bytes": peak, "rss_before_bytes": rss_before, "gpu_peak_bytes": gpu_peak}
     return group
+
+
+def _threads_used(runner: Runner) -> int | None:
+    """The thread count the runner really ran with, where the runtime says (None: onnxruntime's default, one per physical core)."""
+    if getattr(runner, "threads_used", None) is not None:
+        return int(runner.threads_used)  # type: ignore[attr-defined]
+    if runner.runtime == "torch" and runner.device == "cpu":
+        return torch.get_num_threads()
+    return runner.threads
 
 
 def compare_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

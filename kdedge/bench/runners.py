@@ -93,7 +93,7 @@ def target_available(target: str) -> str | None:
     if runtime in EDGE_RUNTIMES:
         from kdedge.exporters.edge import edge_unavailable
 
-        why = edge_unavailable(runtime)
+        why = edge_unavailable(runtime, purpose="run")
         return f"{target}: {why}" if why else None
     return None
 
@@ -208,6 +208,7 @@ class EdgeRunner:
         self.runtime, self.path, self.precision, self.threads = runtime, Path(path), precision, threads
         self.session = load_edge(runtime, self.path, threads=threads)
         self.runtime_version = self.session.runtime
+        self.threads_used = self.session.threads  # what the runtime runs with: threads=None means its own default, which differs
         self.on_device_timing = False
         self.max_batch = self.session.max_batch or 2**31
 

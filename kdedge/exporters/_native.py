@@ -14,12 +14,17 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from kdedge.errors import ExportError
 from kdedge.exporters.edge import sidecar_path
+from kdedge.exporters.onnx import _root_cause as cause  # the innermost cause's type and first line, as the ONNX exporter reports it
+
+_FD2_LOCK = threading.Lock()
+_FD2_HELD = threading.local()
 
 __all__ = ["attach_native_log", "cause", "last_native_line", "native_stderr", "quiet", "sidecar_batch", "version_of"]
 
@@ -45,7 +50,23 @@ def quiet(native: list[str], loggers: tuple[str, ...] = (), *, root: bool = Fals
 
 @contextlib.contextmanager
 def native_stderr(lines: list[str]) -> Iterator[None]:
-    """Collect what is written to file descriptor 2 (C++ logging bypasses ``sys.stderr``) into ``lines``."""
+    """Collect what is written to file descriptor 2 (C++ logging bypasses ``sys.stderr``) into ``lines``.
+
+    fd 2 is process-wide: one lock serializes the redirections (a nested one in the same thread
+    is a no-op inside the outer), and two threads can never leave it pointing at a deleted file.
+    """
+    if getattr(_FD2_HELD, "held", False):  # nested in this thread: the outer redirection already captures
+        yield
+        return
+    with _FD2_LOCK:
+        _FD2_HELD.held = True
+        try:
+            yield from _redirected(lines)
+        finally:
+            _FD2_HELD.held = False
+
+
+def _redirected(lines: list[str]) -> Iterator[None]:
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -74,14 +95,6 @@ def last_native_line(native: list[str]) -> str:
     return ""
 
 
-def cause(exc: BaseException) -> str:
-    """The innermost cause's type and first line."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-    return f"{type(exc).__name__}: {text}"
-
-
 def attach_native_log(exc: BaseException, native: list[str]) -> None:
     """Keep the native log on the exception chain (``kdedge --debug`` prints it) instead of on the terminal."""
     if native:
@@ -93,9 +106,9 @@ def sidecar_batch(path: Path) -> dict[str, int]:
     side = sidecar_path(path)
     try:
         batch = json.loads(side.read_text()).get("batch") if side.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        raise ExportError(f"{side}: not a readable kdedge sidecar (JSON); re-export the artifact or delete the sidecar") from None
-    return {k: int(v) for k, v in batch.items() if k in ("min", "max", "fixed")} if isinstance(batch, dict) else {}
+        return {k: int(v) for k, v in batch.items() if k in ("min", "max", "fixed")} if isinstance(batch, dict) else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise ExportError(f"{side}: not a readable kdedge sidecar (JSON with an integer batch contract); re-export the artifact or delete the sidecar") from None
 
 
 def version_of(distribution: str) -> str:

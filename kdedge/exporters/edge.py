@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge.errors import BackendUnavailable, ConfigError
+from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
            "read_sidecar", "sidecar_path", "write_sidecar"]
@@ -40,35 +40,42 @@ class EdgeFormat:
         name: The artifact's ``format`` in ``export.json`` and the prefix of its variants (``executorch-fp32``).
         target: The benchmark target that runs it (``executorch-cpu``).
         suffix: The artifact's file suffix.
-        packages: Import names that must be importable to export and run it.
+        packages: Import names that must be importable to export it.
+        run_packages: Import names that must be importable to run it (a device needs the runtime, not the converter).
         extra: The ``kdedge-distill`` extra that installs them (None: they come with kdedge).
         source: ``torch`` (exported from the PyTorch module) or ``onnx`` (converted from the ONNX artifact of the same precision).
         precisions: What it can be exported as.
         module: The kdedge module implementing it (``export`` and ``Session``).
         title: How people call the runtime.
+        companions: Suffixes of the files written beside the artifact, named ``<stem><suffix>``
+            (OpenVINO's weights ``model.bin``; ORT format's ``model.required_operators.config``,
+            which configures a reduced onnxruntime build and is not needed to run the model).
     """
 
     name: str
     target: str
     suffix: str
     packages: tuple[str, ...]
+    run_packages: tuple[str, ...]
     extra: str | None
     source: str
     precisions: tuple[str, ...]
     module: str
     title: str
+    companions: tuple[str, ...] = ()
 
 
 EDGE_FORMATS: dict[str, EdgeFormat] = {
     f.name: f
     for f in (
-        EdgeFormat("executorch", "executorch-cpu", ".pte", ("executorch",), "executorch", "torch", ("fp32", "int8"), "kdedge.exporters.pte",
+        EdgeFormat("executorch", "executorch-cpu", ".pte", ("executorch",), ("executorch",), "executorch", "torch", ("fp32", "int8"), "kdedge.exporters.pte",
                    "ExecuTorch (XNNPACK)"),
-        EdgeFormat("litert", "litert-cpu", ".tflite", ("litert_torch", "ai_edge_litert"), "litert", "torch", ("fp32", "int8"), "kdedge.exporters.tflite",
+        EdgeFormat("litert", "litert-cpu", ".tflite", ("litert_torch", "ai_edge_litert"), ("ai_edge_litert",), "litert", "torch", ("fp32", "int8"), "kdedge.exporters.tflite",
                    "LiteRT (TFLite)"),
-        EdgeFormat("openvino", "openvino-cpu", ".xml", ("openvino",), "openvino", "onnx", ("fp32", "int8"), "kdedge.exporters.openvino_ir", "OpenVINO"),
-        EdgeFormat("ort", "ort-mobile-cpu", ".ort", ("onnxruntime",), None, "onnx", ("fp32", "int8"), "kdedge.exporters.ort_format",
-                   "ONNX Runtime (ORT format)"),
+        EdgeFormat("openvino", "openvino-cpu", ".xml", ("openvino",), ("openvino",), "openvino", "onnx", ("fp32", "int8"), "kdedge.exporters.openvino_ir", "OpenVINO",
+                   (".bin",)),
+        EdgeFormat("ort", "ort-mobile-cpu", ".ort", ("onnxruntime",), ("onnxruntime",), None, "onnx", ("fp32", "int8"), "kdedge.exporters.ort_format",
+                   "ONNX Runtime (ORT format)", (".required_operators.config",)),
     )
 }
 
@@ -108,14 +115,14 @@ def _install_hint(fmt: EdgeFormat) -> str:
     return f"pip install 'kdedge-distill[{fmt.extra}]'" if fmt.extra else "pip install onnxruntime"
 
 
-def edge_unavailable(name: str) -> str | None:
-    """None when format ``name`` can be exported and run here, else one line naming the extra to install.
+def edge_unavailable(name: str, *, purpose: str = "export") -> str | None:
+    """None when format ``name`` can be exported (``purpose="export"``) or run (``"run"``) here, else one line naming the extra to install.
 
     Only looks for the packages (no import): cheap enough for ``formats: auto``.
     """
     fmt = edge_format(name)
     missing = []
-    for package in fmt.packages:
+    for package in fmt.packages if purpose == "export" else fmt.run_packages:
         try:
             found = importlib.util.find_spec(package) is not None
         except (ImportError, ValueError):  # a parent package set to None in sys.modules, or a broken spec
@@ -123,12 +130,13 @@ def edge_unavailable(name: str) -> str | None:
         if not found:
             missing.append(package)
     if missing:
-        return f"{fmt.title} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; {_install_hint(fmt)}"
+        return (f"{fmt.title} needs {', '.join(missing)} to {'export' if purpose == 'export' else 'run'}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed; {_install_hint(fmt)}")
     return None
 
 
-def _backend(fmt: EdgeFormat):
-    why = edge_unavailable(fmt.name)
+def _backend(fmt: EdgeFormat, purpose: str):
+    why = edge_unavailable(fmt.name, purpose=purpose)
     if why:
         raise BackendUnavailable(why)
     try:
@@ -175,8 +183,16 @@ def export_edge(
         # A model trained channels-last (kdedge's default on the CPU) keeps NHWC-strided weights; XNNPACK's lowering expects
         # NCHW constants ("Expected ..._fused_bn to be NCHW"), and the artifact's layout is the converter's business, not the trainer's.
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    return _backend(fmt).export(out=out, precision=precision, model=model, onnx=onnx, input_shape=input_shape, calibration=calibration,
-                                metadata=metadata, max_batch=max_batch)
+    backend = _backend(fmt, "export")
+    try:
+        return backend.export(out=out, precision=precision, model=model, onnx=onnx, input_shape=input_shape, calibration=calibration,
+                              metadata=metadata, max_batch=max_batch)
+    except KdedgeError:
+        raise
+    except Exception as exc:  # a converter failing where its backend did not expect it: still one line
+        from kdedge.exporters._native import cause
+
+        raise ExportError(f"{fmt.title} export of {out.name} failed ({cause(exc)}); kdedge --debug shows where") from exc
 
 
 def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> EdgeSession:
@@ -186,7 +202,16 @@ def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> Edg
         BackendUnavailable: The runtime is not installed.
         ExportError: The file cannot be loaded (truncated, corrupt, another format).
     """
-    return _backend(edge_format(name)).Session(Path(path), threads=threads)
+    fmt = edge_format(name)
+    backend = _backend(fmt, "run")
+    try:
+        return backend.Session(Path(path), threads=threads)
+    except KdedgeError:
+        raise
+    except Exception as exc:  # a runtime refusing a file in a way its backend did not expect: still one line
+        from kdedge.exporters._native import cause
+
+        raise ExportError(f"{path}: {fmt.title} cannot load it ({cause(exc)}); is it truncated, corrupt or another format?") from exc
 
 
 def edge_predict(session: EdgeSession, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -207,12 +232,8 @@ def edge_predict(session: EdgeSession, x: np.ndarray, *, batch_size: int = 256) 
 
 
 def artifact_files(name: str, path: Path) -> list[Path]:
-    """The files an artifact consists of: itself, OpenVINO's weights, ORT format's required-operators config, a sidecar."""
-    files = [path]
-    if name == "openvino":
-        files.append(path.with_suffix(".bin"))
-    elif name == "ort":  # not needed to run it: it configures a reduced onnxruntime build for the device
-        files.append(path.with_name(path.stem + ".required_operators.config"))
+    """The files an artifact consists of: itself, its format's companions (OpenVINO's weights, ORT format's operator config), a sidecar."""
+    files = [path, *(path.with_name(path.stem + suffix) for suffix in edge_format(name).companions)]
     side = sidecar_path(path)
     if side.is_file():
         files.append(side)
@@ -222,7 +243,7 @@ def artifact_files(name: str, path: Path) -> list[Path]:
 def artifact_bytes(name: str, path: Path) -> int:
     """What the artifact weighs on the device: its files without the sidecar (OpenVINO: ``.xml`` + ``.bin``)."""
     side = sidecar_path(path)
-    return sum(p.stat().st_size for p in artifact_files(name, path) if p != side and p.suffix != ".config" and p.is_file())
+    return sum(p.stat().st_size for p in artifact_files(name, path) if p != side and not p.name.endswith(".config") and p.is_file())
 
 
 def sidecar_path(path: Path) -> Path:
@@ -252,5 +273,8 @@ def read_sidecar(path: Path) -> dict[str, str]:
     side = sidecar_path(Path(path))
     if not side.is_file():
         return {}
-    doc = json.loads(side.read_text())
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items() if k.startswith("kdedge.")}
+    try:
+        doc = json.loads(side.read_text())
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items() if k.startswith("kdedge.")}
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        raise ExportError(f"{side}: not a readable kdedge sidecar (a JSON object); re-export the artifact or delete the sidecar") from None

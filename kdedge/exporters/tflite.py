@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), flat)
-    details["seconds"] = round(time.perf_counter() - start, 3)
     write_sidecar(Path(out), meta, format="litert", precision=precision, **details)
+    details["seconds"] = round(time.perf_counter() - start, 3)  # in export.json only: the sidecar is reproducible bit for bit
     return details
 
 
@@ -324,12 +324,19 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {}
 
 
-def _quiet(native: list[str]) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _quiet(native: list[str]) -> Iterator[None]:
     """:func:`~kdedge.exporters._native.quiet` for litert_torch, which also warns through the root logger.
 
     Its progress bars and TensorFlow's C++ logging are switched off by environment variables, read
-    when they load or convert (set only where the user has not set them).
+    when they load or convert; the user's own values win, and the environment is restored after.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")
-    return quiet(native, _NOISY, root=True)
+    quiet_env = {"TF_CPP_MIN_LOG_LEVEL": "2", "LITERT_TORCH_SHOW_PROGRESS": "0"}
+    added = [k for k in quiet_env if k not in os.environ]
+    os.environ.update({k: quiet_env[k] for k in added})
+    try:
+        with quiet(native, _NOISY, root=True):
+            yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
