@@ -24,11 +24,13 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 # How many ```python blocks the README holds, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 6
+EXPECTED_BLOCKS = 7
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -90,6 +92,7 @@ def test_every_python_block_is_run_or_named_as_a_script():
     _cheap(blocks)  # every substitution still applies
 
 
+@pytest.mark.edge("executorch", "litert", "openvino", "ort")  # the "Edge runtimes" block runs each artifact in its runtime
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
@@ -108,7 +111,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, bench, searched = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
     assert 0.5 < student_acc < teacher_acc and 0.5 < student_f1 < 1 and teacher_acc > 0.9  # one epoch on 2,000 images vs the shipped teacher
     assert (tmp_path / "runs/notebook/model.safetensors").is_file()
@@ -117,6 +120,10 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert all(gate["passed"] for gate in manifest["gates"].values()) and "'ort-cpu'" in bundle
     int8 = ast.literal_eval(export)
     assert 0.5 < int8["accuracy"] <= 1 and "drop_vs_fp32_pt" in int8 and (tmp_path / "export/model.int8.onnx").is_file()
+    # Each artifact run by its runtime alone gives onnxruntime's FP32 logits (the README's claim: below 1e-4).
+    alone = ast.literal_eval(edge)
+    assert set(alone) == {"executorch", "litert", "openvino", "ort"} and max(alone.values()) < 1e-4
+    assert {p.name for p in (tmp_path / "export-edge").iterdir()} >= {"model.pte", "model.tflite", "model.int8.tflite", "model.xml", "model.bin", "model.ort"}
     report = json.loads((tmp_path / "bench/report.json").read_text())
     assert {(r["model"], r["target"]) for r in report["rows"]} == {(m, t) for m in ("resnet", "tiny_cnn") for t in ("torch-cpu", "ort-cpu")}
     assert bench == ""  # the bench block prints nothing; it writes bench/
