@@ -1,4 +1,4 @@
-"""What the edge backends share: silencing converters' and runtimes' native logs, their errors in one line, sidecar batch contracts.
+"""What the edge backends share: silencing converters' and runtimes' native logs, their errors in one line.
 
 The edge converters (ExecuTorch, LiteRT) log from Python (warnings, loggers, progress bars on
 stdout) and from C++ straight to file descriptor 2. :func:`quiet` keeps all of it off the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
@@ -17,16 +16,13 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
-from kdedge.errors import ExportError
-from kdedge.exporters.edge import sidecar_path
 from kdedge.exporters.onnx import _root_cause as cause  # the innermost cause's type and first line, as the ONNX exporter reports it
 
 _FD2_LOCK = threading.Lock()
 _FD2_HELD = threading.local()
 
-__all__ = ["attach_native_log", "cause", "last_native_line", "native_stderr", "quiet", "sidecar_batch", "version_of"]
+__all__ = ["attach_native_log", "cause", "last_native_line", "native_stderr", "quiet", "version_of"]
 
 
 @contextlib.contextmanager
@@ -99,16 +95,6 @@ def attach_native_log(exc: BaseException, native: list[str]) -> None:
     """Keep the native log on the exception chain (``kdedge --debug`` prints it) instead of on the terminal."""
     if native:
         exc.add_note("native log:\n" + "\n".join(native[-50:]))
-
-
-def sidecar_batch(path: Path) -> dict[str, int]:
-    """The batch contract an export recorded in the sidecar: ``{"min": 1, "max": M}`` or ``{"fixed": B}``; ``{}`` without a sidecar."""
-    side = sidecar_path(path)
-    try:
-        batch = json.loads(side.read_text()).get("batch") if side.is_file() else None
-        return {k: int(v) for k, v in batch.items() if k in ("min", "max", "fixed")} if isinstance(batch, dict) else {}
-    except (OSError, ValueError, TypeError, AttributeError):
-        raise ExportError(f"{side}: not a readable kdedge sidecar (JSON with an integer batch contract); re-export the artifact or delete the sidecar") from None
 
 
 def version_of(distribution: str) -> str:

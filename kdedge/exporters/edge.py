@@ -29,7 +29,7 @@ from torch import nn
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
-           "read_sidecar", "sidecar_path", "write_sidecar"]
+           "read_sidecar", "sidecar_batch", "sidecar_path", "write_sidecar"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,11 @@ class EdgeSession(Protocol):
         ...
 
     def prepare(self, x: np.ndarray) -> Callable[[], Any]:
-        """A callable performing exactly one inference on ``x``, with the input already in place (for timing)."""
+        """A callable performing exactly one inference on ``x``, with the input already in place (for timing).
+
+        ExecuTorch and LiteRT sessions hold one input slot: a later ``run`` or ``prepare`` on the
+        same session replaces what an earlier prepared callable feeds. Time one at a time.
+        """
         ...
 
 
@@ -198,6 +202,11 @@ def export_edge(
 def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> EdgeSession:
     """Open ``path`` in format ``name``'s runtime, with ``threads`` threads (None: the runtime's default).
 
+    ExecuTorch has one thread pool per process: a session opened with ``threads`` replaces it
+    (through ExecuTorch's private ``_unsafe_reset_threadpool``), and methods loaded before by code
+    other than kdedge's sessions keep a pointer to the old pool. In a process that runs its own
+    ExecuTorch programs, open ExecuTorch sessions with ``threads=None``.
+
     Raises:
         BackendUnavailable: The runtime is not installed.
         ExportError: The file cannot be loaded (truncated, corrupt, another format).
@@ -266,6 +275,16 @@ def write_sidecar(path: Path, metadata: dict[str, str], **details: Any) -> Path:
     side = sidecar_path(path)
     side.write_text(json.dumps(doc, indent=2) + "\n")  # unsorted: read_sidecar then gives back the very strings it was given
     return side
+
+
+def sidecar_batch(path: Path) -> dict[str, int]:
+    """The batch contract an export recorded in the sidecar: ``{"min": 1, "max": M}`` or ``{"fixed": B}``; ``{}`` without a sidecar."""
+    side = sidecar_path(path)
+    try:
+        batch = json.loads(side.read_text()).get("batch") if side.is_file() else None
+        return {k: int(v) for k, v in batch.items() if k in ("min", "max", "fixed")} if isinstance(batch, dict) else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise ExportError(f"{side}: not a readable kdedge sidecar (JSON with an integer batch contract); re-export the artifact or delete the sidecar") from None
 
 
 def read_sidecar(path: Path) -> dict[str, str]:

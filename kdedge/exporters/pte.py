@@ -30,8 +30,8 @@ from torch import nn
 
 from kdedge._fs import atomic_write_bytes
 from kdedge.errors import ExportError
-from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, sidecar_batch, version_of
-from kdedge.exporters.edge import read_sidecar, write_sidecar
+from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
+from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
 
 __all__ = ["Session", "export", "read_metadata"]
 
