@@ -1,8 +1,10 @@
-"""What the edge backends share: silencing converters' and runtimes' native logs, their errors in one line.
+"""What the exporters share: silencing converters and runtimes, and their errors in one line.
 
-The edge converters (ExecuTorch, LiteRT) log from Python (warnings, loggers, progress bars on
-stdout) and from C++ straight to file descriptor 2. :func:`quiet` keeps all of it off the
-terminal and hands the native lines back, so an error can quote the runtime's own reason.
+Converters log from Python (warnings, loggers, progress bars on stdout), and the edge ones from
+C++ straight to file descriptor 2. :func:`silenced` keeps the Python side off the terminal;
+:func:`quiet` adds fd 2 and hands the native lines back, so an error can quote the runtime's own
+reason. :func:`cause` and :func:`first_line` turn an exception into the part of the one-line error
+that names what went wrong.
 """
 
 from __future__ import annotations
@@ -17,31 +19,35 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from kdedge.exporters.onnx import _root_cause as cause  # the innermost cause's type and first line, as the ONNX exporter reports it
-
 _FD2_LOCK = threading.Lock()
 _FD2_HELD = threading.local()
 
-__all__ = ["attach_native_log", "cause", "last_native_line", "native_stderr", "quiet", "version_of"]
+__all__ = ["attach_native_log", "cause", "first_line", "last_native_line", "native_stderr", "quiet", "silenced", "version_of"]
 
 
 @contextlib.contextmanager
-def quiet(native: list[str], loggers: tuple[str, ...] = (), *, root: bool = False) -> Iterator[None]:
-    """Silence warnings, the ``loggers`` (and the root logger with ``root``), stdout, and native logs on fd 2.
+def silenced(loggers: tuple[str, ...] = (), *, root: bool = False, stderr: contextlib.AbstractContextManager | None = None) -> Iterator[None]:
+    """Silence warnings, the ``loggers`` (and the root logger with ``root``) below ERROR, stdout, and whatever ``stderr`` captures.
 
-    The native lines are appended to ``native`` when the block ends.
+    ``stderr`` is entered inside the block: ``contextlib.redirect_stderr(io.StringIO())`` for
+    Python's, :func:`native_stderr` for file descriptor 2. The loggers' levels are restored after.
     """
     quieted = [logging.getLogger(name) for name in loggers] + ([logging.getLogger()] if root else [])
     levels = [lg.level for lg in quieted]
     for lg in quieted:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), native_stderr(native):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), stderr or contextlib.nullcontext():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(quieted, levels):
             lg.setLevel(level)
+
+
+def quiet(native: list[str], loggers: tuple[str, ...] = (), *, root: bool = False) -> contextlib.AbstractContextManager[None]:
+    """:func:`silenced` with file descriptor 2 captured: the native lines are appended to ``native`` when the block ends."""
+    return silenced(loggers, root=root, stderr=native_stderr(native))
 
 
 @contextlib.contextmanager
@@ -89,6 +95,19 @@ def last_native_line(native: list[str]) -> str:
         if line:
             return (line.split("] ", 1)[1] if "] " in line[:80] else line)[:300]
     return ""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), at most 300 characters."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line: torch.onnx and the edge converters wrap the useful message."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def attach_native_log(exc: BaseException, native: list[str]) -> None:

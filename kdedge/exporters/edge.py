@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
+from kdedge.exporters._native import cause
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
            "read_sidecar", "sidecar_batch", "sidecar_path", "write_sidecar"]
@@ -194,8 +195,6 @@ def export_edge(
     except KdedgeError:
         raise
     except Exception as exc:  # a converter failing where its backend did not expect it: still one line
-        from kdedge.exporters._native import cause
-
         raise ExportError(f"{fmt.title} export of {out.name} failed ({cause(exc)}); kdedge --debug shows where") from exc
 
 
@@ -218,8 +217,6 @@ def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> Edg
     except KdedgeError:
         raise
     except Exception as exc:  # a runtime refusing a file in a way its backend did not expect: still one line
-        from kdedge.exporters._native import cause
-
         raise ExportError(f"{path}: {fmt.title} cannot load it ({cause(exc)}); is it truncated, corrupt or another format?") from exc
 
 

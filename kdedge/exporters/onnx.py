@@ -12,9 +12,7 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import nn
 
 from kdedge._modes import evaluating
 from kdedge.errors import ExportError
+from kdedge.exporters._native import cause, first_line, silenced
 
 __all__ = ["OnnxExport", "export_onnx", "set_metadata", "read_metadata", "check_onnx", "HalfPrecision", "PROTOBUF_LIMIT"]
 
@@ -63,20 +62,10 @@ class HalfPrecision(nn.Module):
         return self.model(x.to(torch.float16)).to(torch.float32)
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def _quiet_exporter() -> contextlib.AbstractContextManager[None]:
     """The exporter logs progress and warns about absent torchvision ops; keep the CLI clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return silenced(("torch.onnx", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export"),
+                    stderr=contextlib.redirect_stderr(io.StringIO()))
 
 
 @contextlib.contextmanager
@@ -94,18 +83,6 @@ def cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
 
 def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost cause's first line: torch.onnx wraps the useful message in 'step k/3 failed'."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def export_onnx(
@@ -173,7 +150,7 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
                 )
         except Exception as exc:  # torch.export/ONNX translation raise many types; all are "cannot export"
             raise ExportError(
-                f"cannot export {type(model).__name__} to ONNX ({_root_cause(exc)}); the model must be traceable by torch.export "
+                f"cannot export {type(model).__name__} to ONNX ({cause(exc)}); the model must be traceable by torch.export "
                 "(no data-dependent Python control flow, only ops with ONNX translations)"
             ) from exc  # the exporter's traceback points at the model line it could not trace (kdedge --debug)
         if program is None:
@@ -241,6 +218,6 @@ def check_onnx(path: str | Path) -> None:
         # The path form also validates models with external data and those near 2 GB.
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, OSError) as exc:
-        raise ExportError(f"{path}: not a valid ONNX model ({_first_line(exc)}); is it truncated or corrupt?") from exc
+        raise ExportError(f"{path}: not a valid ONNX model ({first_line(exc)}); is it truncated or corrupt?") from exc
     except Exception as exc:  # protobuf DecodeError and friends for files that are not ONNX at all
-        raise ExportError(f"{path}: cannot be parsed as ONNX ({type(exc).__name__}: {_first_line(exc)}); is it truncated or corrupt?") from exc
+        raise ExportError(f"{path}: cannot be parsed as ONNX ({type(exc).__name__}: {first_line(exc)}); is it truncated or corrupt?") from exc

@@ -34,6 +34,7 @@ import numpy as np
 from torch import nn
 
 from kdedge.errors import ConfigError, ExportError
+from kdedge.exporters._native import first_line
 
 __all__ = ["CONFIG_SUFFIX", "Session", "config_path", "export", "read_metadata"]
 
@@ -46,10 +47,6 @@ def config_path(path: Path) -> Path:
     """The required-operators config beside an ORT artifact: ``model.int8.ort`` -> ``model.int8.required_operators.config``."""
     path = Path(path)
     return path.with_name(path.stem + CONFIG_SUFFIX)
-
-
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
@@ -102,7 +99,7 @@ def _with_metadata(onnx: Path, dest: Path, metadata: dict[str, str]) -> None:
     try:
         proto = onnx_lib.load(str(onnx))
     except Exception as exc:  # protobuf DecodeError, OSError, missing external data
-        raise ExportError(f"cannot read {onnx} as ONNX ({type(exc).__name__}: {_first_line(exc)}); convert the ONNX artifact kdedge exported") from exc
+        raise ExportError(f"cannot read {onnx} as ONNX ({type(exc).__name__}: {first_line(exc)}); convert the ONNX artifact kdedge exported") from exc
     set_metadata(proto, metadata)
     dest.parent.mkdir(parents=True)
     onnx_lib.save_model(proto, str(dest))
@@ -124,7 +121,7 @@ def _convert(source: Path, out_dir: Path, onnx: Path, version: str) -> tuple[Pat
             finally:
                 tool.setLevel(level)
     except Exception as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented, the tool's ValueError
-        cause = _first_line(exc).replace(str(source), str(onnx))  # the copy is gone; name the user's file
+        cause = first_line(exc).replace(str(source), str(onnx))  # the copy is gone; name the user's file
         raise ExportError(f"onnxruntime {version} cannot convert {onnx.name} to the ORT format ({cause}); "
                           f"check that {onnx.name} runs in onnxruntime, or leave ort out of the export formats") from exc
     finally:
@@ -167,7 +164,7 @@ def _load(path: Path, threads: int | None):
     try:
         return ort_session(path, threads=threads)
     except ExportError as exc:
-        raise ExportError(f"{path}: onnxruntime {ort_version()} cannot load it as an ORT format model ({_first_line(exc.__cause__ or exc)}); "
+        raise ExportError(f"{path}: onnxruntime {ort_version()} cannot load it as an ORT format model ({first_line(exc.__cause__ or exc)}); "
                           "is it truncated or corrupt, or written by a newer onnxruntime? export it again") from exc
 
 
