@@ -11,6 +11,7 @@ from torch import nn
 
 from kdedge.data import find_builtin, write_idx
 
+
 def _importable(name: str) -> bool:
     import importlib.util
 
@@ -53,6 +54,33 @@ def fmnist():
     from kdedge.data import load_dataset
 
     return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def edge_teacher(tmp_path_factory, fmnist):
+    """What every edge format's tests start from: the shipped teacher, its parity reference in onnxruntime, 1,000 test images.
+
+    ``onnx`` is the teacher's FP32 ONNX (with kdedge metadata), ``onnx_int8`` its static QDQ INT8
+    (calibrated on the first 256 of ``calibration``); ``reference`` and ``int8_reference`` are
+    onnxruntime's logits of each on ``x``. Built once per session for the four format test files.
+    """
+    from types import SimpleNamespace
+
+    from kdedge.exporters import export_onnx, onnx_metadata, quantize_int8
+    from kdedge.models.zoo import load_checkpoint, pretrained_path
+    from kdedge.ort import ort_predict, ort_session
+
+    root = tmp_path_factory.mktemp("edge-teacher")
+    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
+    model = ck.model.eval()
+    meta = onnx_metadata(fmnist.spec, model_name=ck.spec.name, source_sha256=None)
+    calibration = fmnist.train.inputs(slice(0, 512)).numpy()
+    export_onnx(model, root / "model.onnx", input_shape=(1, 28, 28), metadata=meta)
+    quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration=calibration[:256])
+    x, labels = fmnist.test.inputs(slice(0, 1000)).numpy(), fmnist.test.labels[:1000].numpy()
+    return SimpleNamespace(model=model, meta=meta, calibration=calibration, x=x, labels=labels, onnx=root / "model.onnx",
+                           onnx_int8=root / "model.int8.onnx", reference=ort_predict(ort_session(root / "model.onnx"), x),
+                           int8_reference=ort_predict(ort_session(root / "model.int8.onnx"), x))
 
 
 class TinyNet(nn.Module):

@@ -22,35 +22,27 @@ from kdedge.exporters.openvino_ir import _openvino
 ov = _openvino()  # as kdedge imports it: with OpenVINO's usage telemetry declined (a plain import would send it)
 
 from kdedge.errors import ExportError
-from kdedge.exporters import export_onnx, onnx_metadata, quantize_int8
 from kdedge.exporters import read_metadata as onnx_read_metadata
 from kdedge.exporters.edge import edge_predict, export_edge, load_edge
 from kdedge.exporters.openvino_ir import COMPILE_CONFIG, RUNTIME_CONFIG_KEY, read_metadata
-from kdedge.models.zoo import load_checkpoint, pretrained_path
-from kdedge.ort import ort_predict, ort_session
 
 N = 1000
 
 
 @pytest.fixture(scope="module")
-def teacher_ir(tmp_path_factory, fmnist):
+def teacher_ir(tmp_path_factory, edge_teacher):
     """The teacher as ONNX FP32 / INT8 (the export's artifacts), their IRs, and onnxruntime's logits on 1,000 test images."""
-    root = tmp_path_factory.mktemp("openvino")
-    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
-    meta = onnx_metadata(fmnist.spec, model_name="resnet", source_sha256=None)
-    export_onnx(ck.model.eval(), root / "model.onnx", input_shape=(1, 28, 28), metadata=meta)
-    quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration=fmnist.train.inputs(slice(0, 256)).numpy())
-    x, labels = fmnist.test.inputs(slice(0, N)).numpy(), fmnist.test.labels[:N].numpy()
-    out = root / "ir"
+    t = edge_teacher
+    out = tmp_path_factory.mktemp("openvino") / "ir"
     out.mkdir()
     art = {}
-    for precision, name in (("fp32", "model"), ("int8", "model.int8")):
-        onnx = root / f"{name}.onnx"
+    for precision, onnx, reference in (("fp32", t.onnx, t.reference), ("int8", t.onnx_int8, t.int8_reference)):
+        name = onnx.stem
         m = {k: v for k, v in onnx_read_metadata(onnx).items() if k.startswith("kdedge.")}
         details = export_edge("openvino", out=out / f"{name}.xml", precision=precision, onnx=onnx, input_shape=(1, 28, 28), metadata=m)
         print(f"\n{name}.xml: converted in {details['seconds']['convert']:.3f} s, compiled in {details['seconds']['compile']:.3f} s")
-        art[precision] = {"xml": out / f"{name}.xml", "details": details, "metadata": m, "ort": ort_predict(ort_session(onnx), x)}
-    return art, x, labels, out
+        art[precision] = {"xml": out / f"{name}.xml", "details": details, "metadata": m, "ort": reference}
+    return art, t.x, t.labels, out
 
 
 def _raw_compile(xml, config=None):
@@ -131,9 +123,8 @@ def test_truncated_artifact_is_one_line_export_error(teacher_ir, tmp_path, damag
     assert len(message.splitlines()) == 1 and str(tmp_path / "model.xml") in message and "Exception from" not in message
 
 
-def test_onnx_under_an_ir_name_is_refused(teacher_ir, tmp_path):
-    _, _, _, out = teacher_ir
+def test_onnx_under_an_ir_name_is_refused(edge_teacher, tmp_path):
     renamed = tmp_path / "model.xml"  # read_model alone would open it with the ONNX frontend and run it
-    renamed.write_bytes((out.parent / "model.onnx").read_bytes())
+    renamed.write_bytes(edge_teacher.onnx.read_bytes())
     with pytest.raises(ExportError, match="not an OpenVINO IR"):
         load_edge("openvino", renamed)

@@ -14,37 +14,29 @@ import onnxruntime
 import pytest
 
 from kdedge.errors import ExportError
-from kdedge.exporters import export_onnx, onnx_metadata, quantize_int8
 from kdedge.exporters import read_metadata as onnx_read_metadata
 from kdedge.exporters.edge import edge_predict, export_edge, load_edge
 from kdedge.exporters.ort_format import config_path, read_metadata
-from kdedge.models.zoo import load_checkpoint, pretrained_path
-from kdedge.ort import ort_predict, ort_session
 
 N = 1000
 
 
 @pytest.fixture(scope="module")
-def teacher_ort(tmp_path_factory, fmnist):
+def teacher_ort(tmp_path_factory, edge_teacher):
     """The teacher as ONNX FP32 / INT8 (the export's artifacts), their ORT files, and onnxruntime's logits on 1,000 test images."""
-    root = tmp_path_factory.mktemp("ort-format")
-    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
-    meta = onnx_metadata(fmnist.spec, model_name="resnet", source_sha256=None)
-    export_onnx(ck.model.eval(), root / "model.onnx", input_shape=(1, 28, 28), metadata=meta)
-    quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration=fmnist.train.inputs(slice(0, 256)).numpy())
-    x, labels = fmnist.test.inputs(slice(0, N)).numpy(), fmnist.test.labels[:N].numpy()
-    out = root / "ort"
+    t = edge_teacher
+    out = tmp_path_factory.mktemp("ort-format") / "ort"
     out.mkdir()
     handlers = list(logging.getLogger().handlers)
     art = {}
-    for precision, name in (("fp32", "model"), ("int8", "model.int8")):
-        onnx = root / f"{name}.onnx"
+    for precision, onnx, reference in (("fp32", t.onnx, t.reference), ("int8", t.onnx_int8, t.int8_reference)):
+        name = onnx.stem
         m = {k: v for k, v in onnx_read_metadata(onnx).items() if k.startswith("kdedge.")}
         details = export_edge("ort", out=out / f"{name}.ort", precision=precision, onnx=onnx, input_shape=(1, 28, 28), metadata=m)
         print(f"\n{name}.ort: converted in {details['seconds']['convert']:.3f} s")
-        art[precision] = {"path": out / f"{name}.ort", "details": details, "metadata": m, "ort": ort_predict(ort_session(onnx), x)}
+        art[precision] = {"path": out / f"{name}.ort", "details": details, "metadata": m, "ort": reference}
     assert logging.getLogger().handlers == handlers  # the converter's logging.basicConfig does not leak into the caller
-    return art, x, labels, out
+    return art, t.x, t.labels, out
 
 
 def _raw_session(path):
@@ -88,7 +80,7 @@ def test_int8_ort_file_keeps_accuracy(teacher_ort):
     assert "QLinearConv" in int8["details"]["operators"]["com.microsoft"]  # the Q/DQ pairs are fused into INT8 kernels in the file
 
 
-def test_metadata_and_required_operators_config(teacher_ort):
+def test_metadata_and_required_operators_config(teacher_ort, edge_teacher):
     art, _, _, out = teacher_ort
     for a in art.values():
         assert read_metadata(a["path"]) == a["metadata"]
@@ -96,7 +88,8 @@ def test_metadata_and_required_operators_config(teacher_ort):
         config = config_path(a["path"])
         assert config.name == a["details"]["required_operators"] == a["path"].stem + ".required_operators.config"
         lines = config.read_text().splitlines()
-        assert f"# - {a['path'].name}" in lines and not any(str(out.parent) in line for line in lines)  # names the artifact, not a temp path
+        temp_dirs = (str(out.parent), str(edge_teacher.onnx.parent))  # where the output and the source ONNX lie
+        assert f"# - {a['path'].name}" in lines and not any(d in line for d in temp_dirs for line in lines)  # names the artifact, not a temp path
         listed = {(d, op) for line in lines if line and not line.startswith("#") for d, _, ops in [line.split(";")] for op in ops.split(",")}
         assert listed == {(d, op) for d, ops in a["details"]["operators"].items() for op in ops}
     assert ("ai.onnx", "Conv") in {(d, op) for d, ops in art["fp32"]["details"]["operators"].items() for op in ops}

@@ -17,11 +17,8 @@ import torch
 from torch import nn
 
 from kdedge.errors import ExportError
-from kdedge.exporters import export_onnx, onnx_metadata
 from kdedge.exporters.edge import edge_predict, export_edge, load_edge, sidecar_path
 from kdedge.exporters.pte import Session, read_metadata
-from kdedge.models.zoo import load_checkpoint, pretrained_path
-from kdedge.ort import ort_predict, ort_session
 
 pytestmark = pytest.mark.edge("executorch")  # skipped without the runtime, unless KDEDGE_REQUIRE_EDGE=1 (tests/conftest.py)
 
@@ -29,23 +26,18 @@ N = 1000
 
 
 @pytest.fixture(scope="module")
-def teacher_pte(tmp_path_factory, fmnist):
+def teacher_pte(tmp_path_factory, edge_teacher):
     """The teacher as FP32 and INT8 programs, its ONNX export, and onnxruntime's FP32 logits on 1,000 test images."""
+    t = edge_teacher
     root = tmp_path_factory.mktemp("executorch")
-    ck = load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist"))
-    model = ck.model.eval()
-    meta = onnx_metadata(fmnist.spec, model_name=ck.spec.name, source_sha256=None)
-    export_onnx(model, root / "model.onnx", input_shape=(1, 28, 28))
-    x, labels = fmnist.test.inputs(slice(0, N)).numpy(), fmnist.test.labels[:N].numpy()
-    calibration = fmnist.train.inputs(slice(0, 512)).numpy()
     art = {}
     for precision in ("fp32", "int8"):
         path = root / f"model.{precision}.pte"
-        details = export_edge("executorch", out=path, precision=precision, model=model, input_shape=(1, 28, 28),
-                              calibration=calibration, metadata=meta, max_batch=256)
+        details = export_edge("executorch", out=path, precision=precision, model=t.model, input_shape=(1, 28, 28),
+                              calibration=t.calibration, metadata=t.meta, max_batch=256)
         print(f"\n{path.name}: exported in {details['seconds']:.1f} s, batch {details['batch']}")
         art[precision] = {"path": path, "details": details}
-    return art, meta, x, labels, ort_predict(ort_session(root / "model.onnx"), x), root
+    return art, t.meta, t.x, t.labels, t.reference, root
 
 
 def _raw_logits(path, x, *, batch=250):
@@ -113,11 +105,11 @@ def test_metadata_round_trips_through_the_sidecar(teacher_pte):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "onnx renamed"])
-def test_bad_program_is_one_line_export_error(teacher_pte, tmp_path, damage):
-    art, _, _, _, _, root = teacher_pte
+def test_bad_program_is_one_line_export_error(teacher_pte, edge_teacher, tmp_path, damage):
+    art, _, _, _, _, _ = teacher_pte
     data = art["fp32"]["path"].read_bytes()
     bad = tmp_path / "model.pte"
-    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else (root / "model.onnx").read_bytes())
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else edge_teacher.onnx.read_bytes())
     with pytest.raises(ExportError) as info:
         Session(bad)
     message = str(info.value)
