@@ -25,7 +25,7 @@ from torch import nn
 from kdedge._version import __version__
 from kdedge.bench.report import REPORT_SCHEMA, write_report
 from kdedge.bench.env import capture_environment, current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from kdedge.bench.runners import EDGE_RUNTIMES, TARGETS, Runner, make_runner, target_available, variant_prefix
+from kdedge.bench.runners import EDGE_RUNTIMES, TARGETS, Runner, format_prefix, make_runner, target_available, variant_prefix
 from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
 from kdedge.config import BenchConfig, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec
@@ -164,7 +164,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
 
 def artifact_variant(a: dict[str, Any]) -> str:
     """The variant name of an ``export.json`` artifact: ``onnx-int8``, ``trt-fp16``, ``executorch-fp32``..."""
-    return {"onnx": "onnx-", "tensorrt": "trt-"}.get(a["format"], f"{a['format']}-") + a["precision"]
+    return format_prefix(a["format"]) + a["precision"]
 
 
 def _edge_format_of(path: Path) -> str | None:

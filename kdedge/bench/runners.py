@@ -19,7 +19,7 @@ from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError
 
-__all__ = ["EdgeRunner", "Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "target_available", "variant_prefix"]
+__all__ = ["EdgeRunner", "Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "format_prefix", "target_available", "variant_prefix"]
 
 #: target name -> (runtime, device). A target's runners are built from the model's variants.
 TARGETS: dict[str, tuple[str, str]] = {
@@ -39,10 +39,19 @@ TARGETS: dict[str, tuple[str, str]] = {
 EDGE_RUNTIMES = ("executorch", "litert", "openvino", "ort")
 
 
+#: Artifact format (``export.json``'s ``format``) -> the prefix of its variants; an edge format is its own prefix.
+_FORMAT_PREFIX = {"onnx": "onnx-", "tensorrt": "trt-"}
+
+
+def format_prefix(fmt: str) -> str:
+    """The prefix of an artifact format's variants: ``onnx-``, ``trt-``, or an edge format's (``executorch-``)."""
+    return _FORMAT_PREFIX.get(fmt, f"{fmt}-")
+
+
 def variant_prefix(target: str) -> str:
-    """The prefix of the variants ``target`` runs: ``torch-``, ``onnx-``, ``trt-``, or an edge format's (``executorch-``)."""
+    """The prefix of the variants ``target`` runs: ``torch-``, or the prefix of the artifact format its runtime runs."""
     runtime = TARGETS[target][0]
-    return {"torch": "torch-", "onnxruntime": "onnx-", "tensorrt": "trt-"}.get(runtime, f"{runtime}-")
+    return "torch-" if runtime == "torch" else format_prefix({"onnxruntime": "onnx"}.get(runtime, runtime))
 
 _ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                   "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
