@@ -36,6 +36,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+# A small but real bundle build: 2,000 training and 500 test images, 1 epoch, a short benchmark, gates a 1-epoch student passes.
+SMALL_BUNDLE = {"train_limit": 2000, "test_limit": 500, "epochs": 1, "batch_sizes": [1, 8], "bench_min_s": 0.05, "parity_samples": 200,
+                "calibration_samples": 128, "cache": "memory", "min_retention": 0.5, "max_quant_drop": 3.0}
+
 # Where the real Fashion-MNIST lives before the tests re-point the cache (it may be in the cache).
 _FMNIST_DIR = find_builtin("fashion-mnist")
 

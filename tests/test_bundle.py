@@ -15,11 +15,11 @@ import yaml
 
 from kdedge.cli import main
 
+from conftest import SMALL_BUNDLE
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-# A small but real run: 2,000 training and 500 test images, 1 epoch, short benchmark.
-SMALL = {"train_limit": 2000, "test_limit": 500, "epochs": 1, "batch_sizes": [1, 8], "bench_min_s": 0.05, "parity_samples": 200,
-         "calibration_samples": 128, "cache": "memory", "min_retention": 0.5, "max_quant_drop": 3.0, "archive": True}
+SMALL = SMALL_BUNDLE | {"archive": True}
 
 
 def _run(capsys, *args):
