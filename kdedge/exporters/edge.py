@@ -177,13 +177,24 @@ def export_edge(
             place for it, else written to the sidecar ``<artifact>.json``.
         max_batch: The largest batch the artifact must take (formats whose batch is bounded at export).
 
+    The arguments are checked here, for every backend: the model or ONNX file its ``source``
+    needs, calibration inputs for a quantizer's INT8, a batch bound of at least 1.
+
     Raises:
         BackendUnavailable: The runtime is not installed (one line naming the extra).
-        ExportError: The converter fails on this model.
+        ExportError: A missing model, ONNX file or calibration, or the converter fails on this model.
     """
     fmt = edge_format(name)
     if precision not in fmt.precisions:
         raise ConfigError(f"{fmt.title} artifacts are exported as {' or '.join(fmt.precisions)}, not {precision}")
+    if fmt.source == "torch" and model is None:
+        raise ExportError(f"{fmt.title} artifacts are exported from the PyTorch model, and none was given")
+    if fmt.source == "onnx" and onnx is None:
+        raise ExportError(f"{fmt.title} artifacts are converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
+    if fmt.source == "torch" and precision == "int8" and (calibration is None or len(calibration) == 0):
+        raise ExportError(f"an INT8 {fmt.title} artifact needs calibration inputs (N, C, H, W); none were given")
+    if max_batch < 1:
+        raise ExportError(f"max_batch must be at least 1, got {max_batch}")
     if model is not None and fmt.source == "torch" and any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
         # A model trained channels-last (kdedge's default on the CPU) keeps NHWC-strided weights; XNNPACK's lowering expects
         # NCHW constants ("Expected ..._fused_bn to be NCHW"), and the artifact's layout is the converter's business, not the trainer's.

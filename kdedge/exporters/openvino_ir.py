@@ -106,11 +106,9 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
         model's layer precisions (INT8 evidence) and seconds.
 
     Raises:
-        ExportError: No ONNX artifact, or OpenVINO cannot read, convert or compile it.
+        ExportError: OpenVINO cannot read, convert or compile it (the arguments are checked by ``export_edge``).
     """
     del model, calibration, max_batch
-    if onnx is None:
-        raise ExportError("OpenVINO IR is converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
     ov = _openvino()
     out, onnx = Path(out), Path(onnx)
     start = time.perf_counter()

@@ -61,13 +61,11 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
         operators it lists, seconds.
 
     Raises:
-        ExportError: No ONNX artifact, or onnxruntime's converter fails on it.
+        ExportError: onnxruntime's converter fails on it (the arguments are checked by ``export_edge``).
     """
     del precision, model, input_shape, calibration, max_batch
     from kdedge.ort import onnxruntime
 
-    if onnx is None:
-        raise ExportError("the ORT format is converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
     version = onnxruntime().__version__
     out, onnx = Path(out), Path(onnx)
     start = time.perf_counter()

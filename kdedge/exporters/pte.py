@@ -52,17 +52,9 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
         ``details``: converter version, delegate, batch contract, quantization scheme, seconds.
 
     Raises:
-        ExportError: No model, no calibration data for INT8, or the model cannot be exported or lowered.
+        ExportError: The model cannot be exported or lowered (its arguments are checked by ``export_edge``).
     """
     del onnx  # made from the PyTorch module
-    if model is None:
-        raise ExportError("ExecuTorch programs are exported from the PyTorch model, and none was given")
-    if precision == "int8" and (calibration is None or len(calibration) == 0):
-        raise ExportError("an INT8 ExecuTorch program needs calibration inputs (N, C, H, W); none were given")
-    if precision not in ("fp32", "int8"):
-        raise ExportError(f"ExecuTorch programs are exported as fp32 or int8, not {precision}")
-    if max_batch < 1:
-        raise ExportError(f"max_batch must be at least 1, got {max_batch}")
     start = time.perf_counter()
     native: list[str] = []
     try:
