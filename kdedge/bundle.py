@@ -104,20 +104,21 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             acc = (r.get("accuracy") or {}).get("top1")
             drop = val_drop.get(r["variant"]) if val_drop else (None if acc is None or fp32_acc is None else 100 * (fp32_acc - acc))
             ok = drop is None or drop <= max_quant_drop
-            candidates.append((r["latency_ms"]["p50_ms"], r["variant"], acc, drop, ok))
-        passing = sorted(c for c in candidates if c[4])
+            candidates.append((r["latency_ms"]["p50_ms"], r["variant"], acc, drop, ok, r))
+        candidates.sort(key=lambda c: c[:2])  # by p50, then name: one row per variant at this batch
+        passing = [c for c in candidates if c[4]]
         if not passing:
             continue
-        p50, variant, acc, drop, _ = passing[0]
+        p50, variant, acc, drop, _, row = passing[0]
         out[target] = {
             "artifact": f"models/{by_variant[variant]['path']}",
             "variant": variant,
             "batch": smallest,
             "p50_ms": p50,
-            "threads": next((r.get("threads_used") for r in rows if r["target"] == target and r["variant"] == variant and r["role"] == "student"), None),
+            "threads": row.get("threads_used"),
             "accuracy": acc,
             "why": "fastest at batch %d among variants within %.2g pt of FP32%s: %s" % (
-                smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok in sorted(candidates))),
+                smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok, _ in candidates)),
         }
     return out
 
