@@ -1,15 +1,22 @@
 """Train the Fashion-MNIST teacher that ships inside kdedge (kdedge/models/weights/).
 
-Seeded and committed so the shipped weights can be reproduced:
+Seeded, resumable and committed so the shipped weights can be reproduced:
 
-    python scripts/train_teacher.py                 # CUDA when available, else CPU (~1 hour on 2 cores)
-    python scripts/train_teacher.py --device cpu --epochs 1 --train-limit 2000   # smoke run
+    python scripts/train_teacher.py                      # CUDA when available, else CPU; resumes runs/teacher-v2
+    python scripts/train_teacher.py --device cpu --epochs 1 --train-limit 2000 --run-dir /tmp/t   # smoke run
 
-The recipe (all through kdedge's own trainer): the zoo's ResNet (32-64-128 channels,
-3-2-2 basic blocks), SGD + Nesterov momentum 0.9, lr 0.1, batch 128, weight decay 5e-4 (not on
-biases/BN), 1 warm-up epoch then cosine to 0, random crop (±2 px, edge padding) + horizontal
-flip, 30 epochs, seed 0, fp32, channels-last. The shipped file was trained this way on the
-2-core CPU of the development machine (about 1 hour).
+Kill it at any time: every finished epoch is checkpointed in ``--run-dir`` and the next call with the
+same arguments continues from there (bit-exact on the same machine), so a long CPU schedule can span
+sessions. On a GPU the whole schedule takes minutes.
+
+The recipe (all through kdedge's own trainer, ``kdedge.run_train``): the zoo's ResNet (32-64-128
+channels, 3-2-2 basic blocks), SGD + Nesterov momentum 0.9, lr 0.1, batch 128, weight decay 5e-4
+(not on biases/BN), 1 warm-up epoch then cosine to 0, random crop (±2 px, edge padding) + horizontal
+flip + random erasing (p 0.5), 100 epochs, seed 0, channels-last; bf16 autocast where the hardware has
+bf16 units (CUDA, or a CPU with AVX-512 BF16/AMX), fp32 elsewhere.
+
+The first shipped teacher (94.09 % test accuracy) was trained with 30 epochs and no erasing:
+``--epochs 30 --random-erasing 0 --precision fp32``.
 """
 
 from __future__ import annotations
@@ -18,24 +25,37 @@ import argparse
 import hashlib
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import kdedge
 from kdedge.config import TrainConfig
+from kdedge.rundir import checkpoint_path
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "kdedge" / "models" / "weights" / "resnet-fashion-mnist.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "kdedge" / "models" / "weights" / "resnet-fashion-mnist.safetensors"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product units (AVX-512 BF16 or AMX); elsewhere bf16 autocast is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--random-erasing", type=float, default=0.5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default=None, help="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--precision", default=None, help="fp32 or bf16 (default: bf16 on CUDA and on CPUs with bf16 units, else fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write the weights")
-    parser.add_argument("--run-dir", type=Path, default=None, help="also keep the full run directory here")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to copy the finished weights")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "teacher-v2",
+                        help="the run directory; an unfinished run in it is resumed")
     args = parser.parse_args()
 
     import torch
@@ -43,35 +63,23 @@ def main() -> int:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.backends.cudnn.benchmark = True
+    precision = args.precision or ("bf16" if cuda or cpu_has_bf16() else "fp32")
+    resume = checkpoint_path(args.run_dir).exists()
     config = TrainConfig(
-        model="resnet",
-        data="fashion-mnist",
-        train_limit=args.train_limit,
-        epochs=args.epochs,
-        batch_size=128,
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        schedule="cosine",
-        warmup_epochs=1.0 if args.epochs > 1 else 0.0,
-        augment=True,
-        random_erasing=0.0,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision or ("bf16" if cuda else "fp32"),
-        channels_last=True,
+        model="resnet", data="fashion-mnist", train_limit=args.train_limit, epochs=args.epochs, batch_size=128,
+        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0 if args.epochs > 1 else 0.0,
+        augment=True, random_erasing=args.random_erasing, seed=args.seed, device=args.device, precision=precision,
+        channels_last=True, threads=args.threads, out=str(args.run_dir), resume=resume,
     )
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="kdedge-teacher-")) / "run"
+    print(f"{'resuming' if resume else 'starting'} {args.run_dir}: {args.epochs} epochs, erasing {args.random_erasing}, {precision}", flush=True)
 
     def log(row: dict) -> None:
         print(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
               f"test acc {row.get('test_accuracy', float('nan')):.4f}  {row['seconds']:.1f}s", flush=True)
 
-    config = TrainConfig(**(config.to_dict() | {"out": str(run_dir)}))
     result = kdedge.run_train(config, progress=False, on_epoch=log)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "model.safetensors", args.out)
+    shutil.copyfile(args.run_dir / "model.safetensors", args.out)
     sha = hashlib.sha256(args.out.read_bytes()).hexdigest()
     print(f"teacher test accuracy {result.test.accuracy:.4f}  macro F1 {result.test.macro_f1:.4f}  -> {args.out} (sha256 {sha})")
     return 0
