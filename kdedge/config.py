@@ -28,6 +28,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _CACHES = ("disk", "memory", "off")
 _LOSSES = ("hinton", "dkd", "fitnets", "at")
+TEACHER_RUNTIMES = ("auto", "torch", "onnxruntime")
 #: Edge formats (``kdedge.exporters.edge``): FP32 by its name, INT8 as ``<name>-int8``.
 EDGE_EXPORT_FORMATS = ("executorch", "executorch-int8", "litert", "litert-int8", "openvino", "openvino-int8", "ort", "ort-int8")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt", *EDGE_EXPORT_FORMATS)
@@ -184,6 +185,9 @@ class DistillConfig(_RunConfig):
     teacher_layer: str | None = None
     feature_weight: float | None = None
     cache: str = "disk"
+    views: int = 0
+    view_topk: int = 0
+    teacher_runtime: str = "auto"
     epochs: int = 15
 
     def _problems(self) -> list[str]:
@@ -208,7 +212,20 @@ class DistillConfig(_RunConfig):
             p.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             p.append(f"temperature must be > 0, got {self.temperature}")
-        p += _choices(self, ("cache", _CACHES))
+        p += _choices(self, ("cache", _CACHES), ("teacher_runtime", TEACHER_RUNTIMES))
+        p += self._view_problems()
+        return p
+
+    def _view_problems(self) -> list[str]:
+        p = []
+        if self.views < 0:
+            p.append(f"views must be >= 0 (0 runs the teacher on every augmented batch), got {self.views}")
+        if self.view_topk < 0:
+            p.append(f"view_topk must be >= 0 (0 stores every class), got {self.view_topk}")
+        if self.views > 0 and self.loss in ("fitnets", "at"):
+            p.append(f"views store the teacher's outputs, not its features: loss {self.loss} runs the teacher on every batch (drop --views)")
+        if self.views > 0 and self.cache == "off":
+            p.append("views are a cache of the teacher's outputs: use --cache disk (or memory) with --views, or drop --views")
         return p
 
 

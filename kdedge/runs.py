@@ -104,7 +104,8 @@ def _run(
         "history": history,
     } | extra_metrics
     if cached is not None:
-        metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None}
+        metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
+                                    "runtime": cached.runtime or None, "bytes": cached.nbytes, **({"views": cached.recipe.views} if hasattr(cached, "recipe") else {})}
     if ctx.enabled:
         metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
     if not ctx.is_main:

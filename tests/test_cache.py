@@ -97,7 +97,7 @@ def test_torn_cache_file_is_recomputed(tmp_path):
 def _distill(tmp_path, *, augment):
     data = _data(tmp_path)
     teacher_net = CountingNet()
-    cfg = DistillConfig(epochs=3, batch_size=16, augment=augment, device="cpu", lr=0.01)
+    cfg = DistillConfig(epochs=3, batch_size=16, augment=augment, device="cpu", lr=0.01, teacher_runtime="torch")  # torch: the counting net sees the pass
     history, cached = fit(TinyNet(), data.train, config=cfg, loss=HintonLoss(0.5, 2.0), teacher=FrozenTeacher(teacher_net),
                           cache_dir=tmp_path / "cache", progress=False)
     return teacher_net, history, cached, data

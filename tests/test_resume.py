@@ -85,6 +85,7 @@ def _crash_after(epoch: int):
     {"loss": "hinton", "cache": "memory"},  # logits from the cache; the cache key is checked on resume
     {"loss": "fitnets", "student_layer": "conv", "teacher_layer": "conv", "augment": True, "random_erasing": 0.5},  # learned regressor, augmentation
     {"loss": "dkd", "dkd_warmup": 2.0},
+    {"loss": "hinton", "cache": "memory", "views": 3, "random_erasing": 0.5, "teacher_runtime": "torch"},  # stored views drawn per epoch
 ])
 def test_resume_in_process_is_exact(tiny, tmp_path, overrides):
     torch.manual_seed(1)

@@ -23,11 +23,12 @@ import kdedge.distributed as dist_
 from kdedge._modes import evaluating
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset, ImageDataset
-from kdedge.distill.augment import augment_batch
+from kdedge.distill.augment import apply_views, augment_batch
 from kdedge.distill.checkpoint import config_differences, load_state, save_state
 from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
+from kdedge.distill.views import TeacherViews, ViewRecipe, teacher_views
 from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
 from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
@@ -135,6 +136,7 @@ class _Run:
     aug_generator: torch.Generator
     steps: int
     cached: TeacherLogits | None  # the teacher's logits over `train`, when they can be cached
+    views: TeacherViews | None  # the teacher's outputs on K stored augmented views per image (--views)
     hooks: list[FeatureHooks]  # student and teacher feature hooks (feature losses)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -152,7 +154,12 @@ class _Run:
 
     @property
     def cache_seconds(self) -> float:
-        return self.cached.seconds if self.cached is not None else 0.0
+        return sum(c.seconds for c in (self.cached, self.views) if c is not None)
+
+    @property
+    def cache_key(self) -> str | None:
+        """What the soft targets were read from (a checkpoint must resume with the same)."""
+        return next((c.key for c in (self.cached, self.views) if c is not None), None)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -178,12 +185,14 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
-) -> tuple[list[dict], TeacherLogits | None]:
+) -> tuple[list[dict], TeacherLogits | TeacherViews | None]:
     """Train ``model`` in place for ``config.epochs`` epochs.
 
-    With ``loss.alpha > 0`` the teacher supplies soft targets: from the logit cache when the
-    inputs are not augmented and samples are addressable (an :class:`~kdedge.data.ImageDataset`), else by
-    running the teacher on each batch.
+    With ``loss.alpha > 0`` the teacher supplies soft targets. When samples are addressable (an
+    :class:`~kdedge.data.ImageDataset`) they come from a cache: with ``config.views`` = K from K stored
+    augmented views per image (the student trains on one of them each epoch, see
+    :mod:`kdedge.distill.views`), else, for un-augmented inputs, from the logit cache. Otherwise
+    the teacher runs on each batch.
 
     Under ``torchrun`` (a default process group initialized, see
     :func:`kdedge.distributed.init_from_env`) the student is wrapped in
@@ -201,7 +210,7 @@ def fit(
         on_epoch: Called with each epoch's history row as soon as it is complete (for logs).
 
     Returns:
-        The per-epoch history and the teacher-logit cache used (None when none was).
+        The per-epoch history and the teacher cache used: logits, stored views, or None.
 
     Raises:
         TrainingDiverged: The loss became non-finite or accuracy fell to chance after an epoch
@@ -243,7 +252,7 @@ def fit(
         finally:
             for h in run.hooks:
                 h.remove()
-    return history, run.cached
+    return history, run.cached or run.views
 
 
 def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
@@ -271,10 +280,7 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
     _prepare([s for s in (train, *extra_splits) if isinstance(s, ImageDataset)], ctx, bar)
     if isinstance(train, ArrayDataset) and device.type == "cuda" and _fits_on(train, device):
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
-    cached = None
-    if loss.needs_teacher and use_cache and not _needs_features(loss) and not config.augment and isinstance(train, ImageDataset):
-        # Never for augmented inputs: the cache holds logits of the un-augmented images.
-        cached = teacher_logits(teacher, train, cache_dir=cache_dir, progress=bar)  # type: ignore[arg-type]
+    cached, views = _teacher_cache(train, config=config, loss=loss, teacher=teacher, cache_dir=cache_dir, use_cache=use_cache, bar=bar)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -285,9 +291,34 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
         optimizer.add_param_group({"params": extra, "weight_decay": config.weight_decay})
     steps = _num_batches(train, config.batch_size, ctx)
     return _Run(config=config, model=model, train=train, loss=loss, teacher=teacher, device=device, ctx=ctx, generator=generator,
-                aug_generator=aug_generator, steps=steps, cached=cached, hooks=hooks, optimizer=optimizer,
+                aug_generator=aug_generator, steps=steps, cached=cached, views=views, hooks=hooks, optimizer=optimizer,
                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)),
                 scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), extra=extra)
+
+
+def _teacher_cache(train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, cache_dir: str | Path | None,
+                   use_cache: bool, bar: Progress) -> tuple[TeacherLogits | None, TeacherViews | None]:
+    """The cached soft targets: K stored augmented views (``--views``), the logits of the un-augmented images, or neither.
+
+    Neither when the loss needs the teacher's features (they are not cached), caching is off, the
+    samples are not addressable (a plain Dataset), or the inputs are augmented without stored views.
+    """
+    views = int(getattr(config, "views", 0))
+    if not (loss.needs_teacher and use_cache and not _needs_features(loss)):
+        return None, None
+    if not isinstance(train, ImageDataset):
+        if views:
+            raise ConfigError("--views needs a kdedge dataset (an ImageDataset: arrays or an image folder) so each image's stored views "
+                              "can be found by index; load the data with kdedge.load_dataset, or drop --views")
+        return None, None
+    runtime = getattr(config, "teacher_runtime", "auto")
+    if views:
+        recipe = ViewRecipe(views=views, erasing=config.random_erasing, topk=int(getattr(config, "view_topk", 0)))
+        directory = Path(cache_dir) / "views" if cache_dir is not None else None
+        return None, teacher_views(teacher, train, recipe, cache_dir=directory, runtime=runtime, progress=bar)  # type: ignore[arg-type]
+    if config.augment:  # the logit cache holds the un-augmented images' logits: the teacher runs per batch
+        return None, None
+    return teacher_logits(teacher, train, cache_dir=cache_dir, runtime=runtime, progress=bar), None  # type: ignore[arg-type]
 
 
 def _prepare(splits: list[ImageDataset], ctx: dist_.DistContext, bar: Progress) -> None:
@@ -327,7 +358,7 @@ def _feature_hooks(model: nn.Module, teacher: FrozenTeacher | None, loss: Distil
 
 def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
     """Load a checkpoint's training state into ``run``; returns the history so far."""
-    if state.get("cache_key") != (run.cached.key if run.cached is not None else None):
+    if state.get("cache_key") != run.cache_key:
         raise ConfigError(
             "--resume: the teacher logits differ from the checkpoint's (another teacher or other training data); "
             "resume with the original teacher and data"
@@ -394,11 +425,14 @@ def _train_epoch(run: _Run, epoch: int, bar: Progress, task_id: int) -> dict[str
 def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> float:
     """One optimizer step on a batch; adds its losses and hits to ``sums``. Returns seconds spent in the teacher."""
     loss, config = run.loss, run.config
-    if config.augment:
+    t_logits, teacher_time = None, 0.0
+    if run.views is not None and idx is not None:  # one stored view per image, rendered as the teacher saw it
+        rows, t_logits = run.views.draw(idx, run.aug_generator)
+        x, t_logits = apply_views(x, rows, pad=run.views.recipe.pad), t_logits.to(run.device, non_blocking=True)
+    elif config.augment:
         x = augment_batch(x, run.aug_generator, erasing=config.random_erasing)
     x = x.contiguous(memory_format=run.memory_format)
-    t_logits, teacher_time = None, 0.0
-    if loss.needs_teacher:
+    if loss.needs_teacher and t_logits is None:
         if run.cached is not None and idx is not None:
             t_logits = run.cached[idx].to(run.device, non_blocking=True)
         else:
@@ -450,7 +484,7 @@ def _save_checkpoint(run: _Run, checkpoint: str | Path, epoch: int, history: lis
             "epoch": epoch, "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "loss": run.loss.state_dict() if isinstance(run.loss, nn.Module) else {}, "rng": rng, "history": history,
-            "cache_key": run.cached.key if run.cached is not None else None,
+            "cache_key": run.cache_key,
         })
 
 

@@ -11,8 +11,9 @@ once and looked up by sample index afterwards: later epochs cost only the studen
 covers what the teacher *computes* — its class, module structure, the code of its ``forward``
 methods, its weights and input map — and the exact input tensors (pixels, labels and
 normalization). A hit is verified against the teacher's own outputs on a few samples before it is
-used. Augmented inputs are never served from the cache — the training loop runs the teacher per
-batch instead.
+used. The pass runs in the fastest runtime that matches the teacher (:mod:`kdedge.distill.teacher_pass`).
+Augmented inputs are not served from this cache: either the training loop runs the teacher per batch,
+or the teacher's outputs on stored augmented views are cached (:mod:`kdedge.distill.views`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from kdedge._fs import atomic_file
 from kdedge.data.normalization import InputMap, Normalization
 from kdedge.data.spec import DatasetSpec, ImageDataset
+from kdedge.distill.teacher_pass import teacher_pass
 from kdedge.errors import ConfigError
 from kdedge.models.zoo import state_dict_sha256
 from kdedge.progress import Progress
@@ -155,12 +157,18 @@ class TeacherLogits:
     Backed by a tensor in memory or by a read-only memory-mapped ``.npy`` file.
     """
 
-    def __init__(self, array: np.ndarray | torch.Tensor, *, key: str, path: Path | None = None, seconds: float = 0.0, hit: bool = False) -> None:
+    def __init__(self, array: np.ndarray | torch.Tensor, *, key: str, path: Path | None = None, seconds: float = 0.0, hit: bool = False,
+                 runtime: str = "") -> None:
         self._array = array
         self.key = key
         self.path = path
         self.seconds = seconds  # time spent computing (0 on a disk hit)
         self.hit = hit
+        self.runtime = runtime  # what scored them ("" on a disk hit)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._array.nbytes)
 
     def __len__(self) -> int:
         return self._array.shape[0]
@@ -183,17 +191,21 @@ def _batches(data: ImageDataset, batch_size: int, lo: int, hi: int) -> list[torc
     return [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
 
 
-def _scored(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int, hi: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(index, logits)`` of samples ``lo:hi`` in batches, in order, on the CPU (the teacher runs under inference mode)."""
-    for idx, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=teacher.device):
-        yield idx, teacher(x).cpu()
+#: Scores a batch of the data's inputs: ``(B, C, H, W) -> (B, K)`` logits (a FrozenTeacher, or its faster :class:`TeacherPass`).
+Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _compute(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: int = 0, hi: int | None = None,
+def _scored(score: Scorer, data: ImageDataset, batch_size: int, lo: int, hi: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(index, logits)`` of samples ``lo:hi`` in batches, in order, on the CPU."""
+    for idx, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=device):
+        yield idx, score(x).cpu()
+
+
+def _compute(score: Scorer, data: ImageDataset, batch_size: int, device: torch.device, lo: int = 0, hi: int | None = None,
              on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits of samples ``lo:hi`` (all by default); ``on_batch`` gets each batch's size."""
     chunks = []
-    for _idx, logits in _scored(teacher, data, batch_size, lo, len(data) if hi is None else hi):
+    for _idx, logits in _scored(score, data, batch_size, lo, len(data) if hi is None else hi, device):
         chunks.append(logits)
         if on_batch is not None:
             on_batch(logits.shape[0])
@@ -203,13 +215,13 @@ def _compute(teacher: FrozenTeacher, data: ImageDataset, batch_size: int, lo: in
 def _matches(teacher: FrozenTeacher, data: ImageDataset, array: np.ndarray, probe: int = 8) -> bool:
     """Whether cached rows equal what ``teacher`` computes now on the first ``probe`` samples."""
     n = min(probe, len(data))
-    fresh = _compute(teacher, data, n, 0, n).numpy()
+    fresh = _compute(teacher, data, n, teacher.device, 0, n).numpy()
     cached = np.asarray(array[:n], dtype=np.float32)
     return bool(np.abs(fresh - cached).max(initial=0.0) <= 1e-3 * (1.0 + np.abs(cached).max(initial=0.0)))
 
 
 def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str | Path | None = None, batch_size: int = 500,
-                   progress: Progress | None = None) -> TeacherLogits:
+                   runtime: str = "auto", progress: Progress | None = None) -> TeacherLogits:
     """The teacher's logits ``(N, K)`` over ``data``, from the disk cache when present and verified.
 
     Without DDP and with a ``cache_dir`` the logits are written batch by batch into a
@@ -221,6 +233,8 @@ def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str
         data: Un-augmented training inputs (arrays or an image folder, decoded by its workers).
         cache_dir: Where ``<key>.npy`` files live; None keeps the logits in memory only.
         batch_size: Inference batch size.
+        runtime: The pass's runtime: ``auto`` (onnxruntime when it matches torch and is faster), ``torch`` or
+            ``onnxruntime`` (see :func:`~kdedge.distill.teacher_pass.teacher_pass`).
         progress: Reports the pass over the data (a bar, or a line when it starts and ends).
     """
     import kdedge.distributed as dist_
@@ -240,31 +254,32 @@ def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str
         progress.line(f"teacher: logits of {len(data)} training images from the cache ({key[:12]}…)")
         return TeacherLogits(array, key=key, path=path, hit=True)
     start = time.perf_counter()
-    progress.line(f"teacher: scoring {len(data)} training images once for the logit cache")
+    score = teacher_pass(teacher, next(iter(data.batches([torch.arange(min(256, len(data)))])))[1], runtime=runtime)
+    progress.line(f"teacher: scoring {len(data)} training images once for the logit cache, in {score.describe()}")
     task = progress.add("teacher logits", len(data))
     if path is not None and not ctx.enabled:
-        mapped = _score_to_file(teacher, data, path, batch_size, progress, task)
+        mapped = _score_to_file(score, teacher.device, data, path, batch_size, progress, task)
         seconds = time.perf_counter() - start
         progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
-        return TeacherLogits(mapped, key=key, path=path, seconds=seconds)
+        return TeacherLogits(mapped, key=key, path=path, seconds=seconds, runtime=score.runtime)
     # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
     bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
     lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
-    part = _compute(teacher, data, batch_size, lo, hi, on_batch=lambda n: progress.update(task, advance=n * ctx.world_size))
+    part = _compute(score, data, batch_size, teacher.device, lo, hi, on_batch=lambda n: progress.update(task, advance=n * ctx.world_size))
     logits = dist_.all_gather_rows(part) if ctx.enabled else part
     seconds = time.perf_counter() - start
     progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
     if path is not None and ctx.is_main:
         with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.save(f, logits.numpy().astype(np.float32), allow_pickle=False)
-    return TeacherLogits(logits, key=key, path=path if path is not None and ctx.is_main else None, seconds=seconds)
+    return TeacherLogits(logits, key=key, path=path if path is not None and ctx.is_main else None, seconds=seconds, runtime=score.runtime)
 
 
-def _score_to_file(teacher: FrozenTeacher, data: ImageDataset, path: Path, batch_size: int, progress: Progress, task: int) -> np.ndarray:
+def _score_to_file(score: Scorer, device: torch.device, data: ImageDataset, path: Path, batch_size: int, progress: Progress, task: int) -> np.ndarray:
     """Score ``data`` into a memory-mapped ``.npy`` written under a temporary name, then renamed; returns it mapped read-only."""
     with atomic_file(path) as tmp:
         out = None
-        for idx, logits in _scored(teacher, data, batch_size, 0, len(data)):
+        for idx, logits in _scored(score, data, batch_size, 0, len(data), device):
             if out is None:  # the class count is known from the first batch
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), logits.shape[1]))
             out[int(idx[0]) : int(idx[-1]) + 1] = logits.numpy()
