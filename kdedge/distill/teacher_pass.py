@@ -125,7 +125,7 @@ def teacher_pass(teacher: FrozenTeacher, probe: torch.Tensor, *, runtime: str = 
         ort_score = _ort_scorer(teacher, tuple(probe.shape[1:]))
         diff = float((ort_score(probe) - torch_score(probe)).abs().max())
         failed = None if diff <= atol else f"max |Δ| {diff:.2e} against torch on {len(probe)} probe inputs exceeds {atol:g}"
-    except Exception as exc:  # export, session or run: any failure means "not this runtime", and torch still scores
+    except Exception as exc:  # noqa: BLE001 — export, session or run: any failure means "not this runtime", and torch still scores
         failed, diff = first_line(exc), None
     if failed is not None:
         if runtime == "onnxruntime":
