@@ -32,12 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
+import yaml
 
-from kdedge.config import DistillConfig, TrainConfig  # noqa: E402
-from kdedge.data import load_dataset  # noqa: E402
-from kdedge.resolve import resolve_student, resolve_teacher  # noqa: E402
-from kdedge.runs import distill, train  # noqa: E402
+from kdedge.config import DistillConfig, TrainConfig
+from kdedge.data import load_dataset
+from kdedge.resolve import resolve_student, resolve_teacher
+from kdedge.runs import distill, train
 
 _FEATURES = {"student_layer": "features.3", "teacher_layer": "stages.1"}
 #: method -> DistillConfig overrides (on top of the kdedge distill defaults); "{views}"/"{erasing}" come from the flags.

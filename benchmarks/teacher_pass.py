@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from kdedge.bench.env import capture_environment  # noqa: E402
-from kdedge.data import load_dataset  # noqa: E402
-from kdedge.distill.teacher import FrozenTeacher  # noqa: E402
-from kdedge.distill.teacher_pass import teacher_pass  # noqa: E402
-from kdedge.models.zoo import ModelSpec, count_flops, create_model, load_checkpoint, pretrained_path  # noqa: E402
+from kdedge.bench.env import capture_environment
+from kdedge.data import load_dataset
+from kdedge.distill.teacher import FrozenTeacher
+from kdedge.distill.teacher_pass import teacher_pass
+from kdedge.models.zoo import ModelSpec, count_flops, create_model, load_checkpoint, pretrained_path
 
 
 def _pass(score, data, batch: int) -> tuple[float, torch.Tensor]:

@@ -27,16 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from kdedge.bench.env import capture_environment  # noqa: E402
-from kdedge.config import DistillConfig  # noqa: E402
-from kdedge.data import load_dataset  # noqa: E402
-from kdedge.distill import FrozenTeacher, fit  # noqa: E402
-from kdedge.distill.factory import make_loss  # noqa: E402
-from kdedge.distill.views import ViewRecipe, teacher_views  # noqa: E402
-from kdedge.progress import Progress  # noqa: E402
-from kdedge.resolve import resolve_student, resolve_teacher  # noqa: E402
+from kdedge.bench.env import capture_environment
+from kdedge.config import DistillConfig
+from kdedge.data import load_dataset
+from kdedge.distill import FrozenTeacher, fit
+from kdedge.distill.factory import make_loss
+from kdedge.distill.views import ViewRecipe, teacher_views
+from kdedge.progress import Progress
+from kdedge.resolve import resolve_student, resolve_teacher
 
 MODES = {
     "scratch": {"alpha": 0.0, "augment": True, "cache": "off"},
