@@ -78,3 +78,23 @@ def test_ddp_steps_equal_one_process_steps_without_batchnorm(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_two_processes_score_the_view_cache_in_shards(tmp_path):
+    """``--views``: each rank scores half of the images' stored views; the gathered cache rank 0 writes equals one process's."""
+    from kdedge.distill.views import ViewRecipe, teacher_views
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["distill", "--train-limit", "1000", "--test-limit", "200", "--epochs", "1", "--cache", "disk", "--views", "3", "--random-erasing", "0.5",
+            "--quiet", "--out", str(tmp_path / "ddp")]
+    ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *args], str(tmp_path / "cache"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["teacher_cache"]["views"] == 3 and metrics["test"]["accuracy"] > 0.3  # one epoch on 1,000 images; chance is 0.1
+    written = tmp_path / "cache" / "logits" / "views" / metrics["teacher_cache"]["key"]
+    data = load_dataset("fashion-mnist", train_limit=1000)
+    teacher = FrozenTeacher(resolve_teacher("resnet", data.spec).model)
+    one = teacher_views(teacher, data.train, ViewRecipe(views=3, erasing=0.5))
+    assert one.key == metrics["teacher_cache"]["key"]
+    np.testing.assert_array_equal(np.load(written / "views.npy"), one._views)
+    np.testing.assert_allclose(np.load(written / "logp.npy").astype(np.float32), one._logp.astype(np.float32), rtol=1e-3, atol=1e-3)
