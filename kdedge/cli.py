@@ -28,7 +28,7 @@ _HELP = {
     "warmup_epochs": "Linear warm-up length in epochs.",
     "label_smoothing": "Label smoothing of the cross-entropy term.",
     "augment": "Random crop and horizontal flip (the teacher then runs per batch unless --views caches its outputs).",
-    "views": "Augmented distillation from K cached views per training image: the teacher scores K crops/flips (and --random-erasing boxes) of every image once, and each epoch the student trains on one of them, exactly as the teacher saw it. Implies --augment. 0: the teacher runs on every augmented batch.",
+    "views": "Augmented distillation from K cached views per training image: the teacher scores K crops/flips (and --random-erasing boxes) of every image once, and each epoch the student trains on one of them, exactly as the teacher saw it. Implies --augment. 0: no stored views.",
     "view_topk": "With --views: store the teacher's top-k log-probabilities per view instead of all classes (for many classes, e.g. 10 of 1000).",
     "teacher_runtime": "Where the teacher's cache passes (logits, views) run: auto takes onnxruntime when it matches torch to 1e-4 on a probe batch and is faster, else torch.",
     "val_split": "Hold out this fraction of the training images (fixed seed) for validation: per-epoch accuracy and the gates use it; the test split is read for the final report only. An image folder's val/ next to test/ is used without it.",

@@ -222,6 +222,8 @@ class DistillConfig(_RunConfig):
             p.append(f"views must be >= 0 (0 runs the teacher on every augmented batch), got {self.views}")
         if self.view_topk < 0:
             p.append(f"view_topk must be >= 0 (0 stores every class), got {self.view_topk}")
+        if self.view_topk > 0 and self.views == 0:
+            p.append(f"view_topk {self.view_topk} applies to stored views: add --views K (e.g. --views 10), or drop --view-topk")
         if self.views > 0 and self.loss in ("fitnets", "at"):
             p.append(f"views store the teacher's outputs, not its features: loss {self.loss} runs the teacher on every batch (drop --views)")
         if self.views > 0 and self.cache == "off":

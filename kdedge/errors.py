@@ -16,6 +16,8 @@ __all__ = [
     "ExportError",
     "ParityError",
     "BackendUnavailable",
+    "cause",
+    "first_line",
 ]
 
 
@@ -49,3 +51,16 @@ class ParityError(ExportError):
 
 class BackendUnavailable(KdedgeError):
     """An optional runtime (onnxruntime, TensorRT, CUDA) is not installed or not usable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), at most 300 characters."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line: torch.onnx and the edge converters wrap the useful message."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -29,6 +29,7 @@ from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.losses import DistillLoss, HintonLoss
 from kdedge.data.normalization import Normalization
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
+from kdedge.distill.views import TeacherViews
 from kdedge.errors import ConfigError, TrainingDiverged
 from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
@@ -105,7 +106,8 @@ def _run(
     } | extra_metrics
     if cached is not None:
         metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
-                                    "runtime": cached.runtime or None, "bytes": cached.nbytes, **({"views": cached.recipe.views} if hasattr(cached, "recipe") else {})}
+                                    "runtime": cached.runtime or None, "bytes": cached.nbytes,
+                                    **({"views": cached.recipe.views, "view_topk": cached.recipe.topk} if isinstance(cached, TeacherViews) else {})}
     if ctx.enabled:
         metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
     if not ctx.is_main:

@@ -81,7 +81,7 @@ def test_disk_hit_memory_map_and_key(tiny, teacher, tmp_path):
     first = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch")
     second = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch")
     assert not first.hit and second.hit and first.key == second.key
-    assert isinstance(second._logp, np.memmap) and second.path == tmp_path / first.key
+    assert isinstance(second.log_probs, np.memmap) and second.path == tmp_path / first.key
     assert sorted(p.name for p in second.path.iterdir()) == ["logp.npy", "meta.json", "progress.json", "views.npy"]
     meta = json.loads((second.path / "meta.json").read_text())
     assert meta["images"] == 50 and meta["recipe"]["views"] == 3 and meta["view_fields"] == list(VIEW_FIELDS)
@@ -116,21 +116,21 @@ def test_a_killed_pass_resumes_where_it_stopped(tiny, teacher, tmp_path, monkeyp
     resumed = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch", batch_size=30, progress=progress)
     assert any("resuming after 20 of 50 images" in line for line in lines)
     assert not partial.exists() and resumed.path == tmp_path / whole.key
-    assert np.array_equal(np.asarray(resumed._views), whole._views) and np.array_equal(np.asarray(resumed._logp), whole._logp)
+    assert np.array_equal(np.asarray(resumed.view_rows), whole.view_rows) and np.array_equal(np.asarray(resumed.log_probs), whole.log_probs)
 
 
 def test_torn_and_foreign_caches_are_scored_again(tiny, teacher, tmp_path):
     found = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch")
-    good = np.asarray(found._logp).copy()
+    good = np.asarray(found.log_probs).copy()
     logp = found.path / "logp.npy"
     del found
     logp.write_bytes(logp.read_bytes()[:100])  # torn
     again = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch")
-    assert not again.hit and np.array_equal(np.asarray(again._logp), good)
+    assert not again.hit and np.array_equal(np.asarray(again.log_probs), good)
     del again
     np.save(logp, np.zeros_like(good), allow_pickle=False)  # the right shape, another teacher's numbers
     third = teacher_views(teacher, tiny.train, RECIPE, cache_dir=tmp_path, runtime="torch")
-    assert not third.hit and np.array_equal(np.asarray(third._logp), good)
+    assert not third.hit and np.array_equal(np.asarray(third.log_probs), good)
 
 
 def test_top_k_rows_golden():
@@ -141,7 +141,7 @@ def test_top_k_rows_golden():
 
 def test_top_k_views_keep_the_top_classes(tiny, teacher, tmp_path):
     found = teacher_views(teacher, tiny.train, ViewRecipe(views=2, topk=2), cache_dir=tmp_path, runtime="torch")
-    assert found._classes is not None and found._logp.shape == (50, 2, 2)
+    assert found.classes is not None and found.log_probs.shape == (50, 2, 2)
     index, view = torch.arange(50), torch.zeros(50, dtype=torch.long)
     fresh, stored = _fresh_logp(teacher, tiny.train, found, index, view)
     top = fresh.topk(2, dim=1)
@@ -186,11 +186,28 @@ def test_distillation_trains_on_the_stored_views_without_running_the_teacher(tin
     ({"views": 2, "cache": "off"}, "views are a cache"),
     ({"views": -1}, "views must be >= 0"),
     ({"view_topk": -2}, "view_topk must be >= 0"),
+    ({"view_topk": 3}, "view_topk 3 applies to stored views"),
     ({"teacher_runtime": "tvm"}, "teacher_runtime"),
 ])
 def test_bad_view_settings_are_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match):
         DistillConfig(**overrides)
+
+
+def test_views_without_a_teacher_loss_still_augment(tiny):
+    """alpha 0 reads no soft targets, so no views are stored, but --views still means augmented inputs: the same steps as --augment."""
+    def run(**overrides):
+        config = DistillConfig(data="tiny", epochs=2, batch_size=16, device="cpu", threads=1, channels_last=False, alpha=0.0, random_erasing=0.5,
+                               **overrides)
+        torch.manual_seed(0)
+        student = TinyNet()
+        _history, used = fit(student, tiny.train, config=config, loss=make_loss(config), progress=False)
+        assert used is None
+        return student.state_dict()
+
+    views, augmented, plain = run(views=3), run(augment=True), run()
+    assert all(torch.equal(views[k], augmented[k]) for k in views)
+    assert not all(torch.equal(views[k], plain[k]) for k in views)
 
 
 def test_views_need_addressable_samples(tiny, teacher):
@@ -217,7 +234,7 @@ class _ExportsDifferently(TinyNet):
 
     def forward(self, x):
         out = super().forward(x)
-        return out * 1.01 if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() else out
+        return out * 1.01 if torch.compiler.is_exporting() else out
 
 
 class _Untraceable(TinyNet):
@@ -257,7 +274,7 @@ def test_stored_views_teach_a_student_on_real_data(fmnist):
     teacher_net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
     sup = DistillConfig(epochs=2, alpha=0.0, device="cpu", threads=2, cache="off")
     fit(teacher_net, data_train, config=sup, loss=make_loss(sup), progress=False)
-    config = DistillConfig(epochs=6, device="cpu", threads=2, cache="memory", views=2, random_erasing=0.25)
+    config = DistillConfig(epochs=6, device="cpu", threads=2, cache="memory", views=2, random_erasing=0.25, teacher_runtime="torch")
     torch.manual_seed(1)
     student = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
     history, used = fit(student, data_train, config=config, loss=make_loss(config), teacher=FrozenTeacher(teacher_net), test=data_test, progress=False)

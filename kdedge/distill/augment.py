@@ -64,6 +64,7 @@ def apply_views(x: torch.Tensor, views: torch.Tensor, *, pad: int = 2) -> torch.
     """
     b, c, h, w = x.shape
     dev = x.device
+    flipped_any, erased_any = bool(views[:, 2].any()), bool((views[:, 5] > 0).any())  # decided on the rows' device (the CPU): no GPU sync
     v = views.to(device=dev, dtype=torch.long)
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, C, H+2p, W+2p)
@@ -72,10 +73,9 @@ def apply_views(x: torch.Tensor, views: torch.Tensor, *, pad: int = 2) -> torch.
         bidx = torch.arange(b, device=dev)[:, None, None, None]
         cidx = torch.arange(c, device=dev)[None, :, None, None]
         x = padded[bidx, cidx, rows, cols]
-    flipped = v[:, 2].bool()
-    if flipped.any():
-        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
-    if bool((v[:, 5] > 0).any()):
+    if flipped_any:
+        x = torch.where(v[:, 2].bool()[:, None, None, None], x.flip(-1), x)
+    if erased_any:
         ar = torch.arange(h, device=dev)[None, :]
         ac = torch.arange(w, device=dev)[None, :]
         in_rows = (ar >= v[:, 3, None]) & (ar < (v[:, 3] + v[:, 5])[:, None])  # (B, H)

@@ -157,6 +157,11 @@ class _Run:
         return sum(c.seconds for c in (self.cached, self.views) if c is not None)
 
     @property
+    def cache_runtime(self) -> str:
+        """The runtime that scored the cache ("" for a disk hit or no cache): a resume re-scores a memory cache in the same one."""
+        return next((c.runtime for c in (self.cached, self.views) if c is not None), "")
+
+    @property
     def cache_key(self) -> str | None:
         """What the soft targets were read from (a checkpoint must resume with the same)."""
         return next((c.key for c in (self.cached, self.views) if c is not None), None)
@@ -230,7 +235,7 @@ def fit(
     watched, split = (val, "val") if val is not None else (test, "test")  # what every epoch is scored on
     with Progress(progress and ctx.is_main) as bar:
         run = _setup(model, train, config=config, loss=loss, teacher=teacher, device=device, ctx=ctx, cache_dir=cache_dir, use_cache=use_cache, bar=bar,
-                     extra_splits=(watched,) if watched is not None else ())
+                     extra_splits=(watched,) if watched is not None else (), runtime=(state or {}).get("cache_runtime") or None)
         try:
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
@@ -252,7 +257,7 @@ def fit(
         finally:
             for h in run.hooks:
                 h.remove()
-    return history, run.cached or run.views
+    return history, run.cached if run.cached is not None else run.views
 
 
 def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
@@ -268,8 +273,12 @@ def _needs_features(loss: DistillLoss) -> bool:
 
 
 def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, device: torch.device,
-           ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress, extra_splits: tuple = ()) -> _Run:
-    """Seeds, data placement, teacher logits, feature hooks, optimizer and schedule — in the order the RNG streams expect."""
+           ctx: dist_.DistContext, cache_dir: str | Path | None, use_cache: bool, bar: Progress, extra_splits: tuple = (),
+           runtime: str | None = None) -> _Run:
+    """Seeds, data placement, teacher logits, feature hooks, optimizer and schedule — in the order the RNG streams expect.
+
+    ``runtime`` forces the runtime of the teacher's cache pass (a resumed run's checkpoint names the one that scored it).
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     # One process augments from the shuffling generator (as the shipped teacher was trained);
@@ -280,7 +289,8 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
     _prepare([s for s in (train, *extra_splits) if isinstance(s, ImageDataset)], ctx, bar)
     if isinstance(train, ArrayDataset) and device.type == "cuda" and _fits_on(train, device):
         train = train.to(device)  # a 60k-image set is 47 MB: keep it on the GPU
-    cached, views = _teacher_cache(train, config=config, loss=loss, teacher=teacher, cache_dir=cache_dir, use_cache=use_cache, bar=bar)
+    cached, views = _teacher_cache(train, config=config, loss=loss, teacher=teacher, cache_dir=cache_dir, use_cache=use_cache, bar=bar,
+                                   runtime=runtime or getattr(config, "teacher_runtime", "auto"))
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -297,7 +307,7 @@ def _setup(model: nn.Module, train: Dataset | DataLoader, *, config: _RunConfig,
 
 
 def _teacher_cache(train: Dataset | DataLoader, *, config: _RunConfig, loss: DistillLoss, teacher: FrozenTeacher | None, cache_dir: str | Path | None,
-                   use_cache: bool, bar: Progress) -> tuple[TeacherLogits | None, TeacherViews | None]:
+                   use_cache: bool, bar: Progress, runtime: str) -> tuple[TeacherLogits | None, TeacherViews | None]:
     """The cached soft targets: K stored augmented views (``--views``), the logits of the un-augmented images, or neither.
 
     Neither when the loss needs the teacher's features (they are not cached), caching is off, the
@@ -311,7 +321,6 @@ def _teacher_cache(train: Dataset | DataLoader, *, config: _RunConfig, loss: Dis
             raise ConfigError("--views needs a kdedge dataset (an ImageDataset: arrays or an image folder) so each image's stored views "
                               "can be found by index; load the data with kdedge.load_dataset, or drop --views")
         return None, None
-    runtime = getattr(config, "teacher_runtime", "auto")
     if views:
         recipe = ViewRecipe(views=views, erasing=config.random_erasing, topk=int(getattr(config, "view_topk", 0)))
         directory = Path(cache_dir) / "views" if cache_dir is not None else None
@@ -360,8 +369,8 @@ def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
     """Load a checkpoint's training state into ``run``; returns the history so far."""
     if state.get("cache_key") != run.cache_key:
         raise ConfigError(
-            "--resume: the teacher logits differ from the checkpoint's (another teacher or other training data); "
-            "resume with the original teacher and data"
+            "--resume: the teacher's cached outputs differ from the checkpoint's (another teacher, other training data, or other "
+            "--views/--view-topk); resume with the original teacher, data and settings"
         )
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -429,7 +438,7 @@ def _train_step(run: _Run, progress: float, idx: torch.Tensor | None, x: torch.T
     if run.views is not None and idx is not None:  # one stored view per image, rendered as the teacher saw it
         rows, t_logits = run.views.draw(idx, run.aug_generator)
         x, t_logits = apply_views(x, rows, pad=run.views.recipe.pad), t_logits.to(run.device, non_blocking=True)
-    elif config.augment:
+    elif config.augment or getattr(config, "views", 0):  # --views implies augmentation, also for a loss that reads no teacher
         x = augment_batch(x, run.aug_generator, erasing=config.random_erasing)
     x = x.contiguous(memory_format=run.memory_format)
     if loss.needs_teacher and t_logits is None:
@@ -484,7 +493,7 @@ def _save_checkpoint(run: _Run, checkpoint: str | Path, epoch: int, history: lis
             "epoch": epoch, "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "loss": run.loss.state_dict() if isinstance(run.loss, nn.Module) else {}, "rng": rng, "history": history,
-            "cache_key": run.cache_key,
+            "cache_key": run.cache_key, "cache_runtime": run.cache_runtime,
         })
 
 

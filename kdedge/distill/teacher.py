@@ -254,7 +254,7 @@ def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str
         progress.line(f"teacher: logits of {len(data)} training images from the cache ({key[:12]}…)")
         return TeacherLogits(array, key=key, path=path, hit=True)
     start = time.perf_counter()
-    score = teacher_pass(teacher, next(iter(data.batches([torch.arange(min(256, len(data)))])))[1], runtime=runtime)
+    score = teacher_pass(teacher, torch.from_numpy(data.batch_of(min(256, len(data)))), runtime=runtime)
     progress.line(f"teacher: scoring {len(data)} training images once for the logit cache, in {score.describe()}")
     task = progress.add("teacher logits", len(data))
     if path is not None and not ctx.enabled:

@@ -1,12 +1,13 @@
 """The teacher's pass over the training data, in the fastest runtime that computes what it computes.
 
 A cache (the logit cache, or K augmented views per image) costs one inference pass of the teacher
-over the data — K passes for K views. On a CPU, onnxruntime runs a small CNN's inference two to
-three times faster than torch eager, so :func:`teacher_pass` exports the teacher (its input map
-included) to ONNX, checks onnxruntime's logits against torch's on a probe batch of real inputs
-(max |Δ| ≤ ``atol``), times both runtimes interleaved on that batch, and scores with the faster.
-When the export fails, the parity check fails, or the teacher is not on the CPU, the pass runs
-in torch and the reason is kept in :attr:`TeacherPass.rates`.
+over the data — K passes for K views. On a CPU onnxruntime runs a CNN's inference faster than
+torch eager (``benchmarks/teacher_pass.py`` measures both), so :func:`teacher_pass` exports the
+teacher (its input map included) to ONNX, checks onnxruntime's logits against torch's on a probe
+batch of real inputs (max |Δ| ≤ ``atol``), times both runtimes interleaved on that batch, and
+scores with onnxruntime unless torch is clearly faster. When the export or the parity check fails,
+or the teacher is not on the CPU, the pass runs in torch and the reason is kept in
+:attr:`TeacherPass.rates`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import numpy as np
 import torch
 
 from kdedge.config import TEACHER_RUNTIMES
-from kdedge.errors import ConfigError
-from kdedge.exporters._native import first_line
+from kdedge.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     from kdedge.distill.teacher import FrozenTeacher
@@ -98,27 +98,40 @@ def _is_onnx(teacher: FrozenTeacher) -> bool:
     return any(isinstance(m, OnnxTeacherModule) for m in teacher.model.modules())
 
 
-def teacher_pass(teacher: FrozenTeacher, probe: torch.Tensor, *, runtime: str = "auto", atol: float = 1e-4, rounds: int = 3) -> TeacherPass:
+def teacher_pass(teacher: FrozenTeacher, probe: torch.Tensor, *, runtime: str = "auto", atol: float = 1e-4, rounds: int = 3,
+                 torch_margin: float = 1.25) -> TeacherPass:
     """The teacher in the runtime its caches are scored with.
+
+    ``auto`` prefers onnxruntime once it has passed the parity check, unless torch is measured at
+    least ``torch_margin`` times faster: a runtime choice that flipped with this machine's timing
+    noise would score the same cache with other rounding from run to run (both within ``atol``,
+    but a rebuild should train on the same numbers). Under DDP every rank takes onnxruntime only
+    if every rank would.
 
     Args:
         teacher: The frozen teacher.
         probe: Real inputs ``(B, C, H, W)`` as the data loader gives them (a few hundred: the
             parity check and the timing both run on them).
-        runtime: ``auto`` picks the faster of torch and onnxruntime (onnxruntime only after its
-            parity check); ``torch`` or ``onnxruntime`` forces one (a forced onnxruntime that
-            cannot export or fails parity raises).
+        runtime: ``auto``, or ``torch``/``onnxruntime`` to force one (a forced onnxruntime that
+            cannot export, fails parity or has a teacher off the CPU raises).
         atol: Max |Δ| allowed between onnxruntime's and torch's logits on ``probe``.
         rounds: Interleaved timing rounds per runtime (the median is reported).
+        torch_margin: How much faster torch must be measured for ``auto`` to keep it.
 
     Raises:
         ConfigError: ``runtime`` is not one of :data:`~kdedge.config.TEACHER_RUNTIMES`, or a forced onnxruntime cannot be used.
     """
+    import kdedge.distributed as dist_
+
     if runtime not in TEACHER_RUNTIMES:
         raise ConfigError(f"teacher_runtime must be one of {', '.join(TEACHER_RUNTIMES)}, got {runtime!r}")
     torch_score = _torch_scorer(teacher)
-    if runtime == "torch" or teacher.device.type != "cpu" or _is_onnx(teacher):
-        note = {"torch": "forced"}.get(runtime, "runs on " + teacher.device.type if teacher.device.type != "cpu" else "already onnxruntime")
+    off_cpu = teacher.device.type != "cpu"
+    if runtime == "onnxruntime" and off_cpu:
+        raise ConfigError(f"teacher_runtime onnxruntime: the teacher runs on {teacher.device.type}, and kdedge's onnxruntime pass is CPU-only; "
+                          "use --teacher-runtime torch (or auto)")
+    if runtime == "torch" or off_cpu or _is_onnx(teacher):  # the same on every rank: no collective needed
+        note = "forced" if runtime == "torch" else f"runs on {teacher.device.type}" if off_cpu else "already onnxruntime"
         return TeacherPass("torch", [RuntimeRate("torch", None, note=note)], torch_score)
     probe = probe.detach().cpu().float().contiguous()
     try:
@@ -127,16 +140,23 @@ def teacher_pass(teacher: FrozenTeacher, probe: torch.Tensor, *, runtime: str = 
         failed = None if diff <= atol else f"max |Δ| {diff:.2e} against torch on {len(probe)} probe inputs exceeds {atol:g}"
     except Exception as exc:  # noqa: BLE001 — export, session or run: any failure means "not this runtime", and torch still scores
         failed, diff = first_line(exc), None
-    if failed is not None:
-        if runtime == "onnxruntime":
-            raise ConfigError(f"teacher_runtime onnxruntime: {failed}; use --teacher-runtime torch (or auto)")
-        return TeacherPass("torch", [RuntimeRate("torch", None), RuntimeRate("onnxruntime", None, diff, note=failed)], torch_score)
+    rates = [RuntimeRate("torch", None), RuntimeRate("onnxruntime", None, diff, note=failed or "")]
+    if failed is None:
+        rates = _timed(torch_score, ort_score, probe, rounds, diff)
+    prefer_ort = failed is None and (runtime == "onnxruntime" or rates[0].images_per_s < torch_margin * rates[1].images_per_s)  # type: ignore[operator]
+    if not dist_.all_true(prefer_ort) and prefer_ort:
+        prefer_ort, rates[1] = False, RuntimeRate("onnxruntime", rates[1].images_per_s, diff, note="not chosen by every rank")
+    if failed is not None and runtime == "onnxruntime":
+        raise ConfigError(f"teacher_runtime onnxruntime: {failed}; use --teacher-runtime torch (or auto)")
+    return TeacherPass("onnxruntime", rates, ort_score) if prefer_ort else TeacherPass("torch", rates, torch_score)
+
+
+def _timed(torch_score: Callable, ort_score: Callable, probe: torch.Tensor, rounds: int, diff: float | None) -> list[RuntimeRate]:
+    """Both runtimes' images/s on ``probe``: the median of ``rounds`` interleaved calls (this machine drifts over seconds), after a warm-up."""
     samples: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
-    _rate(ort_score, probe), _rate(torch_score, probe)  # warm-up: first calls allocate
-    for _ in range(rounds):  # interleaved: this machine's speed drifts over seconds
+    _rate(ort_score, probe)
+    _rate(torch_score, probe)  # first calls allocate
+    for _ in range(rounds):
         samples["torch"].append(_rate(torch_score, probe))
         samples["onnxruntime"].append(_rate(ort_score, probe))
-    rates = [RuntimeRate("torch", statistics.median(samples["torch"])), RuntimeRate("onnxruntime", statistics.median(samples["onnxruntime"]), diff)]
-    if runtime == "onnxruntime" or rates[1].images_per_s > rates[0].images_per_s:  # type: ignore[operator]
-        return TeacherPass("onnxruntime", rates, ort_score)
-    return TeacherPass("torch", rates, torch_score)
+    return [RuntimeRate("torch", statistics.median(samples["torch"])), RuntimeRate("onnxruntime", statistics.median(samples["onnxruntime"]), diff)]

@@ -11,15 +11,18 @@ the exact pixels the teacher scored — and the stored output is the soft target
 
 On disk a cache is a directory ``<cache_dir>/<key>/`` of memory-mapped ``.npy`` files:
 ``views.npy`` ``(N, K, 7)`` int16, ``logp.npy`` ``(N, K, k)`` float16 and, for top-k,
-``classes.npy`` ``(N, K, k)`` int16; ``meta.json`` says what they are. The key covers the teacher's
+``classes.npy`` ``(N, K, k)`` int16 (int32 beyond 32,767 classes); ``meta.json`` says what they are. The key covers the teacher's
 identity (as the logit cache's does), the exact training inputs and the view recipe. While it is
 computed the files live in ``<key>.partial/`` with the number of finished images, so a killed pass
-continues where it stopped; the directory is renamed when complete. A hit is checked against the
+continues where it stopped; the directory is renamed when complete, and a lock file keeps two
+processes from scoring the same cache at once. A hit is checked against the
 teacher's own outputs on a few images before it is used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdedge._fs import atomic_file
+from kdedge._fs import atomic_dir, atomic_file
 from kdedge.data.spec import ImageDataset
 from kdedge.distill.augment import VIEW_FIELDS, apply_views, sample_views
 from kdedge.distill.teacher import FrozenTeacher, teacher_identity
 from kdedge.distill.teacher_pass import TeacherPass, teacher_pass
-from kdedge.errors import ConfigError
+from kdedge.errors import ConfigError, KdedgeError
 from kdedge.progress import Progress
 
 __all__ = ["TeacherViews", "ViewRecipe", "teacher_views", "view_cache_key"]
@@ -121,6 +124,21 @@ class TeacherViews:
         return self._views.shape[0]
 
     @property
+    def view_rows(self) -> np.ndarray:
+        """``(N, K, 7)`` int16: every image's stored views (:data:`~kdedge.distill.augment.VIEW_FIELDS`)."""
+        return self._views
+
+    @property
+    def log_probs(self) -> np.ndarray:
+        """``(N, K, k)`` float16: the teacher's log-probabilities on each view (all classes, or the top ``k``)."""
+        return self._logp
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        """``(N, K, k)`` int16 (int32 beyond 32,767 classes): which classes :attr:`log_probs` holds; None when it holds all."""
+        return self._classes
+
+    @property
     def nbytes(self) -> int:
         """Bytes the views and outputs take (on disk: the ``.npy`` payloads)."""
         return sum(a.nbytes for a in (self._views, self._logp, self._classes) if a is not None)
@@ -141,11 +159,16 @@ def _batches(lo: int, hi: int, size: int) -> Iterator[torch.Tensor]:
     return (torch.arange(i, min(i + size, hi)) for i in range(lo, hi, size))
 
 
+def _class_dtype(num_classes: int) -> type:
+    return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+
+
 def _score(score: TeacherPass, x: torch.Tensor, views: torch.Tensor, recipe: ViewRecipe) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities ``(b, K, k)`` (and classes for top-k) of the views ``(b, K, 7)`` of images ``x`` ``(b, C, H, W)``."""
+    """Log-probabilities ``(b, K, k)`` on the CPU (and classes for top-k) of the views ``(b, K, 7)`` of images ``x`` ``(b, C, H, W)``."""
     b, k = views.shape[:2]
     rendered = apply_views(x.repeat_interleave(k, 0), views.reshape(b * k, -1), pad=recipe.pad)
-    logp = torch.log_softmax(score(rendered).float(), dim=1)
+    # fp16 holds down to -65504: clamp so a (vanishingly unlikely) lower log-probability is not stored as -inf.
+    logp = torch.log_softmax(score(rendered).float().cpu(), dim=1).clamp_min(float(np.finfo(np.float16).min))
     if recipe.topk and recipe.topk < logp.shape[1]:
         values, classes = logp.topk(recipe.topk, dim=1)
         return values.reshape(b, k, -1), classes.reshape(b, k, -1)
@@ -183,28 +206,21 @@ def teacher_views(teacher: FrozenTeacher, data: ImageDataset, recipe: ViewRecipe
     ctx = dist_.context()
     key = view_cache_key(teacher, data, recipe)
     final = Path(cache_dir) / key if cache_dir is not None else None
-    found = _read(final, recipe, len(data), data.spec.num_classes, key) if final is not None else None
-    if found is not None and not _matches(teacher, data, found):
-        progress.line(f"teacher views: the cached views in {final} do not match this teacher's outputs; scoring them again")
-        found = None
+    found = _verified(final, teacher, data, recipe, key, progress) if final is not None else None
     if ctx.enabled and not dist_.all_true(found is not None):  # every rank takes the same branch
         found = None
     if found is not None:
         progress.line(f"teacher views: {recipe.views} views of {len(data)} training images from the cache ({key[:12]}…)")
         return found
-    if final is not None and final.is_dir() and ctx.is_main:
-        shutil.rmtree(final)  # torn, of another shape, or not this teacher's: replaced by the pass below
     start = time.perf_counter()
-    probe = next(iter(data.batches([torch.arange(min(256, len(data)))])))[1]
-    score = teacher_pass(teacher, probe, runtime=runtime)
+    score = teacher_pass(teacher, torch.from_numpy(data.batch_of(min(256, len(data)))), runtime=runtime)
     progress.line(f"teacher views: scoring {recipe.views} views of {len(data)} training images once, in {score.describe()}")
     task = progress.add("teacher views", len(data) * recipe.views)
-    views = _all_views(data, recipe)
-    per_batch = max(1, batch_size // recipe.views)
+    pass_ = _Pass(score, teacher.device, data, recipe, _all_views(data, recipe), max(1, batch_size // recipe.views), progress, task)
     if final is not None and not ctx.enabled:
-        result = _score_to_dir(score, data, recipe, views, final, per_batch, progress, task)
+        result = _score_to_dir(pass_, final, teacher)
     else:
-        result = _score_in_memory(score, data, recipe, views, per_batch, progress, task, ctx, final, key)
+        result = _score_in_memory(pass_, ctx, final, key)
     result.seconds, result.runtime = time.perf_counter() - start, score.runtime
     n = len(data) * recipe.views
     progress.finish(task, f"teacher views: {n} views in {result.seconds:.1f} s ({n / max(result.seconds, 1e-9):,.0f} images/s, {score.runtime}), "
@@ -212,41 +228,72 @@ def teacher_views(teacher: FrozenTeacher, data: ImageDataset, recipe: ViewRecipe
     return result
 
 
-def _score_in_memory(score: TeacherPass, data: ImageDataset, recipe: ViewRecipe, views: torch.Tensor, per_batch: int, progress: Progress, task: int,
-                     ctx, final: Path | None, key: str) -> TeacherViews:
+def _verified(final: Path, teacher: FrozenTeacher, data: ImageDataset, recipe: ViewRecipe, key: str, progress: Progress) -> TeacherViews | None:
+    found = _read(final, recipe, len(data), data.spec.num_classes, key)
+    if found is not None and not _matches(teacher, data, found):
+        progress.line(f"teacher views: the cached views in {final} do not match this teacher's outputs; scoring them again")
+        return None
+    return found
+
+
+@dataclass
+class _Pass:
+    """One scoring pass: the scorer, where the images go, and the views to score."""
+
+    score: TeacherPass
+    device: torch.device
+    data: ImageDataset
+    recipe: ViewRecipe
+    views: torch.Tensor  # (N, K, 7)
+    per_batch: int  # images per teacher call
+    progress: Progress
+    task: int
+
+    def rows(self, lo: int, hi: int, *, advance: int = 1) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """``(lo, hi, log-probabilities, classes)`` of images ``lo:hi``, a batch at a time; the bar advances ``advance`` views per view."""
+        for idx, x, _y in self.data.batches(_batches(lo, hi, self.per_batch), device=self.device):
+            values, classes = _score(self.score, x, self.views[idx], self.recipe)
+            self.progress.update(self.task, advance=len(idx) * self.recipe.views * advance)
+            yield int(idx[0]), int(idx[-1]) + 1, values, classes
+
+
+def _score_in_memory(p: _Pass, ctx, final: Path | None, key: str) -> TeacherViews:
     """Score in memory; under DDP each rank scores a contiguous shard and the shards are gathered (the main rank writes ``final``)."""
     import kdedge.distributed as dist_
 
-    bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)] if ctx.enabled else [0, len(data)]
-    lo, hi = bounds[ctx.rank if ctx.enabled else 0], bounds[(ctx.rank if ctx.enabled else 0) + 1]
-    parts = []
-    for idx, x, _y in data.batches(_batches(lo, hi, per_batch)):
-        logp, classes = _score(score, x, views[idx], recipe)
-        parts.append(torch.cat([logp, classes.float()], 2) if classes is not None else logp)  # (b, K, k or 2k), gathered as one
-        progress.update(task, advance=len(idx) * recipe.views * (ctx.world_size if ctx.enabled else 1))
-    width = _width(recipe, data.spec.num_classes)
-    rows = torch.cat(parts) if parts else torch.zeros(0, recipe.views, width)
+    n, num_classes = len(p.data), p.data.spec.num_classes
+    width = _width(p.recipe, num_classes)
+    topk = width < num_classes
+    world, rank = (ctx.world_size, ctx.rank) if ctx.enabled else (1, 0)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    # (b, K, k) log-probabilities, with top-k's classes beside them: one tensor to gather.
+    parts = [torch.cat([v, c.float()], 2) if c is not None else v for _lo, _hi, v, c in p.rows(lo, hi, advance=world)]
+    rows = torch.cat(parts) if parts else torch.zeros(0, p.recipe.views, 2 * width if topk else width)  # an empty shard has the others' width
     rows = dist_.all_gather_rows(rows) if ctx.enabled else rows
     logp = rows[..., :width].numpy().astype(np.float16)
-    classes = rows[..., width:].numpy().astype(np.int16) if rows.shape[2] > width else None
-    views_np = views.numpy()
+    classes = rows[..., width:].numpy().astype(_class_dtype(num_classes)) if topk else None
+    views = p.views.numpy()
+    written = None
     if final is not None and ctx.is_main:
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _create(partial, recipe, views_np, len(data), data.spec.num_classes, key)
-        for name, array in (("logp", logp), ("classes", classes)):
-            if array is not None:
-                np.save(partial / f"{name}.npy", array, allow_pickle=False)
-        _finish(partial, final, len(data))
-    return TeacherViews(recipe, views_np, logp, classes, data.spec.num_classes, key=key, path=final if final is not None and ctx.is_main else None)
+        shutil.rmtree(final, ignore_errors=True)  # torn or foreign (it failed verification): replaced
+        try:
+            with atomic_dir(final) as tmp:
+                _write_meta(tmp, p.recipe, n, num_classes, key)
+                np.save(tmp / "views.npy", views, allow_pickle=False)
+                np.save(tmp / "logp.npy", logp, allow_pickle=False)
+                if classes is not None:
+                    np.save(tmp / "classes.npy", classes, allow_pickle=False)
+                _write_json(tmp / "progress.json", {"images": n})
+        except OSError:
+            if not final.is_dir():  # not "another process published it first": a real write error
+                raise
+        written = final
+    return TeacherViews(p.recipe, views, logp, classes, num_classes, key=key, path=written)
 
 
-def _create(partial: Path, recipe: ViewRecipe, views: np.ndarray, n: int, num_classes: int, key: str) -> None:
-    partial.mkdir(parents=True, exist_ok=True)
-    np.save(partial / "views.npy", views, allow_pickle=False)
+def _write_meta(directory: Path, recipe: ViewRecipe, n: int, num_classes: int, key: str) -> None:
     meta = {"format": _FORMAT, "key": key, "images": n, "num_classes": num_classes, "recipe": asdict(recipe), "view_fields": list(VIEW_FIELDS)}
-    _write_json(partial / "meta.json", meta)
-    _write_json(partial / "progress.json", {"images": 0})
+    _write_json(directory / "meta.json", meta)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -254,58 +301,77 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _finish(partial: Path, final: Path, n: int) -> None:
-    """Mark ``partial`` complete and move it to ``final`` (a concurrent run that got there first wins)."""
-    _write_json(partial / "progress.json", {"images": n})
-    try:
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created when missing): one process scores a cache at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _score_to_dir(p: _Pass, final: Path, teacher: FrozenTeacher) -> TeacherViews:
+    """Score into memory-mapped files in ``<key>.partial/``, resuming from its progress; rename it to ``final`` when done.
+
+    Under the cache's lock: a second process asking for the same cache waits, then finds it complete.
+    """
+    n, num_classes, key = len(p.data), p.data.spec.num_classes, final.name
+    with _locked(final.with_name(key + ".lock")):
+        found = _verified(final, teacher, p.data, p.recipe, key, p.progress)
+        if found is not None:  # another process finished it while this one waited
+            return found
+        shutil.rmtree(final, ignore_errors=True)  # torn or foreign (it failed verification): replaced
+        partial = final.with_name(key + ".partial")
+        done = _scored_so_far(partial, key, p.recipe, n, num_classes)
+        if done is None:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            _write_meta(partial, p.recipe, n, num_classes, key)
+            np.save(partial / "views.npy", p.views.numpy(), allow_pickle=False)
+            done = 0
+        _fill(p, partial, done)
+        _write_json(partial / "progress.json", {"images": n})
         os.replace(partial, final)
-    except OSError:  # final exists: another process finished the same cache first
-        shutil.rmtree(partial, ignore_errors=True)
+    found = _read(final, p.recipe, n, num_classes, key)
+    if found is None:
+        raise KdedgeError(f"teacher views: {final} was written but cannot be read back (views.npy or logp.npy missing or of another shape); "
+                          "remove it and run again")
+    found.hit = False
+    return found
 
 
-def _score_to_dir(score: TeacherPass, data: ImageDataset, recipe: ViewRecipe, views: torch.Tensor, final: Path, per_batch: int, progress: Progress,
-                  task: int) -> TeacherViews:
-    """Score into memory-mapped files in ``<key>.partial/``, resuming from its progress; rename it to ``final`` when done."""
-    n, num_classes, width = len(data), data.spec.num_classes, _width(recipe, data.spec.num_classes)
-    partial = final.with_name(final.name + ".partial")
-    done = _resumable(partial, final.name, recipe, n, num_classes)
-    if done is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        _create(partial, recipe, views.numpy(), n, num_classes, final.name)
-        done = 0
-    shape = (n, recipe.views, width)
-    mode = "r+" if done else "w+"
+def _fill(p: _Pass, partial: Path, done: int) -> None:
+    """Score images ``done:N`` into the memory maps of ``partial``, saving the count of finished images every ~10 s."""
+    n, num_classes = len(p.data), p.data.spec.num_classes
+    width = _width(p.recipe, num_classes)
+    shape, mode = (n, p.recipe.views, width), "r+" if done else "w+"
     logp = np.lib.format.open_memmap(partial / "logp.npy", mode=mode, dtype=np.float16, shape=shape)
-    topk = width < num_classes
-    classes = np.lib.format.open_memmap(partial / "classes.npy", mode=mode, dtype=np.int16, shape=shape) if topk else None
+    classes = np.lib.format.open_memmap(partial / "classes.npy", mode=mode, dtype=_class_dtype(num_classes), shape=shape) if width < num_classes else None
     if done:
-        progress.line(f"teacher views: resuming after {done} of {n} images")
-        progress.update(task, advance=done * recipe.views)
+        p.progress.line(f"teacher views: resuming after {done} of {n} images")
+        p.progress.update(p.task, advance=done * p.recipe.views)
     last_save = time.monotonic()
-    for idx, x, _y in data.batches(_batches(done, n, per_batch)):
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        values, cls = _score(score, x, views[idx], recipe)
+    for lo, hi, values, cls in p.rows(done, n):
         logp[lo:hi] = values.numpy().astype(np.float16)
         if classes is not None and cls is not None:
-            classes[lo:hi] = cls.numpy().astype(np.int16)
-        progress.update(task, advance=len(idx) * recipe.views)
-        if time.monotonic() - last_save > 10 or hi == n:  # the rows are on disk before the count says so
+            classes[lo:hi] = cls.numpy().astype(classes.dtype)
+        if time.monotonic() - last_save > 10:  # the rows are on disk before the count says so
             for array in (logp, classes):
                 if array is not None:
                     array.flush()
             _write_json(partial / "progress.json", {"images": hi})
             last_save = time.monotonic()
+    for array in (logp, classes):
+        if array is not None:
+            array.flush()
     del logp, classes  # unmapped before the rename
-    _finish(partial, final, n)
-    found = _read(final, recipe, n, num_classes, final.name)
-    if found is None:
-        raise ConfigError(f"teacher views: {final} could not be read back after it was written; is the cache directory's disk full?")
-    found.hit = False
-    return found
 
 
-def _resumable(partial: Path, key: str, recipe: ViewRecipe, n: int, num_classes: int) -> int | None:
-    """Images already scored in ``partial`` when it is this cache's unfinished pass, else None."""
+def _scored_so_far(partial: Path, key: str, recipe: ViewRecipe, n: int, num_classes: int) -> int | None:
+    """Images already scored in ``partial`` when it is this cache's unfinished pass with all its files, else None."""
     try:
         meta = json.loads((partial / "meta.json").read_text())
         done = int(json.loads((partial / "progress.json").read_text())["images"])
@@ -313,7 +379,8 @@ def _resumable(partial: Path, key: str, recipe: ViewRecipe, n: int, num_classes:
         return None
     if meta.get("key") != key or meta.get("images") != n or meta.get("num_classes") != num_classes or not 0 < done <= n:
         return None
-    return done if (partial / "logp.npy").is_file() else None
+    needed = ["views.npy", "logp.npy"] + (["classes.npy"] if _width(recipe, num_classes) < num_classes else [])
+    return done if all((partial / name).is_file() for name in needed) else None
 
 
 def _read(final: Path, recipe: ViewRecipe, n: int, num_classes: int, key: str) -> TeacherViews | None:
@@ -330,7 +397,7 @@ def _read(final: Path, recipe: ViewRecipe, n: int, num_classes: int, key: str) -
     want = (n, recipe.views, width)
     if views.shape != (n, recipe.views, len(VIEW_FIELDS)) or logp.shape != want or logp.dtype != np.float16:
         return None
-    if classes is not None and (classes.shape != want or classes.dtype != np.int16):
+    if classes is not None and (classes.shape != want or classes.dtype != _class_dtype(num_classes)):
         return None
     return TeacherViews(recipe, views, logp, classes, num_classes, key=key, path=final, hit=True)
 
@@ -338,12 +405,12 @@ def _read(final: Path, recipe: ViewRecipe, n: int, num_classes: int, key: str) -
 def _matches(teacher: FrozenTeacher, data: ImageDataset, found: TeacherViews, probe: int = 4) -> bool:
     """Whether the stored outputs of the first ``probe`` images' views equal what ``teacher`` computes on those views now."""
     n, k = min(probe, len(data)), found.recipe.views
-    idx = torch.arange(n).repeat_interleave(k)
-    views, stored = found.rows(idx, torch.arange(k).repeat(n))
-    x = next(iter(data.batches([torch.arange(n)])))[1].repeat_interleave(k, 0)
-    fresh = torch.log_softmax(teacher(apply_views(x, views, pad=found.recipe.pad)).float().cpu(), dim=1)
-    if found._classes is not None:  # only the stored classes are exact
-        cls = torch.from_numpy(np.asarray(found._classes[idx.numpy(), torch.arange(k).repeat(n).numpy()])).long()
+    idx, view = torch.arange(n).repeat_interleave(k), torch.arange(k).repeat(n)
+    rows, stored = found.rows(idx, view)
+    x = next(iter(data.batches([torch.arange(n)], device=teacher.device)))[1].repeat_interleave(k, 0)
+    fresh = torch.log_softmax(teacher(apply_views(x, rows, pad=found.recipe.pad)).float().cpu(), dim=1)
+    if found.classes is not None:  # only the stored classes are exact
+        cls = torch.from_numpy(np.asarray(found.classes[idx.numpy(), view.numpy()])).long()
         fresh, stored = fresh.gather(1, cls), stored.gather(1, cls)
     # fp16 keeps ~3 significant digits: 1e-3 relative (plus 1e-3 absolute) covers its rounding and the runtimes' difference.
     return bool(((fresh - stored).abs() <= 1e-3 * (1.0 + stored.abs())).all())

@@ -19,6 +19,8 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+from kdedge.errors import cause, first_line  # re-exported: the backends import them from here
+
 _FD2_LOCK = threading.Lock()
 _FD2_HELD = threading.local()
 
@@ -97,17 +99,6 @@ def last_native_line(native: list[str]) -> str:
     return ""
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line of text (its type's name when it has none), at most 300 characters."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-def cause(exc: BaseException) -> str:
-    """The innermost cause's type and first line: torch.onnx and the edge converters wrap the useful message."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def attach_native_log(exc: BaseException, native: list[str]) -> None:
