@@ -79,7 +79,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data, teacher) -> 
     return {"method": method, "seed": seed, "epochs": args.epochs, "accuracy": result.test.accuracy, "macro_f1": result.test.macro_f1,
             "val_accuracy": result.val.accuracy if result.val is not None else None, "seconds": time.perf_counter() - start,
             "config": overrides, "teacher": args.teacher, "student": args.student,
-            "epoch_seconds": [h["seconds"] for h in result.history], "teacher_cache": result.metrics.get("teacher_cache")}
+            "epoch_seconds": [h["seconds"] for h in result.history], "teacher_cache": result.metrics.get("teacher_cache"),
+            "teacher_accuracy": (result.metrics.get("teacher") or {}).get("test", {}).get("accuracy"),
+            "history": [{k: h[k] for k in ("epoch", "val_accuracy", "test_accuracy") if k in h} for h in result.history]}
 
 
 def _kv(text: str) -> tuple[str, object]:
