@@ -30,7 +30,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # How many ```python blocks the README holds, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 7
+EXPECTED_BLOCKS = 8
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -41,6 +41,8 @@ CHEAP = [
     ('kdedge.load_dataset("fashion-mnist")', 'kdedge.load_dataset("fashion-mnist", train_limit=2000, test_limit=500)'),
     # One epoch of distillation instead of 15.
     ("kdedge.DistillConfig(epochs=15,", "kdedge.DistillConfig(epochs=1,"),
+    # Augmented distillation from 2 stored views per image, one epoch, instead of 10 views and 30 epochs.
+    ("kdedge.DistillConfig(epochs=30, views=10,", "kdedge.DistillConfig(epochs=1, views=2,"),
     # The whole pipeline on the same slice, one epoch, a short benchmark; a one-epoch student keeps
     # far less than 98 % of the teacher's accuracy, so the retention gate is lowered to let it publish.
     ('kdedge.CompressConfig(epochs=6, out="bundles/nb")',
@@ -111,7 +113,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, edge, bench, searched = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
     assert 0.5 < student_acc < teacher_acc and 0.5 < student_f1 < 1 and teacher_acc > 0.9  # one epoch on 2,000 images vs the shipped teacher
     assert (tmp_path / "runs/notebook/model.safetensors").is_file()
@@ -130,3 +132,5 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     winner, test_acc, p50 = searched.split()
     assert winner.startswith("net:") and 0 < float(test_acc) <= 1 and 0 < float(p50) <= 1.0  # a searched student within the 1 ms budget
     assert (tmp_path / "runs/search/student/model.safetensors").is_file() and (tmp_path / "runs/search/search.json").is_file()
+    views = ast.literal_eval(viewed)  # 2 stored views per image (the cheap run), in the runtime the teacher pass chose
+    assert views["views"] == 2 and views["runtime"] in ("onnxruntime", "torch") and views["bytes"] == 2000 * 2 * (7 + 10) * 2
