@@ -18,16 +18,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
+from kdedge._quiet import quiet_onnx_export
 from kdedge.config import TEACHER_RUNTIMES
-from kdedge.errors import ConfigError, first_line
+from kdedge.errors import ConfigError, ExportError, cause, first_line
 
-if TYPE_CHECKING:
-    from kdedge.distill.teacher import FrozenTeacher
+
+class _Teacher(Protocol):
+    """What the pass needs of a :class:`~kdedge.distill.teacher.FrozenTeacher` (this module sits below it)."""
+
+    device: torch.device
+    model: nn.Module
+    module: nn.Module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 __all__ = ["RuntimeRate", "TeacherPass", "teacher_pass"]
 
@@ -64,18 +73,28 @@ class TeacherPass:
         return f"{self.runtime} ({'; '.join(r.describe() for r in self.rates)})"
 
 
-def _torch_scorer(teacher: FrozenTeacher) -> Callable[[torch.Tensor], torch.Tensor]:
+def _torch_scorer(teacher: _Teacher) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: teacher(x).cpu()
 
 
-def _ort_scorer(teacher: FrozenTeacher, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Export ``teacher.module`` (input map included) and load it in an onnxruntime session with torch's thread count."""
-    from kdedge.exporters.onnx import export_onnx
+def _ort_scorer(teacher: _Teacher, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Export ``teacher.module`` (input map included) with a dynamic batch and load it in onnxruntime with torch's thread count.
+
+    The export is the plain dynamo export (kdedge's artifact exporter adds metadata, slimming and
+    external data on top; a cache pass needs none of them): a teacher over 2 GB fails here and its
+    pass runs in torch.
+    """
     from kdedge.ort import ort_session
 
+    example = torch.zeros(2, *input_shape)  # batch 2: torch.export specializes dimensions of size 1
     with tempfile.TemporaryDirectory(prefix="kdedge-teacher-") as tmp:
         path = Path(tmp) / "teacher.onnx"
-        export_onnx(teacher.module, path, input_shape=input_shape)
+        try:
+            with quiet_onnx_export(), torch.no_grad():
+                torch.onnx.export(teacher.module, (example,), str(path), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=2**20)},),
+                                  input_names=["input"], output_names=["logits"], opset_version=18, dynamo=True, optimize=True, verbose=False)
+        except Exception as exc:  # noqa: BLE001 — torch.export and the ONNX translation raise many types; all mean "cannot export"
+            raise ExportError(f"cannot export the teacher to ONNX ({cause(exc)})") from exc
         session = ort_session(path, threads=torch.get_num_threads())  # the session holds the graph: the file can go
     name = session.get_inputs()[0].name
 
@@ -92,13 +111,13 @@ def _rate(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> flo
     return len(x) / max(time.perf_counter() - start, 1e-9)
 
 
-def _is_onnx(teacher: FrozenTeacher) -> bool:
+def _is_onnx(teacher: _Teacher) -> bool:
     from kdedge.models.onnx_teacher import OnnxTeacherModule
 
     return any(isinstance(m, OnnxTeacherModule) for m in teacher.model.modules())
 
 
-def teacher_pass(teacher: FrozenTeacher, probe: torch.Tensor, *, runtime: str = "auto", atol: float = 1e-4, rounds: int = 3,
+def teacher_pass(teacher: _Teacher, probe: torch.Tensor, *, runtime: str = "auto", atol: float = 1e-4, rounds: int = 3,
                  torch_margin: float = 1.25) -> TeacherPass:
     """The teacher in the runtime its caches are scored with.
 

@@ -10,41 +10,19 @@ that names what went wrong.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 
+from kdedge._quiet import silenced  # re-exported: the backends import it from here
 from kdedge.errors import cause, first_line  # re-exported: the backends import them from here
 
 _FD2_LOCK = threading.Lock()
 _FD2_HELD = threading.local()
 
 __all__ = ["attach_native_log", "cause", "first_line", "last_native_line", "native_stderr", "quiet", "silenced", "version_of"]
-
-
-@contextlib.contextmanager
-def silenced(loggers: tuple[str, ...] = (), *, root: bool = False, stderr: contextlib.AbstractContextManager | None = None) -> Iterator[None]:
-    """Silence warnings, the ``loggers`` (and the root logger with ``root``) below ERROR, stdout, and whatever ``stderr`` captures.
-
-    ``stderr`` is entered inside the block: ``contextlib.redirect_stderr(io.StringIO())`` for
-    Python's, :func:`native_stderr` for file descriptor 2. The loggers' levels are restored after.
-    """
-    quieted = [logging.getLogger(name) for name in loggers] + ([logging.getLogger()] if root else [])
-    levels = [lg.level for lg in quieted]
-    for lg in quieted:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), stderr or contextlib.nullcontext():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(quieted, levels):
-            lg.setLevel(level)
 
 
 def quiet(native: list[str], loggers: tuple[str, ...] = (), *, root: bool = False) -> contextlib.AbstractContextManager[None]:

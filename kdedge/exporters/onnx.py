@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -21,8 +20,9 @@ import torch
 from torch import nn
 
 from kdedge._modes import evaluating
+from kdedge._quiet import quiet_onnx_export
 from kdedge.errors import ExportError
-from kdedge.exporters._native import cause, first_line, silenced
+from kdedge.exporters._native import cause, first_line
 
 __all__ = ["OnnxExport", "export_onnx", "set_metadata", "read_metadata", "check_onnx", "HalfPrecision", "PROTOBUF_LIMIT"]
 
@@ -60,12 +60,6 @@ class HalfPrecision(nn.Module):
         if self.fp16_io:
             return self.model(x)
         return self.model(x.to(torch.float16)).to(torch.float32)
-
-
-def _quiet_exporter() -> contextlib.AbstractContextManager[None]:
-    """The exporter logs progress and warns about absent torchvision ops; keep the CLI clean."""
-    return silenced(("torch.onnx", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export"),
-                    stderr=contextlib.redirect_stderr(io.StringIO()))
 
 
 @contextlib.contextmanager
@@ -135,7 +129,7 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         try:
-            with _quiet_exporter(), torch.no_grad():
+            with quiet_onnx_export(), torch.no_grad():
                 program = torch.onnx.export(
                     module,
                     (example,),
@@ -185,7 +179,7 @@ def _slim(proto):
         import onnxslim
     except ImportError as exc:  # chained: an installed but broken onnxslim fails here too
         raise ExportError("--slim needs onnxslim: pip install onnxslim") from exc
-    with _quiet_exporter():
+    with quiet_onnx_export():
         slimmed = onnxslim.slim(copy.deepcopy(proto))
     return slimmed if slimmed is not None and len(slimmed.graph.node) < len(proto.graph.node) else proto
 
