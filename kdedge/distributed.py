@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "context", "init_from_env", "shutdown", "shard", "all_reduce_sum", "all_gather_rows", "all_true"]
+__all__ = ["DistContext", "context", "init_from_env", "shutdown", "shard", "shard_range", "all_reduce_sum", "all_gather_rows", "all_true"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ def shutdown() -> None:
     """Leave the process group (after the last collective)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_range(n: int, ctx: DistContext) -> tuple[int, int]:
+    """This rank's contiguous slice ``lo:hi`` of ``n`` samples (all of them without DDP): for passes whose shards are gathered in rank order."""
+    if not ctx.enabled:
+        return 0, n
+    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
 
 
 def shard(index: torch.Tensor, ctx: DistContext, *, pad_from: torch.Tensor | None = None) -> torch.Tensor:

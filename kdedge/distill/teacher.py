@@ -187,7 +187,8 @@ def logit_cache_key(teacher: FrozenTeacher, data: ImageDataset) -> str:
     return hashlib.sha256(f"kdedge-logits-v2|{teacher_identity(teacher)}|{data.fingerprint()}".encode()).hexdigest()
 
 
-def _batches(data: ImageDataset, batch_size: int, lo: int, hi: int) -> list[torch.Tensor]:
+def index_batches(lo: int, hi: int, batch_size: int) -> list[torch.Tensor]:
+    """Sample indices ``lo:hi`` in consecutive batches of ``batch_size`` (the last one shorter): the order a cache pass scores in."""
     return [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
 
 
@@ -197,7 +198,7 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 def _scored(score: Scorer, data: ImageDataset, batch_size: int, lo: int, hi: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(index, logits)`` of samples ``lo:hi`` in batches, in order, on the CPU."""
-    for idx, x, _y in data.batches(_batches(data, batch_size, lo, hi), device=device):
+    for idx, x, _y in data.batches(index_batches(lo, hi, batch_size), device=device):
         yield idx, score(x).cpu()
 
 
@@ -263,8 +264,7 @@ def teacher_logits(teacher: FrozenTeacher, data: ImageDataset, *, cache_dir: str
         progress.finish(task, f"teacher: {len(data)} logits in {seconds:.1f} s ({len(data) / max(seconds, 1e-9):,.0f} images/s)")
         return TeacherLogits(mapped, key=key, path=path, seconds=seconds, runtime=score.runtime)
     # Each rank computes a contiguous shard; the shards are gathered so every rank holds all logits.
-    bounds = [len(data) * r // ctx.world_size for r in range(ctx.world_size + 1)]
-    lo, hi = bounds[ctx.rank], bounds[ctx.rank + 1]
+    lo, hi = dist_.shard_range(len(data), ctx)
     part = _compute(score, data, batch_size, teacher.device, lo, hi, on_batch=lambda n: progress.update(task, advance=n * ctx.world_size))
     logits = dist_.all_gather_rows(part) if ctx.enabled else part
     seconds = time.perf_counter() - start

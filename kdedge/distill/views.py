@@ -38,7 +38,7 @@ import torch
 from kdedge._fs import atomic_dir, atomic_file
 from kdedge.data.spec import ImageDataset
 from kdedge.distill.augment import VIEW_FIELDS, apply_views, sample_views
-from kdedge.distill.teacher import FrozenTeacher, teacher_identity
+from kdedge.distill.teacher import FrozenTeacher, index_batches, teacher_identity
 from kdedge.distill.teacher_pass import TeacherPass, teacher_pass
 from kdedge.errors import ConfigError, KdedgeError
 from kdedge.progress import Progress
@@ -155,10 +155,6 @@ class TeacherViews:
         return self.rows(index, torch.randint(0, self.recipe.views, (len(index),), generator=generator))
 
 
-def _batches(lo: int, hi: int, size: int) -> Iterator[torch.Tensor]:
-    return (torch.arange(i, min(i + size, hi)) for i in range(lo, hi, size))
-
-
 def _class_dtype(num_classes: int) -> type:
     return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
@@ -251,7 +247,7 @@ class _Pass:
 
     def rows(self, lo: int, hi: int, *, advance: int = 1) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
         """``(lo, hi, log-probabilities, classes)`` of images ``lo:hi``, a batch at a time; the bar advances ``advance`` views per view."""
-        for idx, x, _y in self.data.batches(_batches(lo, hi, self.per_batch), device=self.device):
+        for idx, x, _y in self.data.batches(index_batches(lo, hi, self.per_batch), device=self.device):
             values, classes = _score(self.score, x, self.views[idx], self.recipe)
             self.progress.update(self.task, advance=len(idx) * self.recipe.views * advance)
             yield int(idx[0]), int(idx[-1]) + 1, values, classes
@@ -264,8 +260,8 @@ def _score_in_memory(p: _Pass, ctx, final: Path | None, key: str) -> TeacherView
     n, num_classes = len(p.data), p.data.spec.num_classes
     width = _width(p.recipe, num_classes)
     topk = width < num_classes
-    world, rank = (ctx.world_size, ctx.rank) if ctx.enabled else (1, 0)
-    lo, hi = n * rank // world, n * (rank + 1) // world
+    world = ctx.world_size if ctx.enabled else 1
+    lo, hi = dist_.shard_range(n, ctx)
     # (b, K, k) log-probabilities, with top-k's classes beside them: one tensor to gather.
     parts = [torch.cat([v, c.float()], 2) if c is not None else v for _lo, _hi, v, c in p.rows(lo, hi, advance=world)]
     rows = torch.cat(parts) if parts else torch.zeros(0, p.recipe.views, 2 * width if topk else width)  # an empty shard has the others' width
