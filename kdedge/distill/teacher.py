@@ -37,7 +37,7 @@ from kdedge.errors import ConfigError
 from kdedge.models.zoo import state_dict_sha256
 from kdedge.progress import Progress
 
-__all__ = ["FrozenTeacher", "TeacherLogits", "teacher_logits", "logit_cache_key", "teacher_identity", "teacher_input_map"]
+__all__ = ["CachedPass", "FrozenTeacher", "TeacherLogits", "logit_cache_key", "teacher_identity", "teacher_input_map", "teacher_logits"]
 
 
 def teacher_input_map(config: Any, declared: Normalization | None, data: DatasetSpec | None) -> InputMap | None:
@@ -151,7 +151,18 @@ def teacher_identity(teacher: FrozenTeacher) -> str:
     return h.hexdigest()
 
 
-class TeacherLogits:
+class CachedPass:
+    """Where a cache of the teacher's outputs came from: its key, its directory or file, and the pass that filled it."""
+
+    def __init__(self, *, key: str, path: Path | None = None, seconds: float = 0.0, hit: bool = False, runtime: str = "") -> None:
+        self.key = key
+        self.path = path
+        self.seconds = seconds  # time spent scoring (0 on a disk hit)
+        self.hit = hit
+        self.runtime = runtime  # what scored them ("" on a disk hit)
+
+
+class TeacherLogits(CachedPass):
     """Teacher logits for every training sample, indexed by sample index.
 
     Backed by a tensor in memory or by a read-only memory-mapped ``.npy`` file.
@@ -159,12 +170,8 @@ class TeacherLogits:
 
     def __init__(self, array: np.ndarray | torch.Tensor, *, key: str, path: Path | None = None, seconds: float = 0.0, hit: bool = False,
                  runtime: str = "") -> None:
+        super().__init__(key=key, path=path, seconds=seconds, hit=hit, runtime=runtime)
         self._array = array
-        self.key = key
-        self.path = path
-        self.seconds = seconds  # time spent computing (0 on a disk hit)
-        self.hit = hit
-        self.runtime = runtime  # what scored them ("" on a disk hit)
 
     @property
     def nbytes(self) -> int:

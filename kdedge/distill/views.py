@@ -38,7 +38,7 @@ import torch
 from kdedge._fs import atomic_dir, atomic_file
 from kdedge.data.spec import ImageDataset
 from kdedge.distill.augment import VIEW_FIELDS, apply_views, sample_views
-from kdedge.distill.teacher import FrozenTeacher, index_batches, teacher_identity
+from kdedge.distill.teacher import CachedPass, FrozenTeacher, index_batches, teacher_identity
 from kdedge.distill.teacher_pass import TeacherPass, teacher_pass
 from kdedge.errors import ConfigError, KdedgeError
 from kdedge.progress import Progress
@@ -103,7 +103,7 @@ def full_logits(logp: torch.Tensor, classes: torch.Tensor | None, num_classes: i
     return out.scatter_(1, classes.long(), logp)
 
 
-class TeacherViews:
+class TeacherViews(CachedPass):
     """``K`` stored views per training image and the teacher's log-probabilities on each.
 
     Backed by arrays in memory or by read-only memory-mapped ``.npy`` files.
@@ -111,14 +111,10 @@ class TeacherViews:
 
     def __init__(self, recipe: ViewRecipe, views: np.ndarray, logp: np.ndarray, classes: np.ndarray | None, num_classes: int, *, key: str,
                  path: Path | None = None, seconds: float = 0.0, hit: bool = False, runtime: str = "") -> None:
+        super().__init__(key=key, path=path, seconds=seconds, hit=hit, runtime=runtime)
         self.recipe = recipe
         self._views, self._logp, self._classes = views, logp, classes
         self.num_classes = num_classes
-        self.key = key
-        self.path = path
-        self.seconds = seconds  # time spent scoring (0 on a disk hit)
-        self.hit = hit
-        self.runtime = runtime  # what scored them ("" on a disk hit)
 
     def __len__(self) -> int:
         return self._views.shape[0]
