@@ -32,15 +32,16 @@ def main(argv: list[str]) -> int:
         for path in sorted(Path(directory).glob("*-seed*-e*.json")):
             run = json.loads(path.read_text())
             groups[(directory, run["method"], run["epochs"], json.dumps(run.get("config", {}), sort_keys=True))].append(run)
-    print("| runs | method | epochs | teacher test % | seeds | student test % | student val % |")
-    print("|---|---|---:|---:|---|---:|---:|")
-    for (directory, method, epochs, _config), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+    print("| runs | student | method | epochs | teacher test % | seeds | student test % | student val % |")
+    print("|---|---|---|---:|---:|---|---:|---:|")
+    for (directory, method, epochs, _config), runs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         teacher = {r.get("teacher_accuracy") for r in runs} - {None}
         t = f"{100 * teacher.pop():.2f}" if len(teacher) == 1 else "—"
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
         test = [100 * r["accuracy"] for r in runs]
         val = [100 * r["val_accuracy"] for r in runs if r.get("val_accuracy") is not None]
-        print(f"| {Path(directory).name} | {method} | {epochs} | {t} | {seeds} | {_mean_std(test)} | {_mean_std(val)} |")
+        student = ",".join(sorted({str(r.get("student", "tiny_cnn")) for r in runs}))
+        print(f"| {Path(directory).name} | {student} | {method} | {epochs} | {t} | {seeds} | {_mean_std(test)} | {_mean_std(val)} |")
     return 0
 
 
