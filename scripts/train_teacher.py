@@ -17,7 +17,7 @@ flip + random erasing (p 0.5), 100 epochs, seed 0, channels-last; bf16 autocast 
 bf16 units (CUDA, or a CPU with AVX-512 BF16/AMX), fp32 elsewhere.
 
 Measured on the 2-core development CPU: this recipe (v2) reaches 94.73 % test accuracy (100 epochs, about
-70 min; `benchmarks/results/teacher-v2/`). The shipped teacher (v1, 94.09 %) is the same script with
+93 min at 40 s an epoch in bf16; `benchmarks/results/teacher-v2/`). The shipped teacher (v1, 94.09 %) is the same script with
 ``--epochs 30 --random-erasing 0 --precision fp32`` (what ``make teacher`` runs).
 """
 
