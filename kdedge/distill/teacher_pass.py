@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge._quiet import quiet_onnx_export
+from kdedge._dynamo import dynamo_export
 from kdedge.config import TEACHER_RUNTIMES
-from kdedge.errors import ConfigError, ExportError, cause, first_line
+from kdedge.errors import ConfigError, first_line
 
 
 class _Teacher(Protocol):
@@ -86,15 +86,10 @@ def _ort_scorer(teacher: _Teacher, input_shape: tuple[int, ...]) -> Callable[[to
     """
     from kdedge.ort import ort_session
 
-    example = torch.zeros(2, *input_shape)  # batch 2: torch.export specializes dimensions of size 1
+    program = dynamo_export(teacher.module, input_shape, what="the teacher")
     with tempfile.TemporaryDirectory(prefix="kdedge-teacher-") as tmp:
         path = Path(tmp) / "teacher.onnx"
-        try:
-            with quiet_onnx_export(), torch.no_grad():
-                torch.onnx.export(teacher.module, (example,), str(path), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=2**20)},),
-                                  input_names=["input"], output_names=["logits"], opset_version=18, dynamo=True, optimize=True, verbose=False)
-        except Exception as exc:  # noqa: BLE001 — torch.export and the ONNX translation raise many types; all mean "cannot export"
-            raise ExportError(f"cannot export the teacher to ONNX ({cause(exc)})") from exc
+        program.save(str(path))
         session = ort_session(path, threads=torch.get_num_threads())  # the session holds the graph: the file can go
     name = session.get_inputs()[0].name
 

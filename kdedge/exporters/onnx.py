@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdedge._dynamo import dynamo_export
 from kdedge._modes import evaluating
 from kdedge._quiet import quiet_onnx_export
 from kdedge.errors import ExportError
-from kdedge.exporters._native import cause, first_line
+from kdedge.exporters._native import first_line
 
 __all__ = ["OnnxExport", "export_onnx", "set_metadata", "read_metadata", "check_onnx", "HalfPrecision", "PROTOBUF_LIMIT"]
 
@@ -121,34 +122,13 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
             fp16_io: bool, metadata: dict[str, str] | None, slim: bool) -> OnnxExport:
     module: nn.Module = HalfPrecision(model, fp16_io=fp16_io) if precision == "fp16" else model
     dtype = torch.float16 if precision == "fp16" and fp16_io else torch.float32
-    # Batch 2, not 1: torch.export specializes dimensions of size 1 to constants.
-    example = torch.zeros(2, *input_shape, dtype=dtype)
-    batch = torch.export.Dim("batch", min=1, max=2**20)
     external = _param_bytes(module) > _EMBED_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        try:
-            with quiet_onnx_export(), torch.no_grad():
-                program = torch.onnx.export(
-                    module,
-                    (example,),
-                    dynamic_shapes=({0: batch},),
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    opset_version=opset,
-                    dynamo=True,
-                    external_data=external,
-                    optimize=True,
-                    verbose=False,
-                )
-        except Exception as exc:  # torch.export/ONNX translation raise many types; all are "cannot export"
-            raise ExportError(
-                f"cannot export {type(model).__name__} to ONNX ({cause(exc)}); the model must be traceable by torch.export "
-                "(no data-dependent Python control flow, only ops with ONNX translations)"
-            ) from exc  # the exporter's traceback points at the model line it could not trace (kdedge --debug)
-        if program is None:
-            raise ExportError(f"torch.onnx.export returned no program for {type(model).__name__}")
+        program = dynamo_export(module, input_shape, what=type(model).__name__, input_name=input_name, output_name=output_name, opset=opset,
+                                dtype=dtype, external_data=external,
+                                hint="; the model must be traceable by torch.export (no data-dependent Python control flow, only ops with ONNX translations)")
         import onnx
 
         proto = program.model_proto
