@@ -38,6 +38,11 @@ class MeanLogProb(nn.Module):
         self.models = nn.ModuleList(models)
         self.flip = flip
 
+    @property
+    def passes(self) -> int:
+        """Forward passes per image."""
+        return len(self.models) * (2 if self.flip else 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = [x, x.flip(-1)] if self.flip else [x]
         return torch.stack([m(v).log_softmax(1) for m in self.models for v in views]).mean(0)
@@ -54,13 +59,13 @@ def main() -> int:
     v2 = resolve_teacher(args.v2, data.spec).model.eval()
     teachers = {"v1 (shipped)": v1, "v2": v2, "v2 + flip": MeanLogProb([v2], flip=True), "v1 + v2": MeanLogProb([v1, v2]),
                 "v1 + v2 + flip": MeanLogProb([v1, v2], flip=True)}
-    forwards = {"v1 (shipped)": 1, "v2": 1, "v2 + flip": 2, "v1 + v2": 2, "v1 + v2 + flip": 4}
     flops = count_flops(v1, tuple(data.spec.input_shape))
     print("| teacher | forward passes | MFLOPs / image | test accuracy % |")
     print("|---|---:|---:|---:|")
     for name, model in teachers.items():
         ev = evaluate(model, data.test)
-        print(f"| {name} | {forwards[name]} | {forwards[name] * flops / 1e6:.1f} | {100 * ev.accuracy:.2f} |", flush=True)
+        passes = getattr(model, "passes", 1)
+        print(f"| {name} | {passes} | {passes * flops / 1e6:.1f} | {100 * ev.accuracy:.2f} |", flush=True)
     return 0
 
 
