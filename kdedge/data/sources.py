@@ -505,8 +505,9 @@ def load_dataset(name_or_path: str, *, train_limit: int | None = None, test_limi
         name_or_path: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"``, an image folder
             (``DIR/train/<class>/*.jpg`` and ``DIR/test/`` or ``DIR/val/``), a directory of IDX
             files or of ``x_train.npy``... (memory-mapped), or an ``.npz`` path.
-        train_limit: Keep only the first N training samples (for quick runs), before ``val_split`` holds some out.
-        test_limit: Keep only the first N test samples.
+        train_limit: Keep only N training samples (for quick runs), a seeded subset with every class in its
+            share (:func:`~kdedge.data.spec.stratified_rows`), before ``val_split`` holds some out.
+        test_limit: Keep only N test samples, chosen the same way.
         val_split: Hold out this fraction of the training samples for validation (fixed seed);
             an image folder's own ``val/`` (next to ``test/``) is used when this is None.
         image_size: Image folders: resize the shorter side and center-crop to this size.

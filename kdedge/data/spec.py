@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from kdedge.errors import DataError
 
-__all__ = ["DatasetSpec", "ImageDataset", "channel_mean_std", "ArrayDataset", "DataSplits", "UINT8_SCALE", "pixel_scale"]
+__all__ = ["DatasetSpec", "ImageDataset", "channel_mean_std", "ArrayDataset", "DataSplits", "UINT8_SCALE", "pixel_scale", "stratified_rows"]
 
 UINT8_SCALE = 1.0 / 255.0
 
@@ -37,6 +37,47 @@ def pixel_scale(dtype: torch.dtype) -> float:
     other than uint8, which the loaders convert to float32) is used as stored.
     """
     return UINT8_SCALE if dtype == torch.uint8 else 1.0
+
+
+def stratified_rows(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor:
+    """``n`` rows of a split whose classes are ``labels`` ``(N,)``: a seeded random subset in which every class keeps its share.
+
+    Wherever kdedge uses part of a split (``--train-limit``/``--test-limit``, parity and calibration
+    images, timing batches) it takes these rows, never the first ``n``: an image folder lists its
+    files class by class, so a prefix would hold the first classes only. When ``n`` is at least the
+    number of classes present, each gets one row and the other ``n - K`` are shared in proportion
+    to ``count - 1`` (largest remainders, ties to the lower class index), so no class is left out
+    and none gets more rows than it has; with fewer rows than classes the largest classes get one
+    each. Within a class the rows are a uniform random choice (``seed``). Vectorized: O(N log N)
+    for any number of classes.
+
+    Returns:
+        The chosen row indices ``(min(n, N),)`` int64, ascending (the split's own order).
+    """
+    labels = torch.as_tensor(labels).reshape(-1).to(torch.int64).cpu()
+    total = labels.numel()
+    if n >= total:
+        return torch.arange(total)
+    if n <= 0:
+        raise DataError(f"a data limit must be positive, got {n}")
+    classes, counts = torch.unique(labels, return_counts=True)  # classes ascending
+    k = classes.numel()
+    base = torch.ones(k, dtype=torch.int64) if n >= k else torch.zeros(k, dtype=torch.int64)
+    share = (counts - base).double()
+    exact = share * (n - int(base.sum())) / max(float(share.sum()), 1.0)
+    quota = exact.floor().to(torch.int64)
+    left = n - int(base.sum()) - int(quota.sum())
+    if left > 0:  # largest remainder first; a stable sort breaks ties by class index
+        by_remainder = torch.sort(-(exact - quota.double()), stable=True).indices
+        quota[by_remainder[:left]] += 1
+    quota = torch.minimum(quota + base, counts)
+    # Rows grouped by class, in a seeded random order inside each class; keep each class's first `quota`.
+    keys = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.argsort(keys)
+    order = order[torch.sort(labels[order], stable=True).indices]
+    group = torch.repeat_interleave(torch.arange(k), counts)  # the class position of each row of `order`
+    rank = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[group]
+    return order[rank < quota[group]].sort().values
 
 
 def channel_mean_std(chunks: Iterable[torch.Tensor], scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -259,18 +300,26 @@ class ImageDataset(Dataset):
         self.prepare()  # an image folder decodes once, not on every pass
         return lambda: (x.numpy() for x, _y in self.chunks(batch_size))
 
+    def sample(self, n: int, *, seed: int = 0) -> torch.Tensor:
+        """Normalized inputs ``(min(n, N), C, H, W)`` of a seeded, class-stratified subset (:func:`stratified_rows`), in the split's order."""
+        return self.inputs(stratified_rows(self.labels, n, seed=seed))
+
     def batch_of(self, n: int) -> np.ndarray:
-        """The first ``n`` normalized inputs ``(n, C, H, W)`` as float32, repeated when the split is smaller: a timing batch of real images."""
-        first = self.inputs(slice(0, n)).numpy()
+        """``n`` normalized inputs ``(n, C, H, W)`` as float32 from every class (:meth:`sample`), repeated when the split is smaller: a timing batch of real images."""
+        first = self.sample(n).numpy()
         return np.ascontiguousarray(np.concatenate([first] * (n // len(first) + 1))[:n] if len(first) < n else first, dtype=np.float32)
 
-    def take(self, n: int | None) -> ImageDataset:
-        """The first ``n`` samples (all when None) — the sets are shuffled at the source."""
-        if n is None or n >= len(self):
+    def take(self, n: int | None, *, seed: int = 0) -> ImageDataset:
+        """``n`` samples (all when None) from every class in its share: a seeded stratified subset (:func:`stratified_rows`).
+
+        Never the first ``n``: an image folder lists its files class by class, so a prefix would
+        keep only the first classes.
+        """
+        if n is None:
             return self
         if n <= 0:
             raise DataError(f"a data limit must be positive, got {n}")
-        return self.subset(torch.arange(n))
+        return self if n >= len(self) else self.subset(stratified_rows(self.labels, n, seed=seed))
 
     def fingerprint(self) -> str:
         """sha256 of what identifies the stored images, the labels and the normalization."""

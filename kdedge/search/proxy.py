@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdedge.config import SearchConfig
-from kdedge.data.spec import DataSplits
+from kdedge.data.spec import DataSplits, stratified_rows
 from kdedge.distill.factory import make_loss
 from kdedge.distill.loop import fit, resolve_device
 from kdedge.distill.teacher import FrozenTeacher
@@ -37,8 +37,7 @@ class Proxy:
         # No sanity checks: a candidate stuck near chance after a short run is a low score, not an error that ends the search.
         self.pconfig = dataclasses.replace(config, epochs=config.proxy_epochs, resume=False, out=None, warmup_epochs=0.0, sanity_checks=False)
         self.n = min(config.proxy_samples, len(data.train))
-        rows = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))[: self.n].sort().values
-        self.train = data.train.subset(rows)
+        self.train = data.train.subset(stratified_rows(data.train.labels, self.n, seed=config.seed))
         self.loss = make_loss(self.pconfig)
         self.cache_dir = cache_dir() / "logits" if config.cache == "disk" else None
         self.device = resolve_device(config.device)
