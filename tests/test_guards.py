@@ -7,13 +7,15 @@ import json
 import re
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from kdedge.cli import main
-from kdedge.distill.loop import ddp_device_ids, divergence, resolve_device
+from kdedge.distill.loop import STALL_EPOCHS, STALL_MIN_STEPS, chance_check, ddp_device_ids, divergence, resolve_device
 from kdedge.distributed import DistContext
 from kdedge.metrics import ChanceCheck, evaluation_from_predictions
+from tests.conftest import TinyNet, make_idx_dir
 
 # ---------------------------------------------------------------------------------------------
 # A run that diverges says so (issue 12, item 14)
@@ -34,25 +36,101 @@ def _eval(correct_per_class: list[int], total_per_class: list[int], predicted_cl
     return evaluation_from_predictions(torch.tensor(preds), torch.tensor(targets), k)
 
 
-def test_divergence_golden():
-    assert divergence(_row(loss=float("nan")), None, num_classes=10) == "training diverged at epoch 1: the training loss is nan"
-    assert "the training loss is inf" in divergence(_row(loss=float("inf")), None, num_classes=10)
-    # 10 balanced classes, 1,000 test images, everything predicted as class 0: balanced accuracy 0.1 = chance.
+def _at(ev, times=3):
+    check = ChanceCheck.of(ev)
+    return [check] * times
+
+
+def test_divergence_needs_evidence_golden():
+    # A non-finite loss ends a run at once: nothing recovers from it.
+    assert divergence(_row(loss=float("nan")), [], steps=1) == "training diverged at epoch 1: the training loss is nan"
+    assert "the training loss is inf" in divergence(_row(loss=float("inf")), [], steps=1)
+    # 10 balanced classes, 1,000 test images, everything predicted as class 0: balanced accuracy 0.1 = chance ...
     collapsed = _eval([100] + [0] * 9, [100] * 10, predicted_class=0)
     assert collapsed.accuracy == 0.1
-    msg = divergence(_row(), collapsed, num_classes=10)
-    assert msg == "training stalled at chance after epoch 1: balanced test accuracy 0.1000 over 10 classes (chance 0.1000), training loss 0.5"
+    msg = divergence(_row(epoch=3), _at(collapsed), steps=1407)
+    assert msg == ("training stalled at chance: balanced test accuracy 0.1000 over 10 classes (chance 0.1000) for 3 epochs in a row, "
+                   "1,407 steps in all (epoch 3), training loss 0.5")
+    # ... but only with evidence: STALL_EPOCHS epochs in a row, and STALL_MIN_STEPS optimizer steps.
+    assert (STALL_EPOCHS, STALL_MIN_STEPS) == (3, 200)
+    assert divergence(_row(epoch=2), _at(collapsed, 2), steps=1407) is None
+    assert divergence(_row(epoch=3), _at(collapsed), steps=199) is None
+    assert divergence(_row(epoch=3), [None] + _at(collapsed, 2), steps=1407) is None  # an epoch scored on too few samples
     # Chance + 3 standard errors: sqrt(0.1 * 0.9 * 10 / 100) / 10 = 0.00949 -> 0.1285 is the edge.
-    assert divergence(_row(), _eval([12] * 10, [100] * 10), num_classes=10) is not None  # 0.12: inside the band
-    assert divergence(_row(), _eval([13] * 10, [100] * 10), num_classes=10) is None  # 0.13: above it
+    assert divergence(_row(), _at(_eval([12] * 10, [100] * 10)), steps=500) is not None  # 0.12: inside the band
+    assert divergence(_row(), _at(_eval([13] * 10, [100] * 10)), steps=500) is None  # 0.13: above it
+    # A run climbing inside the band is left to climb: 0.10 -> 0.11 -> 0.12 gains more than a standard error (0.0095).
+    climbing = [ChanceCheck.of(_eval([c] * 10, [100] * 10)) for c in (10, 11, 12)]
+    assert all(c.at_chance() for c in climbing) and divergence(_row(), climbing, steps=500) is None
+    flat = [ChanceCheck.of(_eval([c] * 10, [100] * 10)) for c in (11, 10, 11)]
+    assert divergence(_row(), flat, steps=500) is not None
     # Imbalanced (95 % class 0): answering 0 always is 95 % accurate and chance all the same (balanced 0.5) ...
-    assert divergence(_row(), _eval([950, 0], [950, 50], predicted_class=0), num_classes=2) is not None
+    assert divergence(_row(), _at(_eval([950, 0], [950, 50], predicted_class=0)), steps=500) is not None
     # ... while a model that also finds most of the rare class is not (balanced (0.95 + 0.8) / 2 = 0.875).
-    assert divergence(_row(), _eval([903, 40], [950, 50]), num_classes=2) is None
+    assert divergence(_row(), _at(_eval([903, 40], [950, 50])), steps=500) is None
     # Too few samples to tell chance from a slow start; and without a test set, 1/K on the training set.
-    assert divergence(_row(), _eval([1] * 10, [5] * 10), num_classes=10) is None
-    assert divergence(_row(acc=0.101, samples=60000), None, num_classes=10) is not None  # 0.1 + 3·0.0012 = 0.1037
-    assert divergence(_row(acc=0.2, samples=60000), None, num_classes=10) is None
+    assert chance_check(_row(), _eval([1] * 10, [5] * 10), num_classes=10) is None
+    train_only = chance_check(_row(acc=0.101, samples=60000), None, num_classes=10)
+    assert train_only.at_chance() and divergence(_row(), [train_only] * 3, steps=500, split="train").startswith(
+        "training stalled at chance: training accuracy 0.1010 over 10 classes")  # 0.1 + 3·0.0012 = 0.1037
+    assert not chance_check(_row(acc=0.2, samples=60000), None, num_classes=10).at_chance()
+
+
+def test_a_run_that_learns_slowly_is_not_stopped(tmp_path):
+    """Issue 24, item 6: 1,000 8x8 images, 3 classes, 8 steps an epoch — it was stopped after epoch 1 at balanced accuracy 0.3565."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1000, 8, 8)).astype(np.uint8)
+    y = (x.mean(axis=(1, 2)) > 127).astype(np.int64) + (x[:, 0, 0] > 127)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    out = tmp_path / "run"
+    code = main(["train", "--model", "mlp", "--data", str(tmp_path / "d.npz"), "--epochs", "6", "--quiet", "--out", str(out)])
+    assert code == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]
+
+
+class _NanAfter(TinyNet):
+    """TinyNet whose outputs turn NaN after ``calls`` training-mode forward passes: a run that diverges in a chosen epoch."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls, self.left = calls, calls
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            self.left -= 1
+            if self.left < 0:
+                return out * float("nan")
+        return out
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint_and_resumes_with_a_lower_lr(tmp_path):
+    from kdedge import TrainConfig, load_dataset, train
+    from kdedge.errors import TrainingDiverged
+
+    data = load_dataset(str(make_idx_dir(tmp_path / "d", n_train=64, n_test=24)))
+    out = tmp_path / "run"
+    config = TrainConfig(epochs=4, batch_size=16, lr=0.05, seed=0)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged) as info:  # 4 steps an epoch: NaN from the 2nd step of epoch 2
+        train(_NanAfter(5), data.train, data.test, config=config, out=out, progress=False)
+    msg = str(info.value)
+    assert "training diverged at epoch 2" in msg and f"checkpoint of epoch 1 (the last good one) is kept in {out}.partial" in msg
+    assert f"--resume --out {out} --lr 0.005" in msg and "\n" not in msg
+    assert not out.exists() and (tmp_path / "run.partial" / "checkpoint.pt").is_file()
+    # Continuing from it with a lower --lr: epochs 2-4 run at the new peak, epoch 1 is the kept one.
+    torch.manual_seed(0)
+    result = train(TinyNet(), data.train, data.test, config=TrainConfig(epochs=4, batch_size=16, lr=0.005, seed=0, resume=True), out=out,
+                   progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] > 0.02 and max(lrs[1:]) <= 0.005 + 1e-12
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "run.partial").exists()
+    # Any other change is still refused on resume.
+    from kdedge.distill.checkpoint import config_differences
+
+    assert config_differences({"lr": 0.05, "epochs": 4}, {"lr": 0.005, "epochs": 5}, resumable=frozenset({"lr"})) == ["epochs: 4 -> 5"]
 
 
 def test_chance_check_golden():

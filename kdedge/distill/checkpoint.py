@@ -19,12 +19,15 @@ import torch
 from kdedge._fs import atomic_file
 from kdedge.errors import ConfigError
 
-__all__ = ["FORMAT", "save_state", "load_state", "config_differences"]
+__all__ = ["FORMAT", "RESUMABLE_KEYS", "RETUNABLE_KEYS", "save_state", "load_state", "config_differences"]
 
 FORMAT = "kdedge-train-state-v1"
 
 #: config keys a resumed run may change: they do not alter the numbers (or are where the state lives)
 RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks", "workers", "decode_cache"})
+#: config keys a resumed run may change on purpose, altering the numbers from the resumed epoch on:
+#: a lower ``--lr`` is how a run that diverged continues from its last good checkpoint.
+RETUNABLE_KEYS = frozenset({"lr"})
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

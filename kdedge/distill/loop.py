@@ -24,7 +24,7 @@ from kdedge._modes import evaluating
 from kdedge.config import _RunConfig
 from kdedge.data.spec import ArrayDataset, ImageDataset
 from kdedge.distill.augment import apply_views, augment_batch
-from kdedge.distill.checkpoint import config_differences, load_state, save_state
+from kdedge.distill.checkpoint import RESUMABLE_KEYS, RETUNABLE_KEYS, config_differences, load_state, save_state
 from kdedge.distill.features import FeatureHooks
 from kdedge.distill.losses import DistillLoss
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
@@ -33,7 +33,7 @@ from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
 from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
 
-__all__ = ["fit", "resolve_device", "make_optimizer", "divergence"]
+__all__ = ["STALL_EPOCHS", "STALL_MIN_STEPS", "chance_check", "divergence", "fit", "make_optimizer", "resolve_device"]
 
 
 def resolve_device(name: str, ctx: dist_.DistContext | None = None) -> torch.device:
@@ -239,6 +239,7 @@ def fit(
         try:
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
+            first_epoch, checks = len(history) + 1, []  # evidence of a stall is gathered in this process (a resume starts afresh)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 row = _train_epoch(run, epoch, bar, task)
@@ -247,7 +248,9 @@ def fit(
                     row.update({f"{split}_accuracy": ev.accuracy, f"{split}_macro_f1": ev.macro_f1})
                 bar.finish(task, _epoch_line(row, config.epochs))
                 history.append(row)
-                problem = divergence(row, ev, num_classes=_num_classes(run, watched)) if config.sanity_checks else None
+                checks.append(chance_check(row, ev, num_classes=_num_classes(run, watched)))
+                problem = divergence(row, checks, steps=run.steps * (epoch - first_epoch + 1),
+                                     split={"val": "validation"}.get(split, split) if ev is not None else "train") if config.sanity_checks else None
                 if problem:
                     raise TrainingDiverged(f"{problem}; {_divergence_fix(config)}")
                 if checkpoint is not None:
@@ -262,7 +265,7 @@ def fit(
 
 def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:
     state = load_state(checkpoint)
-    changed = config_differences(state["config"], config.to_dict(), defaults=type(config)().to_dict())
+    changed = config_differences(state["config"], config.to_dict(), defaults=type(config)().to_dict(), resumable=RESUMABLE_KEYS | RETUNABLE_KEYS)
     if changed:
         raise ConfigError(f"--resume: the config differs from the checkpoint's ({'; '.join(changed)}); resume with the original settings")
     return state
@@ -375,6 +378,13 @@ def _restore(run: _Run, state: dict[str, Any]) -> list[dict]:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    saved_lr = float(state["config"].get("lr", run.config.lr))
+    if saved_lr != run.config.lr:  # --lr changed on resume (the way on after a divergence): the schedule goes on at the new peak
+        factor = run.config.lr / saved_lr
+        run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
+        for group in run.optimizer.param_groups:
+            group["lr"] *= factor
+            group["initial_lr"] = group.get("initial_lr", saved_lr) * factor
     run.scaler.load_state_dict(state["scaler"])
     if isinstance(run.loss, nn.Module):
         run.loss.load_state_dict(state["loss"])
@@ -502,28 +512,54 @@ def _num_classes(run: _Run, test: Dataset | DataLoader | None) -> int:
     return int(spec.num_classes) if spec is not None else run.num_classes
 
 
-def divergence(row: dict[str, Any], test: Evaluation | None, *, num_classes: int, min_samples: int = 100) -> str | None:
-    """Why an epoch's numbers say the run diverged, or None.
+#: A run is called stalled at chance only on evidence: at least this many optimizer steps in all ...
+STALL_MIN_STEPS = 200
+#: ... and this many epochs in a row scored at chance, the last no better than the first of them by a
+#: standard error (a run that is still climbing out of chance is left to climb).
+STALL_EPOCHS = 3
 
-    Diverged: a non-finite training loss, or — measured on at least ``min_samples`` samples, as
-    fewer cannot tell chance from a slow start — a test *balanced* accuracy within three standard
-    errors of chance (:class:`~kdedge.metrics.ChanceCheck`: a collapsed model scores ``1/K`` however
-    imbalanced the classes), or without a test set a training accuracy within three standard
-    errors of ``1/K``.
+
+def chance_check(row: dict[str, Any], test: Evaluation | None, *, num_classes: int, min_samples: int = 100) -> ChanceCheck | None:
+    """How an epoch compares with guessing: the test (or validation) *balanced* accuracy, else the training accuracy against ``1/K``.
+
+    None when fewer than ``min_samples`` samples were scored: they cannot tell chance from a slow start.
+    """
+    if test is not None:
+        return ChanceCheck.of(test) if test.num_samples >= min_samples else None
+    n, chance = row.get("train_samples", 0), 1.0 / max(num_classes, 1)
+    if num_classes < 2 or n < min_samples:
+        return None
+    return ChanceCheck(row["train_accuracy"], chance, math.sqrt(chance * (1 - chance) / n), num_classes)
+
+
+def divergence(row: dict[str, Any], checks: list[ChanceCheck | None], *, steps: int, min_steps: int = STALL_MIN_STEPS,
+               epochs: int = STALL_EPOCHS, split: str = "test") -> str | None:
+    """Why the numbers after an epoch say the run diverged, or None.
+
+    Diverged: a non-finite training loss (at once: nothing recovers from it), or stalled at chance,
+    which needs evidence — at least ``min_steps`` optimizer steps so far, and the last ``epochs``
+    epochs all within three standard errors of chance (:meth:`ChanceCheck.at_chance`) with the
+    last no better than the first of them by one standard error. A run still improving is never
+    stopped, however close to chance it is.
+
+    Args:
+        row: This epoch's history row.
+        checks: :func:`chance_check` of every epoch so far, this one last (None where too few samples were scored).
+        steps: Optimizer steps taken so far.
+        split: The split the checks were scored on, for the message.
     """
     if not math.isfinite(row["train_loss"]):
         return f"training diverged at epoch {row['epoch']}: the training loss is {row['train_loss']}"
-    if test is not None:
-        check = ChanceCheck.of(test)
-        if test.num_samples >= min_samples and check.at_chance():
-            return (f"training stalled at chance after epoch {row['epoch']}: balanced test accuracy {check.balanced_accuracy:.4f} over "
-                    f"{check.classes} classes (chance {check.chance:.4f}), training loss {row['train_loss']:.4g}")
+    recent = checks[-epochs:]
+    if steps < min_steps or len(recent) < epochs or any(c is None or not c.at_chance() for c in recent):
         return None
-    n, chance = row.get("train_samples", 0), 1.0 / max(num_classes, 1)
-    if num_classes >= 2 and n >= min_samples and row["train_accuracy"] <= chance + 3 * math.sqrt(chance * (1 - chance) / n):
-        return (f"training stalled at chance after epoch {row['epoch']}: training accuracy {row['train_accuracy']:.4f} with {num_classes} classes "
-                f"(chance {chance:.4f}), training loss {row['train_loss']:.4g}")
-    return None
+    first, last = recent[0], recent[-1]
+    assert first is not None and last is not None
+    if last.balanced_accuracy > first.balanced_accuracy + first.standard_error:
+        return None  # still climbing
+    what = f"balanced {split} accuracy" if split != "train" else "training accuracy"
+    return (f"training stalled at chance: {what} {last.balanced_accuracy:.4f} over {last.classes} classes (chance {last.chance:.4f}) "
+            f"for {epochs} epochs in a row, {steps:,} steps in all (epoch {row['epoch']}), training loss {row['train_loss']:.4g}")
 
 
 def _divergence_fix(config: _RunConfig) -> str:
