@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge._fs import atomic_dir, file_sha256, new_dir
+from kdedge._fs import Claim, claimed, file_sha256, publish_dir
 from kdedge._version import __version__
 from kdedge.bench.harness import BenchModel, artifact_variant, benchmark
 from kdedge.bench.report import write_report_files
@@ -197,14 +197,25 @@ def _rejected_path(out: Path) -> Path:
     return candidate
 
 
+def _archive_path(bundle: Path) -> Path:
+    return bundle.with_name(bundle.name + ".tar.gz")
+
+
 def _write_archive(bundle: Path) -> Path:
-    """``<bundle>.tar.gz`` with the bundle directory as its single top-level entry, written atomically."""
-    archive = bundle.with_name(bundle.name + ".tar.gz")
+    """``<bundle>.tar.gz`` with the bundle directory as its single top-level entry, written atomically; never over an existing file.
+
+    Raises:
+        ConfigError: The archive's name was taken while the bundle was built (it was free when the run started).
+    """
+    archive = _archive_path(bundle)
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(bundle, arcname=bundle.name, filter=lambda ti: ti if not ti.name.endswith(".tmp") else None)
-        os.replace(tmp, archive)
+            tar.add(bundle, arcname=bundle.name)
+        os.link(tmp, archive)  # unlike a rename, a link never replaces: an archive that appeared meanwhile is kept
+    except FileExistsError:
+        raise ConfigError(f"{archive} appeared while the bundle was built and was left as it is; the bundle is complete in {bundle} — "
+                          f"archive it with: tar -czf <name>.tar.gz -C {bundle.parent} {bundle.name}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return archive
@@ -285,15 +296,6 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
 
 
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create {directory} for the bundle ({exc.strerror}); pass an --out in a writable place") from exc
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"{directory} is not writable, so the bundle cannot be written there; pass an --out in a writable place")
-
-
 def _edge_max_batch(batch_sizes: tuple[int, ...]) -> int:
     """The largest batch an ExecuTorch or LiteRT artifact must take: the export's default, or the largest benchmarked batch."""
     return max(ExportConfig().edge_max_batch, *batch_sizes)
@@ -331,7 +333,7 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
     shape = tuple(data.spec.input_shape)
     fp32 = export_onnx(student, work / "student.onnx", input_shape=shape)
     if "onnx-int8" in formats:
-        quantize_int8(fp32.path, work / "student.int8.onnx", calibration=data.train.inputs(slice(0, 32)).numpy())
+        quantize_int8(fp32.path, work / "student.int8.onnx", calibration=data.train.sample(32).numpy())
     if "onnx-fp16" in formats:
         export_onnx(student, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
     meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None)
@@ -394,9 +396,15 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         KdedgeError: Bad input anywhere along the way (one line each), before training wherever it can be known then.
     """
     config = config or CompressConfig()
-    log = log or (lambda _line: None)
-    out = new_dir(config.out, "bundle")
-    _check_writable(out.parent)
+    with claimed(config.out, "bundle") as claim:  # the name is this run's from the start: a second run never takes it
+        return _compress_and_export(config, claim, progress=progress, log=log or (lambda _line: None), trust_code=trust_code, search=search)
+
+
+def _compress_and_export(config: CompressConfig, claim: Claim, *, progress: bool, log: Callable[[str], None], trust_code: bool,
+                         search: SearchConfig | None) -> BundleResult:
+    out = claim.path  # its folder was checked writable by the claim
+    if config.archive and _archive_path(out).exists():
+        raise ConfigError(f"{_archive_path(out)} already exists and --archive would replace it; remove it or pass another --out")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdedge-bundle-") as work:
         plan = plan_bundle(config, work=Path(work), trust_code=trust_code, log=log)
@@ -414,7 +422,7 @@ def compress_and_export(config: CompressConfig | None = None, *, progress: bool 
         timings["distill"] = time.perf_counter() - start
         log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})"
             + (f"; on validation: student {result.val.accuracy:.4f}, teacher {result.teacher_val.accuracy:.4f}" if result.val and result.teacher_val else ""))
-        with atomic_dir(out) as tmp:
+        with publish_dir(out) as tmp:
             manifest, report = _write_candidate(tmp, plan, result, timings, t_start, log)
             failed = {k: g for k, g in manifest["gates"].items() if not g["passed"]}
             if failed:
@@ -710,6 +718,9 @@ def _file_problems(bundle: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{a['path']}: artifact and file entries disagree on the sha256")
     for rel, entry in listed.items():
         f = bundle / rel
+        if f.is_symlink():
+            problems.append(f"{rel}: a symbolic link, not the file the manifest lists; replace it with the file")
+            continue
         if not f.is_file():
             problems.append(f"{rel}: missing")
             continue
@@ -717,7 +728,21 @@ def _file_problems(bundle: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
         if file_sha256(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
+    problems += [f"{rel}: not in the manifest (the manifest lists every file of a bundle); remove it, or rebuild the bundle"
+                 for rel in _unlisted(bundle, set(listed) | {"manifest.json"})]
     return problems
+
+
+def _unlisted(bundle: Path, listed: set[str]) -> list[str]:
+    """Paths below ``bundle`` that are not a listed file or a directory holding one: extra files, links, FIFOs, ..."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(bundle):  # links to directories land in dirnames and are not followed
+        here = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (here / d).is_symlink()]:
+            rel = (here / name).relative_to(bundle).as_posix()
+            if rel not in listed:
+                found.append(rel)
+    return sorted(found)
 
 
 def _settings_problems(bundle: Path, manifest: dict[str, Any], *, skip: set[str]) -> list[str]:

@@ -16,8 +16,8 @@ from kdedge.errors import KdedgeError
 
 _HELP = {
     "data": "Built-in dataset (fashion-mnist, mnist, cifar10), an image folder (DIR/train/<class>/*.jpg with DIR/test/ or DIR/val/), a directory of IDX or .npy files, or an .npz file.",
-    "train_limit": "Use only the first N training samples.",
-    "test_limit": "Use only the first N test samples.",
+    "train_limit": "Use only N training samples: a seeded subset with every class in its share.",
+    "test_limit": "Use only N test samples: a seeded subset with every class in its share.",
     "epochs": "Number of training epochs.",
     "batch_size": "Mini-batch size.",
     "optimizer": "sgd (Nesterov momentum) or adamw.",
@@ -194,10 +194,16 @@ def search(config_file: str | None, quiet: bool, trust_code: bool, **params: Any
     result = run_search(_config(SearchConfig, config_file, params, trust_code=trust_code), progress=not quiet,
                         log=None if quiet else click.echo, trust_code=trust_code)
     r = result.record
-    fin = r["finalists"][result.winner]
-    click.echo(f"student {result.winner}: p50 {r['winner_p50_ms']:.4f} ms (budget {r['target']['latency_budget_ms']:.4f} ms), "
-               f"val {fin['val_accuracy']:.4f}, test {fin['test_accuracy']:.4f} | teacher p50 {r['teacher']['p50_ms']:.4f} ms, val {r['teacher']['val_accuracy']:.4f}")
+    fin, teacher = r["finalists"][result.winner], r["teacher"]
+    click.echo(f"student {result.winner}: p50 {_num(r['winner_p50_ms'], ' ms')} (budget {r['target']['latency_budget_ms']:.4f} ms), "
+               f"val {_num(fin['val_accuracy'])}, test {_num(fin['test_accuracy'])} | teacher p50 {_num(teacher['p50_ms'], ' ms')}"
+               + (f" ({teacher['latency_unknown']})" if teacher.get("latency_unknown") else "") + f", val {_num(teacher['val_accuracy'])}")
     click.echo(f"wrote {result.out}")
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    """A measured number, or "unknown" where it could not be measured (an ONNX teacher's latency on torch-cpu)."""
+    return "unknown" if value is None else f"{value:.4f}{unit}"
 
 
 @cli.command()
@@ -264,7 +270,7 @@ def export(source: str, config_file: str | None, formats: tuple[str, ...], trust
 @click.option("--warmup-iters", type=int, help="Warm-up calls before timing. [default: 10]")
 @click.option("--min-iters", type=int, help="Timed calls at least. [default: 50]")
 @click.option("--min-s", type=float, help="Timed seconds at least. [default: 1.0]")
-@click.option("--test-limit", type=int, help="Use only the first N test images for accuracy.")
+@click.option("--test-limit", type=int, help="Use only N test images for accuracy (a seeded subset with every class in its share).")
 @click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one the models record].")
 @click.option("--layout", help="Arrays: NCHW or NHWC, for a shape that could be either.")
 @click.option("--no-accuracy", "accuracy", flag_value=False, default=None, help="Skip measuring accuracy.")
@@ -372,7 +378,7 @@ def _summary(result: Any) -> None:
     line = f"{m['model']['name']}: test accuracy {m['test']['accuracy']:.4f}, macro F1 {m['test']['macro_f1']:.4f}, {m['model']['params']:,} params"
     if "teacher" in m and m["teacher"].get("test"):
         t = m["teacher"]
-        line += f" | teacher accuracy {t['test']['accuracy']:.4f}, {t['params']:,} params"
+        line += f" | teacher accuracy {t['test']['accuracy']:.4f}, " + (f"{t['params']:,} params" if t.get("params") is not None else "parameters unknown (ONNX)")
     click.echo(line)
     click.echo(f"wrote {result.out}")
 

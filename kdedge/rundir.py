@@ -15,32 +15,20 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdedge._fs import atomic_dir
+from kdedge._fs import partial_dir, publish_dir
 from kdedge._version import __version__
 from kdedge.config import _RunConfig, config_to_yaml
 from kdedge.data.spec import DatasetSpec, ImageDataset
-from kdedge.errors import ConfigError
-from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, save_checkpoint
+from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, runs_outside_torch, save_checkpoint
 
-__all__ = ["RESUME_NEEDS_OUT", "checkpoint_path", "check_resumable", "spec_of", "model_summary", "write_run"]
+__all__ = ["RESUME_NEEDS_OUT", "checkpoint_path", "spec_of", "model_summary", "write_run"]
 
 RESUME_NEEDS_OUT = "--resume needs --out: the run directory the killed run was writing (its checkpoint is OUT.partial/checkpoint.pt)"
 
 
 def checkpoint_path(out: str | Path) -> Path:
-    """Where a run writing ``out`` keeps its per-epoch checkpoint until it finishes: ``OUT.partial/checkpoint.pt``."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial") / "checkpoint.pt"
-
-
-def check_resumable(out: Path | None, *, resume: bool) -> Path | None:
-    """The checkpoint file a run writing ``out`` uses, after checking ``resume`` against what is on disk."""
-    ckpt = checkpoint_path(out) if out is not None else None
-    if resume and ckpt is None:
-        raise ConfigError(RESUME_NEEDS_OUT)
-    if not resume and ckpt is not None and ckpt.exists():
-        raise ConfigError(f"{ckpt.parent} holds the checkpoint of an unfinished run; continue it with --resume, or remove {ckpt.parent} to start over")
-    return ckpt
+    """Where a run writing ``out`` keeps its per-epoch checkpoint until it finishes: ``OUT.partial/checkpoint.pt`` (inside its claim)."""
+    return partial_dir(Path(out)) / "checkpoint.pt"
 
 
 def spec_of(data: Dataset | DataLoader | None) -> DatasetSpec | None:
@@ -50,17 +38,22 @@ def spec_of(data: Dataset | DataLoader | None) -> DatasetSpec | None:
 
 
 def model_summary(model: nn.Module, spec: ModelSpec | None, data: DatasetSpec | None) -> dict[str, Any]:
-    """Name, parameters and (when the input shape is known) FLOPs per sample, for ``metrics.json``."""
-    summary: dict[str, Any] = {"name": spec.name if spec else type(model).__name__, "params": count_parameters(model)}
+    """Name, parameters and (when the input shape is known) FLOPs per sample, for ``metrics.json``.
+
+    Both are None (unknown) for a model that computes outside PyTorch (an ONNX teacher): counting
+    its PyTorch parameters would record 0.
+    """
+    outside = runs_outside_torch(model)
+    summary: dict[str, Any] = {"name": spec.name if spec else type(model).__name__, "params": None if outside else count_parameters(model)}
     shape = spec.input_shape if spec else (data.input_shape if data else None)
     if shape is not None:
-        summary["flops"] = count_flops(model, tuple(shape))
+        summary["flops"] = None if outside else count_flops(model, tuple(shape))
     return summary
 
 
 def write_run(out: Path, model: nn.Module, spec: ModelSpec | None, data: DatasetSpec | None, metrics: dict, config: _RunConfig) -> None:
-    """Write the run directory atomically: build it under a temporary name, then rename."""
-    with atomic_dir(out) as tmp:
+    """Write the run directory atomically: build it under a temporary name, then rename (a failed rename keeps it and says where)."""
+    with publish_dir(out) as tmp:
         cfg = config.to_dict() | {"out": str(out)}
         save_checkpoint(tmp / "model.safetensors", model, spec, data, extra={"kdedge_version": __version__, "test_accuracy": (metrics.get("test") or {}).get("accuracy")})
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -8,9 +8,9 @@ directory (see :mod:`kdedge.rundir`).
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import kdedge.distributed as dist_
-from kdedge._fs import default_out, new_dir
+from kdedge._fs import Claim, claim_out, default_out
 from kdedge._version import __version__
 from kdedge.config import DistillConfig, TrainConfig, _RunConfig
 from kdedge.data import DatasetSpec, cache_dir, load_data_for
@@ -35,7 +35,7 @@ from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
 from kdedge.resolve import resolve_student, resolve_teacher
-from kdedge.rundir import RESUME_NEEDS_OUT, check_resumable, model_summary, spec_of, write_run
+from kdedge.rundir import RESUME_NEEDS_OUT, checkpoint_path, model_summary, spec_of, write_run
 
 __all__ = ["RunResult", "train", "distill", "run_train", "run_distill"]
 
@@ -55,8 +55,45 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_out(out: str | Path | None) -> Path | None:
-    return None if out is None else new_dir(out, "run")
+@contextlib.contextmanager
+def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = None) -> Iterator[Claim | Path | None]:
+    """The run directory ``out``, claimed for the block (:func:`~kdedge._fs.claim_out`): two runs never write the same one.
+
+    ``out`` None with a ``kind``: a fresh ``runs/<kind>-<time>[-N]``; without one, nothing is written.
+    Only the main rank claims (the others never write; they get the path). When the block ends the
+    claim is released, keeping ``OUT.partial`` when it holds a checkpoint (a killed or diverged run
+    continues from it with ``--resume``).
+    """
+    if isinstance(out, Claim) or (out is None and kind is None):
+        yield out
+        return
+    ctx = dist_.context()
+    claim: Claim | None = None
+    error: ConfigError | None = None
+    if ctx.is_main:
+        try:
+            claim = claim_out(out, kind or "run", resume=resume)
+        except ConfigError as exc:
+            error = exc
+    if ctx.enabled and not dist_.all_true(error is None):  # every rank stops, not only the one that could not claim
+        raise error or ConfigError(f"the main process could not claim {out or 'the run directory'} (its message says why)")
+    if error is not None:
+        raise error
+    try:
+        # The other ranks get an unheld claim of the same name: they never write, but name the same checkpoint to resume from.
+        yield claim if claim is not None else Claim(Path(out or default_out(kind or "run")), None)
+    finally:
+        if claim is not None:
+            claim.release(keep=(claim.partial / "checkpoint.pt").is_file())
+
+
+def _diverged_note(exc: TrainingDiverged, out: Path, ckpt: Path, config: _RunConfig) -> TrainingDiverged:
+    """The divergence message, plus where the last good epoch's checkpoint is and how to continue from it."""
+    from kdedge.distill.checkpoint import load_state
+
+    epoch = len(load_state(ckpt).get("history", []))
+    return TrainingDiverged(f"{exc}. The checkpoint of epoch {epoch} (the last good one) is kept in {ckpt.parent}: continue from it with "
+                            f"--resume --out {out} --lr {config.lr / 10:g}")
 
 
 def _run(
@@ -69,16 +106,18 @@ def _run(
     loss: DistillLoss,
     teacher: FrozenTeacher | None,
     spec: ModelSpec | None,
-    out: str | Path | None,
+    out: Claim | Path | None,
     progress: bool,
     extra_metrics: dict[str, Any],
     on_epoch: Callable[[dict], None] | None = None,
     val_data: Dataset | DataLoader | None = None,
 ) -> RunResult:
-    out_path = _check_out(out)
+    """Fit, evaluate and write the run to ``out`` (claimed by the caller with :func:`_output`)."""
     resume = getattr(config, "resume", False)
-    ckpt = check_resumable(out_path, resume=resume)
     ctx = dist_.context()
+    out_path = out.path if isinstance(out, Claim) else out
+    # Every rank names the checkpoint (saving it is a collective, resuming reads it); it lives in the claim, OUT.partial.
+    ckpt = checkpoint_path(out_path) if out_path is not None else None
     data_spec = spec_of(train_data)
     use_cache = getattr(config, "cache", "off") != "off"
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
@@ -86,9 +125,9 @@ def _run(
     try:
         history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, val=val_data, cache_dir=cache_path, use_cache=use_cache,
                               progress=progress, on_epoch=on_epoch, checkpoint=ckpt, resume=resume)
-    except TrainingDiverged:
-        if ckpt is not None and ctx.is_main:
-            shutil.rmtree(ckpt.parent, ignore_errors=True)  # a diverged run is not worth resuming: a rerun with a new --lr starts clean
+    except TrainingDiverged as exc:
+        if ckpt is not None and out_path is not None and ctx.is_main and ckpt.is_file():
+            raise _diverged_note(exc, out_path, ckpt, config) from exc
         raise
     device = resolve_device(config.device)
     test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
@@ -113,9 +152,14 @@ def _run(
     if not ctx.is_main:
         return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
     if out_path is not None:
-        write_run(out_path, model, spec, data_spec, metrics, config)
-        if ckpt is not None:
-            shutil.rmtree(ckpt.parent, ignore_errors=True)  # the run is complete: its checkpoint is no longer needed
+        try:
+            write_run(out_path, model, spec, data_spec, metrics, config)
+        except ConfigError:  # the result is complete, kept where the message says: the checkpoint is not needed
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)
+            raise
+        if ckpt is not None:  # the run is complete: its checkpoint is no longer needed
+            ckpt.unlink(missing_ok=True)
     return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
 
 
@@ -147,8 +191,9 @@ def train(
     config = config or TrainConfig()
     loss = HintonLoss(alpha=0.0, label_smoothing=config.label_smoothing)
     out = out if out is not None else config.out
-    return _run("train", model, train_data, test_data, config=config, loss=loss, teacher=None, spec=spec, out=out, progress=progress, extra_metrics={},
-                on_epoch=on_epoch, val_data=val_data)
+    with _output(out, resume=config.resume) as claimed:
+        return _run("train", model, train_data, test_data, config=config, loss=loss, teacher=None, spec=spec, out=claimed, progress=progress,
+                    extra_metrics={}, on_epoch=on_epoch, val_data=val_data)
 
 
 def distill(
@@ -193,7 +238,14 @@ def distill(
     """
     config = config or DistillConfig()
     out = out if out is not None else config.out
-    _check_out(out)
+    with _output(out, resume=config.resume) as claimed:  # claimed before the teacher is scored: a taken --out fails at once
+        return _distill(student, teacher, train_data, test_data, val_data=val_data, config=config, student_spec=student_spec,
+                        teacher_name=teacher_name, teacher_input=teacher_input, out=claimed, progress=progress, on_epoch=on_epoch)
+
+
+def _distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLoader, test_data: Dataset | DataLoader | None, *,
+             val_data: Dataset | DataLoader | None, config: DistillConfig, student_spec: ModelSpec | None, teacher_name: str | None,
+             teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, on_epoch: Callable[[dict], None] | None) -> RunResult:
     device = resolve_device(config.device)
     data_spec = spec_of(train_data)
     input_map = teacher_input_map(config, teacher_input, data_spec)
@@ -244,10 +296,9 @@ def _fmt(values: tuple[float, ...]) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
 
-def _out_for(config: _RunConfig, kind: str) -> Path:
+def _check_resume(config: _RunConfig) -> None:
     if config.resume and config.out is None:
         raise ConfigError(RESUME_NEEDS_OUT)
-    return _check_out(config.out) or default_out(kind)
 
 
 def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[[dict], None] | None = None, trust_code: bool = False) -> RunResult:
@@ -257,12 +308,13 @@ def run_train(config: TrainConfig, *, progress: bool = True, on_epoch: Callable[
     with DistributedDataParallel; only rank 0 writes the run directory. ``trust_code`` lets a
     checkpoint passed as ``config.model`` run the factory code it names (see :func:`load_checkpoint`).
     """
-    out = _out_for(config, "train")
+    _check_resume(config)
     dist_.init_from_env(config.device)
     try:
-        data = load_data_for(config)
-        model, spec = resolve_student(config.model, data.spec, config.seed, trust_code=trust_code)
-        return train(model, data.train, data.test, val_data=data.val, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
+        with _output(config.out, resume=config.resume, kind="train") as out:  # claimed before any data is read
+            data = load_data_for(config)
+            model, spec = resolve_student(config.model, data.spec, config.seed, trust_code=trust_code)
+            return train(model, data.train, data.test, val_data=data.val, config=config, spec=spec, out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()
 
@@ -273,14 +325,15 @@ def run_distill(config: DistillConfig, *, progress: bool = True, on_epoch: Calla
     Under ``torchrun`` it runs distributed, like :func:`run_train`. ``trust_code`` lets teacher and
     student checkpoints run the factory code they name (see :func:`load_checkpoint`).
     """
-    out = _out_for(config, "distill")
+    _check_resume(config)
     dist_.init_from_env(config.device)
     try:
-        data = load_data_for(config)
-        teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
-        student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
-                                        trust_code=trust_code)
-        return distill(student, teacher.model, data.train, data.test, val_data=data.val, config=config, student_spec=spec, teacher_name=teacher.name, teacher_input=teacher.input,
-                       out=out, progress=progress, on_epoch=on_epoch)
+        with _output(config.out, resume=config.resume, kind="distill") as out:  # claimed before any data is read
+            data = load_data_for(config)
+            teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
+            student, spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
+                                            trust_code=trust_code)
+            return distill(student, teacher.model, data.train, data.test, val_data=data.val, config=config, student_spec=spec, teacher_name=teacher.name,
+                           teacher_input=teacher.input, out=out, progress=progress, on_epoch=on_epoch)
     finally:
         dist_.shutdown()

@@ -67,7 +67,17 @@ def _resume_changed(tmp: Path) -> list[str]:
         assert main(args) == 130
     finally:
         kdedge.runs.write_run = original
-    return [*args[:-1], "--lr", "0.2", "--resume"]
+    return [*args[:-1], "--batch-size", "32", "--resume"]  # (lr may change on resume: the way on after a divergence)
+
+
+def _out_claimed(tmp: Path) -> list[str]:
+    from kdedge._fs import claim_out
+
+    _HELD.append(claim_out(tmp / "r", "train"))  # as another live process would hold it (released at the end of the session)
+    return ["train", "--data", _tiny(tmp), "--out", str(tmp / "r")]
+
+
+_HELD: list = []
 
 
 def _bad_checkpoint(tmp: Path) -> list[str]:
@@ -107,6 +117,18 @@ def _bundle_with_flipped_byte(tmp: Path) -> list[str]:
     (b / "model.onnx").write_bytes(b"\x00" * 8)
     manifest = {"schema": 1, "artifacts": [], "files": [{"path": "model.onnx", "bytes": 8, "sha256": "0" * 64}]}
     (b / "manifest.json").write_text(json.dumps(manifest))
+    return ["verify", str(b)]
+
+
+def _bundle_with_extra_file(tmp: Path) -> list[str]:
+    import hashlib
+
+    b = tmp / "bundle"
+    (b / "models").mkdir(parents=True)
+    (b / "config.yaml").write_text("epochs: 1\n")
+    manifest = {"schema": 1, "artifacts": [], "files": [{"path": "config.yaml", "bytes": 10, "sha256": hashlib.sha256(b"epochs: 1\n").hexdigest()}]}
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    (b / "models" / "evil.py").write_text("import os\n")
     return ["verify", str(b)]
 
 
@@ -206,7 +228,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
                                                     "architecture 'net:c16k4s2-fc': 'c16k4s2': channels must be 1..2048, kernel 1, 3, 5 or 7, stride 1 or 2", 2),
     "`--out` that already exists": (_out_exists, "already exists; pass another --out or remove it", 2),
     "`--out` whose last run was killed, without `--resume`": (_unfinished, "holds the checkpoint of an unfinished run; continue it with --resume", 2),
-    "`--resume` with changed settings": (_resume_changed, "the config differs from the checkpoint's (lr: 0.05 -> 0.2)", 2),
+    "`--out` another run is writing now": (_out_claimed, "another kdedge process is writing", 2),
+    "`--resume` with changed settings": (_resume_changed, "the config differs from the checkpoint's (batch_size: 16 -> 32)", 2),
     "`--resume` with a damaged checkpoint": (_bad_checkpoint, "is not a readable kdedge checkpoint", 2),
     "`--precision fp16` without a GPU": (lambda t: ["train", "--data", _tiny(t), "--device", "cpu", "--precision", "fp16", "--out", str(t / "r")],
                                          "fp16 needs a CUDA device", 2),
@@ -223,6 +246,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "a student that cannot be exported (checked before training)": (_unexportable_student, "cannot export Branchy to ONNX", 2),
     "bundle file whose bytes changed": (_bundle_with_flipped_byte, "model.onnx: sha256 mismatch", 2),
     "bundle archive with a link or `..` path": (_archive_with_link, "refusing archive member 'bundle/model.onnx' (symbolic link)", 2),
+    "bundle with a file its manifest does not list": (_bundle_with_extra_file, "models/evil.py: not in the manifest", 2),
 }
 
 

@@ -116,6 +116,39 @@ def test_verify_opens_the_recommended_artifact_with_its_settings(bundle, tmp_pat
     assert "recommended.ort-cpu.settings: ort_session: unsupported optimization 'fastest'" in err
 
 
+def test_verify_refuses_files_the_manifest_does_not_list(bundle, tmp_path, capsys):
+    """Issue 24, item 5: a bundle with a planted models/evil.py and models/model_backdoor.onnx was verified "ok"."""
+    import os
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "models" / "evil.py").write_text("import os; os.system('true')\n")
+    shutil.copy2(copy / "models" / "model.onnx", copy / "models" / "model_backdoor.onnx")
+    os.symlink("/etc/passwd", copy / "notes.txt")
+    code, _, err = _run(capsys, "verify", copy)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    for rel in ("models/evil.py", "models/model_backdoor.onnx", "notes.txt"):
+        assert f"{rel}: not in the manifest" in err, rel
+    assert "3 problem(s)" in err
+    # A listed file replaced by a link is named too (its bytes would be read through the link).
+    for extra in ("models/evil.py", "models/model_backdoor.onnx", "notes.txt"):
+        (copy / extra).unlink()
+    (copy / "config.yaml").rename(copy / "config.real")
+    os.symlink("config.real", copy / "config.yaml")
+    code, _, err = _run(capsys, "verify", copy)
+    assert code == 2 and "config.yaml: a symbolic link" in err and "config.real: not in the manifest" in err
+
+
+def test_archive_never_replaces_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "b"
+    (tmp_path / "b.tar.gz").write_bytes(b"someone else's archive")
+    code, _, err = _run(capsys, "compress-and-export", "--archive", "--out", out, "--quiet", "--epochs", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'b.tar.gz'} already exists and --archive would replace it" in err
+    assert (tmp_path / "b.tar.gz").read_bytes() == b"someone else's archive" and not out.exists()
+
+
 def test_verify_names_missing_files_and_bad_input(bundle, tmp_path, capsys):
     code, _, err = _run(capsys, "verify", tmp_path)
     assert code == 2 and "no manifest.json" in err

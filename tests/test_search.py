@@ -135,6 +135,20 @@ def test_latency_cache_real_onnxruntime(tmp_path):
     assert other.path != cache.path and other.get(LatencyCache.key("mlp@0.5", 10, (1, 28, 28))) is None
 
 
+def test_latency_cache_writers_merge_instead_of_overwriting(tmp_path):
+    """Issue 24, item 8: each search read the file once and rewrote it whole, so the last writer erased the others' entries."""
+    facts = {"format": 3}
+    a, b = LatencyCache(tmp_path / "c.json", facts), LatencyCache(tmp_path / "c.json", facts)  # both opened before either saved
+    a.put("mlp|10|1x28x28", {"ratio": 1.5})
+    b.put("tiny_cnn|10|1x28x28", {"ratio": 1.0})
+    a.save()
+    b.save()
+    saved = json.loads((tmp_path / "c.json").read_text())["entries"]
+    assert saved == {"mlp|10|1x28x28": {"ratio": 1.5}, "tiny_cnn|10|1x28x28": {"ratio": 1.0}}
+    assert b.get("mlp|10|1x28x28") == {"ratio": 1.5}  # and a writer learns what the others measured
+    assert LatencyCache(tmp_path / "c.json", {"format": 2}).entries == {}  # another environment's file is not this one's
+
+
 # --- a real search -------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -221,3 +235,33 @@ def test_search_config_problems():
     for fragment in ("latency_budget must be a positive number", "target must be one of ort-cpu, torch-cpu", "target_threads must be >= 1",
                      "time_budget must be > 0"):
         assert fragment in text
+
+
+def test_search_with_an_onnx_teacher_reports_what_it_cannot_measure(fmnist, tmp_path, capsys):
+    """Issue 24, item 4: with --target torch-cpu an ONNX teacher crashed deep-copying its onnxruntime session (after search.json
+    was written, so --resume crashed too); on ort-cpu the CLI crashed formatting its p50 of None; its params were recorded as 0."""
+    from kdedge.cli import main
+    from kdedge.exporters import export_onnx
+    from kdedge.models import load_checkpoint, pretrained_path
+
+    onnx_path = tmp_path / "teacher.onnx"
+    export_onnx(load_checkpoint(pretrained_path("resnet", 1.0, "fashion-mnist")).model.eval(), onnx_path, input_shape=(1, 28, 28))
+    args = ["search", "--teacher", str(onnx_path), "--target", "torch-cpu", "--latency-budget", "1.0", "--candidates", "1", "--no-include-zoo",
+            "--generations", "0", "--finalists", "1", "--epochs", "1", "--proxy-epochs", "1", "--proxy-samples", "300", "--train-limit", "1500",
+            "--test-limit", "300", "--quiet", "--out", str(tmp_path / "s")]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "teacher p50 unknown (an ONNX teacher does not run on torch-cpu)" in out
+    rec = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert rec["teacher"]["p50_ms"] is None and rec["teacher"]["params"] is None and rec["teacher"]["val_accuracy"] > 0.8
+    teacher = json.loads((tmp_path / "s" / "student" / "metrics.json").read_text())["teacher"]
+    assert teacher["params"] is None and teacher["flops"] is None  # unknown, not 0
+    assert main([*args, "--resume"]) == 0  # a resumed search reads the same record
+
+    # On ort-cpu the ONNX teacher is timed as the file it is, interleaved with the anchor like any candidate.
+    from kdedge.search.latency import LatencyMeter
+
+    meter = LatencyMeter(fmnist.test.batch_of(1), num_classes=10, rounds=2)
+    spec = ModelSpec("teacher", 1.0, 10, (1, 28, 28))
+    lat = meter.measure({"teacher": spec}, files={"teacher": onnx_path})["teacher"]
+    assert lat["p50_ms"] > meter.anchor_p50_ms and not lat["cached"]  # the 26 M-MAC teacher is slower than tiny_cnn

@@ -30,7 +30,7 @@ from kdedge.bench.timing import TimingPolicy, measure, measure_cuda
 from kdedge.config import BenchConfig, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec
 from kdedge.metrics import evaluation_from_predictions
-from kdedge._fs import new_dir
+from kdedge._fs import claimed
 from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
 
 __all__ = ["BenchModel", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
@@ -575,7 +575,12 @@ def run_bench(models: list[str], *, teacher: str | None = None, config: BenchCon
         ConfigError: Nothing to benchmark, or no dataset recorded and ``config.data`` not given.
     """
     config = config or BenchConfig()
-    out = new_dir(config.out, "bench")
+    with claimed(config.out, "bench") as claim:  # the name is this run's from the start: a second run never takes it
+        return _run_bench(models, teacher, config, claim, log=log, trust_code=trust_code)
+
+
+def _run_bench(models: list[str], teacher: str | None, config: BenchConfig, claim: Any, *, log: Callable[[str], None] | None,
+               trust_code: bool) -> tuple[dict[str, Any], Path]:
     if not models and teacher is None:
         raise ConfigError("nothing to benchmark; pass one or more MODELs (run directory, checkpoint, export directory, .onnx or .plan)")
     for target in config.targets:  # fail before loading anything when a runtime is missing
@@ -586,5 +591,4 @@ def run_bench(models: list[str], *, teacher: str | None = None, config: BenchCon
     resolved += [resolve_bench_model(m, role="student" if teacher else "model", data_name=config.data, trust_code=trust_code) for m in models]
     data = _bench_data(resolved, config.data, test_limit=config.test_limit, image_size=config.image_size, layout=config.layout)
     report = benchmark(resolved, data, config, log=log)
-    write_report(report, out, plots=config.plots)
-    return report, out
+    return report, write_report(report, claim, plots=config.plots)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdedge._fs import atomic_dir, new_dir
+from kdedge._fs import Claim, claimed, publish_dir
 from kdedge.errors import ConfigError
 
 __all__ = ["REPORT_SCHEMA", "write_report", "write_report_files", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
@@ -51,7 +51,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         seen.add(key)
         acc = r.get("accuracy") or {}
         out.append(f"| {r['model']} | {r['role']} | {r['variant']} | {r['target']} | {acc.get('top1', float('nan')):.4f} | {acc.get('macro_f1', float('nan')):.4f} | "
-                   f"{r['params'] or 0:,} | {(r['flops'] or 0) / 1e6:.2f} M | {_fmt_bytes(r['bytes'])} | {_fmt_bytes(r['memory']['peak_rss_bytes'])} |")
+                   f"{'unknown' if r['params'] is None else format(r['params'], ',')} | "
+                   f"{'unknown' if r['flops'] is None else format(r['flops'] / 1e6, '.2f') + ' M'} | {_fmt_bytes(r['bytes'])} | {_fmt_bytes(r['memory']['peak_rss_bytes'])} |")
     out += ["", "## Latency and throughput", "", "| model | variant | target | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | drift | samples/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lat = r["latency_ms"]
@@ -144,12 +145,11 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(report: dict[str, Any], out: str | Path, *, plots: bool = True) -> Path:
-    """Write ``report.json``, ``report.md`` and ``plots/`` into a new directory ``out`` (atomically)."""
-    out = new_dir(out, "bench")
-    with atomic_dir(out) as tmp:
+def write_report(report: dict[str, Any], out: str | Path | Claim | None, *, plots: bool = True) -> Path:
+    """Write ``report.json``, ``report.md`` and ``plots/`` into a new directory ``out`` (atomically; None: ``runs/bench-<time>``)."""
+    with claimed(out, "bench") as claim, publish_dir(claim.path) as tmp:
         write_report_files(report, tmp, plots=plots)
-    return out
+    return claim.path
 
 
 def write_report_files(report: dict[str, Any], directory: Path, *, plots: bool = True) -> list[Path]:

@@ -21,8 +21,6 @@ teacher's own outputs on a few images before it is used.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdedge._fs import atomic_dir, atomic_file
+from kdedge._fs import atomic_dir, atomic_file, file_lock
 from kdedge.data.spec import ImageDataset
 from kdedge.distill.augment import VIEW_FIELDS, apply_views, sample_views
 from kdedge.distill.teacher import CachedPass, FrozenTeacher, index_batches, teacher_identity
@@ -293,25 +291,13 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created when missing): one process scores a cache at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _score_to_dir(p: _Pass, final: Path, teacher: FrozenTeacher) -> TeacherViews:
     """Score into memory-mapped files in ``<key>.partial/``, resuming from its progress; rename it to ``final`` when done.
 
     Under the cache's lock: a second process asking for the same cache waits, then finds it complete.
     """
     n, num_classes, key = len(p.data), p.data.spec.num_classes, final.name
-    with _locked(final.with_name(key + ".lock")):
+    with file_lock(final.with_name(key + ".lock")):  # one process scores a cache at a time
         found = _verified(final, teacher, p.data, p.recipe, key, p.progress)
         if found is not None:  # another process finished it while this one waited
             return found

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from kdedge._version import __version__
-from kdedge._fs import atomic_dir, file_sha256, new_dir
+from kdedge._fs import Claim, claimed, file_sha256, publish_dir
 from kdedge.config import EDGE_EXPORT_FORMATS, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
+from kdedge.data.spec import stratified_rows
 from kdedge.metrics import evaluation_from_predictions
 from kdedge.errors import BackendUnavailable, DataError, ModelError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
@@ -130,10 +131,8 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray], inputs: Callable[[], 
 
 
 def _calibration(data: DataSplits, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` training inputs drawn without replacement with a fixed seed (covers every class)."""
-    g = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data.train), generator=g)[: min(n, len(data.train))]
-    return data.train.inputs(index.sort().values).numpy()
+    """``n`` training inputs, a seeded subset that holds every class in its share (:func:`~kdedge.data.spec.stratified_rows`)."""
+    return data.train.sample(n, seed=seed).numpy()
 
 
 def _check_data(model_input: tuple[int, ...] | None, num_classes: int | None, spec: DatasetSpec) -> None:
@@ -146,7 +145,7 @@ def _check_data(model_input: tuple[int, ...] | None, num_classes: int | None, sp
 
 def export_model(
     model: nn.Module,
-    out: str | Path,
+    out: str | Path | Claim | None,
     *,
     data: DataSplits,
     config: ExportConfig | None = None,
@@ -159,7 +158,8 @@ def export_model(
     Args:
         model: A classifier ``(B, C, H, W) -> (B, K)`` in any mode, on any device; it is exported
             in eval mode from the CPU and left as it was.
-        out: The export directory to create (must not exist).
+        out: The export directory to create (must not exist; None: ``runs/export-<time>``). It is
+            claimed when the export starts, so two exports never write the same directory.
         data: Real data: the first ``config.parity_samples`` test inputs drive parity, a seeded
             sample of ``config.calibration_samples`` training inputs calibrates INT8, and the
             whole test split measures each artifact's accuracy.
@@ -177,9 +177,13 @@ def export_model(
     """
     config = config or ExportConfig()
     _check_edge_runtimes(config.formats)
-    out = new_dir(out, "export")
-    model_name = model_name or type(model).__name__
-    with cpu_eval(model) as cpu_model, atomic_dir(out) as tmp:
+    with claimed(out, "export") as claim:
+        return _export(model, claim.path, data=data, config=config, model_name=model_name or type(model).__name__, source_sha256=source_sha256, log=log)
+
+
+def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
+            log: Callable[[str], None] | None) -> ExportResult:
+    with cpu_eval(model) as cpu_model, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
         fp32 = writer.fp32()
@@ -207,7 +211,8 @@ def export_model(
             "data": data.spec.to_dict(),
             "input": json.loads(writer.meta["kdedge.input"]),
             "preprocessing": json.loads(writer.meta["kdedge.preprocessing"]),
-            "reference": {"runtime": f"torch {torch.__version__} cpu", "parity_samples": int(len(writer.parity_inputs))},
+            "reference": {"runtime": f"torch {torch.__version__} cpu", "parity_samples": int(len(writer.parity_inputs)),
+                      "parity_classes": writer.parity_classes},
             "config": config.to_dict(),
             "artifacts": [asdict(a) for a in writer.artifacts],
             "skipped": writer.skipped,
@@ -223,7 +228,9 @@ class _ArtifactWriter:
     def __init__(self, model: nn.Module, tmp: Path, *, data: DataSplits, config: ExportConfig, log: Callable[[str], None], meta: dict[str, str]) -> None:
         self.model, self.tmp, self.data, self.config, self.log, self.meta = model, tmp, data, config, log, meta
         self.tol = tolerances(config)
-        self.parity_inputs = data.test.inputs(slice(0, config.parity_samples))
+        rows = stratified_rows(data.test.labels, config.parity_samples)  # every class in its share, never the first N files
+        self.parity_inputs = data.test.inputs(rows)
+        self.parity_classes = int(torch.unique(data.test.labels[rows]).numel())
         with torch.inference_mode():  # in batches: 1,000 images of 3×224×224 through a large model at once would not fit
             self.reference = torch.cat([model(x) for x in self.parity_inputs.split(64)]).numpy()  # (N, K): what every artifact must reproduce
         _check_data(None, int(self.reference.shape[-1]), data.spec)
@@ -401,10 +408,14 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None, *,
     the checkpoint. ``trust_code`` lets a checkpoint run the factory code it names (see
     :func:`~kdedge.models.load_checkpoint`).
     """
+    config = config or ExportConfig()
+    with claimed(config.out, "export") as claim:  # claimed before anything is loaded: a taken --out fails at once
+        return _export_checkpoint(source, config, claim, trust_code=trust_code, log=log)
+
+
+def _export_checkpoint(source: str | Path, config: ExportConfig, out: Claim, *, trust_code: bool, log: Callable[[str], None] | None) -> ExportResult:
     from kdedge.models.zoo import load_checkpoint, parse_model_name, pretrained_path
 
-    config = config or ExportConfig()
-    out = new_dir(config.out, "export")
     path = Path(source).expanduser()
     if not path.exists():
         try:

@@ -25,6 +25,9 @@ __all__ = ["OnnxTeacherModule"]
 class OnnxTeacherModule(nn.Module):
     """Runs an ONNX classifier ``(B, C, H, W) -> (B, K)`` in onnxruntime on the CPU.
 
+    Its computation is not PyTorch's (:data:`runs_outside_torch`): its parameters, FLOPs and
+    PyTorch latency are unknown to kdedge, never 0.
+
     Args:
         path: The ``.onnx`` file.
         input_shape: ``(C, H, W)`` the data has; checked against the graph's input.
@@ -35,6 +38,9 @@ class OnnxTeacherModule(nn.Module):
         ExportError: The file cannot be loaded by onnxruntime.
         DataError: Its input or output does not fit the data.
     """
+
+    #: Read by :func:`kdedge.models.zoo.runs_outside_torch`.
+    runs_outside_torch = True
 
     def __init__(self, path: str | Path, *, input_shape: tuple[int, ...], num_classes: int, threads: int | None = None) -> None:
         super().__init__()

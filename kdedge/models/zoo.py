@@ -38,8 +38,10 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "model_cost",
+    "onnx_file_of",
     "parse_model_name",
     "pretrained_path",
+    "runs_outside_torch",
     "save_checkpoint",
     "state_dict_sha256",
 ]
@@ -143,6 +145,20 @@ def create_model(spec: ModelSpec) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def runs_outside_torch(model: nn.Module) -> bool:
+    """Whether part of ``model`` computes outside PyTorch (an ONNX teacher run by onnxruntime).
+
+    Such a model's parameters and FLOPs cannot be counted and it cannot be timed or copied as a
+    PyTorch module: kdedge records those as unknown (None), never as 0.
+    """
+    return any(getattr(m, "runs_outside_torch", False) for m in model.modules())
+
+
+def onnx_file_of(model: nn.Module) -> Path | None:
+    """The ONNX file of a model that is an ONNX teacher (possibly behind an input map), else None."""
+    return next((Path(m.path) for m in model.modules() if getattr(m, "runs_outside_torch", False) and hasattr(m, "path")), None)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:

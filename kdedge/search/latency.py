@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge._fs import atomic_file, cache_dir
+from kdedge._fs import atomic_file, cache_dir, file_lock
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
 from kdedge.bench.runners import make_runner
 from kdedge.bench.timing import measure_interleaved
+from kdedge.errors import ConfigError
 from kdedge.models import ModelSpec, create_model
 
 __all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "time_candidates"]
@@ -56,18 +57,25 @@ def environment_key(target: str, threads: int, batch: int) -> tuple[str, dict[st
 
 
 class LatencyCache:
-    """Measured latencies for one environment, in ``<cache>/latency/<key>.json``; ``path=None`` keeps them in memory."""
+    """Measured latencies for one environment, in ``<cache>/latency/<key>.json``; ``path=None`` keeps them in memory.
+
+    Several processes (searches, bundles) may share one file: :meth:`save` merges this process's
+    new entries into what is on disk under a file lock, so no process's measurements are lost.
+    """
 
     def __init__(self, path: Path | None, facts: dict[str, Any]) -> None:
         self.path, self.facts = path, facts
-        self.entries: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("facts") == facts:
-                    self.entries = dict(saved.get("entries", {}))
-            except (OSError, ValueError):
-                self.entries = {}  # a corrupt cache is re-measured, not trusted
+        self.entries: dict[str, dict[str, Any]] = self._read()
+        self._new: set[str] = set()  # keys measured by this process, not yet merged into the file
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+            return dict(saved.get("entries", {})) if saved.get("facts") == self.facts else {}
+        except (OSError, ValueError, AttributeError):
+            return {}  # a corrupt cache is re-measured, not trusted
 
     @classmethod
     def open(cls, target: str, threads: int, batch: int, *, enabled: bool = True) -> LatencyCache:
@@ -83,13 +91,18 @@ class LatencyCache:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         self.entries[key] = entry
+        self._new.add(key)
 
     def save(self) -> None:
+        """Merge this process's new entries into the file (read, merge and replace under its lock); entries others saved meanwhile are kept and read."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps({"facts": self.facts, "entries": self.entries}, indent=1, sort_keys=True))
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            merged = self._read() | {k: self.entries[k] for k in self._new}
+            with atomic_file(self.path) as tmp:
+                tmp.write_text(json.dumps({"facts": self.facts, "entries": merged}, indent=1, sort_keys=True))
+        self.entries = merged | self.entries  # what others measured is now known here too
+        self._new.clear()
 
 
 #: Timed in every group: latencies are kept as ratios to it, so drift between groups (and between
@@ -138,28 +151,36 @@ class LatencyMeter:
             self._measure_group([], {}, {})
         return float(np.median(self.anchor_samples))
 
-    def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None) -> dict[str, dict[str, Any]]:
+    def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
+                files: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
         """Name -> ``{"p50_ms", "p90_ms", "ratio", "cached"}`` (``ratio``: p50 ÷ the anchor's, in the same group).
 
-        ``modules`` times already built modules (a teacher) instead of building ``specs[name]``; they are never cached.
+        ``modules`` times already built modules (a teacher) instead of building ``specs[name]``;
+        ``files`` times ONNX files as they are (an ONNX teacher, ``ort-cpu`` only). Neither is cached.
         """
         modules = modules or {}
+        files = files or {}
+        if files and self.target != "ort-cpu":
+            raise ConfigError(f"an ONNX file can only be timed on ort-cpu, not {self.target}")
+        given = modules.keys() | files.keys()
         ratios: dict[str, dict[str, Any]] = {}
         todo = []
         for name, spec in specs.items():
-            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in modules else None
+            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in given else None
             if hit is not None and "ratio" in hit:
                 ratios[name] = hit | {"cached": True}
             else:
                 todo.append(name)
         step = self.group - 1
         for start in range(0, len(todo), step):
-            ratios |= self._measure_group(todo[start : start + step], specs, modules)
+            ratios |= self._measure_group(todo[start : start + step], specs, modules, files)
         anchor = self.anchor_p50_ms
         return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
                     "cached": r["cached"]} for n, r in ratios.items()}
 
-    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path) -> Callable[[], Any]:
+    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None = None) -> Callable[[], Any]:
+        if file is not None:
+            return make_runner(self.target, path=file, threads=self.threads).prepare(self.x)
         if module is None:
             torch.manual_seed(0)
             module = create_model(spec).eval()
@@ -170,7 +191,9 @@ class LatencyMeter:
         export_onnx(module, path, input_shape=tuple(spec.input_shape))
         return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
 
-    def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
+                       files: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
+        files = files or {}
         t0 = time.perf_counter()
         torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
         try:
@@ -179,7 +202,7 @@ class LatencyMeter:
                     self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx")
                 fns = {"0": self._anchor}
                 for i, name in enumerate(names, start=1):
-                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx")
+                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name))
                 stats = measure_interleaved(fns, rounds=self.rounds)
         finally:
             torch.set_num_threads(torch_threads)
@@ -190,7 +213,7 @@ class LatencyMeter:
             entry = {"ratio": stats[str(i)].p50_ms / anchor, "p90_ratio": stats[str(i)].p90_ms / anchor, "raw_p50_ms": stats[str(i)].p50_ms,
                      "anchor_p50_ms": anchor, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             out[name] = entry | {"cached": False}
-            if self.cache is not None and name not in modules:
+            if self.cache is not None and name not in modules and name not in files:
                 self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), entry)
         if self.cache is not None and names:
             self.cache.save()  # after every group: a killed search keeps what it measured

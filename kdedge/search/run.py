@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdedge._fs import Claim, claim_workdir
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
 from kdedge.config import DistillConfig, SearchConfig
@@ -32,11 +33,11 @@ from kdedge.data.spec import DataSplits
 from kdedge.distill.checkpoint import config_differences
 from kdedge.distill.loop import resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
-from kdedge.errors import ConfigError, ExportError, TrainingDiverged
+from kdedge.errors import ConfigError, KdedgeError, TrainingDiverged
 from kdedge.metrics import evaluate
 from kdedge.models import ModelSpec, count_parameters, create_model, load_checkpoint
 from kdedge.models.genome import parse_genome
-from kdedge.models.zoo import MODELS, TEACHERS, model_cost, parse_model_name
+from kdedge.models.zoo import MODELS, TEACHERS, model_cost, onnx_file_of, parse_model_name, runs_outside_torch
 from kdedge.runs import RunResult, distill
 from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter
 from kdedge.search.proxy import Proxy
@@ -88,7 +89,7 @@ def search(
     data: DataSplits,
     *,
     config: SearchConfig,
-    out: str | Path,
+    out: str | Path | Claim | None,
     teacher_name: str | None = None,
     teacher_input: Normalization | None = None,
     progress: bool = False,
@@ -102,7 +103,8 @@ def search(
             training images is held out: candidates are ranked and the winner chosen on it, and
             the test split is read only for the finalists' final report.
         config: Budget, target, search and proxy sizes, and the full recipe (the distillation fields).
-        out: The search directory to create (``config.resume``: continue the one there).
+        out: The search directory to create (``config.resume``: continue the one there; None: a new
+            ``runs/search-<time>``). It is claimed for the whole search: a second search in it is refused.
         teacher_name: Recorded in the student's metrics.
         teacher_input: The teacher's own input normalization, when it differs from the data's.
         progress: Progress bars for the finalists' training.
@@ -112,9 +114,22 @@ def search(
         ConfigError: ``out`` exists without ``resume`` (or is not a search directory), or no
             candidate meets the budget (the message gives the fastest one measured).
     """
-    log = log or (lambda _line: None)
+    claim = out if isinstance(out, Claim) else claim_workdir(out, "search", resume=config.resume)
+    try:
+        return _search(teacher, data, config=config, out=claim.path, teacher_name=teacher_name, teacher_input=teacher_input, progress=progress,
+                       log=log or (lambda _line: None))
+    except BaseException:
+        if not isinstance(out, Claim) and not config.resume and not (claim.path / "search.json").is_file():
+            shutil.rmtree(claim.path, ignore_errors=True)  # nothing was searched: leave no empty directory behind
+        raise
+    finally:
+        if not isinstance(out, Claim):
+            claim.release()
+
+
+def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: Path, teacher_name: str | None, teacher_input: Normalization | None,
+            progress: bool, log: Callable[[str], None]) -> SearchResult:
     budget = float(config.latency_budget)  # type: ignore[arg-type]  # validated by SearchConfig
-    out = Path(out)
     if data.val is None:  # the same hold-out as --val-split (permutation seed 0), so the CLI and Python see one split
         data = hold_out(data, config.val_split or 0.1)
     device = resolve_device(config.device)  # everything that can fail on bad input fails before OUT is written
@@ -230,15 +245,22 @@ def _teacher_entry(frozen: FrozenTeacher, teacher: nn.Module, name: str | None, 
                    device: torch.device) -> dict[str, Any]:
     """The teacher's latency on the target (same settings as the candidates) and its validation accuracy, for the plot."""
     spec = ModelSpec("teacher", 1.0, data.spec.num_classes, tuple(data.spec.input_shape))  # type: ignore[arg-type]
-    try:
-        lat = meter.measure({"teacher": spec}, modules={"teacher": frozen.module.cpu().eval()})["teacher"]
-    except ExportError:  # an ONNX teacher (or one torch.export cannot trace): its latency is only for the plot
-        lat = {"p50_ms": None, "p90_ms": None, "ratio": None, "p90_ratio": None}
+    lat: dict[str, Any] = {"p50_ms": None, "p90_ms": None, "ratio": None, "p90_ratio": None}
+    onnx_file = onnx_file_of(teacher)
+    unknown = None
+    if onnx_file is not None and meter.target != "ort-cpu":
+        unknown = f"an ONNX teacher does not run on {meter.target}"
+    else:
+        try:  # an ONNX teacher is timed as its own file (the input map, one multiply-add, is left out)
+            lat = meter.measure({"teacher": spec}, modules={} if onnx_file else {"teacher": frozen.module.cpu().eval()},
+                                files={"teacher": onnx_file} if onnx_file else None)["teacher"]
+        except KdedgeError as exc:  # one torch.export cannot trace: its latency is only for the plot, not worth the search
+            unknown = f"not timed: {exc}"
     frozen.module.to(device)
     val = evaluate(frozen.module, data.val, device=device)  # type: ignore[arg-type]
     return {"name": name or type(teacher).__name__, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "vs_anchor": lat["ratio"],
-            "vs_anchor_p90": lat["p90_ratio"], "val_accuracy": val.accuracy,
-            "params": count_parameters(teacher)}
+            "vs_anchor_p90": lat["p90_ratio"], "val_accuracy": val.accuracy, **({"latency_unknown": unknown} if unknown else {}),
+            "params": None if runs_outside_torch(teacher) else count_parameters(teacher)}
 
 
 def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: SearchRecord, meter: LatencyMeter, config: SearchConfig) -> list[str]:
@@ -307,21 +329,15 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
     return found
 
 
-def _refuse_existing(out: Path, *, resume: bool) -> None:
-    if out.exists() and not resume:
-        raise ConfigError(f"{out} already exists; pass a new --out, or --resume to continue the search there")
-
-
 def _open_out(out: Path, *, resume: bool) -> dict[str, Any] | None:
-    _refuse_existing(out, resume=resume)
+    """The saved record of a resumed search, or None for a new one; ``out`` is claimed (:func:`~kdedge._fs.claim_workdir`)."""
     if resume and (out / "search.json").is_file():
         try:
             return json.loads((out / "search.json").read_text())
         except ValueError:
             raise ConfigError(f"{out / 'search.json'} is not valid JSON; remove {out} and search again") from None
-    if resume and out.exists() and any(out.iterdir()):
+    if resume and any(out.iterdir()):
         raise ConfigError(f"{out} is not a search directory (no search.json); pass a new --out")
-    out.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -345,7 +361,7 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
         student = create_model(specs[name])
         # The finalist's own run: the distillation fields only, naming the student it trains, so its config.yaml repeats it.
         fconfig = DistillConfig(**{k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__}
-                                | {"student": name, "resume": partial.exists(), "out": None, "val_split": None})
+                                | {"student": name, "resume": (partial / "checkpoint.pt").is_file(), "out": None, "val_split": None})
         try:
             result = distill(student, teacher, data.train, data.test, val_data=data.val, config=fconfig, student_spec=specs[name],
                              teacher_name=teacher_name, teacher_input=teacher_input, out=run_dir, progress=progress)
@@ -368,12 +384,17 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
 
 def run_search(config: SearchConfig, *, progress: bool = False, log: Callable[[str], None] | None = None, trust_code: bool = False) -> SearchResult:
     """``kdedge search``: resolve the data and the teacher that ``config`` names, then :func:`search`."""
-    from kdedge._fs import default_out
     from kdedge.data.sources import load_data_for
     from kdedge.resolve import resolve_teacher
 
-    out = Path(config.out) if config.out else default_out("search")
-    _refuse_existing(out, resume=config.resume)  # before the data and the teacher load
-    data = load_data_for(config)
-    teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
-    return search(teacher.model, data, config=config, out=out, teacher_name=teacher.name, teacher_input=teacher.input, progress=progress, log=log)
+    claim = claim_workdir(config.out, "search", resume=config.resume)  # before the data and the teacher load; a second search never shares it
+    try:
+        data = load_data_for(config)
+        teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
+        return search(teacher.model, data, config=config, out=claim, teacher_name=teacher.name, teacher_input=teacher.input, progress=progress, log=log)
+    except BaseException:
+        if not config.resume and not (claim.path / "search.json").is_file():
+            shutil.rmtree(claim.path, ignore_errors=True)  # nothing was searched: leave no empty directory behind
+        raise
+    finally:
+        claim.release()
