@@ -19,33 +19,55 @@ space := $(subst ,, )
 # One stamp per extras set: `make EXTRAS= install` then `make test` installs the edge runtimes.
 STAMP  := $(VENV)/.kdedge-installed$(if $(strip $(EXTRAS)),-$(subst $(space),-,$(strip $(EXTRAS))))
 
-.PHONY: install data demo test test-fast bench bench-deploy teacher clean
+# What the demo needs, and nothing more: torch and kdedge with its core dependencies (ONNX, onnxruntime).
+DEMO_STAMP := $(VENV)/.kdedge-installed-core
+
+.PHONY: install install-core data data-core demo test test-fast bench bench-deploy teacher clean
 
 install: $(STAMP)
+install-core: $(DEMO_STAMP)
 
-$(STAMP): pyproject.toml
+# $(1): the extras to install with kdedge ("" for none).
+define pip_install
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(if $(TORCH_INDEX),@$(PY) -c "import torch; print('torch', torch.__version__, 'from $(TORCH_INDEX); CUDA:', torch.version.cuda)")
-	$(PY) -m pip install --quiet -e '.[$(subst $(space),$(comma),$(strip dev $(EXTRAS)))]'
+	$(PY) -m pip install --quiet -e '.$(if $(strip $(1)),[$(subst $(space),$(comma),$(strip $(1)))])'
+endef
+
+$(STAMP): pyproject.toml
+	$(call pip_install,dev $(EXTRAS))
 	@touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	$(call pip_install,)
+	@touch $(DEMO_STAMP)
 
 # Fashion-MNIST: found locally ($$KDEDGE_DATA, ~/.cache/kdedge, /usr/share/datasets), else Debian's
 # package when we may install it, else the official files (sha256-checked) via `kdedge data`.
-data: $(STAMP)
+define fetch_data
 	@KDEDGE_OFFLINE=1 $(VENV)/bin/kdedge data fashion-mnist >/dev/null 2>&1 \
 	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
 	       && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null; } \
 	  || true
 	@$(VENV)/bin/kdedge data fashion-mnist
+endef
+
+data: $(STAMP)
+	$(fetch_data)
+
+data-core: $(DEMO_STAMP)
+	$(fetch_data)
 
 # The embedded default: shipped teacher -> tiny_cnn -> ONNX FP32/INT8 -> CPU benchmark -> gates -> runs/bundle-<time>.
-demo: data
+# It runs no edge runtime and no test, so it installs neither (`make test` adds them to the same venv).
+demo: data-core
 	$(VENV)/bin/kdedge compress-and-export
 
 test: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q
 
+# The inner loop: everything but the end-to-end runs marked slow (each of those has a fast sibling that checks the same contract).
 test-fast: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q -m "not slow"
 
