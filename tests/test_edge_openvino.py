@@ -128,3 +128,28 @@ def test_onnx_under_an_ir_name_is_refused(edge_teacher, tmp_path):
     renamed.write_bytes(edge_teacher.onnx.read_bytes())
     with pytest.raises(ExportError, match="not an OpenVINO IR"):
         load_edge("openvino", renamed)
+
+
+def test_the_ir_bytes_do_not_depend_on_what_the_process_converted_before(tmp_path):
+    """OpenVINO names the nodes it creates from a process-wide counter (Constant_19891 after a bundle's other conversions,
+    Constant_5561 in a fresh process): a rebuild that skipped the teacher's conversion wrote another model.xml. kdedge
+    renumbers those names by graph position, so the same ONNX gives the same IR bytes whatever ran before."""
+    import torch
+
+    from kdedge.exporters import export_onnx
+    from tests.conftest import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet(10, size=28).eval()
+    export_onnx(model, tmp_path / "a.onnx", input_shape=(1, 28, 28))
+
+    def convert(name: str) -> bytes:
+        export_edge("openvino", out=tmp_path / f"{name}.xml", precision="fp32", model=model, onnx=tmp_path / "a.onnx", input_shape=(1, 28, 28),
+                    metadata={})
+        return (tmp_path / f"{name}.xml").read_bytes()
+
+    first = convert("first")
+    for i in range(3):  # other conversions in between advance OpenVINO's counter
+        convert(f"other{i}")
+    assert convert("again") == first
+    assert b'name="Constant_' in first  # names OpenVINO generated are there, renumbered

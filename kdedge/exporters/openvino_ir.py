@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -116,6 +117,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     ir = _read_onnx(ov, core, onnx, input_shape)
     for key, value in (metadata | {RUNTIME_CONFIG_KEY: json.dumps(COMPILE_CONFIG, sort_keys=True)}).items():
         ir.set_rt_info(str(value), [_SECTION, key])
+    _canonical_names(ir)
     _save(ov, ir, out)
     converted = time.perf_counter() - start
     compiled = _compile(core, out, threads=None)  # what Session will run: proves the IR loads, shows the kernels' precisions
@@ -152,6 +154,20 @@ def _read_onnx(ov, core, onnx: Path, input_shape: tuple[int, ...]):
             raise ExportError(f"OpenVINO cannot make the batch of {onnx.name} dynamic ({_first_line(exc)}); "
                               "export the ONNX with a dynamic batch dimension") from exc
     return ir
+
+
+def _canonical_names(ir) -> None:
+    """Renumber the node names OpenVINO generates (``Constant_19891``) by the node's position in the graph.
+
+    Their numbers come from a counter shared by the whole process: the same ONNX file converted after
+    other conversions (a bundle that also converted its teacher) gave ``Constant_19891`` where a fresh
+    process gave ``Constant_5561``, so the ``.xml`` bytes depended on what the process did before.
+    Renumbered, they depend on the model alone. Names from the ONNX graph are kept.
+    """
+    for i, op in enumerate(ir.get_ordered_ops()):
+        kind = op.get_type_name()
+        if re.fullmatch(rf"{re.escape(kind)}_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{kind}_{i}")
 
 
 def _save(ov, ir, out: Path) -> None:
