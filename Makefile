@@ -64,12 +64,18 @@ data-core: $(DEMO_STAMP)
 demo: data-core
 	$(VENV)/bin/kdedge compress-and-export
 
-test: data
-	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q
+# Test processes (pytest-xdist). Each test file runs whole in one of them (--dist loadscope), so a module's shared fixture
+# (a trained bundle, say) is built once. 2 on the 2-core development machine: much of the suite is single-threaded
+# (exports, runtimes' converters, process start-up), and two workers overlap it.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope)
 
-# The inner loop: everything but the end-to-end runs marked slow (each of those has a fast sibling that checks the same contract).
+test: data
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST)
+
+# The inner loop: the suite without the end-to-end runs marked slow (whole bundles, searches, DDP, the README's notebook).
 test-fast: data
-	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PY) -m pytest -q -m "not slow"
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST) -m "not slow"
 
 bench: data
 	$(PY) benchmarks/kd_vs_scratch.py

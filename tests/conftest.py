@@ -11,6 +11,15 @@ from torch import nn
 
 from kdedge.data import find_builtin, write_idx
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in several processes (pytest-xdist): each gets its share of the cores for its compute
+    # threads, and so do the kdedge processes its tests start (OMP_NUM_THREADS is inherited), instead of every process
+    # spinning up one thread per core on a machine they share.
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def _importable(name: str) -> bool:
     import importlib.util
@@ -18,14 +27,28 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+#: Fixtures that build something end to end (a whole bundle, the shipped teacher in every edge runtime): a test that uses one,
+#: directly or through another fixture, is `slow` — `make test` runs it, `make test-fast` leaves it out.
+_SLOW_FIXTURES = frozenset({"edge_teacher", "edge_bundle", "bundle"})
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu`, `tensorrt` or `edge(FORMAT, ...)` skip, with the reason, where the hardware or library is absent."""
+    """Tests marked `gpu`, `tensorrt` or `edge(FORMAT, ...)` skip, with the reason, where the hardware or library is absent;
+    tests on a slow fixture are marked `slow`."""
     from kdedge.exporters.edge import edge_unavailable
 
     has_cuda = torch.cuda.is_available()
     has_trt = _importable("tensorrt")
     require_edge = os.environ.get("KDEDGE_REQUIRE_EDGE") == "1"  # `make test` installs them: a missing one must fail, not skip
     for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    # Files with the most slow tests first (a stable sort: their own order is kept): `make test` hands whole files to its
+    # worker processes in this order, and starting the long ones first leaves no worker alone with a long one at the end.
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
         edge = item.get_closest_marker("edge")
         missing = [why for fmt in (edge.args if edge else ()) if (why := edge_unavailable(fmt))]
         if missing and not require_edge:

@@ -203,6 +203,7 @@ def test_verify_refuses_a_member_that_overwrites_another(bundle, tmp_path, capsy
     assert code == 2 and "not a readable .tar.gz bundle" in err and "File exists" in err
 
 
+@pytest.mark.slow
 def test_build_is_reproducible(bundle, deploy_yaml, tmp_path):
     """Same config and seed on the CPU: identical weights and artifacts; manifests equal apart from time."""
     out = tmp_path / "b2"
@@ -220,9 +221,11 @@ def test_build_is_reproducible(bundle, deploy_yaml, tmp_path):
     assert {"student.safetensors", "config.yaml", "models/model.onnx", "models/model.int8.onnx"} <= deterministic
 
 
+@pytest.mark.slow
 def test_gate_failure_publishes_no_bundle(tmp_path, deploy_yaml, capsys):
     out2 = tmp_path / "strict"
-    code, _, err = _run(capsys, "compress-and-export", "--config", deploy_yaml, "--min-retention", "1.5", "--no-archive", "--out", out2, "--quiet")
+    code, _, err = _run(capsys, "compress-and-export", "--config", deploy_yaml, "--min-retention", "1.5", "--no-archive", "--train-limit", "600",
+                        "--test-limit", "200", "--batch-sizes", "1", "--out", out2, "--quiet")  # a smaller slice: the gate fails all the same
     assert code == 3
     line = err.strip().splitlines()
     assert len(line) == 1 and "gate failed, no bundle published: min_retention:" in line[0] and "vs limit 1.5" in line[0]
@@ -233,14 +236,19 @@ def test_gate_failure_publishes_no_bundle(tmp_path, deploy_yaml, capsys):
     assert all("settings" not in r for r in rejected["recommended"].values())
 
 
-def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path, deploy_yaml):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kdedge", "build", "--config", str(deploy_yaml), "--out", str(out), "--quiet"],
+@pytest.mark.slow
+def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "killed"
+    config = tmp_path / "small.yaml"  # a smaller slice than the module's bundle: only the moment of the kill matters
+    config.write_text(yaml.safe_dump(SMALL | {"train_limit": 600, "test_limit": 200, "batch_sizes": [1]}))
+    proc = subprocess.Popen([sys.executable, "-m", "kdedge", "build", "--config", str(config), "--out", str(out), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
         while time.time() < deadline:  # wait until the bundle is being written: its ONNX model exists in the temporary directory
-            if list(tmp_path.glob(".killed.tmp-*/models/model.onnx")):
+            if list(work.glob(".killed.tmp-*/models/model.onnx")):
                 break
             if proc.poll() is not None:
                 pytest.fail("the build finished before it could be killed")
@@ -253,7 +261,7 @@ def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path, deploy_yaml):
         if proc.poll() is None:
             proc.kill()
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # only a hidden temporary directory may remain
+    assert [p.name for p in work.iterdir() if not p.name.startswith(".")] == []  # only a hidden temporary directory may remain
 
 
 def _consumer_example() -> str:
@@ -414,13 +422,15 @@ def test_auto_formats_and_targets_follow_the_machine():
 
 
 
+@pytest.mark.slow
 def test_compress_with_a_latency_budget_bundles_the_searched_student(tmp_path):
     """--latency-budget: the student comes from kdedge search (a small one here), and the bundle carries its record."""
     from kdedge.bundle import compress_and_export
     from kdedge.config import CompressConfig, SearchConfig
 
     config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "latency_budget": 1.0, "tune_runtime": False, "out": str(tmp_path / "b")}))
-    small_search = SearchConfig(latency_budget=1.0, candidates=1, proxy_samples=1000, proxy_epochs=1, finalists=2, generations=0)
+    # One sampled candidate and no zoo: what is checked here is the hand-over from search to bundle (tests/test_search.py ranks the zoo).
+    small_search = SearchConfig(latency_budget=1.0, candidates=1, include_zoo=False, proxy_samples=500, proxy_epochs=1, finalists=1, generations=0)
     result = compress_and_export(config, search=small_search)
     m = result.manifest
     searched = m["student"]["searched"]

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kdedge.search.latency import LatencyCache
 
 # Two disjoint sets of candidates, timed by two processes into one latency cache file.
@@ -23,10 +25,11 @@ _TIME = ("import sys, numpy as np; from kdedge.models import ModelSpec; from kde
          "time_candidates(specs, x, cache=LatencyCache.open('ort-cpu', 1, 1), rounds=2, group=2)")
 
 
+@pytest.mark.slow
 def test_distill_search_timing_and_export_share_one_cache(tmp_path):
     cache = tmp_path / "cache"
     env = os.environ | {"KDEDGE_CACHE": str(cache)}
-    distill = [sys.executable, "-m", "kdedge", "distill", "--cache", "disk", "--teacher-runtime", "torch", "--threads", "1", "--train-limit", "1000",
+    distill = [sys.executable, "-m", "kdedge", "distill", "--cache", "disk", "--teacher-runtime", "torch", "--threads", "1", "--train-limit", "600",
                "--test-limit", "200", "--epochs", "1", "--quiet"]
     commands = [
         [*distill, "--seed", "0", "--out", str(tmp_path / "d0")],

@@ -17,8 +17,8 @@ from kdedge.resolve import resolve_teacher
 
 ARGS = ["distill", "--train-limit", "4000", "--test-limit", "1000", "--epochs", "2", "--cache", "disk", "--quiet", "--seed", "0"]
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                                reason="torchrun is not on PATH")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                                reason="torchrun is not on PATH")]
 
 
 def _run(cmd: list[str], cache: str) -> subprocess.CompletedProcess:
@@ -71,7 +71,7 @@ def test_ddp_steps_equal_one_process_steps_without_batchnorm(tmp_path):
     from safetensors.torch import load_file
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = ["distill", "--student", "mlp", "--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--cache", "memory", "--quiet"]
+    args = ["distill", "--student", "mlp", "--train-limit", "1500", "--test-limit", "300", "--epochs", "2", "--cache", "memory", "--quiet"]
     ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *args, "--out", str(tmp_path / "ddp")], str(tmp_path / "c1"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = _run([sys.executable, "-m", "kdedge", *args, "--threads", "1", "--out", str(tmp_path / "one")], str(tmp_path / "c2"))

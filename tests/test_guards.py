@@ -202,6 +202,7 @@ def shipped_teacher_accuracy(fmnist):
         return float((model(test.inputs()).argmax(1) == test.labels).float().mean())
 
 
+@pytest.mark.slow
 def test_teacher_fed_the_wrong_normalization_stops_before_training(tmp_path, capsys, shipped_teacher_accuracy):
     """A teacher trained on pixels/255, fed kdedge's standardized inputs, is caught before training is paid for;
     declared with --teacher-mean/--teacher-std it computes exactly what the shipped teacher computes on its own inputs."""
@@ -220,6 +221,7 @@ def test_teacher_fed_the_wrong_normalization_stops_before_training(tmp_path, cap
     assert metrics["teacher"]["input_map"] == {"a": [pytest.approx(0.3530)], "b": [pytest.approx(0.2860)]}
 
 
+@pytest.mark.slow
 def test_teacher_on_raw_pixels_with_its_own_std(tmp_path, capsys, shipped_teacher_accuracy):
     (tmp_path / "teachers.py").write_text(textwrap.dedent(_FACTORY))
     ref = f"{tmp_path}/teachers.py:raw_pixels"
@@ -250,6 +252,7 @@ def test_each_rank_resolves_its_own_gpu(monkeypatch, local_rank):
     assert resolve_device("cpu", ctx) == torch.device("cpu") and ddp_device_ids(torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_teacher_behind_an_input_map_stays_frozen(tmp_path, fmnist, monkeypatch):
     """Evaluating or counting FLOPs through the map must not leave the teacher (BatchNorm) in train mode:
     its cached logits are its eval-mode logits and its weights and statistics never change."""

@@ -44,6 +44,7 @@ def _one_line(capsys, code: int, expected: int = 2) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_onnx_teacher_bundle_benches_the_file_in_onnxruntime(onnx_teacher, tmp_path):
     out = tmp_path / "bundle"
     assert main(["compress-and-export", "--teacher", str(onnx_teacher / "teacher.onnx"), "--targets", "ort-cpu", *SMALL, "--out", str(out)]) == 0
@@ -122,6 +123,7 @@ def test_teacher_that_cannot_be_exported_is_refused_before_training(tmp_path, ca
     assert "cannot export Branchy to ONNX" in _one_line(capsys, code)
 
 
+@pytest.mark.slow
 def test_fixed_batch_onnx_teacher_bundle_at_its_batch_size(onnx_teacher, tmp_path):
     """Accepted at its own batch size, scored through onnxruntime in chunks of it (not a crash at batch 256)."""
     out = tmp_path / "bundle"

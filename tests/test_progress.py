@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kdedge.exporters import export_model
@@ -41,6 +42,7 @@ def test_plain_lines_off_a_terminal_and_bars_on_one():
     assert quiet.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_distill_prints_a_line_per_epoch_and_stage_headers_in_a_pipe(tmp_path):
     """Run as CI runs it: stdout is a pipe, so every epoch shows up as it ends, not at the end of the run."""
     env = os.environ | {"KDEDGE_CACHE": str(tmp_path / "cache")}

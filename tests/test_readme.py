@@ -47,10 +47,11 @@ CHEAP = [
     # far less than 98 % of the teacher's accuracy, so the retention gate is lowered to let it publish.
     ('kdedge.CompressConfig(epochs=6, out="bundles/nb")',
      'kdedge.CompressConfig(epochs=1, out="bundles/nb", train_limit=2000, test_limit=500, bench_min_s=0.05, '
-     'parity_samples=200, calibration_samples=128, cache="memory", min_retention=0.5, max_quant_drop=5.0)'),
-    # A search over 3 sampled candidates and one generation of 2 children, 1-epoch proxy and recipe, instead of 48 + 8x8 and 15 epochs.
+     'parity_samples=200, calibration_samples=128, cache="memory", min_retention=0.5, max_quant_drop=5.0, '
+     'batch_sizes=(1,), tune_runtime=False)'),
+    # A search over 2 sampled candidates and one generation of 1 child, 1-epoch proxy and recipe, instead of 48 + 8x8 and 15 epochs.
     ("kdedge.SearchConfig(latency_budget=0.02)",
-     "kdedge.SearchConfig(latency_budget=1.0, candidates=3, include_zoo=False, proxy_samples=500, proxy_epochs=1, generations=1, children=2, "
+     "kdedge.SearchConfig(latency_budget=1.0, candidates=2, include_zoo=False, proxy_samples=300, proxy_epochs=1, generations=1, children=1, "
      "finalists=1, epochs=1)"),
     # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
     ('kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32))',
@@ -95,6 +96,7 @@ def test_every_python_block_is_run_or_named_as_a_script():
 
 
 @pytest.mark.edge("executorch", "litert", "openvino", "ort")  # the "Edge runtimes" block runs each artifact in its runtime
+@pytest.mark.slow
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}

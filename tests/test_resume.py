@@ -22,13 +22,14 @@ from kdedge.errors import ConfigError
 from kdedge.distill import make_loss
 from kdedge.rundir import checkpoint_path
 
-TRAIN = ["train", "--train-limit", "6000", "--test-limit", "500", "--epochs", "3", "--threads", "1", "--quiet"]
+TRAIN = ["train", "--train-limit", "3000", "--test-limit", "500", "--epochs", "3", "--threads", "1", "--quiet"]
 
 
 def _kdedge(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kdedge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = _kdedge(*TRAIN, "--out", str(killed))

@@ -68,6 +68,7 @@ def test_auto_student_skips_teachers():
     assert chosen.name == "mobilenet_v2@2" and flops == model_cost("mobilenet_v2@2", 10, (3, 32, 32))["flops"]
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_onnx_parity(tmp_path):
     from kdedge.exporters import export_onnx
     from kdedge.ort import ort_session

@@ -153,16 +153,29 @@ def test_latency_cache_writers_merge_instead_of_overwriting(tmp_path):
 
 @pytest.fixture
 def small(fmnist):
-    return fmnist.limit(train=3000, test=500)
+    return fmnist.limit(train=1500, test=300)
+
+
+@pytest.fixture(scope="module")
+def latency_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("latency-cache")
+
+
+@pytest.fixture
+def shared_latency_cache(latency_cache_dir, monkeypatch):
+    """One kdedge cache for this module's searches, as a user's machine has: a later search reads the zoo's latencies an earlier one
+    measured (their ratios to the anchor), as kdedge search does on a second run."""
+    monkeypatch.setenv("KDEDGE_CACHE", str(latency_cache_dir))
 
 
 def _config(**kw):
-    base = dict(latency_budget=1.0, candidates=4, include_zoo=True, proxy_epochs=1, proxy_samples=1000, finalists=2, epochs=1, val_split=0.2,
+    base = dict(latency_budget=1.0, candidates=4, include_zoo=True, proxy_epochs=1, proxy_samples=500, finalists=2, epochs=1, val_split=0.2,
                 generations=1, children=2)
     return SearchConfig(**(base | kw))
 
 
-def test_search_end_to_end_and_resume(small, tmp_path):
+@pytest.mark.slow
+def test_search_end_to_end_and_resume(small, tmp_path, shared_latency_cache):
     from kdedge.resolve import resolve_teacher
 
     teacher = resolve_teacher("resnet", small.spec)
@@ -201,7 +214,8 @@ def test_search_end_to_end_and_resume(small, tmp_path):
         search(teacher.model, small, config=_config(resume=True, latency_budget=0.5), out=tmp_path / "s")
 
 
-def test_budget_drops_slow_candidates(small, tmp_path):
+@pytest.mark.slow
+def test_budget_drops_slow_candidates(small, tmp_path, shared_latency_cache):
     from kdedge.resolve import resolve_teacher
 
     teacher = resolve_teacher("resnet", small.spec)
@@ -211,7 +225,7 @@ def test_budget_drops_slow_candidates(small, tmp_path):
     budget = (lat["mlp@0.5"]["p50_ms"] + lat["tiny_cnn"]["p50_ms"]) / 2
     if not lat["mlp@0.5"]["p50_ms"] < budget < lat["tiny_cnn"]["p50_ms"]:
         pytest.skip("mlp@0.5 not faster than tiny_cnn on this machine")
-    config = _config(latency_budget=budget, candidates=1, finalists=1)
+    config = _config(latency_budget=budget, candidates=1, finalists=1, generations=0, proxy_samples=300)
     result = search(teacher.model, small, config=config, out=tmp_path / "s")
     cands = result.record["candidates"]
     assert "over budget" in cands["tiny_cnn"]["dropped"] and "proxy_val_accuracy" in cands["tiny_cnn"]
@@ -219,6 +233,7 @@ def test_budget_drops_slow_candidates(small, tmp_path):
     assert "tiny_cnn" not in result.record["finalists"]
 
 
+@pytest.mark.slow
 def test_no_candidate_within_budget_is_one_error_and_no_directory(small, tmp_path):
     from kdedge.resolve import resolve_teacher
 
@@ -237,6 +252,7 @@ def test_search_config_problems():
         assert fragment in text
 
 
+@pytest.mark.slow
 def test_search_with_an_onnx_teacher_reports_what_it_cannot_measure(fmnist, tmp_path, capsys):
     """Issue 24, item 4: with --target torch-cpu an ONNX teacher crashed deep-copying its onnxruntime session (after search.json
     was written, so --resume crashed too); on ort-cpu the CLI crashed formatting its p50 of None; its params were recorded as 0."""

@@ -197,6 +197,7 @@ SMALL_BUNDLE = ["--train-limit", "600", "--test-limit", "300", "--epochs", "1", 
                 "--calibration-samples", "64", "--parity-samples", "100", "--min-retention", "0", "--max-quant-drop", "100"]
 
 
+@pytest.mark.slow
 def test_bundle_tunes_an_onnx_teacher_as_the_file_it_is(tmp_path):
     """An ONNX teacher is tuned in onnxruntime like the student, and the two are compared each at its best."""
     import json
@@ -218,6 +219,7 @@ def test_bundle_tunes_an_onnx_teacher_as_the_file_it_is(tmp_path):
     assert main(["verify", str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_bundle_without_tuning(tmp_path, monkeypatch):
     import json
 
