@@ -43,12 +43,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    # Files with the most slow tests first (a stable sort: their own order is kept): `make test` hands whole files to its
-    # worker processes in this order, and starting the long ones first leaves no worker alone with a long one at the end.
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
         edge = item.get_closest_marker("edge")
         missing = [why for fmt in (edge.args if edge else ()) if (why := edge_unavailable(fmt))]
         if missing and not require_edge:
@@ -57,6 +51,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (pip install 'kdedge-distill[tensorrt]')" if not has_trt else "needs a CUDA GPU"))
         elif "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    # Files with the most slow tests first (a stable sort: their own order is kept): `make test` hands whole files to its
+    # worker processes in this order, and starting the long ones first leaves no worker alone with a long one at the end.
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
 
 
 # A small but real bundle build: 2,000 training and 500 test images, 1 epoch, a short benchmark, gates a 1-epoch student passes.
