@@ -261,3 +261,22 @@ def test_tensorrt_missing_still_writes_onnx(fmnist, tmp_path):
     assert "TensorRT is not installed" in result.skipped["tensorrt"]
     assert [a.path for a in result.artifacts] == ["model.onnx"]
     assert json.loads((tmp_path / "out" / "export.json").read_text())["skipped"]["tensorrt"] == result.skipped["tensorrt"]
+
+
+def test_onnx_carries_no_build_paths_and_ignores_memory_format(tmp_path):
+    """The exporter's per-node stack traces named the exporting machine's files (…/site-packages/torch/nn/…), and a channels-last
+    model (as kdedge trains on the CPU) traced to another graph than its checkpoint: the same weights, two different files."""
+    import torch
+
+    from kdedge.exporters import export_onnx
+    from kdedge.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28))).eval()
+    export_onnx(model, tmp_path / "a.onnx", input_shape=(1, 28, 28))
+    export_onnx(model.to(memory_format=torch.channels_last), tmp_path / "b.onnx", input_shape=(1, 28, 28))
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last)  # the caller's model is left as it was
+    proto = onnx.load(str(tmp_path / "a.onnx"))
+    assert all(len(n.metadata_props) == 0 for n in proto.graph.node)
+    assert b"site-packages" not in (tmp_path / "a.onnx").read_bytes() and b"/kdedge/" not in (tmp_path / "a.onnx").read_bytes()

@@ -71,8 +71,17 @@ def cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
     submodule's train/eval flag is restored afterwards, so a user's deliberately frozen BatchNorm
     inside a training model stays frozen.
     """
-    on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
-    with evaluating(model if on_cpu else copy.deepcopy(model).cpu()) as target:
+    tensors = (*model.parameters(), *model.buffers())
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    # A channels-last model (as kdedge trains on the CPU) traces to another graph (a clone before each flatten) than the same
+    # weights loaded from their checkpoint: exported from a contiguous copy, a bundle and `kdedge export` write the same file.
+    contiguous = all(t.is_contiguous() for t in tensors)
+    if on_cpu and contiguous:
+        target = model
+    else:
+        target = copy.deepcopy(model).cpu()
+        target.to(memory_format=torch.contiguous_format)
+    with evaluating(target) as target:
         yield target
 
 
@@ -132,6 +141,7 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
         import onnx
 
         proto = program.model_proto
+        _strip_node_metadata(proto)
         nodes_before = len(proto.graph.node)
         if slim:
             proto = _slim(proto)
@@ -151,6 +161,27 @@ def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input
     finally:
         tmp.unlink(missing_ok=True)
     return OnnxExport(path=path, files=files, opset=opset, precision=precision, nodes=len(proto.graph.node), nodes_before_slim=nodes_before if slim else None)
+
+
+def _strip_node_metadata(proto) -> None:
+    """Drop what the exporter records on each node: the Python stack trace (with the exporting machine's file paths) and FX node text.
+
+    Debugging aids of the export, not of the model: they made the artifact's bytes depend on where kdedge
+    and torch were installed, and would ship those paths to every device.
+    """
+    def clear(graph) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clear(attr.g)
+                for g in attr.graphs:
+                    clear(g)
+
+    clear(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
 
 
 def _slim(proto):
