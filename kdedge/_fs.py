@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Claim", "WorkDir", "atomic_dir", "atomic_file", "atomic_write_bytes", "claim_file", "claim_out", "claim_workdir", "claimed", "default_out",
-           "file_lock", "file_sha256", "new_dir", "partial_dir",
+           "file_lock", "file_sha256", "partial_dir",
            "publish_dir", "umask"]
 
 
@@ -148,7 +148,8 @@ class Claim:
 def _lock(path: Path) -> Any | None:
     """``path`` opened and exclusively ``flock``-ed by this process, or None when a live process holds it."""
     while True:
-        f = open(path, "a")  # noqa: SIM115 — held open as long as the claim
+        # Read-only suffices for flock: a claim file a killed run of another user left (mode 0644) is taken over, not a PermissionError.
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -164,7 +165,7 @@ def _lock(path: Path) -> Any | None:
 
 
 def _unlock(lock: Any, path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
         path.unlink()  # while still locked: whoever opened the old file sees it is gone (see _lock) and retries
     lock.close()  # releases the flock
 
@@ -222,21 +223,25 @@ def claim_out(out: str | Path | None, kind: str, *, resume: bool = False, checkp
     """
     from kdedge.errors import ConfigError
 
-    if out is not None:
-        path = Path(out)
-        _writable_parent(path, kind)
-        lock, why = _take(path, resume=resume, checkpoint=checkpoint)
-        if lock is None:
-            raise ConfigError(why)
-        return Claim(path, lock)
-    base = default_out(kind)
-    _writable_parent(base, kind)
-    for i in itertools.count(1):
-        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        lock, _why = _take(path, resume=False, checkpoint=checkpoint)
-        if lock is not None:
+    try:
+        if out is not None:
+            path = Path(out)
+            _writable_parent(path, kind)
+            lock, why = _take(path, resume=resume, checkpoint=checkpoint)
+            if lock is None:
+                raise ConfigError(why)
             return Claim(path, lock)
-    raise AssertionError("unreachable")
+        base = default_out(kind)
+        _writable_parent(base, kind)
+        for i in itertools.count(1):
+            path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            lock, _why = _take(path, resume=False, checkpoint=checkpoint)
+            if lock is not None:
+                return Claim(path, lock)
+        raise AssertionError("unreachable")
+    except OSError as exc:  # a claim file or a killed run's leftovers that this user may not touch
+        raise ConfigError(f"cannot claim {out or 'a run directory'} for the {kind} output ({exc.strerror}: {exc.filename}); "
+                          "remove what is in the way or pass another --out") from exc
 
 
 @contextlib.contextmanager
@@ -306,9 +311,9 @@ def publish_dir(out: Path) -> Iterator[Path]:
     created ``out`` meanwhile (another tool, a person); the result then moves to a visible sibling.
 
     Raises:
-        ConfigError: The rename failed; the message names the directory that holds the result.
+        ResultKept: The rename failed; the message names the directory that holds the result.
     """
-    from kdedge.errors import ConfigError
+    from kdedge.errors import ResultKept
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -330,22 +335,8 @@ def publish_dir(out: Path) -> Iterator[Path]:
                     kept = alt
                 break
         why = "it appeared while this run worked" if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) else exc.strerror
-        raise ConfigError(f"the result is complete but could not be renamed to {out} ({why}); it is in {kept} — move it where you want it") from None
+        raise ResultKept(f"the result is complete but could not be renamed to {out} ({why}); it is in {kept} — move it where you want it") from None
 
 
 def _raise_exists(out: Path) -> None:
     raise FileExistsError(errno.EEXIST, "File exists", str(out))
-
-
-def new_dir(out: str | Path | None, kind: str) -> Path:
-    """``out`` (or :func:`default_out`) as a directory that does not exist yet.
-
-    Raises:
-        ConfigError: It exists; every command refuses to write into an existing directory.
-    """
-    from kdedge.errors import ConfigError
-
-    path = Path(out) if out is not None else default_out(kind)
-    if path.exists():
-        raise ConfigError(f"output directory {path} already exists; pass another --out or remove it")
-    return path

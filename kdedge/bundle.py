@@ -212,10 +212,19 @@ def _write_archive(bundle: Path) -> Path:
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(bundle, arcname=bundle.name)
-        os.link(tmp, archive)  # unlike a rename, a link never replaces: an archive that appeared meanwhile is kept
+        try:
+            os.link(tmp, archive)  # unlike a rename, a link never replaces: an archive that appeared meanwhile is kept
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links (SMB, exFAT): an exclusive create and a copy
+            with open(archive, "xb") as dst, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
     except FileExistsError:
         raise ConfigError(f"{archive} appeared while the bundle was built and was left as it is; the bundle is complete in {bundle} — "
                           f"archive it with: tar -czf <name>.tar.gz -C {bundle.parent} {bundle.name}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {archive} ({exc.strerror}); the bundle is complete in {bundle} — archive it with: "
+                          f"tar -czf <name>.tar.gz -C {bundle.parent} {bundle.name}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return archive

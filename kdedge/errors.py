@@ -11,6 +11,7 @@ __all__ = [
     "KdedgeError",
     "ConfigError",
     "TrainingDiverged",
+    "ResultKept",
     "DataError",
     "ModelError",
     "ExportError",
@@ -31,6 +32,10 @@ class ConfigError(KdedgeError):
 
 class TrainingDiverged(ConfigError):
     """Training diverged (non-finite loss, accuracy at chance): a setting, usually the step size, is wrong."""
+
+
+class ResultKept(ConfigError):
+    """A run finished, but its result could not take its name; the message says where it is."""
 
 
 class DataError(KdedgeError):

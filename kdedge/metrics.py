@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdedge._modes import evaluating
 from kdedge.data.spec import ImageDataset
+from kdedge.errors import DataError
 
 __all__ = ["CONFUSION_MAX_CLASSES", "ChanceCheck", "Evaluation", "class_counts", "confusion_matrix", "evaluate", "evaluation_from_confusion",
            "evaluation_from_counts", "evaluation_from_predictions", "predict_logits"]
@@ -75,19 +76,28 @@ class Evaluation:
         return d
 
 
-def class_counts(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(3, K)`` int64: per class its support (true samples), its predictions and its correct predictions. O(N + K)."""
+def _checked(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as flat int64 on the CPU, every value a class index below ``num_classes``."""
     predictions = predictions.to(torch.int64).cpu().reshape(-1)
     targets = targets.to(torch.int64).cpu().reshape(-1)
+    for what, v in (("labels", targets), ("predictions", predictions)):
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
+            raise DataError(f"{what} must be class indices in [0, {num_classes - 1}], found [{int(v.min())}, {int(v.max())}]; "
+                            "the model's outputs or the data's labels do not match its number of classes")
+    return predictions, targets
+
+
+def class_counts(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(3, K)`` int64: per class its support (true samples), its predictions and its correct predictions. O(N + K)."""
+    predictions, targets = _checked(predictions, targets, num_classes)
     hit = targets[predictions == targets]
     return torch.stack([torch.bincount(targets, minlength=num_classes), torch.bincount(predictions, minlength=num_classes),
-                        torch.bincount(hit, minlength=num_classes)])[:, :num_classes]
+                        torch.bincount(hit, minlength=num_classes)])
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(K, K)`` int64: row = true class, column = prediction. Dense: for small K only (see :data:`CONFUSION_MAX_CLASSES`)."""
-    predictions = predictions.to(torch.int64).cpu().reshape(-1)
-    targets = targets.to(torch.int64).cpu().reshape(-1)
+    predictions, targets = _checked(predictions, targets, num_classes)
     return torch.bincount(targets * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
 
 

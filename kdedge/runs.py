@@ -30,7 +30,7 @@ from kdedge.distill.losses import DistillLoss, HintonLoss
 from kdedge.data.normalization import Normalization
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.distill.views import TeacherViews
-from kdedge.errors import ConfigError, TrainingDiverged
+from kdedge.errors import ConfigError, ResultKept, TrainingDiverged
 from kdedge.metrics import ChanceCheck, Evaluation, evaluate
 from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
@@ -73,8 +73,8 @@ def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = 
     if ctx.is_main:
         try:
             claim = claim_out(out, kind or "run", resume=resume)
-        except ConfigError as exc:
-            error = exc
+        except (ConfigError, OSError) as exc:  # caught before the collective below, which every rank must reach
+            error = exc if isinstance(exc, ConfigError) else ConfigError(f"cannot claim {out or 'the run directory'}: {exc}")
     if ctx.enabled and not dist_.all_true(error is None):  # every rank stops, not only the one that could not claim
         raise error or ConfigError(f"the main process could not claim {out or 'the run directory'} (its message says why)")
     if error is not None:
@@ -91,8 +91,11 @@ def _diverged_note(exc: TrainingDiverged, out: Path, ckpt: Path, config: _RunCon
     """The divergence message, plus where the last good epoch's checkpoint is and how to continue from it."""
     from kdedge.distill.checkpoint import load_state
 
-    epoch = len(load_state(ckpt).get("history", []))
-    return TrainingDiverged(f"{exc}. The checkpoint of epoch {epoch} (the last good one) is kept in {ckpt.parent}: continue from it with "
+    try:
+        epoch = f" of epoch {len(load_state(ckpt).get('history', []))}"
+    except ConfigError:  # a damaged checkpoint must not hide why the run stopped
+        epoch = ""
+    return TrainingDiverged(f"{exc}. The checkpoint{epoch} (the last good one) is kept in {ckpt.parent}: continue from it with "
                             f"--resume --out {out} --lr {config.lr / 10:g}")
 
 
@@ -154,7 +157,7 @@ def _run(
     if out_path is not None:
         try:
             write_run(out_path, model, spec, data_spec, metrics, config)
-        except ConfigError:  # the result is complete, kept where the message says: the checkpoint is not needed
+        except ResultKept:  # the result is complete, kept where the message says: the checkpoint is not needed
             if ckpt is not None:
                 ckpt.unlink(missing_ok=True)
             raise

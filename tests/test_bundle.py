@@ -428,7 +428,8 @@ def test_compress_with_a_latency_budget_bundles_the_searched_student(tmp_path):
     from kdedge.bundle import compress_and_export
     from kdedge.config import CompressConfig, SearchConfig
 
-    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "latency_budget": 1.0, "tune_runtime": False, "out": str(tmp_path / "b")}))
+    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "targets": ("ort-cpu",), "latency_budget": 1.0, "tune_runtime": False,
+                                        "out": str(tmp_path / "b")}))
     # One sampled candidate and no zoo: what is checked here is the hand-over from search to bundle (tests/test_search.py ranks the zoo).
     small_search = SearchConfig(latency_budget=1.0, candidates=1, include_zoo=False, proxy_samples=500, proxy_epochs=1, finalists=1, generations=0)
     result = compress_and_export(config, search=small_search)

@@ -169,8 +169,8 @@ def shared_latency_cache(latency_cache_dir, monkeypatch):
 
 
 def _config(**kw):
-    base = dict(latency_budget=1.0, candidates=4, include_zoo=True, proxy_epochs=1, proxy_samples=500, finalists=2, epochs=1, val_split=0.2,
-                generations=1, children=2)
+    base = dict(latency_budget=1.0, candidates=2, include_zoo=True, proxy_epochs=1, proxy_samples=500, finalists=2, epochs=1, val_split=0.2,
+                generations=1, children=1)
     return SearchConfig(**(base | kw))
 
 
@@ -184,7 +184,7 @@ def test_search_end_to_end_and_resume(small, tmp_path, shared_latency_cache):
     rec = json.loads((tmp_path / "s" / "search.json").read_text())
     assert rec["winner"] == result.winner and rec["within_budget"]
     cands = rec["candidates"]
-    assert len(cands) == 4 + 6 + 2  # sampled + the zoo's students + one generation of two children
+    assert len(cands) == 2 + 6 + 1  # sampled + the zoo's students + one generation of one child
     evolved = [c for c in cands.values() if c["origin"] == "evolved"]
     assert [c["name"] for c in evolved] == rec["generations"][0] and all(c["parent"] in cands and c["generation"] == 1 for c in evolved)
     for c in cands.values():
@@ -209,7 +209,7 @@ def test_search_end_to_end_and_resume(small, tmp_path, shared_latency_cache):
     # Resumed: everything comes from search.json and the cache; nothing is trained again.
     again = search(teacher.model, small, config=_config(resume=True), out=tmp_path / "s")
     assert again.winner == result.winner and again.student is None
-    assert json.loads((tmp_path / "s" / "search.json").read_text())["timing_cache_hits"] == 12
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["timing_cache_hits"] == 9
     with pytest.raises(ConfigError, match=r"ran with other settings \(target: .*latency_budget_ms': 1.0.* -> .*0.5"):
         search(teacher.model, small, config=_config(resume=True, latency_budget=0.5), out=tmp_path / "s")
 

@@ -82,7 +82,10 @@ def test_stratified_rows_golden():
     # One row per class first, then the rest in proportion to count - 1 (largest remainders): 1 + 6, 1 + 1, 1 + 0.
     assert counts(stratified_rows(labels, 10)) == [7, 2, 1]
     assert counts(stratified_rows(labels, 3)) == [1, 1, 1]
-    assert counts(stratified_rows(labels, 2)) == [2, 0, 0]  # fewer rows than classes: the largest shares
+    assert counts(stratified_rows(labels, 2)) == [1, 1, 0]  # fewer rows than classes: one for each of the largest
+    balanced = torch.arange(10).repeat_interleave(5)
+    picked = {tuple(torch.unique(balanced[stratified_rows(balanced, 3, seed=s)]).tolist()) for s in range(6)}
+    assert all(len(p) == 3 for p in picked) and len(picked) > 1  # equal classes: the seed decides which
     assert counts(stratified_rows(labels, 99)) == [89, 9, 1]  # never more rows than a class has
     rows = stratified_rows(labels, 50, seed=3)
     assert rows.tolist() == sorted(set(rows.tolist())) and len(rows) == 50  # ascending, no repeats

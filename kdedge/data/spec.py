@@ -62,17 +62,23 @@ def stratified_rows(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Ten
         raise DataError(f"a data limit must be positive, got {n}")
     classes, counts = torch.unique(labels, return_counts=True)  # classes ascending
     k = classes.numel()
-    base = torch.ones(k, dtype=torch.int64) if n >= k else torch.zeros(k, dtype=torch.int64)
-    share = (counts - base).double()
-    exact = share * (n - int(base.sum())) / max(float(share.sum()), 1.0)
-    quota = exact.floor().to(torch.int64)
-    left = n - int(base.sum()) - int(quota.sum())
-    if left > 0:  # largest remainder first; a stable sort breaks ties by class index
-        by_remainder = torch.sort(-(exact - quota.double()), stable=True).indices
-        quota[by_remainder[:left]] += 1
-    quota = torch.minimum(quota + base, counts)
+    generator = torch.Generator().manual_seed(seed)
+    if n < k:  # one row for each of the n largest classes, ties drawn with the seed
+        ties = torch.rand(k, generator=generator, dtype=torch.float64)
+        largest = torch.argsort(-(counts.double() + ties / 2))[:n]  # ties / 2 < 1: it only orders equal counts
+        quota = torch.zeros(k, dtype=torch.int64)
+        quota[largest] = 1
+    else:
+        share = (counts - 1).double()
+        exact = share * (n - k) / max(float(share.sum()), 1.0)
+        quota = exact.floor().to(torch.int64)
+        left = n - k - int(quota.sum())
+        if left > 0:  # largest remainder first; a stable sort breaks ties by class index
+            by_remainder = torch.sort(-(exact - quota.double()), stable=True).indices
+            quota[by_remainder[:left]] += 1
+        quota = torch.minimum(quota + 1, counts)
     # Rows grouped by class, in a seeded random order inside each class; keep each class's first `quota`.
-    keys = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    keys = torch.rand(total, generator=generator, dtype=torch.float64)
     order = torch.argsort(keys)
     order = order[torch.sort(labels[order], stable=True).indices]
     group = torch.repeat_interleave(torch.arange(k), counts)  # the class position of each row of `order`

@@ -160,8 +160,9 @@ def export_model(
             in eval mode from the CPU and left as it was.
         out: The export directory to create (must not exist; None: ``runs/export-<time>``). It is
             claimed when the export starts, so two exports never write the same directory.
-        data: Real data: the first ``config.parity_samples`` test inputs drive parity, a seeded
-            sample of ``config.calibration_samples`` training inputs calibrates INT8, and the
+        data: Real data: ``config.parity_samples`` test inputs drive parity and
+            ``config.calibration_samples`` training inputs calibrate INT8 (seeded subsets holding
+            every class in its share, :func:`~kdedge.data.spec.stratified_rows`), and the
             whole test split measures each artifact's accuracy.
         config: Formats, tolerances, calibration, TensorRT profile.
         model_name: Recorded in the metadata (default: the class name).

@@ -180,7 +180,9 @@ class LatencyMeter:
 
     def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None = None) -> Callable[[], Any]:
         if file is not None:
-            return make_runner(self.target, path=file, threads=self.threads).prepare(self.x)
+            runner = make_runner(self.target, path=file, threads=self.threads)
+            runner.check_batch(self.batch)  # a fixed-batch ONNX file at another batch: a ConfigError naming it, not onnxruntime's traceback
+            return runner.prepare(self.x)
         if module is None:
             torch.manual_seed(0)
             module = create_model(spec).eval()

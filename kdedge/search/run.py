@@ -366,7 +366,9 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
             result = distill(student, teacher, data.train, data.test, val_data=data.val, config=fconfig, student_spec=specs[name],
                              teacher_name=teacher_name, teacher_input=teacher_input, out=run_dir, progress=progress)
         except TrainingDiverged as exc:  # one finalist's recipe failing is not the search failing: the others may win
-            record.data["finalists"][name] = {"val_accuracy": None, "test_accuracy": None, "diverged": str(exc),
+            shutil.rmtree(partial, ignore_errors=True)  # recorded as diverged, never resumed: its kept checkpoint goes
+            why = exc.__cause__ if isinstance(exc.__cause__, TrainingDiverged) else exc  # without the note on resuming it by hand
+            record.data["finalists"][name] = {"val_accuracy": None, "test_accuracy": None, "diverged": str(why),
                                               "proxy_val_accuracy": record.candidates[name]["proxy_val_accuracy"]}
             record.save()
             log(f"search: finalist {name} diverged: {exc}")
