@@ -68,7 +68,8 @@ demo: data-core
 # (a trained bundle, say) is built once. 2 on the 2-core development machine: much of the suite is single-threaded
 # (exports, runtimes' converters, process start-up), and two workers overlap it.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope)
+# --durations=15: every run ends with its 15 slowest tests, so a test that grows is seen by whoever made it grow.
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) --durations=15
 
 test: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST)
