@@ -56,12 +56,19 @@ def main() -> int:
         cache = tmp / "cache"
         commands = _commands(tmp, args)
         start = time.perf_counter()
-        procs = {name: subprocess.Popen(cmd, env=os.environ | {"KDEDGE_CACHE": str(cache)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        errs = {name: open(tmp / f"{name}.err", "w+") for name in commands}  # files, not pipes: a full pipe would stall its process
+        procs = {name: subprocess.Popen(cmd, env=os.environ | {"KDEDGE_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=errs[name], text=True)
                  for name, cmd in commands.items()}
-        ended = {}
-        for name, proc in procs.items():
-            _, err = proc.communicate()
-            ended[name] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1), "error": err.strip().splitlines()[-1:] if proc.returncode else []}
+        ended: dict[str, dict] = {}
+        while len(ended) < len(procs):  # each process's own finishing time, whatever order they finish in
+            for name, proc in procs.items():
+                if name not in ended and proc.poll() is not None:
+                    errs[name].seek(0)
+                    err = errs[name].read()
+                    errs[name].close()
+                    ended[name] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+                                   "error": err.strip().splitlines()[-1:] if proc.returncode else []}
+            time.sleep(0.1)
         wall = time.perf_counter() - start
 
         # Latencies: each search's own measurements (not read from the cache) must all be in the shared file.
