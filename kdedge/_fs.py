@@ -48,15 +48,29 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     The rename fails if ``out`` appeared meanwhile (never merge into another directory). On any
     error, including KeyboardInterrupt, the temporary directory is removed.
     """
+    with _staged(out) as tmp:
+        yield tmp
+        os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` (hidden, the umask's permissions), removed when the block raises, including KeyboardInterrupt."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a published directory follows the umask
         yield tmp
-        os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _numbered(base: Path, suffix: str = "") -> Iterator[Path]:
+    """``base``, then ``base-2``, ``base-3``, ...: candidate names for a run that must not take another's (each with ``suffix``)."""
+    yield base.with_name(base.name + suffix)
+    for i in itertools.count(2):
+        yield base.with_name(f"{base.name}{suffix}-{i}")
 
 
 @contextlib.contextmanager
@@ -233,8 +247,7 @@ def claim_out(out: str | Path | None, kind: str, *, resume: bool = False, checkp
             return Claim(path, lock)
         base = default_out(kind)
         _writable_parent(base, kind)
-        for i in itertools.count(1):
-            path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        for path in _numbered(base):
             lock, _why = _take(path, resume=False, checkpoint=checkpoint)
             if lock is not None:
                 return Claim(path, lock)
@@ -280,8 +293,7 @@ def claim_workdir(out: str | Path | None, kind: str, *, resume: bool) -> WorkDir
     explicit = out is not None
     base = Path(out) if explicit else default_out(kind)
     _writable_parent(base, kind)
-    for i in itertools.count(1):
-        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+    for path in _numbered(base):
         lock = _lock(claim_file(path))
         if lock is None:
             if explicit:
@@ -315,28 +327,17 @@ def publish_dir(out: Path) -> Iterator[Path]:
     """
     from kdedge.errors import ResultKept
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
+    with _staged(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     try:
-        os.rename(tmp, out) if not (out.exists() or out.is_symlink()) else _raise_exists(out)
+        if out.exists() or out.is_symlink():  # rename(2) would replace an empty directory: never publish over anything
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
+        os.rename(tmp, out)
     except OSError as exc:
         kept = tmp
-        for i in itertools.count(1):
-            alt = out.with_name(f"{out.name}.finished-{os.getpid()}" + (f"-{i}" if i > 1 else ""))
-            if not alt.exists():
-                with contextlib.suppress(OSError):
-                    os.rename(tmp, alt)
-                    kept = alt
-                break
+        alt = next(p for p in _numbered(out, f".finished-{os.getpid()}") if not p.exists())
+        with contextlib.suppress(OSError):
+            os.rename(tmp, alt)
+            kept = alt
         why = "it appeared while this run worked" if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) else exc.strerror
         raise ResultKept(f"the result is complete but could not be renamed to {out} ({why}); it is in {kept} — move it where you want it") from None
-
-
-def _raise_exists(out: Path) -> None:
-    raise FileExistsError(errno.EEXIST, "File exists", str(out))

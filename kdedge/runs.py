@@ -73,8 +73,8 @@ def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = 
     if ctx.is_main:
         try:
             claim = claim_out(out, kind or "run", resume=resume)
-        except (ConfigError, OSError) as exc:  # caught before the collective below, which every rank must reach
-            error = exc if isinstance(exc, ConfigError) else ConfigError(f"cannot claim {out or 'the run directory'}: {exc}")
+        except ConfigError as exc:  # caught before the collective below, which every rank must reach (claim_out turns OSError into it)
+            error = exc
     if ctx.enabled and not dist_.all_true(error is None):  # every rank stops, not only the one that could not claim
         raise error or ConfigError(f"the main process could not claim {out or 'the run directory'} (its message says why)")
     if error is not None:

@@ -239,7 +239,7 @@ def fit(
         try:
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
-            first_epoch, checks = len(history) + 1, []  # evidence of a stall is gathered in this process (a resume starts afresh)
+            checks: list[ChanceCheck | None] = []  # one per epoch trained in this process: the evidence of a stall (a resume starts afresh)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 row = _train_epoch(run, epoch, bar, task)
@@ -249,10 +249,7 @@ def fit(
                 bar.finish(task, _epoch_line(row, config.epochs))
                 history.append(row)
                 checks.append(chance_check(row, ev, num_classes=_num_classes(run, watched)))
-                problem = divergence(row, checks, steps=run.steps * (epoch - first_epoch + 1),
-                                     split={"val": "validation"}.get(split, split) if ev is not None else "train") if config.sanity_checks else None
-                if problem:
-                    raise TrainingDiverged(f"{problem}; {_divergence_fix(config)}")
+                _stop_if_diverged(run, row, checks, split={"val": "validation"}.get(split, split) if ev is not None else "train")
                 if checkpoint is not None:
                     _save_checkpoint(run, checkpoint, epoch, history)
                 if on_epoch is not None:
@@ -261,6 +258,13 @@ def fit(
             for h in run.hooks:
                 h.remove()
     return history, run.cached if run.cached is not None else run.views
+
+
+def _stop_if_diverged(run: _Run, row: dict[str, Any], checks: list[ChanceCheck | None], *, split: str) -> None:
+    """Raise :class:`TrainingDiverged` with the fix when this epoch's numbers say the run diverged (unless ``sanity_checks`` is off)."""
+    problem = divergence(row, checks, steps=run.steps * len(checks), split=split) if run.config.sanity_checks else None
+    if problem:
+        raise TrainingDiverged(f"{problem}; {_divergence_fix(run.config)}")
 
 
 def _resume_state(checkpoint: str | Path, config: _RunConfig) -> dict[str, Any]:

@@ -148,7 +148,7 @@ class LatencyMeter:
     def anchor_p50_ms(self) -> float:
         """The anchor's p50 over this run: the median of its per-group p50s."""
         while len(self.anchor_samples) < self.MIN_ANCHOR_GROUPS:
-            self._measure_group([], {}, {})
+            self._measure_group([], {}, {}, {})
         return float(np.median(self.anchor_samples))
 
     def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
@@ -194,8 +194,7 @@ class LatencyMeter:
         return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
 
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
-                       files: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
-        files = files or {}
+                       files: dict[str, Path]) -> dict[str, dict[str, Any]]:
         t0 = time.perf_counter()
         torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
         try:

@@ -11,11 +11,12 @@ and finished finalists from ``search.json``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,17 +115,30 @@ def search(
         ConfigError: ``out`` exists without ``resume`` (or is not a search directory), or no
             candidate meets the budget (the message gives the fastest one measured).
     """
-    claim = out if isinstance(out, Claim) else claim_workdir(out, "search", resume=config.resume)
-    try:
+    with _search_dir(out, resume=config.resume) as claim:
         return _search(teacher, data, config=config, out=claim.path, teacher_name=teacher_name, teacher_input=teacher_input, progress=progress,
                        log=log or (lambda _line: None))
+
+
+@contextlib.contextmanager
+def _search_dir(out: str | Path | Claim | None, *, resume: bool) -> Iterator[Claim]:
+    """The search directory, claimed for the block (a :class:`Claim` the caller holds is used as it is).
+
+    A new one that ends without a record (bad input, an interrupt before any timing) is removed:
+    nothing in it is worth resuming.
+    """
+    if isinstance(out, Claim):
+        yield out
+        return
+    claim = claim_workdir(out, "search", resume=resume)
+    try:
+        yield claim
     except BaseException:
-        if not isinstance(out, Claim) and not config.resume and not (claim.path / "search.json").is_file():
-            shutil.rmtree(claim.path, ignore_errors=True)  # nothing was searched: leave no empty directory behind
+        if not resume and not (claim.path / "search.json").is_file():
+            shutil.rmtree(claim.path, ignore_errors=True)
         raise
     finally:
-        if not isinstance(out, Claim):
-            claim.release()
+        claim.release()
 
 
 def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: Path, teacher_name: str | None, teacher_input: Normalization | None,
@@ -389,14 +403,7 @@ def run_search(config: SearchConfig, *, progress: bool = False, log: Callable[[s
     from kdedge.data.sources import load_data_for
     from kdedge.resolve import resolve_teacher
 
-    claim = claim_workdir(config.out, "search", resume=config.resume)  # before the data and the teacher load; a second search never shares it
-    try:
+    with _search_dir(config.out, resume=config.resume) as claim:  # before the data and the teacher load; a second search never shares it
         data = load_data_for(config)
         teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
         return search(teacher.model, data, config=config, out=claim, teacher_name=teacher.name, teacher_input=teacher.input, progress=progress, log=log)
-    except BaseException:
-        if not config.resume and not (claim.path / "search.json").is_file():
-            shutil.rmtree(claim.path, ignore_errors=True)  # nothing was searched: leave no empty directory behind
-        raise
-    finally:
-        claim.release()
