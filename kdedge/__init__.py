@@ -14,7 +14,7 @@ Importing kdedge loads torch but neither onnx, onnxruntime nor TensorRT; they lo
 """
 
 from kdedge._version import __version__
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, SearchConfig, TrainConfig, load_config
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, SearchConfig, TrainConfig, load_config
 from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset
 from kdedge.distill import FrozenTeacher, HintonLoss, LossParts, teacher_logits
 from kdedge.errors import (
@@ -37,6 +37,7 @@ from kdedge.models import (
     load_weights,
     save_checkpoint,
 )
+from kdedge.pruning import PruneResult, prune
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill, run_distill, run_train, train
 
@@ -61,6 +62,8 @@ __all__ = [
     "ModelError",
     "ModelSpec",
     "ParityError",
+    "PruneConfig",
+    "PruneResult",
     "RunResult",
     "SearchConfig",
     "TrainConfig",
@@ -76,6 +79,7 @@ __all__ = [
     "load_config",
     "load_dataset",
     "load_weights",
+    "prune",
     "resolve_student",
     "resolve_teacher",
     "run_distill",

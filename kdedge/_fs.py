@@ -184,7 +184,7 @@ def _unlock(lock: Any, path: Path) -> None:
     lock.close()  # releases the flock
 
 
-def _take(out: Path, *, resume: bool, checkpoint: str) -> tuple[Any | None, str | None]:
+def _take(out: Path, *, resume: bool, checkpoint: str | tuple[str, ...]) -> tuple[Any | None, str | None]:
     """Try to claim ``out``: ``(the locked claim file, None)``, or ``(None, why not)``."""
     exists = f"output directory {out} already exists; pass another --out or remove it"
     if out.exists() or out.is_symlink():
@@ -193,12 +193,13 @@ def _take(out: Path, *, resume: bool, checkpoint: str) -> tuple[Any | None, str 
     if lock is None:
         return None, f"another kdedge process is writing {out} now; pass another --out, or wait for it to finish"
     partial = partial_dir(out)
-    held = (partial / checkpoint).is_file()
+    names = (checkpoint,) if isinstance(checkpoint, str) else checkpoint
+    held = any((partial / n).is_file() for n in names)
     why = None
     if out.exists() or out.is_symlink():  # published by the process that held the name until a moment ago
         why = exists
     elif resume and not held:
-        why = f"--resume: no checkpoint at {partial / checkpoint}; the run to resume never finished an epoch there — run again without --resume"
+        why = f"--resume: no checkpoint at {partial / names[0]}; the run to resume never finished an epoch there — run again without --resume"
     elif not resume and held:
         why = f"{partial} holds the checkpoint of an unfinished run; continue it with --resume, or remove {partial} to start over"
     if why is not None:
@@ -222,14 +223,14 @@ def _writable_parent(path: Path, kind: str) -> None:
         raise ConfigError(f"{directory} is not writable, so the {kind} output cannot be written there; pass an --out in a writable place")
 
 
-def claim_out(out: str | Path | None, kind: str, *, resume: bool = False, checkpoint: str = "checkpoint.pt") -> Claim:
+def claim_out(out: str | Path | None, kind: str, *, resume: bool = False, checkpoint: str | tuple[str, ...] = "checkpoint.pt") -> Claim:
     """Reserve the directory a run will publish, when the run starts: ``out``, or a fresh ``runs/<kind>-<time>[-N]``.
 
     Args:
         out: The directory to write; None: a default name, made unique against other runs started in the same second.
         kind: The command (``train``, ``export``, ``bundle``...), for the default name.
         resume: Continue a killed run: ``OUT.partial/<checkpoint>`` must exist (and is kept).
-        checkpoint: The file in ``OUT.partial`` that makes a run resumable.
+        checkpoint: The file in ``OUT.partial`` that makes a run resumable (or several: any one of them does).
 
     Raises:
         ConfigError: ``out`` exists, another live process is writing it, or its ``.partial`` holds a

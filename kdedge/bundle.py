@@ -16,6 +16,7 @@ Layout::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -39,7 +40,7 @@ from kdedge.bench.harness import BenchModel, artifact_variant, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.bench.tuning import settings_call, time_within, tune
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, SearchConfig, config_to_yaml
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
@@ -273,6 +274,7 @@ class BundlePlan:
     student_spec: ModelSpec
     teacher_bench: BenchModel
     search: Path | None = None  # with --latency-budget: the search directory that chose the student
+    pruning: dict[str, Any] | None = None  # with --prune: how the teacher was pruned into the student (kdedge.prune's record)
 
 
 def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False, log: Callable[[str], None] | None = None) -> BundlePlan:
@@ -294,8 +296,11 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
             raise BackendUnavailable(why)
     data = load_data_for(config)
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
-    student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights, flops_budget=config.flops_budget,
-                                            trust_code=trust_code)
+    if config.prune is not None:  # the student is the teacher, pruned: its graph is the teacher's with fewer channels
+        student, student_spec = _prunable_teacher(config, teacher, data)
+    else:
+        student, student_spec = resolve_student(config.student, data.spec, config.seed, weights=config.student_weights,
+                                                flops_budget=config.flops_budget, trust_code=trust_code)
     distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
     _check_measurable(config, teacher, targets)
     _check_edge_targets(formats, targets)
@@ -303,6 +308,39 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
+
+
+def _prunable_teacher(config: CompressConfig, teacher: ResolvedTeacher, data: DataSplits) -> tuple[nn.Module, ModelSpec]:
+    """``--prune``: the teacher as the student to prune, checked now (traceable, recordable, something to prune) rather than after timing."""
+    from kdedge.pruning.graph import ChannelGraph
+
+    if teacher.is_onnx:
+        raise ConfigError(f"--prune prunes the teacher, and {teacher.path} is an ONNX file (its channels are not PyTorch parameters); "
+                          "pass the PyTorch checkpoint it was exported from as --teacher")
+    ChannelGraph(copy.deepcopy(teacher.model).cpu(), tuple(data.spec.input_shape), ignore=config.prune_ignore_layers)
+    return teacher.model, teacher.spec
+
+
+def _pruned_student(plan: BundlePlan, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+    """``--prune SPEEDUP``: the student is the teacher pruned to that measured speedup (onnxruntime on the CPU, ``bench_threads``
+    threads, default 1, batch 1) and recovered by distillation from it with this run's recipe (:func:`kdedge.prune`)."""
+    from kdedge.pruning import prune
+
+    config = plan.config
+    if plan.data.val is None:  # held out here, as kdedge prune would, so the manifest describes the data the student saw
+        plan = dataclasses.replace(plan, data=hold_out(plan.data, 0.1))
+    fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student")}
+    prune_cfg = PruneConfig(**fields | {"model": config.teacher, "speedup": config.prune, "target": "ort-cpu", "target_threads": config.bench_threads or 1,
+                                        "target_batch": 1, "criterion": config.prune_criterion, "steps": config.prune_steps,
+                                        "step_epochs": config.prune_step_epochs, "round_to": config.prune_round_to,
+                                        "ignore_layers": config.prune_ignore_layers, "lr": config.prune_lr})
+    found = prune(plan.teacher.model, plan.data, config=prune_cfg, spec=plan.teacher.spec, teacher_name=plan.teacher.name,
+                  teacher_input=plan.teacher.input, progress=progress, log=log)
+    assert found.spec is not None  # the teacher of a bundle has a spec
+    record = {k: found.record.get(k) for k in ("criterion", "criteria", "budget", "result", "layers", "original", "seconds")}
+    record["steps"] = [{k: v for k, v in row.items() if k != "widths"} for row in found.record["steps"]]
+    plan = dataclasses.replace(plan, student=found.model, student_spec=found.spec, pruning=record)
+    return plan, found.run
 
 
 def _edge_max_batch(batch_sizes: tuple[int, ...]) -> int:
@@ -425,6 +463,8 @@ def _compress_and_export(config: CompressConfig, claim: Claim, *, progress: bool
         start = time.perf_counter()
         if config.latency_budget is not None:
             plan, result = _searched_student(plan, Path(work), search, progress=progress, log=log)
+        elif config.prune is not None:
+            plan, result = _pruned_student(plan, progress=progress, log=log)
         else:
             result = distill(plan.student, plan.teacher.model, data.train, data.test, val_data=data.val, config=plan.distill_config,
                              student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
@@ -582,7 +622,8 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
         "student": {"model": plan.student_spec.to_dict(), "weights": "student.safetensors", "sha256": exported.manifest["source_sha256"],
                     "params": student_bm.params, "flops": student_bm.flops, "test_accuracy": result.test.accuracy,  # type: ignore[union-attr]
                     "test_macro_f1": result.test.macro_f1,  # type: ignore[union-attr]
-                    **({"searched": _search_summary(plan.search)} if plan.search is not None else {})},
+                    **({"searched": _search_summary(plan.search)} if plan.search is not None else {}),
+                    **({"pruned": plan.pruning} if plan.pruning is not None else {})},
         "data": {"name": data.spec.name, "train_fingerprint": data.train.fingerprint(), "test_fingerprint": data.test.fingerprint(),
                  "train_samples": len(data.train), "test_samples": len(data.test), "files": data.spec.files,
                  **({"val_fingerprint": data.val.fingerprint(), "val_samples": len(data.val)} if data.val is not None else {})},

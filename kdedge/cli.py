@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from kdedge.config import CompressConfig, DistillConfig, SearchConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
+from kdedge.config import CompressConfig, DistillConfig, PruneConfig, SearchConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
 from kdedge.errors import KdedgeError
 
 _HELP = {
@@ -82,9 +82,26 @@ _HELP = {
     "tune_runtime": "Tune each CPU target's runtime settings (threads; onnxruntime graph optimization and execution mode) for the recommended artifact and the teacher, and record the best in the manifest.",
     "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs): kdedge search finds the most accurate student within it "
                       "(compress-and-export: measured in onnxruntime on the CPU with --bench-threads, default 1, at batch 1; --student is then ignored).",
-    "target": "search: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch).",
-    "target_threads": "search: intra-op threads of the deployment, used for every latency measurement.",
-    "target_batch": "search: batch size of the deployment, used for every latency measurement.",
+    "speedup": "prune: the pruned model's p50 on --target must be this many times faster than the original's (e.g. 4).",
+    "flops_ratio": "prune: the pruned model's FLOPs as a fraction of the original's (e.g. 0.25), instead of a measured budget.",
+    "criterion": 'prune: channel importance: magnitude (group L2), bn_scale (BatchNorm |γ|), taylor (|w·∂L/∂w|), or auto (each on step 1, best on validation).',
+    "steps": 'prune: prune-and-recover steps that reach the budget geometrically.',
+    "step_epochs": 'prune: recovery epochs after each step but the last (which gets --epochs).',
+    "criterion_epochs": "prune: with --criterion auto, recovery epochs of each criterion's trial.",
+    "criterion_samples": "prune: with --criterion auto, training images of each criterion's trial.",
+    "round_to": 'prune: keep channel counts multiples of this (kernels run faster on aligned widths; the narrowest group keeps this many).',
+    "ignore_layers": 'prune: layers (module names, comma-separated) to keep whole, e.g. a layer the pruner cannot handle.',
+    "weights": 'prune: weights for a factory MODEL (safetensors, or a state dict loaded with weights_only=True).',
+    "prune": 'compress-and-export: the student is the teacher pruned to this measured speedup (onnxruntime, --bench-threads or 1 thread, batch 1) and recovered by distillation from it (--student is then ignored).',
+    "prune_criterion": 'With --prune: channel importance (auto, magnitude, bn_scale, taylor).',
+    "prune_steps": 'With --prune: prune-and-recover steps.',
+    "prune_step_epochs": 'With --prune: recovery epochs after each step but the last (which gets --epochs).',
+    "prune_lr": "With --prune: the recovery's peak learning rate (a fine-tune of the teacher's weights).",
+    "prune_round_to": 'With --prune: keep channel counts multiples of this.',
+    "prune_ignore_layers": 'With --prune: teacher layers to keep whole (module names, comma-separated).',
+    "target": "search, prune: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch).",
+    "target_threads": "search, prune: intra-op threads of the deployment, used for every latency measurement.",
+    "target_batch": "search, prune: batch size of the deployment, used for every latency measurement.",
     "time_budget": "search: minutes the whole search may take; ranking stops early to leave time for the finalists' full recipe.",
     "candidates": "search: architectures sampled from the search space (seeded by --seed).",
     "proxy_epochs": "search: epochs of the short distillation that ranks candidates.",
@@ -117,9 +134,10 @@ def _options_from(cls: type[_RunConfig], *, skip: tuple[str, ...] = ()):
     return decorate
 
 
-def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, Any], *, trust_code: bool) -> Any:
+def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, Any], *, trust_code: bool, extra: tuple[str, ...] = ()) -> Any:
+    """The config from ``config_file`` and the flags given on the command line (``extra``: keys of ``params`` set from arguments)."""
     ctx = click.get_current_context()
-    explicit = {k: v for k, v in params.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    explicit = {k: v for k, v in params.items() if k in extra or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     return load_config(cls, config_file, explicit, trust_code=trust_code)
 
 
@@ -198,6 +216,36 @@ def search(config_file: str | None, quiet: bool, trust_code: bool, **params: Any
     click.echo(f"student {result.winner}: p50 {_num(r['winner_p50_ms'], ' ms')} (budget {r['target']['latency_budget_ms']:.4f} ms), "
                f"val {_num(fin['val_accuracy'])}, test {_num(fin['test_accuracy'])} | teacher p50 {_num(teacher['p50_ms'], ' ms')}"
                + (f" ({teacher['latency_unknown']})" if teacher.get("latency_unknown") else "") + f", val {_num(teacher['val_accuracy'])}")
+    click.echo(f"wrote {result.out}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file whose keys mirror these flags; flags win.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@_trust_code_option
+@_options_from(PruneConfig, skip=("model", "student", "student_weights", "flops_budget"))
+def prune(model: str | None, config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
+    """Make MODEL (a run directory, a checkpoint, a shipped zoo name, or a factory with --weights) faster by removing channels.
+
+    Exactly one budget: --speedup X (its p50 on --target at --target-threads and --target-batch),
+    --latency-budget MS, or --flops-ratio R. Channels go in --steps steps, chosen by importance per
+    unit of measured latency; each step recovers by distillation from the unpruned model (or
+    --teacher). Writes a run directory whose model.safetensors reloads by name, without pickle.
+    """
+    from kdedge.pruning import run_prune
+
+    if model is not None:
+        params["model"] = model
+    config = _config(PruneConfig, config_file, params, trust_code=trust_code, extra=("model",) if model is not None else ())
+    result = run_prune(config, progress=not quiet, log=None if quiet else click.echo, trust_code=trust_code)
+    if result.out is None:
+        return  # a non-zero rank under torchrun
+    r = result.record["result"]
+    lat = f"p50 {_num(r.get('p50_ms'), ' ms')} vs {_num(r.get('original_p50_ms'), ' ms')}, " if r.get("p50_ms") is not None else ""
+    click.echo(f"{result.spec.name if result.spec else 'pruned model'}: {lat}{r['speedup']:.2f}× faster"
+               f" ({r['flops'] / 1e6:.2f} vs {r['original_flops'] / 1e6:.2f} MFLOPs, {r['params']:,} vs {r['original_params']:,} params), "
+               f"criterion {result.record['criterion']}, test accuracy {result.run.test.accuracy:.4f}")
     click.echo(f"wrote {result.out}")
 
 

@@ -56,12 +56,13 @@ class RunResult:
 
 
 @contextlib.contextmanager
-def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = None) -> Iterator[Claim | Path | None]:
+def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = None,
+            checkpoint: str | tuple[str, ...] = "checkpoint.pt") -> Iterator[Claim | Path | None]:
     """The run directory ``out``, claimed for the block (:func:`~kdedge._fs.claim_out`): two runs never write the same one.
 
     ``out`` None with a ``kind``: a fresh ``runs/<kind>-<time>[-N]``; without one, nothing is written.
     Only the main rank claims (the others never write; they get the path). When the block ends the
-    claim is released, keeping ``OUT.partial`` when it holds a checkpoint (a killed or diverged run
+    claim is released, keeping ``OUT.partial`` when it holds a checkpoint (or a finished prune step) (a killed or diverged run
     continues from it with ``--resume``).
     """
     if isinstance(out, Claim) or (out is None and kind is None):
@@ -72,7 +73,7 @@ def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = 
     error: ConfigError | None = None
     if ctx.is_main:
         try:
-            claim = claim_out(out, kind or "run", resume=resume)
+            claim = claim_out(out, kind or "run", resume=resume, checkpoint=checkpoint)
         except ConfigError as exc:  # caught before the collective below, which every rank must reach (claim_out turns OSError into it)
             error = exc
     if ctx.enabled and not dist_.all_true(error is None):  # every rank stops, not only the one that could not claim
@@ -84,7 +85,7 @@ def _output(out: str | Path | Claim | None, *, resume: bool, kind: str | None = 
         yield claim if claim is not None else Claim(Path(out or default_out(kind or "run")), None)
     finally:
         if claim is not None:
-            claim.release(keep=(claim.partial / "checkpoint.pt").is_file())
+            claim.release(keep=claim.partial.is_dir() and any(claim.partial.iterdir()))  # a checkpoint (or a prune step) to resume from
 
 
 def _diverged_note(exc: TrainingDiverged, out: Path, ckpt: Path, config: _RunConfig) -> TrainingDiverged:
@@ -210,9 +211,10 @@ def distill(
     student_spec: ModelSpec | None = None,
     teacher_name: str | None = None,
     teacher_input: Normalization | None = None,
-    out: str | Path | None = None,
+    out: str | Path | Claim | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> RunResult:
     """Distill ``teacher`` into ``student`` with the loss ``config.loss`` names (Hinton's by default).
 
@@ -238,17 +240,20 @@ def distill(
         out: Run directory to write (must not exist); defaults to ``config.out``; None writes nothing.
         progress: Show a progress bar per epoch.
         on_epoch: Called with each epoch's history row when it completes.
+        extra_metrics: Written into ``metrics.json`` beside the run's own keys (how :func:`kdedge.prune` records its pruning).
     """
     config = config or DistillConfig()
     out = out if out is not None else config.out
     with _output(out, resume=config.resume) as claimed:  # claimed before the teacher is scored: a taken --out fails at once
         return _distill(student, teacher, train_data, test_data, val_data=val_data, config=config, student_spec=student_spec,
-                        teacher_name=teacher_name, teacher_input=teacher_input, out=claimed, progress=progress, on_epoch=on_epoch)
+                        teacher_name=teacher_name, teacher_input=teacher_input, out=claimed, progress=progress, on_epoch=on_epoch,
+                        extra_metrics=extra_metrics or {})
 
 
 def _distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLoader, test_data: Dataset | DataLoader | None, *,
              val_data: Dataset | DataLoader | None, config: DistillConfig, student_spec: ModelSpec | None, teacher_name: str | None,
-             teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, on_epoch: Callable[[dict], None] | None) -> RunResult:
+             teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, on_epoch: Callable[[dict], None] | None,
+             extra_metrics: dict[str, Any]) -> RunResult:
     device = resolve_device(config.device)
     data_spec = spec_of(train_data)
     input_map = teacher_input_map(config, teacher_input, data_spec)
@@ -266,7 +271,7 @@ def _distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataL
     } | {k: v for k, v in model_summary(frozen.model, None, data_spec).items() if k != "name"}
     loss = make_loss(config)
     result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress,
-                  extra_metrics={"teacher": teacher_info}, on_epoch=on_epoch, val_data=val_data)
+                  extra_metrics=extra_metrics | {"teacher": teacher_info}, on_epoch=on_epoch, val_data=val_data)
     result.teacher_test, result.teacher_val = teacher_test, teacher_val
     frozen.model.cpu()
     return result

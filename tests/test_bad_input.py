@@ -207,6 +207,38 @@ def _ambiguous_npz(tmp: Path) -> list[str]:
     return ["train", "--data", str(tmp / "d.npz"), "--out", str(tmp / "r")]
 
 
+def _net_file(tmp: Path, body: str) -> str:
+    (tmp / "nets.py").write_text("from torch import nn\n\ndef make(num_classes, input_shape):\n    return " + body + "\n")
+    return f"{tmp / 'nets.py'}:make"
+
+
+def _prune_groupnorm(tmp: Path) -> list[str]:
+    ref = _net_file(tmp, "nn.Sequential(nn.Conv2d(input_shape[0], 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3), "
+                         "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))")
+    return ["prune", ref, "--data", _tiny(tmp), "--flops-ratio", "0.5", "--quiet", "--out", str(tmp / "r")]
+
+
+def _prune_unreachable(tmp: Path) -> list[str]:
+    ref = _net_file(tmp, "nn.Sequential(nn.Conv2d(input_shape[0], 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+                         "nn.Linear(16, num_classes))")
+    return ["prune", ref, "--data", _tiny(tmp), "--flops-ratio", "0.01", "--quiet", "--out", str(tmp / "r")]
+
+
+def _prune_nothing(tmp: Path) -> list[str]:
+    ref = _net_file(tmp, "nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))")
+    return ["prune", ref, "--data", _tiny(tmp), "--flops-ratio", "0.5", "--quiet", "--out", str(tmp / "r")]
+
+
+def _prune_resume_unpruned(tmp: Path) -> list[str]:
+    from kdedge.models import ModelSpec, create_model, save_checkpoint
+    from kdedge.pruning.run import STATE_FILE
+
+    (tmp / "r.partial").mkdir()
+    save_checkpoint(tmp / "r.partial" / STATE_FILE, create_model(ModelSpec("tiny_cnn", 1.0, 3, (1, 8, 8))), ModelSpec("tiny_cnn", 1.0, 3, (1, 8, 8)))
+    ref = _net_file(tmp, "nn.Sequential(nn.Conv2d(input_shape[0], 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))")
+    return ["prune", ref, "--data", _tiny(tmp), "--flops-ratio", "0.5", "--resume", "--quiet", "--out", str(tmp / "r")]
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "unknown dataset name": (lambda t: ["train", "--data", "fashion-mnsit", "--out", str(t / "r")], "unknown dataset 'fashion-mnsit'", 2),
     "truncated or corrupt IDX file": (_truncated_idx, "truncated: header says shape", 2),
@@ -247,6 +279,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "bundle file whose bytes changed": (_bundle_with_flipped_byte, "model.onnx: sha256 mismatch", 2),
     "bundle archive with a link or `..` path": (_archive_with_link, "refusing archive member 'bundle/model.onnx' (symbolic link)", 2),
     "bundle with a file its manifest does not list": (_bundle_with_extra_file, "models/evil.py: not in the manifest", 2),
+    "`kdedge prune` without a budget": (lambda t: ["prune", "resnet", "--out", str(t / "r")], "give exactly one budget: speedup", 2),
+    "a layer the pruner cannot handle": (_prune_groupnorm, "layer '1' (GroupNorm) would be narrowed with '0'", 2),
+    "a pruning budget no step can reach": (_prune_unreachable, "the budget cannot be reached: it asks for", 2),
+    "a model with nothing to prune": (_prune_nothing, "the model has nothing to prune", 2),
+    "`kdedge prune --resume` from a checkpoint that is not a pruned one": (_prune_resume_unpruned, "is not a pruned checkpoint from a kdedge prune step", 2),
 }
 
 

@@ -8,6 +8,7 @@ through safetensors or ``torch.load(weights_only=True)`` — never unrestricted 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -72,26 +73,61 @@ PRETRAINED: dict[tuple[str, float, str], str] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Enough to rebuild a zoo model: architecture, width and the data's shape."""
+    """Enough to rebuild a model: architecture, width, the data's shape and, for a pruned model, its kept widths.
+
+    ``layers`` (a channel-pruned model, :mod:`kdedge.models.pruned`): ``(module name, (out, in,
+    groups))`` per narrowed layer, sorted by name; the base architecture is ``arch@width``.
+    """
 
     arch: str
     width: float
     num_classes: int
     input_shape: tuple[int, int, int]
+    layers: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
+
+    @property
+    def base_name(self) -> str:
+        """The architecture before pruning: ``arch`` or ``arch@width``."""
+        return self.arch if self.width == 1.0 else f"{self.arch}@{self.width:g}"
 
     @property
     def name(self) -> str:
-        return self.arch if self.width == 1.0 else f"{self.arch}@{self.width:g}"
+        """``arch[@width]``, and ``-pruned-<digest of the kept widths>`` for a pruned model (a latency cache tells them apart)."""
+        if self.layers:
+            from kdedge.models.pruned import shapes_digest
+
+            return f"{self.base_name}-pruned-{shapes_digest(dict(self.layers))}"
+        return self.base_name
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self.layers)
+
+    def with_layers(self, layers: dict[str, tuple[int, int, int]] | None) -> ModelSpec:
+        """This spec with ``layers`` as its kept widths (None or empty: the unpruned base)."""
+        return dataclasses.replace(self, layers=tuple(sorted((k, tuple(int(v) for v in s)) for k, s in layers.items())) if layers else None)  # type: ignore[misc]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        d.pop("layers")
+        if self.layers:  # absent for an unpruned model: its spec (and every cache key made from it) is what it always was
+            d["layers"] = {k: list(s) for k, s in self.layers}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         try:
-            return cls(str(d["arch"]), float(d["width"]), int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]))  # type: ignore[arg-type]
+            layers = d.get("layers")
+            if layers is not None and not isinstance(layers, dict):
+                raise TypeError(f"layers must map module names to [out, in, groups], got {type(layers).__name__}")
+            spec = cls(str(d["arch"]), float(d["width"]), int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]))  # type: ignore[arg-type]
+            if layers:
+                shapes = {str(k): tuple(int(v) for v in s) for k, s in layers.items()}
+                if any(len(s) != 3 for s in shapes.values()):
+                    raise ValueError("every pruned layer records [out, in, groups]")
+                spec = spec.with_layers(shapes)  # type: ignore[arg-type]
+            return spec
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed model spec in checkpoint ({exc!r})") from None
 
@@ -131,16 +167,23 @@ def create_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialized model for ``spec`` (initialization follows the global RNG).
 
     ``spec.arch`` may also be a factory reference (``package.module:factory``, ``file.py:factory``).
+    A pruned spec (``spec.layers``) builds the base and narrows the recorded layers (:func:`kdedge.models.pruned.narrow`).
     """
     from kdedge.models.byo import build_from_factory, is_factory_ref
 
     if is_factory_ref(spec.arch):
-        return build_from_factory(spec.arch, num_classes=spec.num_classes, input_shape=spec.input_shape)
-    if is_genome(spec.arch):
-        return GenomeNet(parse_genome(spec.arch), spec.num_classes, spec.input_shape, spec.width)
-    if spec.arch not in MODELS:
+        model = build_from_factory(spec.arch, num_classes=spec.num_classes, input_shape=spec.input_shape)
+    elif is_genome(spec.arch):
+        model = GenomeNet(parse_genome(spec.arch), spec.num_classes, spec.input_shape, spec.width)
+    elif spec.arch not in MODELS:
         raise ModelError(f"unknown model {spec.arch!r}; expected one of {', '.join(sorted(MODELS))} or a searched net:... architecture")
-    return MODELS[spec.arch](spec.num_classes, spec.input_shape, spec.width)
+    else:
+        model = MODELS[spec.arch](spec.num_classes, spec.input_shape, spec.width)
+    if spec.layers:
+        from kdedge.models.pruned import narrow
+
+        narrow(model, dict(spec.layers))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

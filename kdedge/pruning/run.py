@@ -1,0 +1,474 @@
+"""Prune a trained model to a measured budget, recovering by distillation from the unpruned original.
+
+The loop (:func:`prune`): the budget (``speedup``, ``latency_budget`` or ``flops_ratio``) is split
+into ``steps`` geometric steps. Each step removes channels until the model's *measured* cost is
+within that step's target, then recovers with ``step_epochs`` of distillation (the last step with
+the full ``epochs``) from the teacher — the unpruned model unless ``teacher`` is given — and its
+cached logits. Which channels go is decided per step by latency-aware allocation
+(:func:`_plan`): every group's latency per channel is measured on the target (a variant with the
+group halved, timed interleaved with the current model and the anchor), and channels are removed
+in chunks of ``round_to`` in order of importance per unit of measured latency saved, so a layer
+that costs time but little accuracy goes first, and one whose width does not change the
+runtime's kernels is left alone. The importance criterion is chosen on the validation split
+(``criterion auto``: each one prunes step 1 and recovers briefly; the best on validation goes on).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import heapq
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import kdedge.distributed as dist_
+from kdedge._fs import Claim, partial_dir
+from kdedge.config import PruneConfig
+from kdedge.data import DataSplits, hold_out
+from kdedge.data.normalization import Normalization
+from kdedge.distill.loop import resolve_device
+from kdedge.errors import ConfigError, ModelError
+from kdedge.models.pruned import layer_shapes, narrowed_layers
+from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, runs_outside_torch, save_checkpoint
+from kdedge.pruning.graph import CRITERIA, ChannelGraph
+from kdedge.runs import RunResult, _output, distill
+
+__all__ = ["PruneResult", "prune"]
+
+STATE_FILE = "prune-step.safetensors"  # in OUT.partial: the model after its last finished step, and the record so far
+RESUMABLE = ("checkpoint.pt", STATE_FILE)  # a prune run resumes from its final recovery's checkpoint or its last finished step
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` produced.
+
+    Attributes:
+        model: The pruned, recovered model.
+        spec: Its spec: the base architecture and the kept widths (None when the input had no spec).
+        run: The final recovery's run (test and validation accuracy, history, metrics).
+        record: How it was pruned: criterion (and every criterion's validation accuracy), budget,
+            steps, widths per layer before and after, measured cost before and after.
+        out: The run directory written, if any.
+    """
+
+    model: nn.Module
+    spec: ModelSpec | None
+    run: RunResult
+    record: dict[str, Any]
+    out: Path | None = None
+
+
+class _Cost:
+    """The model's cost as the budget counts it: its p50 on the target (as a ratio to the anchor, timed in the same group) or its FLOPs."""
+
+    def __init__(self, config: PruneConfig, data: DataSplits, log: Callable[[str], None]) -> None:
+        self.kind = "flops" if config.flops_ratio is not None else "latency"
+        self.shape = tuple(data.spec.input_shape)
+        self.meter = None
+        if self.kind == "latency":
+            from kdedge.search.latency import LatencyMeter
+
+            inputs = data.test.batch_of(max(8, config.target_batch))
+            self.meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads,
+                                      batch=config.target_batch, cache=None, log=log)
+        self._spec = ModelSpec("pruned", 1.0, data.spec.num_classes, self.shape)  # type: ignore[arg-type]
+        self.known: dict[tuple, float] = {}  # widths -> cost: latency depends on the widths, not on which channels were kept
+
+    def __call__(self, models: dict[str, nn.Module], *, again: bool = False) -> dict[str, float]:
+        """Cost per model; ``again`` re-times every one of them in one interleaved set (a head-to-head comparison)."""
+        keys = {n: tuple(sorted(layer_shapes(m).items())) for n, m in models.items()}
+        todo = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items() if again or keys[n] not in self.known}
+        if todo and self.meter is None:
+            measured = {n: float(count_flops(m, self.shape)) for n, m in todo.items()}
+        elif todo:
+            measured = {n: float(r["ratio"]) for n, r in self.meter.measure({n: self._spec for n in todo}, modules=todo).items()}
+        else:
+            measured = {}
+        for n, c in measured.items():
+            self.known.setdefault(keys[n], c)
+        return {n: measured[n] if n in measured else self.known[keys[n]] for n in models}
+
+    def ms(self, cost: float) -> float | None:
+        """A cost in milliseconds (latency budgets), None for FLOPs."""
+        return cost * self.meter.anchor_p50_ms if self.meter is not None else None
+
+
+def prune(
+    model: nn.Module,
+    data: DataSplits,
+    *,
+    config: PruneConfig | None = None,
+    spec: ModelSpec | None = None,
+    teacher: nn.Module | None = None,
+    teacher_name: str | None = None,
+    teacher_input: Normalization | None = None,
+    out: str | Path | Claim | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> PruneResult:
+    """Prune ``model``'s channels to ``config``'s budget and recover by distillation from the original.
+
+    Args:
+        model: A trained classifier (not modified: a copy is pruned).
+        data: Training, test and (held out when missing: ``val_split`` or 0.1) validation splits.
+        config: Budget, target, criterion, steps and the recovery recipe (every ``kdedge distill`` field).
+        spec: ``model``'s spec (zoo name, genome or factory): the pruned checkpoint then records its base
+            and kept widths, and reloads by name. Without one it stores weights only.
+        teacher: The recovery teacher; default: the unpruned ``model``.
+        teacher_name: Recorded in ``metrics.json``.
+        teacher_input: The teacher's input normalization when it differs from the data's.
+        out: Run directory to write (``model.safetensors``, ``metrics.json`` with a ``pruning`` record); None writes nothing.
+        progress: Progress bars during recovery.
+        log: Called with one line per pruning decision.
+
+    Raises:
+        ConfigError: The budget cannot be reached (the message gives the narrowest model's measured cost).
+        ModelError: The model cannot be traced or pruned (the layer is named, with ``--ignore-layers``).
+    """
+    config = config or PruneConfig(speedup=2.0)
+    if runs_outside_torch(model):
+        raise ModelError("an ONNX model cannot be pruned: its channels are not PyTorch parameters; prune the PyTorch model it was exported from")
+    if config.resume and out is None and config.out is None:
+        raise ConfigError("--resume needs the --out of the run to continue")
+    out = out if out is not None else config.out
+    with _output(out, resume=config.resume, checkpoint=RESUMABLE) as claim:
+        return _prune(model, data, config=config, spec=spec, teacher=teacher, teacher_name=teacher_name, teacher_input=teacher_input,
+                      out=claim, progress=progress, log=log or (lambda _line: None))
+
+
+def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: ModelSpec | None, teacher: nn.Module | None, teacher_name: str | None,
+           teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, log: Callable[[str], None]) -> PruneResult:
+    t0 = time.perf_counter()
+    if data.val is None:
+        data = hold_out(data, config.val_split or 0.1)
+    ctx = dist_.context()
+    original = copy.deepcopy(model).cpu().eval().requires_grad_(True)  # a frozen teacher becomes a trainable student
+    teacher = teacher if teacher is not None else original
+    teacher_name = teacher_name or "the unpruned model"
+    base_spec = spec.with_layers(None) if spec is not None else None
+    base_model = original if spec is None or not spec.pruned else None  # the widths are recorded against the unpruned architecture
+    cost = _Cost(config, data, log) if ctx.is_main else None
+    shape = tuple(data.spec.input_shape)
+
+    state = _read_state(out, config) if config.resume else None
+    record: dict[str, Any]
+    if state is not None:
+        current, record = state
+        log(f"prune: resuming after step {len(record['steps'])} of {config.steps} from {partial_dir(_path(out))}")  # type: ignore[arg-type]
+    else:
+        current = copy.deepcopy(original)
+        ChannelGraph(current, shape, ignore=config.ignore_layers)  # bad input (untraceable, unrecordable, nothing to prune) fails before any timing
+        record = {"base": base_spec.to_dict() if base_spec else None, "budget": _budget(config), "criterion": None, "criteria": {}, "steps": []}
+        if cost is not None:
+            c = cost({"original": original})["original"]
+            record["original"] = {"cost": c, "p50_ms": cost.ms(c), "flops": count_flops(original, shape), "params": count_parameters(original)}
+            record["target_cost"] = _target_cost(config, c, cost)
+            _check_reachable(original, record, config, cost, shape)
+    record = _shared(record)
+    target, c0 = record["target_cost"], record["original"]["cost"]
+
+    split = "validation"
+    for step in range(len(record["steps"]) + 1, config.steps + 1):
+        t_step = time.perf_counter()
+        step_target = c0 * (target / c0) ** (step / config.steps)
+        last = step == config.steps
+        if step == 1 and record["criterion"] is None:
+            current, record["criterion"], record["criteria"] = _choose_criterion(current, teacher, data, config, step_target, cost, shape, log, teacher_input)
+        else:
+            _prune_to(current, config, record["criterion"], step_target, cost, data, shape, log)
+        pruned_s = time.perf_counter() - t_step
+        spec_now = base_spec.with_layers(narrowed_layers(_base_of(base_spec, base_model), current)) if base_spec is not None else None
+        if last:  # the architecture is final: the result is timed against the original before the last recovery, and recorded with it
+            if cost is not None:
+                _finish_record(record, step, step_target, current, cost, shape, pruned_s, original)
+            record = _shared(record)
+            record["seconds_pruning"] = sum(r["prune_seconds"] for r in record["steps"])
+            resume_final = config.resume and out is not None and (partial_dir(_path(out)) / "checkpoint.pt").is_file()
+            run = distill(current, teacher, data.train, data.test, val_data=data.val, config=dataclasses.replace(config, resume=resume_final),
+                          student_spec=spec_now, teacher_name=teacher_name, teacher_input=teacher_input, out=out, progress=progress,
+                          extra_metrics={"pruning": record})
+            record["steps"][-1]["val_accuracy"] = run.val.accuracy if run.val else None
+            if out is not None and ctx.is_main:
+                (partial_dir(_path(out)) / STATE_FILE).unlink(missing_ok=True)  # the run is complete: nothing to resume
+        else:
+            step_run = None
+            if config.step_epochs:
+                cfg = dataclasses.replace(config, epochs=config.step_epochs, out=None, resume=False)
+                step_run = distill(current, teacher, data.train, None, val_data=data.val, config=cfg, teacher_input=teacher_input, progress=progress)
+            record["steps"].append(_step_row(step, step_target, current, cost, shape, step_run, pruned_s, time.perf_counter() - t_step))
+            record = _shared(record)
+            log(f"prune: step {step}/{config.steps}: {_fmt_row(record['steps'][-1])}")
+            if out is not None and ctx.is_main and spec_now is not None:
+                _write_state(out, current, spec_now, record, data)
+    record["seconds"] = time.perf_counter() - t0
+    spec_final = base_spec.with_layers(narrowed_layers(_base_of(base_spec, base_model), current)) if base_spec is not None else None
+    return PruneResult(model=current, spec=spec_final, run=run, record=record, out=run.out)
+
+
+def _path(out: Claim | Path | None) -> Path:
+    return out.path if isinstance(out, Claim) else Path(out)  # type: ignore[arg-type]
+
+
+def _base_of(base_spec: ModelSpec, base_model: nn.Module | None) -> nn.Module:
+    """The unpruned architecture the widths are recorded against (built from the spec when the input was itself pruned)."""
+    if base_model is not None:
+        return base_model
+    from kdedge.models.zoo import create_model
+
+    return create_model(base_spec)
+
+
+def _budget(config: PruneConfig) -> dict[str, Any]:
+    if config.flops_ratio is not None:
+        return {"flops_ratio": config.flops_ratio}
+    return {("speedup" if config.speedup is not None else "latency_budget_ms"): config.speedup or config.latency_budget,
+            "target": config.target, "threads": config.target_threads, "batch": config.target_batch}
+
+
+def _target_cost(config: PruneConfig, original: float, cost: _Cost) -> float:
+    if config.flops_ratio is not None:
+        return original * config.flops_ratio
+    if config.speedup is not None:
+        return original / config.speedup
+    return config.latency_budget / cost.meter.anchor_p50_ms  # type: ignore[operator, union-attr]
+
+
+def _units(cost: _Cost, c: float) -> str:
+    ms = cost.ms(c)
+    return f"{ms * 1000:.1f} µs" if ms is not None else f"{c:,.0f} FLOPs"
+
+
+def _describe(cost: _Cost, c: float, original: float) -> str:
+    return f"{_units(cost, c)} ({original / c:.2f}× faster than the original)" if cost.kind == "latency" else \
+        f"{_units(cost, c)} ({c / original:.3g} of the original's)"
+
+
+def _check_reachable(original: nn.Module, record: dict[str, Any], config: PruneConfig, cost: _Cost, shape: tuple[int, ...]) -> None:
+    """The narrowest model this pruner can make (every group at ``round_to`` channels) must meet the budget, or nothing is trained."""
+    narrowest = copy.deepcopy(original)
+    graph = ChannelGraph(narrowest, shape, ignore=config.ignore_layers)
+    graph.remove({n: list(range(g.channels - _min_keep(g.channels, config.round_to))) for n, g in graph.groups.items()})
+    c = cost({"narrowest": narrowest, "original": original}, again=True)
+    best, orig = c["narrowest"], c["original"]
+    record["narrowest"] = {"cost": best / orig * record["original"]["cost"], "p50_ms": cost.ms(best / orig * record["original"]["cost"])}
+    if best > record["target_cost"] / record["original"]["cost"] * orig:
+        asked = _describe(cost, record["target_cost"], record["original"]["cost"])
+        raise ConfigError(f"the budget cannot be reached: it asks for {asked}, and the narrowest model this pruner makes (every group at "
+                          f"{config.round_to} channels) runs at {_describe(cost, best / orig * record['original']['cost'], record['original']['cost'])}; "
+                          "ask for less, lower --round-to, or start from a smaller architecture")
+
+
+def _min_keep(channels: int, round_to: int) -> int:
+    return min(channels, round_to)
+
+
+def _choose_criterion(model: nn.Module, teacher: nn.Module, data: DataSplits, config: PruneConfig, step_target: float, cost: _Cost | None,
+                      shape: tuple[int, ...], log: Callable[[str], None], teacher_input: Normalization | None) -> tuple[nn.Module, str, dict[str, float]]:
+    """Step 1 with each criterion, each recovered briefly (``criterion_epochs`` on ``criterion_samples`` images); the best on validation goes on."""
+    names = CRITERIA if config.criterion == "auto" else (config.criterion,)
+    if len(names) == 1:
+        _prune_to(model, config, names[0], step_target, cost, data, shape, log)
+        return model, names[0], {}
+    scores: dict[str, float] = {}
+    models: dict[str, nn.Module] = {}
+    proxy = dataclasses.replace(config, epochs=config.criterion_epochs, out=None, resume=False)
+    train = data.train.take(min(config.criterion_samples, len(data.train)), seed=config.seed)
+    for name in names:
+        candidate = copy.deepcopy(model)
+        _prune_to(candidate, config, name, step_target, cost, data, shape, log)
+        run = distill(candidate, teacher, train, None, val_data=data.val, config=proxy, teacher_input=teacher_input, progress=False)
+        scores[name] = float(run.val.accuracy)  # type: ignore[union-attr]
+        models[name] = candidate
+        log(f"prune: criterion {name}: validation accuracy {scores[name]:.4f} after {config.criterion_epochs} epoch(s) on {len(train)} images")
+    best = max(names, key=lambda n: (scores[n], -names.index(n)))
+    return models[best], best, scores
+
+
+def _taylor_grads(model: nn.Module, data: DataSplits, config: PruneConfig) -> Callable[[], None]:
+    """Forward and backward of the cross-entropy on 512 training images (a stratified sample): gradients for the Taylor criterion."""
+    def run() -> None:
+        sub = data.train.take(min(512, len(data.train)), seed=config.seed)
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()  # BatchNorm statistics stay as trained; the gradient is of the deployed function
+        for i in range(0, len(sub), 128):
+            rows = torch.arange(i, min(i + 128, len(sub)))
+            x = sub.inputs(rows, device=device)
+            y = sub.labels[rows].to(device)
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        model.train(was)
+    return run
+
+
+def _prune_to(model: nn.Module, config: PruneConfig, criterion: str, target: float, cost: _Cost | None, data: DataSplits, shape: tuple[int, ...],
+              log: Callable[[str], None]) -> None:
+    """Remove channels from ``model`` (in place) until its measured cost is within ``target`` (in the cost's units).
+
+    The measured slopes (:func:`_slopes`) and the importance order the removals (:func:`_plan`);
+    how many of them to take is found by bisection on *measured* cost (each candidate timed; the
+    meter remembers widths it has timed), so a slope that noise got wrong changes the order, never
+    how far the step goes. Under DDP rank 0 measures and decides, and every rank removes the same channels.
+    """
+    removed = None
+    if cost is not None:  # the main rank
+        graph = ChannelGraph(model, shape, ignore=config.ignore_layers)
+        now = cost({"model": model})["model"]
+        if now > target:
+            slopes = _slopes(model, graph, now, cost, config, shape)
+            scores = graph.importance(criterion, grads_from=_taylor_grads(model, data, config) if criterion == "taylor" else None)
+            chunks = _plan(graph, scores, slopes, config.round_to)
+
+            def cut(k: int) -> nn.Module:
+                trial = copy.deepcopy(model)
+                ChannelGraph(trial, shape, ignore=config.ignore_layers).remove(_prefix(chunks, k))
+                return trial
+
+            lo, hi = 0, len(chunks)  # cost(cut(hi)) is the narrowest: it meets the step's target (the budget was checked reachable)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if cost({"trial": cut(mid)})["trial"] <= target:
+                    hi = mid
+                else:
+                    lo = mid
+            removed = _prefix(chunks, hi)
+            widths = ", ".join(f"{n} {graph.groups[n].channels}→{graph.groups[n].channels - len(k)}" for n, k in removed.items())
+            log(f"prune: {criterion}: {_units(cost, now)} now, step target {_units(cost, target)}; removing {widths} "
+                f"({hi} of {len(chunks)} chunks, found by bisection on measured cost)")
+    removed = _shared(removed)
+    if removed:
+        ChannelGraph(model, shape, ignore=config.ignore_layers).remove(removed)
+
+
+def _prefix(chunks: list[tuple[str, list[int]]], k: int) -> dict[str, list[int]]:
+    """The channels the first ``k`` chunks remove, per group."""
+    out: dict[str, list[int]] = {}
+    for name, idxs in chunks[:k]:
+        out.setdefault(name, []).extend(idxs)
+    return out
+
+
+def _slopes(model: nn.Module, graph: ChannelGraph, now: float, cost: _Cost, config: PruneConfig, shape: tuple[int, ...]) -> dict[str, float]:
+    """Measured cost saved per removed channel, per group: a probe with that group cut to half (rounded down to ``round_to``),
+    timed in one interleaved set with the model. Latency depends on the widths, not on which channels
+    go, so probes are criterion-independent and the meter's cache serves every criterion's trial."""
+    q = config.round_to
+    probes: dict[str, nn.Module] = {}
+    cuts: dict[str, int] = {}
+    for name, g in graph.groups.items():
+        keep = max(_min_keep(g.channels, q), (g.channels // 2) // q * q)
+        if keep < g.channels:
+            probe = copy.deepcopy(model)
+            cuts[name] = g.channels - keep
+            ChannelGraph(probe, shape, ignore=config.ignore_layers).remove({name: list(range(cuts[name]))})
+            probes[name] = probe
+    costs = cost(probes)
+    floor = 0.01 * now / sum(g.channels for g in graph.groups.values())  # a probe that timed slower (noise) still saves something per channel
+    return {n: max((now - costs[n]) / cuts[n], floor) for n in cuts}
+
+
+def _plan(graph: ChannelGraph, scores: dict[str, torch.Tensor], slopes: dict[str, float], q: int) -> list[tuple[str, list[int]]]:
+    """Every removal this step could make, in order: ``(group root, channel indices)`` chunks, down to the narrowest model.
+
+    Per group, chunks go down to the next multiple of ``q``, then ``q`` at a time, lowest
+    importance first; across groups, the chunk with the least summed importance per unit of
+    measured saving (``slopes``) goes first.
+    """
+    order = {n: torch.argsort(s, stable=True).tolist() for n, s in scores.items()}  # lowest importance first
+    heap: list[tuple[float, str, int]] = []  # (importance per unit saved, group, chunk end)
+    removed = {n: 0 for n in slopes if n in graph.groups}
+    chunks: list[tuple[str, list[int]]] = []
+
+    def push(name: str) -> None:
+        n, done = graph.groups[name].channels, removed[name]
+        left = n - done
+        nxt = max((left - 1) // q * q, _min_keep(n, q))  # down to the next multiple of q
+        if nxt < left:
+            chunk = order[name][done : done + (left - nxt)]
+            heapq.heappush(heap, (float(scores[name][chunk].sum()) / (slopes[name] * len(chunk)), name, done + len(chunk)))
+
+    for name in removed:
+        push(name)
+    while heap:
+        _, name, end = heapq.heappop(heap)
+        chunks.append((name, order[name][removed[name] : end]))
+        removed[name] = end
+        push(name)
+    return chunks
+
+
+def _shared(obj: Any) -> Any:
+    """``obj`` as the main rank has it, on every rank (a no-op outside DDP)."""
+    if not dist_.context().enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _step_row(step: int, target: float, model: nn.Module, cost: _Cost | None, shape: tuple[int, ...], run: RunResult | None, pruned_s: float,
+              seconds: float) -> dict[str, Any]:
+    c = cost({"model": model})["model"] if cost is not None else None
+    return {"step": step, "target_cost": target, "cost": c, "p50_ms": cost.ms(c) if cost is not None and c is not None else None,
+            "flops": count_flops(model, shape), "params": count_parameters(model), "widths": {n: s[0] for n, s in layer_shapes(model).items()},
+            "val_accuracy": run.val.accuracy if run is not None and run.val else None, "prune_seconds": pruned_s, "seconds": seconds}
+
+
+def _fmt_row(row: dict[str, Any]) -> str:
+    lat = f"p50 {row['p50_ms'] * 1000:.1f} µs, " if row.get("p50_ms") is not None else ""
+    val = f", validation {row['val_accuracy']:.4f}" if row.get("val_accuracy") is not None else ""
+    return f"{lat}{row['flops'] / 1e6:.2f} MFLOPs, {row['params']:,} params{val} ({row['seconds']:.0f} s)"
+
+
+def _finish_record(record: dict[str, Any], step: int, target: float, model: nn.Module, cost: _Cost, shape: tuple[int, ...], pruned_s: float,
+                   original: nn.Module) -> None:
+    """The last step's row, the widths per layer and the result: the final model and the original timed head to head in one interleaved set."""
+    cpu = copy.deepcopy(model).cpu().eval()
+    both = cost({"original": original, "pruned": cpu}, again=True)
+    c = both["pruned"] * record["original"]["cost"] / both["original"]
+    row = {"step": step, "target_cost": target, "cost": c, "p50_ms": cost.ms(c), "flops": count_flops(cpu, shape), "params": count_parameters(cpu),
+           "widths": {n: s[0] for n, s in layer_shapes(cpu).items()}, "val_accuracy": None, "prune_seconds": pruned_s}
+    record["steps"].append(row)
+    before = layer_shapes(original)
+    record["layers"] = {n: {"before": before[n][0], "after": w, "kept": round(w / before[n][0], 4)} for n, w in row["widths"].items()
+                        if n in before and before[n][0] != w}
+    record["result"] = {"kind": cost.kind, "flops": row["flops"], "params": row["params"], "original_flops": record["original"]["flops"],
+                        "original_params": record["original"]["params"], "p50_ms": row["p50_ms"], "original_p50_ms": record["original"]["p50_ms"],
+                        "speedup": both["original"] / both["pruned"],
+                        # met within the meter's noise: an interleaved re-timing of one model varies by about ±2 %
+                        "met": bool(c <= record["target_cost"] * 1.02)}
+
+
+def _write_state(out: Claim | Path, model: nn.Module, spec: ModelSpec | None, record: dict[str, Any], data: DataSplits) -> None:
+    """The model after a finished step and the record so far, in OUT.partial: ``--resume`` goes on from the next step."""
+    from kdedge._fs import atomic_file
+
+    part = partial_dir(_path(out))
+    part.mkdir(parents=True, exist_ok=True)
+    with atomic_file(part / STATE_FILE) as tmp:
+        save_checkpoint(tmp, model, spec, data.spec, extra={"prune_record": json.dumps(record)})
+
+
+def _read_state(out: Claim | Path | None, config: PruneConfig) -> tuple[nn.Module, dict[str, Any]] | None:
+    if out is None:
+        return None
+    path = partial_dir(_path(out)) / STATE_FILE
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    if not ckpt.spec.pruned or "prune_record" not in ckpt.extra:
+        raise ModelError(f"{path}: is not a pruned checkpoint from a kdedge prune step, so --resume cannot go on from it; "
+                         f"remove {path.parent} to start afresh")
+    record = json.loads(ckpt.extra["prune_record"])
+    if record.get("budget") != _budget(config) or len(record["steps"]) >= config.steps:
+        raise ConfigError(f"--resume: {path} was written with budget {record.get('budget')} over {len(record['steps'])}+ steps; resume with the "
+                          "original --speedup/--latency-budget/--flops-ratio and --steps")
+    return ckpt.model.to(resolve_device(config.device)), record
