@@ -98,3 +98,19 @@ def test_two_processes_score_the_view_cache_in_shards(tmp_path):
     assert one.key == metrics["teacher_cache"]["key"]
     np.testing.assert_array_equal(np.load(written / "views.npy"), one.view_rows)
     np.testing.assert_allclose(np.load(written / "logp.npy").astype(np.float32), one.log_probs.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_two_processes_prune_the_same_channels(tmp_path):
+    """kdedge prune under torchrun: rank 0 decides which channels go, both ranks remove them, recover together, and rank 0 writes."""
+    from kdedge.models import load_checkpoint
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "runs" / "pruned"
+    args = ["prune", "resnet", "--flops-ratio", "0.3", "--steps", "2", "--step-epochs", "1", "--epochs", "1", "--criterion", "auto",
+            "--criterion-samples", "400", "--train-limit", "2000", "--test-limit", "500", "--quiet", "--out", str(out)]
+    ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *args], str(tmp_path / "cache"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned"] and ddp.stdout.count("wrote ") == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["distributed"]["world_size"] == 2 and m["pruning"]["result"]["met"] and len(m["pruning"]["steps"]) == 2
+    assert load_checkpoint(out).spec.pruned and m["test"]["accuracy"] > 0.5
