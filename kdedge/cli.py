@@ -242,10 +242,10 @@ def prune(model: str | None, config_file: str | None, quiet: bool, trust_code: b
     if result.out is None:
         return  # a non-zero rank under torchrun
     r = result.record["result"]
-    lat = f"p50 {_num(r.get('p50_ms'), ' ms')} vs {_num(r.get('original_p50_ms'), ' ms')}, " if r.get("p50_ms") is not None else ""
-    click.echo(f"{result.spec.name if result.spec else 'pruned model'}: {lat}{r['speedup']:.2f}× faster"
-               f" ({r['flops'] / 1e6:.2f} vs {r['original_flops'] / 1e6:.2f} MFLOPs, {r['params']:,} vs {r['original_params']:,} params), "
-               f"criterion {result.record['criterion']}, test accuracy {result.run.test.accuracy:.4f}")
+    gain = (f"p50 {_num(r['p50_ms'], ' ms')} vs {_num(r['original_p50_ms'], ' ms')} ({r['speedup']:.2f}× faster)" if r["kind"] == "latency"
+            else f"{r['flops_ratio']:.3f} of the FLOPs")
+    click.echo(f"{result.spec.name if result.spec else 'pruned model'}: {gain}, {r['flops'] / 1e6:.2f} vs {r['original_flops'] / 1e6:.2f} MFLOPs, "
+               f"{r['params']:,} vs {r['original_params']:,} params, criterion {result.record['criterion']}, test accuracy {result.run.test.accuracy:.4f}")
     click.echo(f"wrote {result.out}")
 
 

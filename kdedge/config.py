@@ -650,9 +650,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
     if named and not trust_code:
         raise ConfigError(f"{path} names code to import and run ({'; '.join(named)}); if you trust it, pass --trust-code "
                           "(trust_code=True in Python), or name the factory on the command line")
-    values.update(overrides or {})
     if isinstance(values.get("prune"), dict) and "prune_steps" in {f.name for f in fields(cls)}:  # type: ignore[arg-type]
-        values = _flatten_prune(values, str(path) if path else "config")
+        values = _flatten_prune(values, str(path) if path else "config")  # before the flags, so --prune-steps beats the block's steps
+    values.update(overrides or {})
     return config_from_dict(cls, values, source=str(path) if path else "config")
 
 

@@ -172,13 +172,15 @@ def test_prune_resumes_after_its_last_finished_step(tiny, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prune(teacher, data, config=cfg, spec=spec, progress=False)
     assert (tmp_path / "run.partial" / run_mod.STATE_FILE).is_file() and not (tmp_path / "run").exists()
+    kept = load_checkpoint(tmp_path / "run.partial" / run_mod.STATE_FILE).spec  # pruned, not yet recovered: the resume recovers this one
     monkeypatch.setattr(run_mod, "distill", real)
     lines: list[str] = []
     import dataclasses
 
     result = prune(teacher, data, config=dataclasses.replace(cfg, resume=True), spec=spec, progress=False, log=lines.append)
-    assert any("resuming after step 1 of 2" in line for line in lines)
-    assert [r["step"] for r in result.record["steps"]] == [1, 2] and (tmp_path / "run" / "model.safetensors").is_file()
+    assert any("resuming after step 2 of 2" in line and line.endswith("(pruned; its final recovery goes on)") for line in lines), lines
+    assert [r["step"] for r in result.record["steps"]] == [1, 2] and load_checkpoint(tmp_path / "run").spec == kept == result.spec
+    assert not (tmp_path / "run.partial").exists()
 
 
 def test_resume_from_a_step_file_that_is_not_pruned_is_one_line(tiny, tmp_path):

@@ -117,7 +117,9 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, edge, bench, searched, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched, pruned, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    # The pruned teacher: its name carries the digest of its kept widths, and the FLOPs budget was met.
+    assert pruned.startswith("resnet-pruned-") and "'met': True" in pruned and " magnitude " in pruned, pruned
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
     assert 0.5 < student_acc < teacher_acc and 0.5 < student_f1 < 1 and teacher_acc > 0.9  # one epoch on 2,000 images vs the shipped teacher
     assert (tmp_path / "runs/notebook/model.safetensors").is_file()

@@ -39,9 +39,26 @@ def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str]
             model = resolve_teacher(config.model, data.spec, weights=config.weights, trust_code=trust_code)
             if model.is_onnx:
                 raise ConfigError(f"{config.model}: an ONNX file cannot be pruned (its channels are not PyTorch parameters); prune the checkpoint it was exported from")
+            _check_input(model, data.spec)
             teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code) if config.teacher else model
             return prune(model.model, data, config=config, spec=model.spec, teacher=teacher.model if config.teacher else None,
                          teacher_name=teacher.name if config.teacher else f"{model.name} (unpruned)", teacher_input=teacher.input, out=out,
-                         progress=progress, log=log)
+                         progress=progress, log=log, trust_code=trust_code)
     finally:
         dist_.shutdown()
+
+
+def _check_input(model: object, data: object) -> None:
+    """The pruned model is a student fed the data's normalization: the model must have been trained on the same one."""
+    from kdedge.errors import ConfigError
+
+    norm = getattr(model, "input", None)
+    if norm is None:
+        return
+    same = (len(norm.mean) == len(data.mean) and all(abs(a - b) < 1e-6 for a, b in zip(norm.mean, data.mean))  # type: ignore[attr-defined]
+            and all(abs(a - b) < 1e-6 for a, b in zip(norm.std, data.std))  # type: ignore[attr-defined]
+            and (norm.scale is None or data.scale is None or abs(norm.scale - data.scale) < 1e-9))  # type: ignore[attr-defined]
+    if not same:
+        raise ConfigError(f"{getattr(model, 'name', 'the model')} was trained on inputs normalized with mean {tuple(norm.mean)}, std {tuple(norm.std)}, "
+                          f"but the data's are mean {tuple(data.mean)}, std {tuple(data.std)}; the pruned model would be fed the data's — "  # type: ignore[attr-defined]
+                          "prune it on data with its own normalization")

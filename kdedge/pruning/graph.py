@@ -51,8 +51,8 @@ class ChannelGraph:
     """The prunable channel groups of ``model`` (traced on one zero input of ``input_shape``).
 
     The classifier (the last convolution or linear layer that runs) keeps its outputs: they are the
-    classes. ``ignore`` names layers to keep whole: a group that would narrow one of them is left
-    alone.
+    classes. ``ignore`` names layers whose outputs keep every channel: a group that would remove
+    one of their output channels is left alone (their inputs may still narrow with the layer before).
 
     Raises:
         ModelError: Torch-Pruning cannot trace the model, a name in ``ignore`` is not a layer, a
@@ -126,8 +126,11 @@ class ChannelGraph:
         scores = {}
         for name, (root, handler) in self.roots.items():
             group = self.dg.get_pruning_group(root, handler, idxs=list(range(self.groups[name].channels)))
-            s = scorer(group)
-            if s is None:
+            try:
+                s = scorer(group)
+            except AttributeError:  # Taylor: a layer of the group got no gradient on these batches (a branch the forward skips)
+                s = None
+            if s is None:  # bn_scale without a BatchNorm, or taylor without gradients: the group is ranked by magnitude
                 s = magnitude(group)
             scores[name] = torch.nan_to_num(s.detach().float().cpu(), nan=0.0)
         if criterion == "taylor":

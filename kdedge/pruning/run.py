@@ -35,7 +35,7 @@ from kdedge.config import PruneConfig
 from kdedge.data import DataSplits, hold_out
 from kdedge.data.normalization import Normalization
 from kdedge.distill.loop import resolve_device
-from kdedge.errors import ConfigError, ModelError
+from kdedge.errors import ConfigError, KdedgeError, ModelError
 from kdedge.models.pruned import layer_shapes, narrowed_layers
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, runs_outside_torch, save_checkpoint
 from kdedge.pruning.graph import CRITERIA, ChannelGraph
@@ -114,6 +114,7 @@ def prune(
     out: str | Path | Claim | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    trust_code: bool = False,
 ) -> PruneResult:
     """Prune ``model``'s channels to ``config``'s budget and recover by distillation from the original.
 
@@ -129,6 +130,7 @@ def prune(
         out: Run directory to write (``model.safetensors``, ``metrics.json`` with a ``pruning`` record); None writes nothing.
         progress: Progress bars during recovery.
         log: Called with one line per pruning decision.
+        trust_code: ``--resume`` of a pruned factory model rebuilds it by running that factory.
 
     Raises:
         ConfigError: The budget cannot be reached (the message gives the narrowest model's measured cost).
@@ -142,11 +144,11 @@ def prune(
     out = out if out is not None else config.out
     with _output(out, resume=config.resume, checkpoint=RESUMABLE) as claim:
         return _prune(model, data, config=config, spec=spec, teacher=teacher, teacher_name=teacher_name, teacher_input=teacher_input,
-                      out=claim, progress=progress, log=log or (lambda _line: None))
+                      out=claim, progress=progress, log=log or (lambda _line: None), trust_code=trust_code)
 
 
 def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: ModelSpec | None, teacher: nn.Module | None, teacher_name: str | None,
-           teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, log: Callable[[str], None]) -> PruneResult:
+           teacher_input: Normalization | None, out: Claim | Path | None, progress: bool, log: Callable[[str], None], trust_code: bool) -> PruneResult:
     t0 = time.perf_counter()
     if data.val is None:
         data = hold_out(data, config.val_split or 0.1)
@@ -155,76 +157,106 @@ def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: Mod
     teacher = teacher if teacher is not None else original
     teacher_name = teacher_name or "the unpruned model"
     base_spec = spec.with_layers(None) if spec is not None else None
-    base_model = original if spec is None or not spec.pruned else None  # the widths are recorded against the unpruned architecture
+    base = original if spec is None or not spec.pruned else _build_base(base_spec)  # the widths are recorded against the unpruned architecture
     cost = _Cost(config, data, log) if ctx.is_main else None
     shape = tuple(data.spec.input_shape)
 
-    state = _read_state(out, config) if config.resume else None
+    state = _read_state(out, config, trust_code=trust_code) if config.resume else None
     record: dict[str, Any]
     if state is not None:
         current, record = state
-        log(f"prune: resuming after step {len(record['steps'])} of {config.steps} from {partial_dir(_path(out))}")  # type: ignore[arg-type]
+        log(f"prune: resuming after step {len(record['steps'])} of {config.steps} from {partial_dir(_path(out))}"  # type: ignore[arg-type]
+            + (" (pruned; its final recovery goes on)" if record.get("final") else ""))
     else:
         current = copy.deepcopy(original)
         ChannelGraph(current, shape, ignore=config.ignore_layers)  # bad input (untraceable, unrecordable, nothing to prune) fails before any timing
-        record = {"base": base_spec.to_dict() if base_spec else None, "budget": _budget(config), "criterion": None, "criteria": {}, "steps": []}
-        if cost is not None:
-            c = cost({"original": original})["original"]
-            record["original"] = {"cost": c, "p50_ms": cost.ms(c), "flops": count_flops(original, shape), "params": count_parameters(original)}
-            record["target_cost"] = _target_cost(config, c, cost)
-            _check_reachable(original, record, config, cost, shape)
-    record = _shared(record)
+        record = {"base": base_spec.to_dict() if base_spec else None, "budget": _budget(config), "criterion": None, "criteria": {}, "steps": [],
+                  "settings": {"steps": config.steps, "round_to": config.round_to, "ignore_layers": list(config.ignore_layers)}}
+
+        def first() -> dict[str, Any]:
+            c = cost({"original": original})["original"]  # type: ignore[misc]
+            record["original"] = {"cost": c, "p50_ms": cost.ms(c), "flops": count_flops(original, shape), "params": count_parameters(original)}  # type: ignore[union-attr]
+            record["target_cost"] = _target_cost(config, c, cost)  # type: ignore[arg-type]
+            _check_reachable(original, record, config, cost, shape)  # type: ignore[arg-type]
+            return record
+
+        record = _decide(first)
     target, c0 = record["target_cost"], record["original"]["cost"]
 
-    split = "validation"
-    for step in range(len(record["steps"]) + 1, config.steps + 1):
+    def spec_of(m: nn.Module) -> ModelSpec | None:
+        return base_spec.with_layers(narrowed_layers(base, m)) if base_spec is not None else None
+
+    for step in range(len(record["steps"]) + 1, config.steps):  # every step but the last: prune, recover, keep the state
         t_step = time.perf_counter()
         step_target = c0 * (target / c0) ** (step / config.steps)
-        last = step == config.steps
-        if step == 1 and record["criterion"] is None:
-            current, record["criterion"], record["criteria"] = _choose_criterion(current, teacher, data, config, step_target, cost, shape, log, teacher_input)
-        else:
-            _prune_to(current, config, record["criterion"], step_target, cost, data, shape, log)
+        current = _prune_step(current, record, step, step_target, teacher, data, config, cost, shape, log, teacher_input)
         pruned_s = time.perf_counter() - t_step
-        spec_now = base_spec.with_layers(narrowed_layers(_base_of(base_spec, base_model), current)) if base_spec is not None else None
-        if last:  # the architecture is final: the result is timed against the original before the last recovery, and recorded with it
-            if cost is not None:
-                _finish_record(record, step, step_target, current, cost, shape, pruned_s, original)
-            record = _shared(record)
-            record["seconds_pruning"] = sum(r["prune_seconds"] for r in record["steps"])
-            resume_final = config.resume and out is not None and (partial_dir(_path(out)) / "checkpoint.pt").is_file()
-            run = distill(current, teacher, data.train, data.test, val_data=data.val, config=dataclasses.replace(config, resume=resume_final),
-                          student_spec=spec_now, teacher_name=teacher_name, teacher_input=teacher_input, out=out, progress=progress,
-                          extra_metrics={"pruning": record})
-            record["steps"][-1]["val_accuracy"] = run.val.accuracy if run.val else None
-            if out is not None and ctx.is_main:
-                (partial_dir(_path(out)) / STATE_FILE).unlink(missing_ok=True)  # the run is complete: nothing to resume
-        else:
-            step_run = None
-            if config.step_epochs:
-                cfg = dataclasses.replace(config, epochs=config.step_epochs, out=None, resume=False)
-                step_run = distill(current, teacher, data.train, None, val_data=data.val, config=cfg, teacher_input=teacher_input, progress=progress)
-            record["steps"].append(_step_row(step, step_target, current, cost, shape, step_run, pruned_s, time.perf_counter() - t_step))
-            record = _shared(record)
-            log(f"prune: step {step}/{config.steps}: {_fmt_row(record['steps'][-1])}")
-            if out is not None and ctx.is_main and spec_now is not None:
-                _write_state(out, current, spec_now, record, data)
+        step_run = None
+        if config.step_epochs:
+            cfg = dataclasses.replace(config, epochs=config.step_epochs, out=None, resume=False)
+            step_run = distill(current, teacher, data.train, None, val_data=data.val, config=cfg, teacher_input=teacher_input, progress=progress)
+        record["steps"].append(_step_row(step, step_target, current, cost, shape, step_run, pruned_s, time.perf_counter() - t_step))
+        record = _shared(record)
+        log(f"prune: step {step}/{config.steps}: {_fmt_row(record['steps'][-1])}")
+        if out is not None and ctx.is_main and spec_of(current) is not None:
+            _write_state(out, current, spec_of(current), record, data)
+
+    if not record.get("final"):  # the last step: prune to the budget, time the result against the original, and keep it before recovering
+        t_step = time.perf_counter()
+        current = _prune_step(current, record, config.steps, target, teacher, data, config, cost, shape, log, teacher_input)
+        pruned_s = time.perf_counter() - t_step
+        record = _decide(lambda: _finish_record(record, config.steps, target, current, cost, shape, pruned_s, original))  # type: ignore[arg-type]
+        record["seconds_pruning"] = sum(r["prune_seconds"] for r in record["steps"])
+        record["final"] = True
+        if out is not None and ctx.is_main and spec_of(current) is not None:
+            _write_state(out, current, spec_of(current), record, data)  # a killed final recovery resumes on this very architecture
+    resume_final = config.resume and out is not None and (partial_dir(_path(out)) / "checkpoint.pt").is_file()
+    spec_final = spec_of(current)
+    run = distill(current, teacher, data.train, data.test, val_data=data.val, config=dataclasses.replace(config, resume=resume_final),
+                  student_spec=spec_final, teacher_name=teacher_name, teacher_input=teacher_input, out=out, progress=progress,
+                  extra_metrics={"pruning": {k: v for k, v in record.items() if k != "final"}})
+    if out is not None and ctx.is_main:
+        (partial_dir(_path(out)) / STATE_FILE).unlink(missing_ok=True)  # the run is complete: nothing to resume
+    record.pop("final", None)
     record["seconds"] = time.perf_counter() - t0
-    spec_final = base_spec.with_layers(narrowed_layers(_base_of(base_spec, base_model), current)) if base_spec is not None else None
     return PruneResult(model=current, spec=spec_final, run=run, record=record, out=run.out)
+
+
+def _prune_step(current: nn.Module, record: dict[str, Any], step: int, step_target: float, teacher: nn.Module, data: DataSplits, config: PruneConfig,
+                cost: _Cost | None, shape: tuple[int, ...], log: Callable[[str], None], teacher_input: Normalization | None) -> nn.Module:
+    if step == 1 and record["criterion"] is None:
+        current, record["criterion"], record["criteria"] = _choose_criterion(current, teacher, data, config, step_target, cost, shape, log, teacher_input)
+    else:
+        _prune_to(current, config, record["criterion"], step_target, cost, data, shape, log)
+    return current
+
+
+def _build_base(spec: ModelSpec) -> nn.Module:
+    """The unpruned architecture of ``spec`` (built once, without touching the global RNG: fresh and resumed runs draw the same numbers)."""
+    from kdedge.models.zoo import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        return create_model(spec)
+
+
+def _decide(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main rank and its result on every rank; an error there is raised on every rank (none waits forever)."""
+    ctx = dist_.context()
+    result = error = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except KdedgeError as exc:
+            error = exc
+    if ctx.enabled:
+        result, error = _shared((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def _path(out: Claim | Path | None) -> Path:
     return out.path if isinstance(out, Claim) else Path(out)  # type: ignore[arg-type]
-
-
-def _base_of(base_spec: ModelSpec, base_model: nn.Module | None) -> nn.Module:
-    """The unpruned architecture the widths are recorded against (built from the spec when the input was itself pruned)."""
-    if base_model is not None:
-        return base_model
-    from kdedge.models.zoo import create_model
-
-    return create_model(base_spec)
 
 
 def _budget(config: PruneConfig) -> dict[str, Any]:
@@ -254,9 +286,19 @@ def _describe(cost: _Cost, c: float, original: float) -> str:
 
 def _check_reachable(original: nn.Module, record: dict[str, Any], config: PruneConfig, cost: _Cost, shape: tuple[int, ...]) -> None:
     """The narrowest model this pruner can make (every group at ``round_to`` channels) must meet the budget, or nothing is trained."""
+    if record["original"]["cost"] <= record["target_cost"]:
+        raise ConfigError(f"the original already meets the budget: it runs at {_units(cost, record['original']['cost'])}, the budget is "
+                          f"{_units(cost, record['target_cost'])}; there is nothing to prune for — ask for a speedup or a smaller budget")
     narrowest = copy.deepcopy(original)
     graph = ChannelGraph(narrowest, shape, ignore=config.ignore_layers)
     graph.remove({n: list(range(g.channels - _min_keep(g.channels, config.round_to))) for n, g in graph.groups.items()})
+    try:
+        with torch.no_grad():
+            narrowest.eval()(torch.zeros(1, *shape))
+    except Exception as exc:  # a forward that hard-codes a width traces at full width and breaks once narrowed
+        raise ModelError(f"the model fails once its channels are removed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "its forward may hard-code a channel count (x.view(-1, 128)): write it with flatten/shape, or keep those layers whole "
+                         "with --ignore-layers") from exc
     c = cost({"narrowest": narrowest, "original": original}, again=True)
     best, orig = c["narrowest"], c["original"]
     record["narrowest"] = {"cost": best / orig * record["original"]["cost"], "p50_ms": cost.ms(best / orig * record["original"]["cost"])}
@@ -318,8 +360,9 @@ def _prune_to(model: nn.Module, config: PruneConfig, criterion: str, target: flo
     meter remembers widths it has timed), so a slope that noise got wrong changes the order, never
     how far the step goes. Under DDP rank 0 measures and decides, and every rank removes the same channels.
     """
-    removed = None
-    if cost is not None:  # the main rank
+    def plan() -> dict[str, list[int]] | None:  # the main rank measures and decides
+        assert cost is not None
+        removed = None
         graph = ChannelGraph(model, shape, ignore=config.ignore_layers)
         now = cost({"model": model})["model"]
         if now > target:
@@ -343,7 +386,9 @@ def _prune_to(model: nn.Module, config: PruneConfig, criterion: str, target: flo
             widths = ", ".join(f"{n} {graph.groups[n].channels}→{graph.groups[n].channels - len(k)}" for n, k in removed.items())
             log(f"prune: {criterion}: {_units(cost, now)} now, step target {_units(cost, target)}; removing {widths} "
                 f"({hi} of {len(chunks)} chunks, found by bisection on measured cost)")
-    removed = _shared(removed)
+        return removed
+
+    removed = _decide(plan)
     if removed:
         ChannelGraph(model, shape, ignore=config.ignore_layers).remove(removed)
 
@@ -358,7 +403,7 @@ def _prefix(chunks: list[tuple[str, list[int]]], k: int) -> dict[str, list[int]]
 
 def _slopes(model: nn.Module, graph: ChannelGraph, now: float, cost: _Cost, config: PruneConfig, shape: tuple[int, ...]) -> dict[str, float]:
     """Measured cost saved per removed channel, per group: a probe with that group cut to half (rounded down to ``round_to``),
-    timed in one interleaved set with the model. Latency depends on the widths, not on which channels
+    timed interleaved with the anchor and compared with the model's own anchored cost. Latency depends on the widths, not on which channels
     go, so probes are criterion-independent and the meter's cache serves every criterion's trial."""
     q = config.round_to
     probes: dict[str, nn.Module] = {}
@@ -434,17 +479,22 @@ def _finish_record(record: dict[str, Any], step: int, target: float, model: nn.M
     cpu = copy.deepcopy(model).cpu().eval()
     both = cost({"original": original, "pruned": cpu}, again=True)
     c = both["pruned"] * record["original"]["cost"] / both["original"]
-    row = {"step": step, "target_cost": target, "cost": c, "p50_ms": cost.ms(c), "flops": count_flops(cpu, shape), "params": count_parameters(cpu),
-           "widths": {n: s[0] for n, s in layer_shapes(cpu).items()}, "val_accuracy": None, "prune_seconds": pruned_s}
+    # its validation accuracy is the run's own (metrics.json "val"): the final recovery comes after this row is written
+    row = {"step": step, "target_cost": target, "cost": c, "p50_ms": cost.ms(both["pruned"]), "flops": count_flops(cpu, shape),
+           "params": count_parameters(cpu), "widths": {n: s[0] for n, s in layer_shapes(cpu).items()}, "prune_seconds": pruned_s}
     record["steps"].append(row)
     before = layer_shapes(original)
     record["layers"] = {n: {"before": before[n][0], "after": w, "kept": round(w / before[n][0], 4)} for n, w in row["widths"].items()
                         if n in before and before[n][0] != w}
     record["result"] = {"kind": cost.kind, "flops": row["flops"], "params": row["params"], "original_flops": record["original"]["flops"],
-                        "original_params": record["original"]["params"], "p50_ms": row["p50_ms"], "original_p50_ms": record["original"]["p50_ms"],
-                        "speedup": both["original"] / both["pruned"],
-                        # met within the meter's noise: an interleaved re-timing of one model varies by about ±2 %
-                        "met": bool(c <= record["target_cost"] * 1.02)}
+                        "original_params": record["original"]["params"]}
+    if cost.kind == "latency":  # both p50s from the head-to-head set (one anchor), so their ratio is the speedup
+        record["result"] |= {"p50_ms": cost.ms(both["pruned"]), "original_p50_ms": cost.ms(both["original"]), "speedup": both["original"] / both["pruned"],
+                             # met within the meter's noise: an interleaved re-timing of one model varies by about ±2 %
+                             "met": bool(c <= record["target_cost"] * 1.02)}
+    else:
+        record["result"] |= {"flops_ratio": both["pruned"] / both["original"], "met": bool(both["pruned"] <= record["target_cost"])}
+    return record
 
 
 def _write_state(out: Claim | Path, model: nn.Module, spec: ModelSpec | None, record: dict[str, Any], data: DataSplits) -> None:
@@ -457,18 +507,19 @@ def _write_state(out: Claim | Path, model: nn.Module, spec: ModelSpec | None, re
         save_checkpoint(tmp, model, spec, data.spec, extra={"prune_record": json.dumps(record)})
 
 
-def _read_state(out: Claim | Path | None, config: PruneConfig) -> tuple[nn.Module, dict[str, Any]] | None:
+def _read_state(out: Claim | Path | None, config: PruneConfig, *, trust_code: bool) -> tuple[nn.Module, dict[str, Any]] | None:
     if out is None:
         return None
     path = partial_dir(_path(out)) / STATE_FILE
     if not path.is_file():
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_code=trust_code)
     if not ckpt.spec.pruned or "prune_record" not in ckpt.extra:
         raise ModelError(f"{path}: is not a pruned checkpoint from a kdedge prune step, so --resume cannot go on from it; "
                          f"remove {path.parent} to start afresh")
     record = json.loads(ckpt.extra["prune_record"])
-    if record.get("budget") != _budget(config) or len(record["steps"]) >= config.steps:
-        raise ConfigError(f"--resume: {path} was written with budget {record.get('budget')} over {len(record['steps'])}+ steps; resume with the "
-                          "original --speedup/--latency-budget/--flops-ratio and --steps")
+    now = {"budget": _budget(config), "steps": config.steps, "round_to": config.round_to, "ignore_layers": list(config.ignore_layers)}
+    then = {"budget": record.get("budget"), **(record.get("settings") or {})}
+    if then != now or len(record["steps"]) > config.steps or (len(record["steps"]) == config.steps and not record.get("final")):
+        raise ConfigError(f"--resume: {path} was written with {then}, this run asks for {now}; resume with the original settings")
     return ckpt.model.to(resolve_device(config.device)), record
