@@ -64,15 +64,14 @@ def run(args: argparse.Namespace) -> None:
     data = hold_out(data, 0.1)  # one validation split for prune, criterion choice and scratch alike
     teacher = kdedge.resolve_teacher(args.teacher, data.spec)
     budget: dict = {"speedup": args.speedup}
-    if args.latency_of:
+    if args.latency_of:  # as a speedup: the teacher's p50 ÷ that model's, timed interleaved (an absolute µs budget would carry this moment's drift)
         from kdedge.search import LatencyMeter
 
-        meter = LatencyMeter(data.test.batch_of(8), num_classes=data.spec.num_classes)
+        meter = LatencyMeter(data.test.batch_of(8), num_classes=data.spec.num_classes, rounds=9)
         spec = ModelSpec(*kdedge.models.zoo.parse_model_name(args.latency_of), data.spec.num_classes, tuple(data.spec.input_shape))
-        for _ in range(3):
-            ratio = meter.measure({args.latency_of: spec})[args.latency_of]["ratio"]
-        budget = {"latency_budget": ratio * meter.anchor_p50_ms}
-        print(f"budget: {args.latency_of}'s p50 {budget['latency_budget'] * 1000:.1f} µs", flush=True)
+        r = meter.measure({args.latency_of: spec, "teacher": teacher.spec}, modules={"teacher": teacher.model})
+        budget = {"speedup": r["teacher"]["ratio"] / r[args.latency_of]["ratio"]}
+        print(f"budget: {args.latency_of}'s p50 is the teacher's ÷ {budget['speedup']:.2f}", flush=True)
     config = PruneConfig(model=args.teacher, seed=args.seed, steps=args.steps, step_epochs=args.step_epochs, epochs=args.epochs,
                          criterion=args.criterion, **budget)
     t0 = time.perf_counter()

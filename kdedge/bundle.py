@@ -317,9 +317,9 @@ def _prunable_teacher(config: CompressConfig, teacher: ResolvedTeacher, data: Da
     if teacher.is_onnx:
         raise ConfigError(f"--prune prunes the teacher, and {teacher.path} is an ONNX file (its channels are not PyTorch parameters); "
                           "pass the PyTorch checkpoint it was exported from as --teacher")
-    from kdedge.pruning import _check_input
+    from kdedge.pruning import check_input
 
-    _check_input(teacher, data.spec)
+    check_input(teacher, data.spec)
     ChannelGraph(copy.deepcopy(teacher.model).cpu(), tuple(data.spec.input_shape), ignore=config.prune_ignore_layers)
     return teacher.model, teacher.spec
 

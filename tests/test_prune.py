@@ -195,14 +195,19 @@ def test_resume_from_a_step_file_that_is_not_pruned_is_one_line(tiny, tmp_path):
 
 
 def test_prune_to_a_measured_speedup_on_onnxruntime(tiny):
-    """The latency path: the meter times the model and one probe per group on ort-cpu; the result is re-timed head to head."""
-    data, teacher = tiny
-    spec = ModelSpec("resnet", 1.0, 3, (1, 12, 12))
+    """The latency path: the meter times the model and one probe per group on ort-cpu; the result is re-timed head to head.
+
+    tiny_cnn (3 groups) keeps the probes few; it is untrained, so this checks the timing, not the accuracy.
+    """
+    data, _ = tiny
+    spec = ModelSpec("tiny_cnn", 2.0, 3, (1, 12, 12))
+    torch.manual_seed(0)
+    model = create_model(spec)
     cfg = PruneConfig(speedup=1.5, steps=1, epochs=1, batch_size=32, criterion="magnitude", sanity_checks=False)
-    result = prune(teacher, data, config=cfg, spec=spec, progress=False)
+    result = prune(model, data, config=cfg, spec=spec, progress=False)
     r = result.record["result"]
     assert r["kind"] == "latency" and r["p50_ms"] < r["original_p50_ms"] and r["speedup"] > 1.2  # 1.5 asked; the head-to-head re-timing is noisy
-    assert result.spec.pruned
+    assert result.spec.pruned and result.record["steps"][0]["cost"] <= result.record["target_cost"] * 1.25
 
 
 def test_config_checks_the_budget_and_the_yaml_prune_block(tmp_path):
@@ -243,7 +248,8 @@ def test_compress_and_export_with_prune_bundles_the_pruned_teacher_and_says_how(
     from kdedge.bundle import compress_and_export, verify_bundle
 
     config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("ort-cpu",), "formats": ("onnx",), "tune_runtime": False,
-                                               "prune": 2.0, "prune_steps": 1, "prune_criterion": "magnitude", "out": str(tmp_path / "b")}))
+                                               "prune": 2.0, "prune_steps": 1, "prune_criterion": "magnitude", "prune_round_to": 16,
+                                               "out": str(tmp_path / "b")}))
     result = compress_and_export(config)
     m = result.manifest
     pruned = m["student"]["pruned"]

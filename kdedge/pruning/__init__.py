@@ -14,7 +14,7 @@ from kdedge.config import PruneConfig
 from kdedge.pruning.graph import CRITERIA
 from kdedge.pruning.run import RESUMABLE, PruneResult, prune
 
-__all__ = ["CRITERIA", "PruneResult", "prune", "run_prune"]
+__all__ = ["CRITERIA", "PruneResult", "check_input", "prune", "run_prune"]
 
 
 def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], None] | None = None, trust_code: bool = False) -> PruneResult:
@@ -39,7 +39,7 @@ def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str]
             model = resolve_teacher(config.model, data.spec, weights=config.weights, trust_code=trust_code)
             if model.is_onnx:
                 raise ConfigError(f"{config.model}: an ONNX file cannot be pruned (its channels are not PyTorch parameters); prune the checkpoint it was exported from")
-            _check_input(model, data.spec)
+            check_input(model, data.spec)
             teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code) if config.teacher else model
             return prune(model.model, data, config=config, spec=model.spec, teacher=teacher.model if config.teacher else None,
                          teacher_name=teacher.name if config.teacher else f"{model.name} (unpruned)", teacher_input=teacher.input, out=out,
@@ -48,7 +48,7 @@ def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str]
         dist_.shutdown()
 
 
-def _check_input(model: object, data: object) -> None:
+def check_input(model: object, data: object) -> None:
     """The pruned model is a student fed the data's normalization: the model must have been trained on the same one."""
     from kdedge.errors import ConfigError
 
