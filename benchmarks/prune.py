@@ -5,6 +5,7 @@
     python benchmarks/prune.py run --speedup 4 --seed 0 --scratch       # + the same pruned architecture from random weights
     python benchmarks/prune.py run --speedup 2 --data DIR --teacher RUN --image-size 32   # e.g. resnet_cifar on the RGB folder
     python benchmarks/prune.py table                                    # the frontier: one interleaved timing of everything
+    python benchmarks/prune.py runtimes PRUNED.safetensors              # its bytes and p50 in ORT, ExecuTorch, LiteRT, OpenVINO, ORT format
 
 `run` prunes with ``kdedge.prune`` (criterion chosen on the validation split, 3 steps; recovery
 from the unpruned teacher) and appends the result to benchmarks/results/prune.json: test and
@@ -175,6 +176,11 @@ def table(args: argparse.Namespace) -> None:
         _runtimes(args.runtimes, teacher)
 
 
+def runtimes(args: argparse.Namespace) -> None:
+    print(_flags(), flush=True)
+    _runtimes(args.checkpoint, None)
+
+
 def _runtimes(run_dir: str, teacher) -> None:
     """The pruned model's artifacts in every installed runtime: bytes and p50 (1 thread, batch 1), with the teacher's alongside."""
     from kdedge.bench.harness import run_bench
@@ -187,9 +193,9 @@ def _runtimes(run_dir: str, teacher) -> None:
         cfg = BenchConfig(targets=tuple(targets), batch_sizes=(1,), threads=1, export_variants=("fp32",), plots=False, out=str(Path(work) / "bench"),
                           min_s=0.5)
         report, _ = run_bench([run_dir], teacher="resnet", config=cfg)
-    print("\n| model | target | artifact bytes | p50 µs |\n|---|---|---:|---:|")
+    print("\n| model | variant | target | artifact bytes | p50 µs (1 thread, batch 1) |\n|---|---|---|---:|---:|")
     for row in report["rows"]:
-        print(f"| {row.get('model')} | {row.get('target')} | {row.get('bytes') or ''} | {row['p50_ms'] * 1000:.1f} |")
+        print(f"| {row['model']} | {row['variant']} | {row['target']} | {row.get('bytes') or ''} | {row['latency_ms']['p50_ms'] * 1000:.1f} |")
 
 
 def main() -> int:
@@ -210,8 +216,10 @@ def main() -> int:
     r.add_argument("--save-run", help="also save the pruned checkpoint here (for table --runtimes)")
     t = sub.add_parser("table")
     t.add_argument("--runtimes", help="a pruned checkpoint: its bytes and p50 in every installed runtime")
+    rt = sub.add_parser("runtimes")
+    rt.add_argument("checkpoint", help="a pruned checkpoint: its bytes and p50 in every installed runtime, with the teacher's")
     args = ap.parse_args()
-    {"run": run, "table": table}[args.cmd](args)
+    {"run": run, "table": table, "runtimes": runtimes}[args.cmd](args)
     return 0
 
 
