@@ -258,3 +258,17 @@ def test_compress_and_export_with_prune_bundles_the_pruned_teacher_and_says_how(
     assert m["student"]["model"]["arch"] == "resnet" and m["student"]["model"]["layers"]
     assert load_checkpoint(result.out / "student.safetensors").spec.pruned
     assert verify_bundle(result.out)["onnx_models_run"] >= 1
+
+
+def test_a_model_trained_on_another_normalization_is_refused(tiny):
+    """The pruned model is fed the data's inputs: a model trained on pixels/255 (mean 0, std 1) is refused here, one trained on the data's is not."""
+    from kdedge.data.normalization import Normalization
+    from kdedge.pruning import check_input
+    from kdedge.resolve import ResolvedTeacher
+
+    data, teacher = tiny
+    spec = ModelSpec("resnet", 1.0, 3, (1, 12, 12))
+    with pytest.raises(ConfigError, match="was trained on inputs normalized with mean"):
+        check_input(ResolvedTeacher(teacher, spec, "t", input=Normalization((0.0,), (1.0,))), data.spec)
+    check_input(ResolvedTeacher(teacher, spec, "t", input=Normalization(tuple(data.spec.mean), tuple(data.spec.std), data.spec.scale)), data.spec)
+    check_input(ResolvedTeacher(teacher, spec, "t"), data.spec)

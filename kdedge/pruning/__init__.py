@@ -8,11 +8,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import kdedge.distributed as dist_
 from kdedge.config import PruneConfig
 from kdedge.pruning.graph import CRITERIA
 from kdedge.pruning.run import RESUMABLE, PruneResult, prune
+
+if TYPE_CHECKING:
+    from kdedge.data.spec import DatasetSpec
+    from kdedge.resolve import ResolvedTeacher
 
 __all__ = ["CRITERIA", "PruneResult", "check_input", "prune", "run_prune"]
 
@@ -48,17 +53,14 @@ def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str]
         dist_.shutdown()
 
 
-def check_input(model: object, data: object) -> None:
-    """The pruned model is a student fed the data's normalization: the model must have been trained on the same one."""
+def check_input(model: ResolvedTeacher, data: DatasetSpec) -> None:
+    """The pruned model is a student fed the data's normalization: the model must have been trained on the same one
+    (:meth:`~kdedge.data.normalization.Normalization.map_from` is None, as for a teacher that needs no input map)."""
     from kdedge.errors import ConfigError
 
-    norm = getattr(model, "input", None)
-    if norm is None:
+    norm = model.input
+    if norm is None or norm.map_from(data) is None:
         return
-    same = (len(norm.mean) == len(data.mean) and all(abs(a - b) < 1e-6 for a, b in zip(norm.mean, data.mean))  # type: ignore[attr-defined]
-            and all(abs(a - b) < 1e-6 for a, b in zip(norm.std, data.std))  # type: ignore[attr-defined]
-            and (norm.scale is None or data.scale is None or abs(norm.scale - data.scale) < 1e-9))  # type: ignore[attr-defined]
-    if not same:
-        raise ConfigError(f"{getattr(model, 'name', 'the model')} was trained on inputs normalized with mean {tuple(norm.mean)}, std {tuple(norm.std)}, "
-                          f"but the data's are mean {tuple(data.mean)}, std {tuple(data.std)}; the pruned model would be fed the data's — "  # type: ignore[attr-defined]
-                          "prune it on data with its own normalization")
+    raise ConfigError(f"{model.name} was trained on inputs normalized with mean {tuple(norm.mean)}, std {tuple(norm.std)}, "
+                      f"but the data's are mean {tuple(data.mean)}, std {tuple(data.std)}; the pruned model would be fed the data's — "
+                      "prune it on data with its own normalization")

@@ -300,12 +300,13 @@ def _check_reachable(original: nn.Module, record: dict[str, Any], config: PruneC
                          "its forward may hard-code a channel count (x.view(-1, 128)): write it with flatten/shape, or keep those layers whole "
                          "with --ignore-layers") from exc
     c = cost({"narrowest": narrowest, "original": original}, again=True)
-    best, orig = c["narrowest"], c["original"]
-    record["narrowest"] = {"cost": best / orig * record["original"]["cost"], "p50_ms": cost.ms(best / orig * record["original"]["cost"])}
-    if best > record["target_cost"] / record["original"]["cost"] * orig:
-        asked = _describe(cost, record["target_cost"], record["original"]["cost"])
+    c0 = record["original"]["cost"]
+    best = c["narrowest"] / c["original"] * c0  # timed head to head with the original, in the original's measured units
+    record["narrowest"] = {"cost": best, "p50_ms": cost.ms(best)}
+    if best > record["target_cost"]:
+        asked = _describe(cost, record["target_cost"], c0)
         raise ConfigError(f"the budget cannot be reached: it asks for {asked}, and the narrowest model this pruner makes (every group at "
-                          f"{config.round_to} channels) runs at {_describe(cost, best / orig * record['original']['cost'], record['original']['cost'])}; "
+                          f"{config.round_to} channels) runs at {_describe(cost, best, c0)}; "
                           "ask for less, lower --round-to, or start from a smaller architecture")
 
 
