@@ -22,7 +22,7 @@ pytest.importorskip("torch_pruning")
 
 from kdedge.pruning import prune  # noqa: E402
 from kdedge.pruning.graph import ChannelGraph  # noqa: E402
-from kdedge.pruning.run import _plan  # noqa: E402
+from kdedge.pruning.run import _plan, _settle  # noqa: E402
 
 
 def _pruned(spec: ModelSpec, fraction: float = 0.5, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
@@ -97,6 +97,23 @@ def test_the_plan_removes_what_costs_least_accuracy_per_measured_microsecond():
     # b's goes first, then a's; both then sit at round_to (8) channels, the narrowest a group is cut to.
     assert _plan(graph, scores, slopes, q=8) == [("b", list(range(8))), ("a", list(range(8)))]
     assert _plan(graph, scores, {"a": 1.0, "b": 1.0}, q=8) == [("a", list(range(8))), ("b", list(range(8)))]
+
+
+@pytest.mark.parametrize("noisy,reading", [(6, 75.0), (5, 68.0)])
+def test_the_step_settles_on_the_fewest_removals_that_meet_the_target_when_one_timing_lies(noisy, reading):
+    # true cost 100 - 5k: the fewest of 16 removals within 70 is 6. One timing reads wrong once (slow at 6: plain
+    # bisection stops at 7, past the budget; fast at 5: it stops at 5, over it); the re-timed neighbours correct both.
+    lied = []
+
+    def cost_of(k: int) -> float:
+        if k == noisy and not lied:
+            lied.append(k)
+            return reading
+        return 100.0 - 5 * k
+
+    assert _settle(cost_of, 70.0, 16) == 6 and lied == [noisy]
+    assert _settle(lambda k: 100.0 - 5 * k, 70.0, 16) == 6
+    assert _settle(lambda k: 100.0 - 5 * k, 20.0, 16) == 16  # only the narrowest meets it
 
 
 def test_a_layer_the_pruner_cannot_record_is_named_with_the_flag_that_keeps_it():

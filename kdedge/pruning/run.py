@@ -82,6 +82,8 @@ class _Cost:
                                       batch=config.target_batch, cache=None, log=log)
         self._spec = ModelSpec("pruned", 1.0, data.spec.num_classes, self.shape)  # type: ignore[arg-type]
         self.known: dict[tuple, float] = {}  # widths -> cost: latency depends on the widths, not on which channels were kept
+        self.original: nn.Module | None = None  # set by reference(): what relative() times each model against
+        self.original_cost = 0.0
 
     def __call__(self, models: dict[str, nn.Module], *, again: bool = False) -> dict[str, float]:
         """Cost per model; ``again`` re-times every one of them in one interleaved set (a head-to-head comparison)."""
@@ -96,6 +98,22 @@ class _Cost:
         for n, c in measured.items():
             self.known.setdefault(keys[n], c)
         return {n: measured[n] if n in measured else self.known[keys[n]] for n in models}
+
+    def reference(self, original: nn.Module, cost: float) -> None:
+        """The unpruned model and its cost: :meth:`relative` times every decision against it."""
+        self.original, self.original_cost = copy.deepcopy(original).cpu().eval(), cost
+
+    def relative(self, model: nn.Module) -> float:
+        """``model``'s cost timed head to head with the original (one interleaved set), in the original's units.
+
+        A ratio to the anchor alone still moves when the machine's load slows a large model more
+        than the small anchor; the budget is a ratio to the original, so each decision is timed
+        against it. Never cached: the widths' first timing may have been the noisy one.
+        """
+        if self.meter is None or self.original is None:
+            return self({"model": model})["model"]
+        both = self({"model": model, "original": self.original}, again=True)
+        return both["model"] / both["original"] * self.original_cost
 
     def ms(self, cost: float) -> float | None:
         """A cost in milliseconds (latency budgets), None for FLOPs."""
@@ -182,6 +200,8 @@ def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: Mod
 
         record = _decide(first)
     target, c0 = record["target_cost"], record["original"]["cost"]
+    if cost is not None:
+        cost.reference(original, c0)
 
     def spec_of(m: nn.Module) -> ModelSpec | None:
         return base_spec.with_layers(narrowed_layers(base, m)) if base_spec is not None else None
@@ -376,22 +396,43 @@ def _prune_to(model: nn.Module, config: PruneConfig, criterion: str, target: flo
                 ChannelGraph(trial, shape, ignore=config.ignore_layers).remove(_prefix(chunks, k))
                 return trial
 
-            lo, hi = 0, len(chunks)  # cost(cut(hi)) is the narrowest: it meets the step's target (the budget was checked reachable)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if cost({"trial": cut(mid)})["trial"] <= target:
-                    hi = mid
-                else:
-                    lo = mid
+            hi = _settle(lambda k: cost.relative(cut(k)), target, len(chunks))
             removed = _prefix(chunks, hi)
             widths = ", ".join(f"{n} {graph.groups[n].channels}→{graph.groups[n].channels - len(k)}" for n, k in removed.items())
             log(f"prune: {criterion}: {_units(cost, now)} now, step target {_units(cost, target)}; removing {widths} "
-                f"({hi} of {len(chunks)} chunks, found by bisection on measured cost)")
+                f"({hi} of {len(chunks)} chunks, found by bisection on cost measured against the original)")
         return removed
 
     removed = _decide(plan)
     if removed:
         ChannelGraph(model, shape, ignore=config.ignore_layers).remove(removed)
+
+
+def _settle(cost_of: Callable[[int], float], target: float, n: int, *, checks: int = 4) -> int:
+    """The fewest of ``n`` ordered removals whose measured cost meets ``target``: bisection, then a check of the answer's neighbours.
+
+    ``cost_of(n)`` (the narrowest model) meets the target: the budget was checked reachable. Each
+    bisection probe is one noisy timing, and a runtime's kernels make cost only roughly monotone in
+    the removals, so one probe timed slow sends the search past the budget (a run measured 5.8×
+    for a 4× budget). The answer is therefore re-timed: forward while it misses the target, then
+    back while one removal fewer still meets it — at most ``2 * checks`` more timings.
+    """
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost_of(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    for _ in range(checks):
+        if hi < n and cost_of(hi) > target:
+            hi += 1
+            continue
+        if hi > 1 and cost_of(hi - 1) <= target:  # cost_of(0), the model before this step, misses: that is why it is pruned
+            hi -= 1
+            continue
+        break
+    return hi
 
 
 def _prefix(chunks: list[tuple[str, list[int]]], k: int) -> dict[str, list[int]]:
