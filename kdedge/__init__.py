@@ -14,7 +14,7 @@ Importing kdedge loads torch but neither onnx, onnxruntime nor TensorRT; they lo
 """
 
 from kdedge._version import __version__
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, SearchConfig, TrainConfig, load_config
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, TrainConfig, load_config
 from kdedge.data import ArrayDataset, DatasetSpec, DataSplits, load_dataset
 from kdedge.distill import FrozenTeacher, HintonLoss, LossParts, teacher_logits
 from kdedge.errors import (
@@ -38,6 +38,7 @@ from kdedge.models import (
     save_checkpoint,
 )
 from kdedge.pruning import PruneResult, prune
+from kdedge.qat import QATModel, qat_distill
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill, run_distill, run_train, train
 
@@ -64,6 +65,8 @@ __all__ = [
     "ParityError",
     "PruneConfig",
     "PruneResult",
+    "QATConfig",
+    "QATModel",
     "RunResult",
     "SearchConfig",
     "TrainConfig",
@@ -80,6 +83,7 @@ __all__ = [
     "load_dataset",
     "load_weights",
     "prune",
+    "qat_distill",
     "resolve_student",
     "resolve_teacher",
     "run_distill",

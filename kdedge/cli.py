@@ -7,12 +7,13 @@ import sys
 import traceback
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 import click
 
-from kdedge.config import CompressConfig, DistillConfig, PruneConfig, SearchConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
-from kdedge.errors import KdedgeError
+from kdedge.config import CompressConfig, DistillConfig, PruneConfig, QATConfig, SearchConfig, TrainConfig, _allowed_types, _element_type, _RunConfig, load_config
+from kdedge.errors import ConfigError, KdedgeError
 
 _HELP = {
     "data": "Built-in dataset (fashion-mnist, mnist, cifar10), an image folder (DIR/train/<class>/*.jpg with DIR/test/ or DIR/val/), a directory of IDX or .npy files, or an .npz file.",
@@ -110,6 +111,10 @@ _HELP = {
     "generations": "search: rounds of evolution: mutations of the 5 best-ranked searched students are timed and ranked like the rest (0: sampling only).",
     "children": "search: mutations per generation.",
     "include_zoo": "search: also measure the zoo's students (tiny_cnn, dw_cnn, mlp at widths 1 and 0.5) as candidates and for comparison.",
+    "qat": "Quantization-aware distillation of the trained FP32 --student (run directory or checkpoint): fake INT8 for --qat-scheme, "
+           "from --teacher or, without one, from the FP32 student; its defaults are a fine-tune's (--epochs 4, --lr 0.005).",
+    "qat_scheme": "With --qat: the quantizer, as the runtime's INT8 export uses it: xnnpack (ExecuTorch) or litert (LiteRT).",
+    "qat_calibration": "With --qat: training images that set the observers' ranges before the first step.",
     "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
 }
 
@@ -182,13 +187,29 @@ def train(config_file: str | None, quiet: bool, trust_code: bool, **params: Any)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_trust_code_option
 @_options_from(DistillConfig)
+@_options_from(QATConfig, skip=tuple(f.name for f in fields(DistillConfig)))
 def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: Any) -> None:
     """Distill a teacher into a student with Hinton's loss.
 
-    With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn.
+    With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn. With --qat: quantization-aware
+    distillation of a trained FP32 --student (a run directory or checkpoint) for --qat-scheme's
+    runtime (xnnpack: ExecuTorch, litert: LiteRT), from --teacher or, without one, from the FP32
+    student itself; its INT8 artifacts (kdedge export --format executorch-int8,litert-int8) ship the learned scales.
     """
     from kdedge.runs import run_distill
 
+    ctx = click.get_current_context()
+    given = {k for k in params if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if params.get("qat") or (params.get("qat") is None and _yaml_key(config_file, "qat")):
+        from kdedge.qat import run_qat
+
+        result = run_qat(_config(QATConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
+        _summary(result)
+        return
+    qat_only = sorted(f"--{k.replace('_', '-')}" for k in given if k.startswith("qat_"))
+    if qat_only:
+        raise ConfigError(f"{', '.join(qat_only)} applies to quantization-aware training: add --qat (with a trained --student)")
+    params = {k: v for k, v in params.items() if not k.startswith("qat_")}
     result = run_distill(_config(DistillConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
@@ -419,6 +440,19 @@ def data(name: str) -> None:
     click.echo(str(locate_dataset(name)))
 
 
+def _yaml_key(config_file: str | None, key: str) -> Any:
+    """``key`` of a YAML config file, or None (an unreadable file is reported by ``load_config``)."""
+    if not config_file:
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(Path(config_file).read_text())
+    except Exception:  # load_config reads it again and says what is wrong
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def _summary(result: Any) -> None:
     if result.out is None:
         return  # a non-zero rank under torchrun: rank 0 reports and writes
@@ -428,6 +462,13 @@ def _summary(result: Any) -> None:
         t = m["teacher"]
         line += f" | teacher accuracy {t['test']['accuracy']:.4f}, " + (f"{t['params']:,} params" if t.get("params") is not None else "parameters unknown (ONNX)")
     click.echo(line)
+    if "qat" in m:
+        q = m["qat"]
+        fp32 = next((v for k, v in q["fp32"].items() if v is not None), None)
+        split = next(iter(q["fp32"]), "").replace("_accuracy", "")
+        click.echo(f"quantization-aware ({q['scheme']}): {split} accuracy {m.get(split, {}).get('accuracy', float('nan')):.4f} with fake INT8 vs "
+                   f"{fp32:.4f} for the FP32 student; kdedge export {result.out} --format executorch-int8,litert-int8 ships the learned scales"
+                   if fp32 is not None else f"quantization-aware ({q['scheme']}); kdedge export {result.out} --format executorch-int8,litert-int8")
     click.echo(f"wrote {result.out}")
 
 

@@ -192,6 +192,7 @@ class DistillConfig(_RunConfig):
     view_topk: int = 0
     teacher_runtime: str = "auto"
     epochs: int = 15
+    qat: bool = False  # kdedge distill --qat: the recipe of QATConfig (the student is a trained FP32 model, fine-tuned with fake quantization)
 
     def _problems(self) -> list[str]:
         p = super()._problems()
@@ -539,6 +540,39 @@ class PruneConfig(DistillConfig):
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.step_epochs < 0:
             p.append(f"step_epochs must be >= 0, got {self.step_epochs}")
+        return p
+
+
+QAT_SCHEMES = ("xnnpack", "litert")
+
+
+@dataclass
+class QATConfig(DistillConfig):
+    """``kdedge distill --qat``: quantization-aware distillation of a trained FP32 student.
+
+    The student (``student``: a run directory or checkpoint) is fine-tuned with fake quantization
+    for ``qat_scheme``'s quantizer (``xnnpack``: ExecuTorch; ``litert``: LiteRT) and the
+    distillation loss, from ``teacher`` — or, when none is given, from the FP32 student itself.
+    The observers are calibrated on ``qat_calibration`` training images first; BatchNorm statistics
+    freeze after half the epochs and the scales after two thirds. A fine-tune of trained weights:
+    a short schedule (4 epochs) at a low peak learning rate (0.005).
+    """
+
+    teacher: str | None = None  # type: ignore[assignment]  # None: the FP32 student teaches its quantized self
+    student: str | None = None  # type: ignore[assignment]
+    qat: bool = True
+    qat_scheme: str = "xnnpack"
+    qat_calibration: int = 1024
+    epochs: int = 4
+    lr: float = 0.005
+
+    def _problems(self) -> list[str]:
+        p = super()._problems()
+        if not self.student:
+            p.append("quantization-aware training fine-tunes a trained FP32 student: give its run directory or checkpoint (--student runs/student)")
+        p += _choices(self, ("qat_scheme", QAT_SCHEMES))
+        if self.qat_calibration < 1:
+            p.append(f"qat_calibration must be >= 1 training images, got {self.qat_calibration}")
         return p
 
 

@@ -31,7 +31,7 @@ from kdedge.models.zoo import (
     pretrained_path,
 )
 
-__all__ = ["ResolvedTeacher", "auto_student", "check_fits", "resolve_student", "resolve_teacher"]
+__all__ = ["ResolvedTeacher", "auto_student", "check_fits", "check_same_input", "resolve_student", "resolve_teacher"]
 
 
 @dataclass
@@ -185,3 +185,14 @@ def resolve_student(ref: str, data: DatasetSpec, seed: int, *, weights: str | No
     if weights:
         load_weights(model, weights)
     return model, spec
+
+
+def check_same_input(model: ResolvedTeacher, data: DatasetSpec, what: str) -> None:
+    """A model that becomes a student (``what``: pruned, quantization-aware) is fed the data's normalization: it must have been
+    trained on the same one (:meth:`~kdedge.data.normalization.Normalization.map_from` is None, as for a teacher that needs no input map)."""
+    norm = model.input
+    if norm is None or norm.map_from(data) is None:
+        return
+    raise ConfigError(f"{model.name} was trained on inputs normalized with mean {tuple(norm.mean)}, std {tuple(norm.std)}, "
+                      f"but the data's are mean {tuple(data.mean)}, std {tuple(data.std)}; the {what} model would be fed the data's — "
+                      "train it on data with its own normalization")

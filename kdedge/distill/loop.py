@@ -242,6 +242,8 @@ def fit(
             checks: list[ChanceCheck | None] = []  # one per epoch trained in this process: the evidence of a stall (a resume starts afresh)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
+                if hasattr(model, "start_epoch"):  # a model with a schedule of its own (QAT: BatchNorm and observer freezes)
+                    model.start_epoch(epoch, config.epochs)
                 row = _train_epoch(run, epoch, bar, task)
                 ev = evaluate(model, watched, device=device) if watched is not None else None
                 if ev is not None:

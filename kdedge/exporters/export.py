@@ -26,7 +26,7 @@ from kdedge.config import EDGE_EXPORT_FORMATS, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
 from kdedge.data.spec import stratified_rows
 from kdedge.metrics import evaluation_from_predictions
-from kdedge.errors import BackendUnavailable, DataError, ModelError
+from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
@@ -187,20 +187,33 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
     with cpu_eval(model) as cpu_model, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
-        fp32 = writer.fp32()
-        if "onnx-int8" in config.formats:
+        qat = getattr(cpu_model, "qat_formats", None)
+        if qat is not None:  # a quantization-aware model ships INT8 with its learned scales, in the runtimes that take them
+            for name in config.formats:
+                if name not in qat:
+                    writer.skipped[name] = (f"a quantization-aware ({cpu_model.scheme}) model ships INT8 with its learned scales through "
+                                            f"{', '.join(qat)}; export the FP32 student it was trained from for {name}")
+            if not any(name in qat for name in config.formats):
+                raise ConfigError(f"a quantization-aware model exports to {', '.join(qat)}, none of which was asked for "
+                                  f"({', '.join(config.formats)}); pass --format {','.join(qat)}")
+            fp32 = None
+        else:
+            fp32 = writer.fp32()
+        if "onnx-int8" in config.formats and fp32 is not None:
             writer.int8(fp32)
         trt_reason = _tensorrt_unavailable() if "tensorrt" in config.formats else None
         if trt_reason:
             writer.skipped["tensorrt"] = trt_reason
-        want_trt = "tensorrt" in config.formats and not trt_reason
-        if "onnx-fp16" in config.formats or (want_trt and config.trt_precision == "fp16"):
+        want_trt = "tensorrt" in config.formats and not trt_reason and fp32 is not None
+        if fp32 is None:
+            pass
+        elif "onnx-fp16" in config.formats or (want_trt and config.trt_precision == "fp16"):
             writer.fp16()
         if want_trt:
             writer.tensorrt(fp32)
         onnx_by_precision = {a.precision: a for a in writer.artifacts if a.format == "onnx" and a.details.get("for") != "tensorrt"}
         for name in EDGE_EXPORT_FORMATS:  # in a fixed order, whatever order the formats were given in
-            if name in config.formats:
+            if name in config.formats and name not in writer.skipped:
                 fmt, precision = (name[: -len("-int8")], "int8") if name.endswith("-int8") else (name, "fp32")
                 writer.edge(fmt, precision, onnx_by_precision, fp32)
         manifest = {
@@ -302,7 +315,7 @@ class _ArtifactWriter:
                                                                precision="fp16", metadata=self.meta | {"kdedge.precision": "fp16"}))
         return self._checked(fp16.path, "fp16", "onnx", {"opset": fp16.opset, "nodes": fp16.nodes, "io": "float32"})
 
-    def edge(self, name: str, precision: str, onnx: dict[str, Artifact], fp32: Artifact) -> Artifact:
+    def edge(self, name: str, precision: str, onnx: dict[str, Artifact], fp32: Artifact | None) -> Artifact:
         """An edge artifact (``kdedge.exporters.edge``), parity-checked and scored in its own runtime."""
         from kdedge.exporters.edge import artifact_bytes, artifact_files, edge_format, edge_predict, export_edge, load_edge
 
@@ -310,7 +323,8 @@ class _ArtifactWriter:
         path = self.tmp / (("model" if precision == "fp32" else f"model.{precision}") + fmt.suffix)
         source = onnx.get(precision) if fmt.source == "onnx" else None
         self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
-        calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" else None
+        qat = getattr(self.model, "qat_formats", None) is not None  # its scales are learned: no calibration
+        calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" and not qat else None
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,
             input_shape=tuple(self.data.spec.input_shape), calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
@@ -326,7 +340,8 @@ class _ArtifactWriter:
         report = self._timed(f"parity_{path.name}", lambda: check_outputs(predict, lambda _x: self.reference, self.parity_inputs, artifact=path.name,
                                                                          runtime=session.runtime, tolerance=self.tol[precision],
                                                                          allow_mismatch=c.allow_mismatch))
-        a = self._record(path, precision, name, details, report, predict, session.runtime, fp32_accuracy=fp32.accuracy if precision != "fp32" else None)
+        a = self._record(path, precision, name, details, report, predict, session.runtime,
+                         fp32_accuracy=fp32.accuracy if precision != "fp32" and fp32 is not None else None)
         a.bytes = artifact_bytes(name, path)
         return a
 

@@ -75,7 +75,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
                      - {"torch.ops.higher_order.executorch_call_delegate", "_operator.getitem"})  # ops ExecuTorch runs itself
     details: dict[str, Any] = {
         "converter": f"executorch {version_of('executorch')}", "delegate": "XnnpackPartitioner", "outside_delegate": outside, "batch": batch,
-        "quantization": _INT8_SCHEME | {"calibration_samples": len(calibration)} if calibration is not None and precision == "int8" else None,
+        "quantization": (model.quantization() if hasattr(model, "quantization") else _INT8_SCHEME | {"calibration_samples": len(calibration)})
+        if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), buffer)
@@ -94,6 +95,8 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
     example = (torch.zeros(min(_EXAMPLE_BATCH, max_batch), *input_shape),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
     with torch.no_grad():
+        if precision == "int8" and hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph, the scales it learned
+            return torch.export.export(model.converted(), example, dynamic_shapes=dynamic)
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":
             assert calibration is not None

@@ -75,8 +75,9 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     details: dict[str, Any] = {
         "converter": f"litert-torch {version_of('litert-torch')}", "runtime": f"ai-edge-litert {version_of('ai-edge-litert')}",
         "batch": batch, "resize": "Interpreter.resize_tensor_input" if "max" in batch else None, "ops": _op_counts(flat),
-        "quantization": _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"}
-        if calibration is not None and precision == "int8" else None,
+        "quantization": (model.quantization() | {"io": "int8"} if hasattr(model, "quantization") else
+                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"})  # type: ignore[arg-type]
+        if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), flat)
@@ -98,10 +99,16 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
 
             example = (torch.zeros(batch, *input_shape),)
             if precision == "int8":
-                assert calibration is not None
                 from litert_torch.quantize.quant_config import QuantConfig
 
-                graph, quantizer = _quantized(model, input_shape, calibration)
+                if hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph with the learned scales (the quantizer only says "static")
+                    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+                    graph = model.converted(fold_quantize=False)
+                    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+                else:
+                    assert calibration is not None
+                    graph, quantizer = _quantized(model, input_shape, calibration)
                 converted = litert_torch.convert(graph, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
             else:
                 converted = litert_torch.convert(model, example)

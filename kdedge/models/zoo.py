@@ -84,6 +84,7 @@ class ModelSpec:
     num_classes: int
     input_shape: tuple[int, int, int]
     layers: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
+    qat: str | None = None  # a quantization-aware-trained model: its scheme (kdedge.qat.SCHEMES); the weights are the prepared graph's
 
     @property
     def base_name(self) -> str:
@@ -96,8 +97,10 @@ class ModelSpec:
         if self.layers:
             from kdedge.models.pruned import shapes_digest
 
-            return f"{self.base_name}-pruned-{shapes_digest(dict(self.layers))}"
-        return self.base_name
+            name = f"{self.base_name}-pruned-{shapes_digest(dict(self.layers))}"
+        else:
+            name = self.base_name
+        return f"{name}-qat-{self.qat}" if self.qat else name
 
     @property
     def pruned(self) -> bool:
@@ -107,12 +110,19 @@ class ModelSpec:
         """This spec with ``layers`` as its kept widths (None or empty: the unpruned base)."""
         return dataclasses.replace(self, layers=tuple(sorted((k, tuple(int(v) for v in s)) for k, s in layers.items())) if layers else None)  # type: ignore[misc]
 
+    def with_qat(self, scheme: str | None) -> ModelSpec:
+        """This spec as the quantization-aware-trained model of ``scheme`` (None: the float model)."""
+        return dataclasses.replace(self, qat=scheme)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d.pop("layers")
+        d.pop("qat")
         if self.layers:  # absent for an unpruned model: its spec (and every cache key made from it) is what it always was
             d["layers"] = {k: list(s) for k, s in self.layers}
+        if self.qat:
+            d["qat"] = self.qat
         return d
 
     @classmethod
@@ -127,6 +137,12 @@ class ModelSpec:
                 if any(len(s) != 3 for s in shapes.values()):
                     raise ValueError("every pruned layer records [out, in, groups]")
                 spec = spec.with_layers(shapes)  # type: ignore[arg-type]
+            if d.get("qat") is not None:
+                from kdedge.models.qat import SCHEMES
+
+                if d["qat"] not in SCHEMES:
+                    raise ValueError(f"qat must be one of {', '.join(SCHEMES)}, got {d['qat']!r}")
+                spec = spec.with_qat(str(d["qat"]))
             return spec
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed model spec in checkpoint ({exc!r})") from None
@@ -183,6 +199,10 @@ def create_model(spec: ModelSpec) -> nn.Module:
         from kdedge.models.pruned import narrow
 
         narrow(model, dict(spec.layers))
+    if spec.qat:  # the prepared graph of the float architecture; its tensors (weights, scales) come from the checkpoint
+        from kdedge.models.qat import QATModel
+
+        model = QATModel(model, spec.input_shape, scheme=spec.qat)
     return model
 
 
@@ -296,6 +316,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    if hasattr(model, "resize_to"):  # a QAT model: its observers' per-channel ranges take their size from the first batch (or the file)
+        model.resize_to(state)
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())

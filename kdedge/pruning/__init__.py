@@ -54,13 +54,7 @@ def run_prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str]
 
 
 def check_input(model: ResolvedTeacher, data: DatasetSpec) -> None:
-    """The pruned model is a student fed the data's normalization: the model must have been trained on the same one
-    (:meth:`~kdedge.data.normalization.Normalization.map_from` is None, as for a teacher that needs no input map)."""
-    from kdedge.errors import ConfigError
+    """The pruned model is a student fed the data's normalization: the model must have been trained on the same one."""
+    from kdedge.resolve import check_same_input
 
-    norm = model.input
-    if norm is None or norm.map_from(data) is None:
-        return
-    raise ConfigError(f"{model.name} was trained on inputs normalized with mean {tuple(norm.mean)}, std {tuple(norm.std)}, "
-                      f"but the data's are mean {tuple(data.mean)}, std {tuple(data.std)}; the pruned model would be fed the data's — "
-                      "prune it on data with its own normalization")
+    check_same_input(model, data, "pruned")

@@ -1,0 +1,242 @@
+"""A student with fake quantization whose learned scales are the ones its INT8 artifacts ship.
+
+:class:`QATModel` captures the FP32 student with ``torch.export`` (in training mode, so each
+convolution's BatchNorm is matched and fused the way PT2E QAT simulates it) and prepares it with
+torchao's ``prepare_qat_pt2e`` and the quantizer of the runtime it targets — the same quantizer
+the PTQ exports use (:data:`SCHEMES`), so :meth:`QATModel.converted` is the graph the ExecuTorch
+and LiteRT exporters lower, with the trained scales and not a fresh calibration.
+
+The recipe (Krishnamoorthi 2018, the PyTorch QAT tutorial): observers are calibrated on training
+images before the first step (:func:`calibrate`); BatchNorm statistics are frozen for the last half
+of the epochs and the observers (the scales) for the last third (:meth:`QATModel.start_epoch`,
+called by the training loop); evaluation never moves a scale. A prepared graph cannot
+``.train()``/``.eval()`` itself (BatchNorm and dropout are baked into the exported graph), so the
+wrapper switches them with torchao's ``move_exported_model_to_train/eval``.
+
+A QAT checkpoint stores the prepared graph's tensors (weights, BatchNorm statistics, observer
+ranges, scales) and its spec names the base and the scheme: loading rebuilds the same graph from
+the architecture and loads the tensors — no pickle, no code from the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdedge.config import QAT_SCHEMES
+from kdedge.errors import BackendUnavailable, ModelError
+
+__all__ = ["SCHEMES", "QATModel", "calibrate"]
+
+#: Quantizers (each the one its runtime's INT8 export uses): int8 weights symmetric per output
+#: channel, int8 activations per tensor. ``xnnpack``: ExecuTorch's XNNPACKQuantizer (``.pte``);
+#: ``litert``: litert_torch's PT2EQuantizer (``.tflite``).
+SCHEMES = QAT_SCHEMES
+
+_BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
+
+
+def _quantizer(scheme: str, *, qat: bool = True) -> Any:
+    try:
+        if scheme == "xnnpack":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+            return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+        if scheme == "litert":
+            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+            return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    except ImportError:
+        extra = "executorch" if scheme == "xnnpack" else "litert"
+        raise BackendUnavailable(f"quantization-aware training for {scheme} needs its quantizer: pip install 'kdedge-distill[{extra}]'") from None
+    raise ModelError(f"unknown QAT scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+
+
+class QATModel(nn.Module):
+    """``model`` with fake quantization for ``scheme``, trainable like any module.
+
+    Args:
+        model: The trained FP32 student (copied; not modified).
+        input_shape: One sample's ``(C, H, W)``.
+        scheme: One of :data:`SCHEMES`.
+        epochs: The QAT run's length: BatchNorm statistics freeze after ``ceil(epochs / 2)``
+            epochs, the observers after ``ceil(2 * epochs / 3)`` (at least one epoch each moves them).
+
+    Raises:
+        ModelError: ``torch.export`` cannot capture the model, or the scheme is unknown.
+        BackendUnavailable: The scheme's quantizer is not installed.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, scheme: str = "xnnpack", epochs: int = 1) -> None:
+        super().__init__()
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        quantizer = _quantizer(scheme)
+        self.scheme, self.input_shape = scheme, tuple(input_shape)
+        self.set_schedule(epochs)
+        source = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).train()
+        for p in source.parameters():
+            p.requires_grad_(True)
+        example = (torch.zeros(4, *self.input_shape),)  # BatchNorm in training mode needs more than one sample
+        try:
+            with _fork_rng():
+                graph = torch.export.export(source, example, dynamic_shapes=({0: torch.export.Dim("batch", min=2)},)).module()
+                self.graph = prepare_qat_pt2e(graph, quantizer)
+        except Exception as exc:  # torch.export and the quantizer raise many types; all mean "cannot prepare"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelError(f"cannot prepare {type(model).__name__} for quantization-aware training ({type(exc).__name__}: {first}); "
+                             "the model must be traceable by torch.export (kdedge --debug shows where it failed)") from exc
+        self.register_buffer("_epoch", torch.zeros((), dtype=torch.long))  # the epoch being trained: its schedule survives a checkpoint
+        # An observer shared by several tensors (a concatenation's inputs) is one module under several names: its tensors are
+        # stored once (safetensors refuses aliases) and every name is filled from the stored one on load.
+        first: dict[int, str] = {}
+        self._aliases: dict[str, str] = {}
+        for name, module in self.named_modules(remove_duplicate=False):
+            if id(module) in first:
+                self._aliases[name + "."] = first[id(module)] + "."
+            else:
+                first[id(module)] = name
+        self.register_state_dict_post_hook(_drop_aliases)
+        self.register_load_state_dict_pre_hook(_before_load)
+        self.train(False)
+
+    def set_schedule(self, epochs: int) -> None:
+        """Freeze BatchNorm statistics after ``ceil(epochs / 2)`` epochs and the observers after ``ceil(2 * epochs / 3)``."""
+        self.epochs = max(1, int(epochs))
+        self.freeze_bn_after = math.ceil(self.epochs / 2)
+        self.freeze_observers_after = math.ceil(2 * self.epochs / 3)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def start_epoch(self, epoch: int, epochs: int | None = None) -> None:
+        """Called by the training loop before epoch ``epoch`` (1-based): applies the schedule's freezes from then on."""
+        if epochs is not None and epochs != self.epochs:
+            self.set_schedule(epochs)
+        self._epoch.fill_(int(epoch))
+        self.train(self.training)
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.epoch > self.freeze_bn_after
+
+    @property
+    def observers_frozen(self) -> bool:
+        return self.epoch > self.freeze_observers_after
+
+    def train(self, mode: bool = True) -> QATModel:
+        """Training: BatchNorm in batch mode (running statistics once frozen), observers on until frozen. Evaluation: nothing moves."""
+        from torchao.quantization.pt2e import disable_observer, enable_observer, move_exported_model_to_eval, move_exported_model_to_train
+
+        self.training = self._applied = mode  # the prepared graph refuses .train(); these calls switch what it computes
+        if mode:
+            move_exported_model_to_train(self.graph)
+            if self.bn_frozen:
+                _freeze_batch_norm(self.graph)
+            self.graph.apply(disable_observer if self.observers_frozen else enable_observer)
+        else:
+            move_exported_model_to_eval(self.graph)
+            self.graph.apply(disable_observer)
+        return self
+
+    def resize_to(self, state: dict[str, Any], *, prefix: str = "") -> None:
+        """Size the observers' tensors as ``state`` stores them: a per-channel scale or range has its size only once an observer ran."""
+        for name, buf in self.named_buffers():
+            stored = state.get(prefix + name)
+            if "activation_post_process" in name and isinstance(stored, torch.Tensor) and stored.shape != buf.shape:
+                buf.resize_(stored.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._applied != self.training:  # the flag was set without train() (kdedge._modes.evaluating restores flags directly)
+            self.train(self.training)
+        return self.graph(x)
+
+    def converted(self, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
+        """The INT8 graph with the learned scales (quantize/dequantize pairs, BatchNorm folded): what the runtimes lower.
+
+        ``fold_quantize``: weights stored as int8 (ExecuTorch) or as float with their Q/DQ pair (LiteRT's converter).
+        """
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        was = self.training
+        self.train(False)
+        try:
+            prepared = copy.deepcopy(self.graph).cpu()
+        finally:
+            self.train(was)
+        with _fork_rng():
+            return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+    #: The export formats that take the learned scales: each lowers :meth:`converted` (no calibration of its own).
+    qat_formats = ("executorch-int8", "litert-int8")
+
+    def quantization(self) -> dict[str, Any]:
+        """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
+        return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if self.scheme == "xnnpack"
+                else "litert_torch PT2EQuantizer (QAT)", "weights": "int8 symmetric per output channel",
+                "activations": "int8 per tensor, scales learned with the weights (fake quantization)"}
+
+    def schedule(self) -> dict[str, int]:
+        """The freezes of the run that trains it (epochs after which BatchNorm statistics and observers stop moving)."""
+        return {"epochs": self.epochs, "batchnorm_frozen_after": self.freeze_bn_after, "observers_frozen_after": self.freeze_observers_after}
+
+
+def calibrate(model: QATModel, inputs: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+    """Set the observers' ranges from ``inputs`` (batches of training images) before training: fake quantization off, BatchNorm as trained.
+
+    Returns the number of images seen.
+    """
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant, enable_observer, move_exported_model_to_eval
+
+    was = model.training
+    seen = 0
+    device = next(model.parameters()).device
+    move_exported_model_to_eval(model.graph)
+    model.graph.apply(enable_observer)
+    model.graph.apply(disable_fake_quant)
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model.graph(x.to(device))
+                seen += len(x)
+    finally:
+        model.graph.apply(enable_fake_quant)
+        model.train(was)
+    return seen
+
+
+def _drop_aliases(module: QATModel, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for key in [k for k in state if any(k.startswith(prefix + a) for a in module._aliases)]:
+        del state[key]
+
+
+def _before_load(module: QATModel, state: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Every alias of a shared observer gets the stored tensors; the observers take the stored sizes."""
+    for alias, canonical in module._aliases.items():
+        for key in [k for k in state if k.startswith(prefix + canonical)]:
+            state.setdefault(prefix + alias + key[len(prefix + canonical):], state[key])
+    module.resize_to(state, prefix=prefix)
+
+
+def _freeze_batch_norm(graph: torch.fx.GraphModule) -> None:
+    """BatchNorm nodes normalize with their running statistics and stop updating them (PT2E has no ``freeze_bn_stats``)."""
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _BATCH_NORMS and len(node.args) > 5 and node.args[5] is True:
+            args = list(node.args)
+            args[5] = False
+            node.args = tuple(args)
+            changed = True
+    if changed:
+        graph.recompile()
+
+
+def _fork_rng() -> Any:
+    """Capture and preparation draw no random numbers from the caller's stream (a resumed run rebuilds the graph)."""
+    return torch.random.fork_rng(devices=[])

@@ -1,0 +1,165 @@
+"""Quantization-aware distillation: the schedule, the checkpoint, and the learned scales in ExecuTorch and LiteRT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kdedge
+from conftest import make_idx_dir
+from kdedge.cli import main
+from kdedge.config import ExportConfig, QATConfig
+from kdedge.errors import ConfigError, ModelError
+from kdedge.exporters.edge import edge_predict, export_edge, load_edge
+from kdedge.models import ModelSpec, create_model
+from kdedge.qat import QATModel, qat_distill
+from kdedge.models.qat import calibrate
+
+pytestmark = pytest.mark.edge("executorch", "litert")  # the quantizers are ExecuTorch's and litert-torch's
+
+SPEC = ModelSpec("tiny_cnn", 1.0, 3, (1, 12, 12))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small data set and a tiny_cnn trained on it (FP32), saved as a run directory."""
+    root = tmp_path_factory.mktemp("q")
+    data = kdedge.load_dataset(str(make_idx_dir(root / "data", n_train=300, n_test=60, size=12, classes=3)))
+    torch.manual_seed(0)
+    student = create_model(SPEC)
+    kdedge.train(student, data.train, data.test, config=kdedge.TrainConfig(epochs=3, batch_size=32, lr=0.05), spec=SPEC, progress=False,
+                 out=root / "fp32")
+    return data, student, root
+
+
+@pytest.fixture(scope="module")
+def qat_run(tiny):
+    data, student, root = tiny
+    cfg = QATConfig(student=str(root / "fp32"), epochs=3, batch_size=32, qat_calibration=128)
+    return qat_distill(student, None, data.train, data.test, config=cfg, student_spec=SPEC, progress=False, out=root / "qat")
+
+
+def _input_observer(model: QATModel):
+    """The fake quantizer of the graph's input (its scale is the INT8 artifact's input scale)."""
+    placeholder = next(n for n in model.graph.graph.nodes if n.op == "placeholder")
+    modules = [model.graph.get_submodule(n.target) for n in placeholder.users if n.op == "call_module"]
+    return next(m for m in modules if hasattr(m, "scale"))
+
+
+def test_the_schedule_freezes_batchnorm_then_the_scales_and_evaluation_moves_nothing(tiny):
+    data, student, _ = tiny
+    model = QATModel(student, (1, 12, 12), epochs=3)  # BatchNorm frozen after epoch 2, observers after epoch 2 (ceil(2*3/3))
+    assert (model.freeze_bn_after, model.freeze_observers_after) == (2, 2)
+    x = data.train.inputs(torch.arange(64))
+    calibrate(model, [x[:32]])
+    obs = _input_observer(model)
+    bn = [b for n, b in model.graph.named_buffers() if n.endswith("running_mean")]
+
+    def moved(mode: str, epoch: int) -> tuple[bool, bool]:
+        model.start_epoch(epoch)
+        model.train(mode == "train")
+        scale, means = obs.scale.clone(), [b.clone() for b in bn]
+        with torch.no_grad():
+            model(x * 3.0)  # a wider range than calibration: an observer that runs must widen its scale
+        return (not torch.equal(obs.scale, scale), any(not torch.equal(b, m) for b, m in zip(bn, means)))
+
+    assert moved("train", 1) == (True, True)
+    assert moved("eval", 1) == (False, False)  # validation never moves a scale or a statistic
+    assert moved("train", 3) == (False, False)  # both frozen for the last epoch
+    model.train(False)
+    assert model.training is False
+
+
+def test_a_qat_run_reloads_by_name_bit_for_bit_and_records_how(qat_run, tiny):
+    data, _, root = tiny
+    ckpt = kdedge.load_checkpoint(root / "qat")  # no pickle, no trust_code: the spec names the base and the scheme
+    assert ckpt.spec == SPEC.with_qat("xnnpack") and ckpt.spec.name == "tiny_cnn-qat-xnnpack"
+    assert isinstance(ckpt.model, QATModel)
+    x = data.test.inputs(torch.arange(len(data.test)))
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model.eval()(x), qat_run.model.eval()(x), rtol=0, atol=0)
+    metrics = json.loads((root / "qat" / "metrics.json").read_text())
+    q = metrics["qat"]
+    assert q["scheme"] == "xnnpack" and q["calibration_images"] == 128 and q["schedule"] == {"epochs": 3, "batchnorm_frozen_after": 2,
+                                                                                             "observers_frozen_after": 2}
+    assert q["fp32"]["test_accuracy"] is not None and metrics["teacher"]["name"] == "the FP32 student"
+
+
+@pytest.mark.parametrize("fmt", ["executorch", "litert"])
+def test_the_int8_artifact_ships_the_learned_scales(qat_run, tiny, tmp_path, fmt):
+    data, _, _ = tiny
+    model = qat_run.model
+    x = data.test.inputs(torch.arange(len(data.test))).numpy()
+    suffix = {"executorch": ".pte", "litert": ".tflite"}[fmt]
+
+    def artifact_and_reference(m: QATModel, name: str) -> tuple[np.ndarray, np.ndarray]:
+        path = tmp_path / f"{name}{suffix}"
+        details = export_edge(fmt, out=path, precision="int8", model=m, input_shape=(1, 12, 12), metadata={}, max_batch=64)
+        assert details["quantization"]["method"] == "qat"
+        with torch.no_grad():
+            reference = m.converted()(torch.from_numpy(x)).numpy()
+        return edge_predict(load_edge(fmt, path), x), reference
+
+    out, reference = artifact_and_reference(model, "learned")
+    with torch.no_grad():
+        fake = model.eval()(torch.from_numpy(x)).numpy()
+    step = float(np.abs(reference).max()) / 127  # one INT8 step of the logits' range
+    assert np.abs(out - reference).max() <= 2 * step  # the runtime computes the converted graph (its own INT8 kernels' rounding)
+    assert (out.argmax(1) == fake.argmax(1)).mean() >= 0.95  # and what training saw
+
+    # the negative control: a different learned input scale changes the artifact as it changes the converted graph (no recalibration)
+    perturbed = kdedge.load_checkpoint(qat_run.out).model
+    obs = _input_observer(perturbed)
+    obs.activation_post_process.min_val.mul_(1000.0)  # the range the scale is computed from at conversion (and at the next training step)
+    obs.activation_post_process.max_val.mul_(1000.0)
+    scale, zero = (float(v) for v in obs.calculate_qparams())
+    out2, reference2 = artifact_and_reference(perturbed, "perturbed")
+    assert np.abs(out2 - reference2).max() <= 2 * step
+    assert np.abs(out2 - out).max() > 4 * step  # well beyond the artifact-vs-graph agreement: the runtime took the changed scale
+    if fmt == "litert":  # the input tensor's quantization is the learned scale itself
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(tmp_path / f"perturbed{suffix}"))
+        assert interp.get_input_details()[0]["quantization"] == (pytest.approx(scale, rel=1e-6), int(zero))
+
+
+def test_export_of_a_qat_run_ships_int8_only_and_says_why_for_the_rest(qat_run, tiny, tmp_path):
+    data, _, root = tiny
+    res = kdedge.export_model(kdedge.load_checkpoint(root / "qat").model, tmp_path / "exp", data=data,
+                              config=ExportConfig(formats=("onnx", "litert-int8"), parity_samples=60))
+    assert [a.path for a in res.artifacts] == ["model.int8.tflite"]
+    assert res.artifacts[0].parity["passed"] and res.artifacts[0].details["quantization"]["method"] == "qat"
+    assert "learned scales" in res.skipped["onnx"] and "FP32 student" in res.skipped["onnx"]
+    with pytest.raises(ConfigError, match="exports to executorch-int8, litert-int8, none of which was asked for"):
+        kdedge.export_model(qat_run.model, tmp_path / "exp2", data=data, config=ExportConfig(formats=("onnx",)))
+    assert not (tmp_path / "exp2").exists()
+
+
+def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
+    data, student, root = tiny
+    with pytest.raises(ModelError, match="already quantization-aware"):
+        qat_distill(qat_run.model, None, data.train, config=QATConfig(student="x"), progress=False)
+    cases = [
+        (["distill", "--qat", "--data", str(root / "data")], "fine-tunes a trained FP32 student: give its run directory"),
+        (["distill", "--qat-scheme", "litert"], "--qat-scheme applies to quantization-aware training: add --qat"),
+        (["distill", "--qat", "--student", str(root / "fp32"), "--qat-scheme", "tflite", "--data", str(root / "data")], "qat_scheme"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_distill_qat_writes_a_run_that_exports(tiny, tmp_path, capsys):
+    _, _, root = tiny
+    out = tmp_path / "q"
+    assert main(["distill", "--qat", "--student", str(root / "fp32"), "--data", str(root / "data"), "--epochs", "1", "--batch-size", "32",
+                 "--qat-calibration", "64", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "quantization-aware (xnnpack)" in text and "--format executorch-int8,litert-int8" in text
+    assert kdedge.load_checkpoint(out).spec.qat == "xnnpack"
+    assert Path(out / "metrics.json").is_file()
