@@ -340,7 +340,7 @@ def _pruned_student(plan: BundlePlan, *, progress: bool, log: Callable[[str], No
     found = prune(plan.teacher.model, plan.data, config=prune_cfg, spec=plan.teacher.spec, teacher_name=plan.teacher.name,
                   teacher_input=plan.teacher.input, progress=progress, log=log)
     assert found.spec is not None  # the teacher of a bundle has a spec
-    record = {k: found.record.get(k) for k in ("criterion", "criteria", "budget", "result", "layers", "original", "seconds")}
+    record = {k: found.record.get(k) for k in ("criterion", "allocation", "criteria", "budget", "result", "layers", "original", "seconds")}
     record["steps"] = [{k: v for k, v in row.items() if k != "widths"} for row in found.record["steps"]]
     plan = dataclasses.replace(plan, student=found.model, student_spec=found.spec, pruning=record)
     return plan, found.run

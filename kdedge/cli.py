@@ -86,6 +86,8 @@ _HELP = {
     "speedup": "prune: the pruned model's p50 on --target must be this many times faster than the original's (e.g. 4).",
     "flops_ratio": "prune: the pruned model's FLOPs as a fraction of the original's (e.g. 0.25), instead of a measured budget.",
     "criterion": 'prune: channel importance: magnitude (group L2), bn_scale (BatchNorm |γ|), taylor (|w·∂L/∂w|), or auto (each on step 1, best on validation).',
+    "allocation": "prune: how a step spreads its removals: latency (importance per measured µs saved), uniform (the same share from every group), "
+                  "or auto (both tried on step 1 with the best criterion; the better on validation goes on).",
     "steps": 'prune: prune-and-recover steps that reach the budget geometrically.',
     "step_epochs": 'prune: recovery epochs after each step but the last (which gets --epochs).',
     "criterion_epochs": "prune: with --criterion auto, recovery epochs of each criterion's trial.",

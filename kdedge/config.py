@@ -359,6 +359,7 @@ class BenchConfig(_Config):
 
 
 PRUNE_CRITERIA = ("auto", "magnitude", "bn_scale", "taylor")
+PRUNE_ALLOCATIONS = ("auto", "latency", "uniform")
 
 
 @dataclass
@@ -499,7 +500,9 @@ class PruneConfig(DistillConfig):
     ``round_to`` and recovers for ``step_epochs``, the last for ``epochs`` (the recovery recipe is
     every ``kdedge distill`` field; the teacher is the unpruned model unless ``teacher`` names
     another). ``criterion auto`` tries magnitude, BatchNorm scale and Taylor on step 1, each
-    recovered for ``criterion_epochs`` on ``criterion_samples`` images, and keeps the best on validation.
+    recovered for ``criterion_epochs`` on ``criterion_samples`` images, and keeps the best on validation;
+    ``allocation auto`` then tries the best criterion with every group narrowed by the same share
+    (``uniform``) against the measured-latency plan (``latency``), and keeps the better.
     The recovery is a fine-tune, so its peak learning rate is 0.01, not distill's from-scratch 0.05.
     """
 
@@ -513,6 +516,7 @@ class PruneConfig(DistillConfig):
     target_threads: int = 1
     target_batch: int = 1
     criterion: str = "auto"
+    allocation: str = "auto"
     steps: int = 3
     step_epochs: int = 2
     criterion_epochs: int = 1
@@ -534,7 +538,7 @@ class PruneConfig(DistillConfig):
             p.append(f"latency_budget must be a positive number of milliseconds, got {self.latency_budget}")
         if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
             p.append(f"flops_ratio must be in (0, 1) (the pruned model's FLOPs ÷ the original's, e.g. 0.25), got {self.flops_ratio}")
-        p += _choices(self, ("target", SEARCH_TARGETS), ("criterion", PRUNE_CRITERIA))
+        p += _choices(self, ("target", SEARCH_TARGETS), ("criterion", PRUNE_CRITERIA), ("allocation", PRUNE_ALLOCATIONS))
         for name in ("target_threads", "target_batch", "steps", "criterion_epochs", "criterion_samples", "round_to"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")

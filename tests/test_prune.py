@@ -99,6 +99,24 @@ def test_the_plan_removes_what_costs_least_accuracy_per_measured_microsecond():
     assert _plan(graph, scores, {"a": 1.0, "b": 1.0}, q=8) == [("a", list(range(8))), ("b", list(range(8)))]
 
 
+def test_the_uniform_plan_narrows_every_group_by_the_same_share_whatever_the_slopes():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)).mean((2, 3)))
+
+    graph = ChannelGraph(Two(), (1, 8, 8))
+    scores = {"a": torch.arange(16, dtype=torch.float32), "b": torch.arange(32, dtype=torch.float32).flip(0)}
+    chunks = _plan(graph, scores, {"a": 100.0, "b": 0.01}, q=8, allocation="uniform")  # slopes that the latency plan would follow
+    # shares after each chunk: b 8/32, a 8/16 (b 16/32 ties with it: importance breaks the tie), then b 24/32
+    assert [(n, len(c)) for n, c in chunks] == [("b", 8), ("a", 8), ("b", 8), ("b", 8)]
+    assert chunks[0][1] == list(range(31, 23, -1))  # lowest importance first within a group
+    assert _plan(graph, scores, {"a": 100.0, "b": 0.01}, q=8)[0][0] == "a"  # the latency plan goes where time is saved first
+
+
 @pytest.mark.parametrize("noisy,reading", [(6, 75.0), (5, 68.0)])
 def test_the_step_settles_on_the_fewest_removals_that_meet_the_target_when_one_timing_lies(noisy, reading):
     # true cost 100 - 5k: the fewest of 16 removals within 70 is 6. One timing reads wrong once (slow at 6: plain
@@ -156,7 +174,11 @@ def test_prune_meets_a_flops_budget_records_how_and_the_run_reloads_and_exports(
                       sanity_checks=False, test_limit=None)
     result = prune(teacher, data, config=cfg, spec=spec, out=tmp_path / "run", progress=False, log=lines.append)
     rec = result.record
-    assert rec["criterion"] in ("magnitude", "bn_scale", "taylor") and set(rec["criteria"]) == {"magnitude", "bn_scale", "taylor"}
+    assert rec["criterion"] in ("magnitude", "bn_scale", "taylor") and rec["allocation"] in ("latency", "uniform")
+    best = max(("magnitude", "bn_scale", "taylor"), key=lambda n: rec["criteria"][n])  # the first on ties, as chosen
+    assert set(rec["criteria"]) == {"magnitude", "bn_scale", "taylor", f"{best}+uniform"}  # the best criterion also tried uniformly
+    chosen = rec["criterion"] + ("+uniform" if rec["allocation"] == "uniform" else "")
+    assert rec["criteria"][chosen] == max(rec["criteria"].values())
     assert rec["result"]["flops"] <= 0.3 * rec["result"]["original_flops"] * 1.0001 and rec["result"]["met"]
     assert [r["step"] for r in rec["steps"]] == [1, 2] and rec["layers"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
