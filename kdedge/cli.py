@@ -196,7 +196,7 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
     With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn. With --qat: quantization-aware
     distillation of a trained FP32 --student (a run directory or checkpoint) for --qat-scheme's
     runtime (xnnpack: ExecuTorch, litert: LiteRT), from --teacher or, without one, from the FP32
-    student itself; its INT8 artifacts (kdedge export --format executorch-int8,litert-int8) ship the learned scales.
+    student itself; its INT8 artifacts (kdedge export --format onnx-int8,executorch-int8,litert-int8,openvino-int8) ship the learned scales.
     """
     from kdedge.runs import run_distill
 
@@ -469,8 +469,8 @@ def _summary(result: Any) -> None:
         fp32 = next((v for k, v in q["fp32"].items() if v is not None), None)
         split = next(iter(q["fp32"]), "").replace("_accuracy", "")
         click.echo(f"quantization-aware ({q['scheme']}): {split} accuracy {m.get(split, {}).get('accuracy', float('nan')):.4f} with fake INT8 vs "
-                   f"{fp32:.4f} for the FP32 student; kdedge export {result.out} --format executorch-int8,litert-int8 ships the learned scales"
-                   if fp32 is not None else f"quantization-aware ({q['scheme']}); kdedge export {result.out} --format executorch-int8,litert-int8")
+                   f"{fp32:.4f} for the FP32 student; kdedge export {result.out} --format onnx-int8,executorch-int8,litert-int8 ships the learned scales"
+                   if fp32 is not None else f"quantization-aware ({q['scheme']}); kdedge export {result.out} --format onnx-int8,executorch-int8,litert-int8")
     click.echo(f"wrote {result.out}")
 
 

@@ -572,8 +572,6 @@ class QATConfig(DistillConfig):
 
     def _problems(self) -> list[str]:
         p = super()._problems()
-        if not self.student:
-            p.append("quantization-aware training fine-tunes a trained FP32 student: give its run directory or checkpoint (--student runs/student)")
         p += _choices(self, ("qat_scheme", QAT_SCHEMES))
         if self.qat_calibration < 1:
             p.append(f"qat_calibration must be >= 1 training images, got {self.qat_calibration}")

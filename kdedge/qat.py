@@ -4,9 +4,10 @@
 prepared for the runtime's own PT2E quantizer (:class:`~kdedge.models.qat.QATModel`), its observers
 calibrated, then trained with the distillation loss by the same loop as ``kdedge distill`` (resume,
 DDP, divergence check, progress, ``metrics.json``). The run directory's ``model.safetensors`` is
-the prepared graph's tensors under a spec that names the base and the scheme; ExecuTorch and
-LiteRT INT8 artifacts exported from it are lowered from :meth:`QATModel.converted` — the learned
-scales, not a fresh calibration.
+the prepared graph's tensors under a spec that names the base and the scheme. Its INT8 artifacts
+are made from :meth:`QATModel.converted` — the scales it was trained with, not a fresh
+calibration: ExecuTorch and LiteRT lower that graph, the QDQ ONNX file is that graph exported, and
+OpenVINO and the ORT format convert the ONNX file.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def qat_distill(
     """
     from kdedge.runs import _output
 
-    config = config or QATConfig(student="(given)")
+    config = config or QATConfig()
     if runs_outside_torch(student):
         raise ModelError("an ONNX model cannot be trained with fake quantization; give the PyTorch checkpoint it was exported from")
     if isinstance(student, QATModel):
@@ -117,6 +118,8 @@ def run_qat(config: QATConfig, *, progress: bool = True, on_epoch: Callable[[dic
     from kdedge.resolve import check_same_input, resolve_teacher
     from kdedge.runs import _check_resume, _output
 
+    if not config.student:
+        raise ConfigError("quantization-aware training fine-tunes a trained FP32 student: give its run directory or checkpoint (--student runs/student)")
     _check_resume(config)
     dist_.init_from_env(config.device)
     try:

@@ -134,15 +134,43 @@ def test_export_of_a_qat_run_ships_int8_only_and_says_why_for_the_rest(qat_run, 
     assert [a.path for a in res.artifacts] == ["model.int8.tflite"]
     assert res.artifacts[0].parity["passed"] and res.artifacts[0].details["quantization"]["method"] == "qat"
     assert "learned scales" in res.skipped["onnx"] and "FP32 student" in res.skipped["onnx"]
-    with pytest.raises(ConfigError, match="exports to executorch-int8, litert-int8, none of which was asked for"):
+    with pytest.raises(ConfigError, match="exports to onnx-int8, executorch-int8, litert-int8, openvino-int8, ort-int8, none of which was asked for"):
         kdedge.export_model(qat_run.model, tmp_path / "exp2", data=data, config=ExportConfig(formats=("onnx",)))
     assert not (tmp_path / "exp2").exists()
+
+
+@pytest.mark.edge("openvino", "ort")
+def test_the_qdq_onnx_file_carries_the_learned_scales_to_onnxruntime_openvino_and_the_ort_format(qat_run, tiny, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    data, _, root = tiny
+    model = kdedge.load_checkpoint(root / "qat").model
+    res = kdedge.export_model(model, tmp_path / "exp", data=data, config=ExportConfig(formats=("onnx-int8", "openvino-int8", "ort-int8"), parity_samples=60))
+    assert [a.path for a in res.artifacts] == ["model.int8.onnx", "model.int8.xml", "model.int8.ort"]
+    assert all(a.parity["passed"] and a.details["quantization"]["method"] == "qat" if a.format == "onnx" else a.parity["passed"] for a in res.artifacts)
+    # the ONNX file's first QuantizeLinear (the input's) holds the model's own scale and zero point
+    proto = onnx.load(str(tmp_path / "exp" / "model.int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {o: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant" for o in n.output for a in n.attribute if a.name == "value"}
+    first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == proto.graph.input[0].name)
+    scale, zero = ({**inits, **consts}[name] for name in first.input[1:3])
+    learned_scale, learned_zero = _input_observer(model).calculate_qparams()
+    assert float(scale) == pytest.approx(float(learned_scale), rel=1e-6) and int(zero) == int(learned_zero)
+    # and onnxruntime computes the converted graph (to one logit step)
+    from kdedge.ort import ort_predict, ort_session
+
+    x = data.test.inputs(torch.arange(len(data.test)))
+    out = ort_predict(ort_session(tmp_path / "exp" / "model.int8.onnx"), x.numpy())
+    with torch.no_grad():
+        reference = model.converted()(x).numpy()
+    assert np.abs(out - reference).max() <= 2 * float(np.abs(reference).max()) / 127
 
 
 def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
     data, student, root = tiny
     with pytest.raises(ModelError, match="already quantization-aware"):
-        qat_distill(qat_run.model, None, data.train, config=QATConfig(student="x"), progress=False)
+        qat_distill(qat_run.model, None, data.train, config=QATConfig(), progress=False)
     cases = [
         (["distill", "--qat", "--data", str(root / "data")], "fine-tunes a trained FP32 student: give its run directory"),
         (["distill", "--qat-scheme", "litert"], "--qat-scheme applies to quantization-aware training: add --qat"),
@@ -160,6 +188,6 @@ def test_cli_distill_qat_writes_a_run_that_exports(tiny, tmp_path, capsys):
     assert main(["distill", "--qat", "--student", str(root / "fp32"), "--data", str(root / "data"), "--epochs", "1", "--batch-size", "32",
                  "--qat-calibration", "64", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "quantization-aware (xnnpack)" in text and "--format executorch-int8,litert-int8" in text
+    assert "quantization-aware (xnnpack)" in text and "--format onnx-int8,executorch-int8,litert-int8" in text
     assert kdedge.load_checkpoint(out).spec.qat == "xnnpack"
     assert Path(out / "metrics.json").is_file()

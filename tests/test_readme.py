@@ -30,7 +30,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # How many ```python blocks the README holds, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 9
+EXPECTED_BLOCKS = 10
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -54,7 +54,9 @@ CHEAP = [
      "kdedge.SearchConfig(latency_budget=1.0, candidates=2, include_zoo=False, proxy_samples=300, proxy_epochs=1, generations=1, children=1, "
      "finalists=1, epochs=1)"),
     # Pruning to a FLOPs budget (no timing) in one step of one epoch, one criterion, instead of a measured 4x in 3 steps and 14 epochs.
-    ("kdedge.PruneConfig(speedup=4)", 'kdedge.PruneConfig(flops_ratio=0.3, steps=1, epochs=1, criterion="magnitude")'),
+    ("kdedge.PruneConfig(speedup=4)", 'kdedge.PruneConfig(flops_ratio=0.3, steps=1, epochs=1, criterion="magnitude", allocation="latency")'),
+    # Quantization-aware distillation for one epoch, observers calibrated on 128 images, instead of 4 epochs and 1,024.
+    ("kdedge.QATConfig(epochs=4)", "kdedge.QATConfig(epochs=1, qat_calibration=128)"),
     # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
     ('kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32))',
      'kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32), warmup_iters=1, warmup_s=0, min_iters=3, min_s=0.02)'),
@@ -117,7 +119,10 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, edge, bench, searched, pruned, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched, pruned, qat, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes.
+    qat_acc, shipped = qat.split(" ", 1)
+    assert 0.3 < float(qat_acc) <= 1 and set(ast.literal_eval(shipped)) == {"model.int8.pte", "model.int8.tflite"}, qat
     # The pruned teacher: its name carries the digest of its kept widths, and the FLOPs budget was met.
     assert pruned.startswith("resnet-pruned-") and "'met': True" in pruned and " magnitude " in pruned, pruned
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())

@@ -201,6 +201,8 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
             fp32 = writer.fp32()
         if "onnx-int8" in config.formats and fp32 is not None:
             writer.int8(fp32)
+        elif "onnx-int8" in config.formats and qat is not None:
+            writer.qat_int8()
         trt_reason = _tensorrt_unavailable() if "tensorrt" in config.formats else None
         if trt_reason:
             writer.skipped["tensorrt"] = trt_reason
@@ -307,6 +309,14 @@ class _ArtifactWriter:
         info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
                                                                    method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range))
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
+
+    def qat_int8(self) -> Artifact:
+        """The QDQ ONNX file of a quantization-aware model: its converted graph exported as it is, with the scales it was trained with."""
+        self.log("export: ONNX INT8 (QDQ) from the quantization-aware model's learned scales")
+        path = self.tmp / "model.int8.onnx"
+        onnx = self._timed("export_int8", lambda: export_onnx(self.model.deployable(), path, input_shape=tuple(self.data.spec.input_shape),  # type: ignore[operator]
+                                                                opset=self.config.opset, metadata=self.meta | {"kdedge.precision": "int8"}))
+        return self._checked(onnx.path, "int8", "onnx", {"opset": onnx.opset, "nodes": onnx.nodes, "quantization": self.model.quantization()})  # type: ignore[operator]
 
     def fp16(self) -> Artifact:
         self.log("export: ONNX FP16 (FP32 inputs and outputs)")

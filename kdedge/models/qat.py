@@ -173,8 +173,17 @@ class QATModel(nn.Module):
         with _fork_rng():
             return convert_pt2e(prepared, fold_quantize=fold_quantize)
 
-    #: The export formats that take the learned scales: each lowers :meth:`converted` (no calibration of its own).
-    qat_formats = ("executorch-int8", "litert-int8")
+    #: The export formats that take the learned scales: each lowers :meth:`converted` (no calibration of its own); OpenVINO
+    #: and the ORT format convert the QDQ ONNX file made from it.
+    qat_formats = ("onnx-int8", "executorch-int8", "litert-int8", "openvino-int8", "ort-int8")
+
+    def deployable(self) -> nn.Module:
+        """:meth:`converted` as a module that exporters can put in eval mode (a converted graph refuses ``.eval()`` unless allowed)."""
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        graph = self.converted()
+        allow_exported_model_train_eval(graph)
+        return graph
 
     def quantization(self) -> dict[str, Any]:
         """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
