@@ -119,6 +119,8 @@ def table(args: argparse.Namespace) -> None:
         if r["data"] != "fashion-mnist" or not r.get("spec"):
             continue
         label = f"pruned {r['budget'].get('speedup') or 'at ' + str(r['latency_of'])}{'×' if r['budget'].get('speedup') else ''}"
+        if not r.get("allocation"):  # rows from before the allocation choice and the head-to-head bisection (their own group)
+            label += " (first pruner)"
         groups.setdefault(label, []).append(r)
     for label, rows in groups.items():
         spec = ModelSpec.from_dict(rows[0]["spec"])

@@ -167,6 +167,28 @@ def test_the_qdq_onnx_file_carries_the_learned_scales_to_onnxruntime_openvino_an
     assert np.abs(out - reference).max() <= 2 * float(np.abs(reference).max()) / 127
 
 
+def test_a_killed_qat_run_resumes_to_the_same_model(tiny, tmp_path):
+    import dataclasses
+
+    data, student, _ = tiny
+    cfg = QATConfig(epochs=2, batch_size=32, qat_calibration=64)
+    full = qat_distill(student, None, data.train, config=cfg, student_spec=SPEC, progress=False, out=tmp_path / "full")
+
+    def stop(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qat_distill(student, None, data.train, config=cfg, student_spec=SPEC, progress=False, out=tmp_path / "run", on_epoch=stop)
+    assert (tmp_path / "run.partial").is_dir() and not (tmp_path / "run").exists()
+    resumed = qat_distill(student, None, data.train, config=dataclasses.replace(cfg, resume=True), student_spec=SPEC, progress=False,
+                          out=tmp_path / "run")
+    x = data.test.inputs(torch.arange(len(data.test)))
+    with torch.no_grad():  # the observers, BatchNorm statistics, schedule and RNG streams all came back: the same model, bit for bit
+        torch.testing.assert_close(resumed.model.eval()(x), full.model.eval()(x), rtol=0, atol=0)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
 def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
     data, student, root = tiny
     with pytest.raises(ModelError, match="already quantization-aware"):
