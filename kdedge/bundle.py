@@ -334,7 +334,7 @@ def _pruned_student(plan: BundlePlan, *, progress: bool, log: Callable[[str], No
         plan = dataclasses.replace(plan, data=hold_out(plan.data, 0.1))
     fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student")}
     prune_cfg = PruneConfig(**fields | {"model": config.teacher, "speedup": config.prune, "target": "ort-cpu", "target_threads": config.bench_threads or 1,
-                                        "target_batch": 1, "criterion": config.prune_criterion, "steps": config.prune_steps,
+                                        "target_batch": 1, "criterion": config.prune_criterion, "allocation": config.prune_allocation, "steps": config.prune_steps,
                                         "step_epochs": config.prune_step_epochs, "round_to": config.prune_round_to,
                                         "ignore_layers": config.prune_ignore_layers, "lr": config.prune_lr})
     found = prune(plan.teacher.model, plan.data, config=prune_cfg, spec=plan.teacher.spec, teacher_name=plan.teacher.name,

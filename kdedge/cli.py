@@ -97,6 +97,7 @@ _HELP = {
     "weights": 'prune: weights for a factory MODEL (safetensors, or a state dict loaded with weights_only=True).',
     "prune": 'compress-and-export: the student is the teacher pruned to this measured speedup (onnxruntime, --bench-threads or 1 thread, batch 1) and recovered by distillation from it (--student is then ignored).',
     "prune_criterion": 'With --prune: channel importance (auto, magnitude, bn_scale, taylor).',
+    "prune_allocation": 'With --prune: how steps spread their removals (auto, latency, uniform).',
     "prune_steps": 'With --prune: prune-and-recover steps.',
     "prune_step_epochs": 'With --prune: recovery epochs after each step but the last (which gets --epochs).',
     "prune_lr": "With --prune: the recovery's peak learning rate (a fine-tune of the teacher's weights).",
@@ -196,7 +197,7 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
     With no arguments: the shipped Fashion-MNIST teacher into tiny_cnn. With --qat: quantization-aware
     distillation of a trained FP32 --student (a run directory or checkpoint) for --qat-scheme's
     runtime (xnnpack: ExecuTorch, litert: LiteRT), from --teacher or, without one, from the FP32
-    student itself; its INT8 artifacts (kdedge export --format onnx-int8,executorch-int8,litert-int8,openvino-int8) ship the learned scales.
+    student itself; its INT8 artifacts (kdedge export --format onnx-int8,executorch-int8,litert-int8,openvino-int8) ship the scales it was trained with.
     """
     from kdedge.runs import run_distill
 
@@ -210,8 +211,9 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
         return
     qat_only = sorted(f"--{k.replace('_', '-')}" for k in given if k.startswith("qat_"))
     if qat_only:
-        raise ConfigError(f"{', '.join(qat_only)} applies to quantization-aware training: add --qat (with a trained --student)")
-    params = {k: v for k, v in params.items() if not k.startswith("qat_")}
+        raise ConfigError(f"{', '.join(qat_only)} {'applies' if len(qat_only) == 1 else 'apply'} to quantization-aware training: "
+                          "add --qat (with a trained --student)")
+    params = {k: v for k, v in params.items() if not k.startswith("qat_") and k != "qat"}
     result = run_distill(_config(DistillConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
@@ -469,7 +471,7 @@ def _summary(result: Any) -> None:
         fp32 = next((v for k, v in q["fp32"].items() if v is not None), None)
         split = next(iter(q["fp32"]), "").replace("_accuracy", "")
         click.echo(f"quantization-aware ({q['scheme']}): {split} accuracy {m.get(split, {}).get('accuracy', float('nan')):.4f} with fake INT8 vs "
-                   f"{fp32:.4f} for the FP32 student; kdedge export {result.out} --format onnx-int8,executorch-int8,litert-int8 ships the learned scales"
+                   f"{fp32:.4f} for the FP32 student; kdedge export {result.out} --format onnx-int8,executorch-int8,litert-int8 ships the scales it trained with"
                    if fp32 is not None else f"quantization-aware ({q['scheme']}); kdedge export {result.out} --format onnx-int8,executorch-int8,litert-int8")
     click.echo(f"wrote {result.out}")
 

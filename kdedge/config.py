@@ -192,7 +192,6 @@ class DistillConfig(_RunConfig):
     view_topk: int = 0
     teacher_runtime: str = "auto"
     epochs: int = 15
-    qat: bool = False  # kdedge distill --qat: the recipe of QATConfig (the student is a trained FP32 model, fine-tuned with fake quantization)
 
     def _problems(self) -> list[str]:
         p = super()._problems()
@@ -396,6 +395,7 @@ class CompressConfig(DistillConfig):
     latency_budget: float | None = None
     prune: float | None = None
     prune_criterion: str = "auto"
+    prune_allocation: str = "auto"
     prune_steps: int = 3
     prune_step_epochs: int = 2
     prune_round_to: int = 8
@@ -408,7 +408,7 @@ class CompressConfig(DistillConfig):
             p.append(f"prune must be a speedup > 1 (the teacher's p50 ÷ the pruned student's, e.g. --prune 4), got {self.prune}")
         if self.prune is not None and self.latency_budget is not None:
             p.append("prune and latency_budget both choose the student: --prune SPEEDUP prunes the teacher, --latency-budget searches; give one")
-        p += _choices(self, ("prune_criterion", PRUNE_CRITERIA))
+        p += _choices(self, ("prune_criterion", PRUNE_CRITERIA), ("prune_allocation", PRUNE_ALLOCATIONS))
         if not self.prune_lr > 0:
             p.append(f"prune_lr must be > 0, got {self.prune_lr}")
         for name in ("prune_steps", "prune_round_to"):
@@ -573,6 +573,10 @@ class QATConfig(DistillConfig):
     def _problems(self) -> list[str]:
         p = super()._problems()
         p += _choices(self, ("qat_scheme", QAT_SCHEMES))
+        if self.precision != "fp32":
+            p.append(f"quantization-aware training runs in fp32 (the fake-quantization kernels have no {self.precision} version); drop --precision")
+        if self.loss not in ("hinton", "dkd"):
+            p.append(f"quantization-aware training distills logits (loss hinton or dkd); {self.loss}'s feature layers are not modules of the prepared graph")
         if self.qat_calibration < 1:
             p.append(f"qat_calibration must be >= 1 training images, got {self.qat_calibration}")
         return p
@@ -693,7 +697,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
 
 
 #: The keys of a ``prune:`` block in a compress-and-export YAML (``prune: {speedup: 4, criterion: taylor}``).
-PRUNE_BLOCK_KEYS = ("speedup", "criterion", "steps", "step_epochs", "round_to", "ignore_layers", "lr")
+PRUNE_BLOCK_KEYS = ("speedup", "criterion", "allocation", "steps", "step_epochs", "round_to", "ignore_layers", "lr")
 
 
 def _flatten_prune(values: dict[str, Any], source: str) -> dict[str, Any]:

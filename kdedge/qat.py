@@ -6,7 +6,7 @@ calibrated, then trained with the distillation loss by the same loop as ``kdedge
 DDP, divergence check, progress, ``metrics.json``). The run directory's ``model.safetensors`` is
 the prepared graph's tensors under a spec that names the base and the scheme. Its INT8 artifacts
 are made from :meth:`QATModel.converted` — the scales it was trained with, not a fresh
-calibration: ExecuTorch and LiteRT lower that graph, the QDQ ONNX file is that graph exported, and
+calibration (the moving-average observer ranges, frozen for the last epochs): ExecuTorch and LiteRT lower that graph, the QDQ ONNX file is that graph exported, and
 OpenVINO and the ORT format convert the ONNX file.
 """
 
@@ -51,7 +51,7 @@ def qat_distill(
     """Fine-tune the trained FP32 ``student`` with fake quantization for ``config.qat_scheme`` and the distillation loss.
 
     Args:
-        student: The trained FP32 student (not modified; the result's ``model`` is a :class:`QATModel`).
+        student: The trained FP32 student (its weights are not modified; it is moved to the CPU; the result's ``model`` is a :class:`QATModel`).
         teacher: The teacher; None: the FP32 student itself (its logits are the soft targets).
         config: The QAT recipe (every ``kdedge distill`` field, with a fine-tune's defaults).
         student_spec: The student's spec: the run's checkpoint then reloads by name (scheme recorded).
@@ -95,7 +95,7 @@ def _qat(student: nn.Module, teacher: nn.Module | None, train_data: Dataset | Da
     fp32 = evaluate(student, watched, device=device) if watched is not None else None
     student.cpu()
     model = QATModel(student, shape, scheme=config.qat_scheme, epochs=config.epochs)
-    seen = 0
+    seen = min(config.qat_calibration, len(train_data))  # a resumed run loads what the first one calibrated (same config)
     if not config.resume:  # a resumed run loads its observers with the rest of the checkpoint
         if not isinstance(train_data, ImageDataset):
             raise ConfigError("quantization-aware training calibrates its observers on training images: pass a kdedge dataset (an ImageDataset)")

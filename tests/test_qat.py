@@ -1,4 +1,4 @@
-"""Quantization-aware distillation: the schedule, the checkpoint, and the learned scales in ExecuTorch and LiteRT."""
+"""Quantization-aware distillation: the schedule, the checkpoint, and the scales it trained with in every INT8 runtime."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def _input_observer(model: QATModel):
 
 def test_the_schedule_freezes_batchnorm_then_the_scales_and_evaluation_moves_nothing(tiny):
     data, student, _ = tiny
-    model = QATModel(student, (1, 12, 12), epochs=3)  # BatchNorm frozen after epoch 2, observers after epoch 2 (ceil(2*3/3))
-    assert (model.freeze_bn_after, model.freeze_observers_after) == (2, 2)
+    model = QATModel(student, (1, 12, 12), epochs=4)  # BatchNorm frozen after epoch 2, observers after epoch 3 (ceil(2*4/3))
+    assert (model.freeze_bn_after, model.freeze_observers_after) == (2, 3)
     x = data.train.inputs(torch.arange(64))
     calibrate(model, [x[:32]])
     obs = _input_observer(model)
@@ -69,7 +69,10 @@ def test_the_schedule_freezes_batchnorm_then_the_scales_and_evaluation_moves_not
 
     assert moved("train", 1) == (True, True)
     assert moved("eval", 1) == (False, False)  # validation never moves a scale or a statistic
-    assert moved("train", 3) == (False, False)  # both frozen for the last epoch
+    assert moved("train", 3) == (True, False)  # BatchNorm statistics frozen first, the observers still move
+    assert moved("train", 4) == (False, False)  # both frozen for the last epoch
+    with torch.no_grad():
+        assert model.eval()(x[:1]).shape == (1, 3)  # a batch of one (the last of a split) runs
     model.train(False)
     assert model.training is False
 
@@ -90,7 +93,7 @@ def test_a_qat_run_reloads_by_name_bit_for_bit_and_records_how(qat_run, tiny):
 
 
 @pytest.mark.parametrize("fmt", ["executorch", "litert"])
-def test_the_int8_artifact_ships_the_learned_scales(qat_run, tiny, tmp_path, fmt):
+def test_the_int8_artifact_ships_the_scales_it_trained_with(qat_run, tiny, tmp_path, fmt):
     data, _, _ = tiny
     model = qat_run.model
     x = data.test.inputs(torch.arange(len(data.test))).numpy()
@@ -111,7 +114,7 @@ def test_the_int8_artifact_ships_the_learned_scales(qat_run, tiny, tmp_path, fmt
     assert np.abs(out - reference).max() <= 2 * step  # the runtime computes the converted graph (its own INT8 kernels' rounding)
     assert (out.argmax(1) == fake.argmax(1)).mean() >= 0.95  # and what training saw
 
-    # the negative control: a different learned input scale changes the artifact as it changes the converted graph (no recalibration)
+    # the negative control: a different input range in the model changes the artifact as it changes the converted graph (no recalibration)
     perturbed = kdedge.load_checkpoint(qat_run.out).model
     obs = _input_observer(perturbed)
     obs.activation_post_process.min_val.mul_(1000.0)  # the range the scale is computed from at conversion (and at the next training step)
@@ -120,7 +123,7 @@ def test_the_int8_artifact_ships_the_learned_scales(qat_run, tiny, tmp_path, fmt
     out2, reference2 = artifact_and_reference(perturbed, "perturbed")
     assert np.abs(out2 - reference2).max() <= 2 * step
     assert np.abs(out2 - out).max() > 4 * step  # well beyond the artifact-vs-graph agreement: the runtime took the changed scale
-    if fmt == "litert":  # the input tensor's quantization is the learned scale itself
+    if fmt == "litert":  # the input tensor's quantization is the model's own scale
         from ai_edge_litert.interpreter import Interpreter
 
         interp = Interpreter(model_path=str(tmp_path / f"perturbed{suffix}"))
@@ -133,14 +136,14 @@ def test_export_of_a_qat_run_ships_int8_only_and_says_why_for_the_rest(qat_run, 
                               config=ExportConfig(formats=("onnx", "litert-int8"), parity_samples=60))
     assert [a.path for a in res.artifacts] == ["model.int8.tflite"]
     assert res.artifacts[0].parity["passed"] and res.artifacts[0].details["quantization"]["method"] == "qat"
-    assert "learned scales" in res.skipped["onnx"] and "FP32 student" in res.skipped["onnx"]
+    assert "scales it was trained with" in res.skipped["onnx"] and "FP32 student" in res.skipped["onnx"]
     with pytest.raises(ConfigError, match="exports to onnx-int8, executorch-int8, litert-int8, openvino-int8, ort-int8, none of which was asked for"):
         kdedge.export_model(qat_run.model, tmp_path / "exp2", data=data, config=ExportConfig(formats=("onnx",)))
     assert not (tmp_path / "exp2").exists()
 
 
 @pytest.mark.edge("openvino", "ort")
-def test_the_qdq_onnx_file_carries_the_learned_scales_to_onnxruntime_openvino_and_the_ort_format(qat_run, tiny, tmp_path):
+def test_the_qdq_onnx_file_carries_the_trained_scales_to_onnxruntime_openvino_and_the_ort_format(qat_run, tiny, tmp_path):
     import onnx
     from onnx import numpy_helper
 
@@ -155,8 +158,8 @@ def test_the_qdq_onnx_file_carries_the_learned_scales_to_onnxruntime_openvino_an
     consts = {o: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant" for o in n.output for a in n.attribute if a.name == "value"}
     first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == proto.graph.input[0].name)
     scale, zero = ({**inits, **consts}[name] for name in first.input[1:3])
-    learned_scale, learned_zero = _input_observer(model).calculate_qparams()
-    assert float(scale) == pytest.approx(float(learned_scale), rel=1e-6) and int(zero) == int(learned_zero)
+    own_scale, own_zero = _input_observer(model).calculate_qparams()
+    assert float(scale) == pytest.approx(float(own_scale), rel=1e-6) and int(zero) == int(own_zero)
     # and onnxruntime computes the converted graph (to one logit step)
     from kdedge.ort import ort_predict, ort_session
 
@@ -165,6 +168,31 @@ def test_the_qdq_onnx_file_carries_the_learned_scales_to_onnxruntime_openvino_an
     with torch.no_grad():
         reference = model.converted()(x).numpy()
     assert np.abs(out - reference).max() <= 2 * float(np.abs(reference).max()) / 127
+
+
+def test_a_pruned_base_becomes_quantization_aware_and_reloads_by_name(tiny, tmp_path):
+    pytest.importorskip("torch_pruning")
+    import copy
+
+    from kdedge.models import load_checkpoint, save_checkpoint
+    from kdedge.models.pruned import narrowed_layers
+    from kdedge.pruning.graph import ChannelGraph
+
+    data, _, _ = tiny
+    torch.manual_seed(0)
+    base = create_model(SPEC)
+    model = copy.deepcopy(base)
+    graph = ChannelGraph(model, SPEC.input_shape)
+    graph.remove({n: list(range(g.channels // 2)) for n, g in graph.groups.items()})
+    spec = SPEC.with_layers(narrowed_layers(base, model)).with_qat("xnnpack")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and "-pruned-" in spec.name and spec.name.endswith("-qat-xnnpack")
+    qat = QATModel(model, SPEC.input_shape)
+    calibrate(qat, [data.train.inputs(torch.arange(32))])
+    save_checkpoint(tmp_path / "m.safetensors", qat, spec)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    x = data.test.inputs(torch.arange(8))
+    with torch.no_grad():
+        assert ckpt.spec == spec and torch.equal(ckpt.model.eval()(x), qat.eval()(x))
 
 
 def test_a_killed_qat_run_resumes_to_the_same_model(tiny, tmp_path):
@@ -193,6 +221,14 @@ def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
     data, student, root = tiny
     with pytest.raises(ModelError, match="already quantization-aware"):
         qat_distill(qat_run.model, None, data.train, config=QATConfig(), progress=False)
+    with pytest.raises(ConfigError, match="runs in fp32"):
+        QATConfig(precision="bf16")
+    with pytest.raises(ConfigError, match="distills logits"):
+        QATConfig(loss="fitnets", student_layer="features.0", teacher_layer="stages.0")
+    from kdedge.pruning import prune
+
+    with pytest.raises(ModelError, match="a quantization-aware model cannot be pruned"):
+        prune(qat_run.model, data, config=kdedge.PruneConfig(flops_ratio=0.5), spec=SPEC.with_qat("xnnpack"), progress=False)
     cases = [
         (["distill", "--qat", "--data", str(root / "data")], "fine-tunes a trained FP32 student: give its run directory"),
         (["distill", "--qat-scheme", "litert"], "--qat-scheme applies to quantization-aware training: add --qat"),

@@ -31,6 +31,7 @@ from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
 from kdedge.distill.views import TeacherViews, ViewRecipe, teacher_views
 from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
 from kdedge.metrics import ChanceCheck, Evaluation, evaluate
+from kdedge.models.qat import QATModel
 from kdedge.progress import Progress
 
 __all__ = ["STALL_EPOCHS", "STALL_MIN_STEPS", "chance_check", "divergence", "fit", "make_optimizer", "resolve_device"]
@@ -242,7 +243,7 @@ def fit(
             checks: list[ChanceCheck | None] = []  # one per epoch trained in this process: the evidence of a stall (a resume starts afresh)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
-                if hasattr(model, "start_epoch"):  # a model with a schedule of its own (QAT: BatchNorm and observer freezes)
+                if isinstance(model, QATModel):  # its own schedule: BatchNorm and observer freezes
                     model.start_epoch(epoch, config.epochs)
                 row = _train_epoch(run, epoch, bar, task)
                 ev = evaluate(model, watched, device=device) if watched is not None else None

@@ -191,7 +191,7 @@ def export_edge(
         raise ExportError(f"{fmt.title} artifacts are exported from the PyTorch model, and none was given")
     if fmt.source == "onnx" and onnx is None:
         raise ExportError(f"{fmt.title} artifacts are converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
-    learned = getattr(model, "qat_formats", None) is not None  # a quantization-aware model: its scales are trained, not calibrated
+    learned = getattr(model, "qat_formats", None) is not None  # a quantization-aware model: its scales come from training, not calibration
     if fmt.source == "torch" and precision == "int8" and not learned and (calibration is None or len(calibration) == 0):
         raise ExportError(f"an INT8 {fmt.title} artifact needs calibration inputs (N, C, H, W); none were given")
     if max_batch < 1:

@@ -188,10 +188,10 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
         qat = getattr(cpu_model, "qat_formats", None)
-        if qat is not None:  # a quantization-aware model ships INT8 with its learned scales, in the runtimes that take them
+        if qat is not None:  # a quantization-aware model ships INT8 with the scales it was trained with, in the runtimes that take them
             for name in config.formats:
                 if name not in qat:
-                    writer.skipped[name] = (f"a quantization-aware ({cpu_model.scheme}) model ships INT8 with its learned scales through "
+                    writer.skipped[name] = (f"a quantization-aware ({cpu_model.scheme}) model ships INT8 with the scales it was trained with, through "
                                             f"{', '.join(qat)}; export the FP32 student it was trained from for {name}")
             if not any(name in qat for name in config.formats):
                 raise ConfigError(f"a quantization-aware model exports to {', '.join(qat)}, none of which was asked for "
@@ -312,7 +312,7 @@ class _ArtifactWriter:
 
     def qat_int8(self) -> Artifact:
         """The QDQ ONNX file of a quantization-aware model: its converted graph exported as it is, with the scales it was trained with."""
-        self.log("export: ONNX INT8 (QDQ) from the quantization-aware model's learned scales")
+        self.log("export: ONNX INT8 (QDQ) with the scales the quantization-aware model was trained with")
         path = self.tmp / "model.int8.onnx"
         onnx = self._timed("export_int8", lambda: export_onnx(self.model.deployable(), path, input_shape=tuple(self.data.spec.input_shape),  # type: ignore[operator]
                                                                 opset=self.config.opset, metadata=self.meta | {"kdedge.precision": "int8"}))
@@ -333,7 +333,7 @@ class _ArtifactWriter:
         path = self.tmp / (("model" if precision == "fp32" else f"model.{precision}") + fmt.suffix)
         source = onnx.get(precision) if fmt.source == "onnx" else None
         self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
-        qat = getattr(self.model, "qat_formats", None) is not None  # its scales are learned: no calibration
+        qat = getattr(self.model, "qat_formats", None) is not None  # its scales come from training: no calibration
         calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" and not qat else None
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,

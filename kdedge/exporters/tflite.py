@@ -101,7 +101,7 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
             if precision == "int8":
                 from litert_torch.quantize.quant_config import QuantConfig
 
-                if hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph with the learned scales (the quantizer only says "static")
+                if hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
                     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
                     graph = model.converted(fold_quantize=False)

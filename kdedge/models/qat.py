@@ -1,10 +1,12 @@
-"""A student with fake quantization whose learned scales are the ones its INT8 artifacts ship.
+"""A student with fake quantization whose INT8 artifacts ship the scales it was trained with.
 
 :class:`QATModel` captures the FP32 student with ``torch.export`` (in training mode, so each
 convolution's BatchNorm is matched and fused the way PT2E QAT simulates it) and prepares it with
 torchao's ``prepare_qat_pt2e`` and the quantizer of the runtime it targets — the same quantizer
-the PTQ exports use (:data:`SCHEMES`), so :meth:`QATModel.converted` is the graph the ExecuTorch
-and LiteRT exporters lower, with the trained scales and not a fresh calibration.
+the PTQ exports use (:data:`SCHEMES`), so :meth:`QATModel.converted` is the graph the exporters
+lower, with the scales training used and not a fresh calibration. Those scales come from
+moving-average observers (torchao's ``FusedMovingAvgObsFakeQuantize``: ranges averaged over the
+training batches, then frozen), not from gradients; the weights learn to live with them.
 
 The recipe (Krishnamoorthi 2018, the PyTorch QAT tutorial): observers are calibrated on training
 images before the first step (:func:`calibrate`); BatchNorm statistics are frozen for the last half
@@ -41,6 +43,17 @@ SCHEMES = QAT_SCHEMES
 _BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
 
 
+def _torchao() -> Any:
+    """torchao's PT2E API, or one line saying how to install it (it comes with ExecuTorch)."""
+    try:
+        from torchao.quantization import pt2e
+        from torchao.quantization.pt2e import quantize_pt2e
+    except ImportError:
+        raise BackendUnavailable("quantization-aware training needs torchao's PT2E quantization: pip install 'kdedge-distill[executorch]' "
+                                 "(torchao comes with ExecuTorch)") from None
+    return pt2e, quantize_pt2e
+
+
 def _quantizer(scheme: str, *, qat: bool = True) -> Any:
     try:
         if scheme == "xnnpack":
@@ -74,8 +87,7 @@ class QATModel(nn.Module):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, scheme: str = "xnnpack", epochs: int = 1) -> None:
         super().__init__()
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-
+        _, quantize_pt2e = _torchao()
         quantizer = _quantizer(scheme)
         self.scheme, self.input_shape = scheme, tuple(input_shape)
         self.set_schedule(epochs)
@@ -85,8 +97,8 @@ class QATModel(nn.Module):
         example = (torch.zeros(4, *self.input_shape),)  # BatchNorm in training mode needs more than one sample
         try:
             with _fork_rng():
-                graph = torch.export.export(source, example, dynamic_shapes=({0: torch.export.Dim("batch", min=2)},)).module()
-                self.graph = prepare_qat_pt2e(graph, quantizer)
+                graph = torch.export.export(source, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+                self.graph = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
         except Exception as exc:  # torch.export and the quantizer raise many types; all mean "cannot prepare"
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise ModelError(f"cannot prepare {type(model).__name__} for quantization-aware training ({type(exc).__name__}: {first}); "
@@ -94,13 +106,13 @@ class QATModel(nn.Module):
         self.register_buffer("_epoch", torch.zeros((), dtype=torch.long))  # the epoch being trained: its schedule survives a checkpoint
         # An observer shared by several tensors (a concatenation's inputs) is one module under several names: its tensors are
         # stored once (safetensors refuses aliases) and every name is filled from the stored one on load.
-        first: dict[int, str] = {}
+        canonical: dict[int, str] = {}
         self._aliases: dict[str, str] = {}
         for name, module in self.named_modules(remove_duplicate=False):
-            if id(module) in first:
-                self._aliases[name + "."] = first[id(module)] + "."
+            if id(module) in canonical:
+                self._aliases[name + "."] = canonical[id(module)] + "."
             else:
-                first[id(module)] = name
+                canonical[id(module)] = name
         self.register_state_dict_post_hook(_drop_aliases)
         self.register_load_state_dict_pre_hook(_before_load)
         self.train(False)
@@ -132,8 +144,9 @@ class QATModel(nn.Module):
 
     def train(self, mode: bool = True) -> QATModel:
         """Training: BatchNorm in batch mode (running statistics once frozen), observers on until frozen. Evaluation: nothing moves."""
-        from torchao.quantization.pt2e import disable_observer, enable_observer, move_exported_model_to_eval, move_exported_model_to_train
-
+        pt2e, _ = _torchao()
+        disable_observer, enable_observer = pt2e.disable_observer, pt2e.enable_observer
+        move_exported_model_to_eval, move_exported_model_to_train = pt2e.move_exported_model_to_eval, pt2e.move_exported_model_to_train
         self.training = self._applied = mode  # the prepared graph refuses .train(); these calls switch what it computes
         if mode:
             move_exported_model_to_train(self.graph)
@@ -158,12 +171,11 @@ class QATModel(nn.Module):
         return self.graph(x)
 
     def converted(self, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
-        """The INT8 graph with the learned scales (quantize/dequantize pairs, BatchNorm folded): what the runtimes lower.
+        """The INT8 graph with the scales training used (quantize/dequantize pairs, BatchNorm folded): what the runtimes lower.
 
         ``fold_quantize``: weights stored as int8 (ExecuTorch) or as float with their Q/DQ pair (LiteRT's converter).
         """
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
+        _, quantize_pt2e = _torchao()
         was = self.training
         self.train(False)
         try:
@@ -171,25 +183,24 @@ class QATModel(nn.Module):
         finally:
             self.train(was)
         with _fork_rng():
-            return convert_pt2e(prepared, fold_quantize=fold_quantize)
+            return quantize_pt2e.convert_pt2e(prepared, fold_quantize=fold_quantize)
 
-    #: The export formats that take the learned scales: each lowers :meth:`converted` (no calibration of its own); OpenVINO
+    #: The export formats that take the trained scales: each lowers :meth:`converted` (no calibration of its own); OpenVINO
     #: and the ORT format convert the QDQ ONNX file made from it.
     qat_formats = ("onnx-int8", "executorch-int8", "litert-int8", "openvino-int8", "ort-int8")
 
     def deployable(self) -> nn.Module:
         """:meth:`converted` as a module that exporters can put in eval mode (a converted graph refuses ``.eval()`` unless allowed)."""
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
+        pt2e, _ = _torchao()
         graph = self.converted()
-        allow_exported_model_train_eval(graph)
+        pt2e.allow_exported_model_train_eval(graph)
         return graph
 
     def quantization(self) -> dict[str, Any]:
         """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
         return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if self.scheme == "xnnpack"
                 else "litert_torch PT2EQuantizer (QAT)", "weights": "int8 symmetric per output channel",
-                "activations": "int8 per tensor, scales learned with the weights (fake quantization)"}
+                "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs"}
 
     def schedule(self) -> dict[str, int]:
         """The freezes of the run that trains it (epochs after which BatchNorm statistics and observers stop moving)."""
@@ -197,11 +208,14 @@ class QATModel(nn.Module):
 
 
 def calibrate(model: QATModel, inputs: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
-    """Set the observers' ranges from ``inputs`` (batches of training images) before training: fake quantization off, BatchNorm as trained.
+    """Start the observers' ranges from ``inputs`` (batches of training images) before training: fake quantization off, BatchNorm as trained.
 
-    Returns the number of images seen.
+    The observers average each batch's range into theirs (the first batch sets it), so the ranges
+    training starts from reflect the data rather than an untrained initial value. Returns the number of images seen.
     """
-    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant, enable_observer, move_exported_model_to_eval
+    pt2e, _ = _torchao()
+    disable_fake_quant, enable_fake_quant, enable_observer = pt2e.disable_fake_quant, pt2e.enable_fake_quant, pt2e.enable_observer
+    move_exported_model_to_eval = pt2e.move_exported_model_to_eval
 
     was = model.training
     seen = 0

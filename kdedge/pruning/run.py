@@ -43,12 +43,12 @@ from kdedge.errors import ConfigError, KdedgeError, ModelError
 from kdedge.models.pruned import layer_shapes, narrowed_layers
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, runs_outside_torch, save_checkpoint
 from kdedge.pruning.graph import CRITERIA, ChannelGraph
-
-#: How a step spreads its removals over the groups: by importance per measured µs saved, or the same share from every group.
-ALLOCATIONS = ("latency", "uniform")
 from kdedge.runs import RunResult, _output, distill
 
 __all__ = ["PruneResult", "prune"]
+
+#: How a step spreads its removals over the groups: by importance per measured µs saved, or the same share from every group.
+ALLOCATIONS = ("latency", "uniform")
 
 STATE_FILE = "prune-step.safetensors"  # in OUT.partial: the model after its last finished step, and the record so far
 RESUMABLE = ("checkpoint.pt", STATE_FILE)  # a prune run resumes from its final recovery's checkpoint or its last finished step
@@ -164,6 +164,9 @@ def prune(
     config = config or PruneConfig(speedup=2.0)
     if runs_outside_torch(model):
         raise ModelError("an ONNX model cannot be pruned: its channels are not PyTorch parameters; prune the PyTorch model it was exported from")
+    if (spec is not None and spec.qat) or hasattr(model, "converted"):
+        raise ModelError("a quantization-aware model cannot be pruned (its layers are a prepared INT8 graph); prune the FP32 model it was "
+                         "trained from, then run kdedge distill --qat on the pruned one")
     if config.resume and out is None and config.out is None:
         raise ConfigError("--resume needs the --out of the run to continue")
     out = out if out is not None else config.out
@@ -449,7 +452,7 @@ def _settle(cost_of: Callable[[int], float], target: float, n: int, *, checks: i
             lo = mid
     for _ in range(checks):
         if hi < n and cost_of(hi) > target:
-            hi += 1
+            hi += 1  # one more removal: the safe direction, so a last step forward is kept even when the checks run out untimed
             continue
         if hi > 1 and cost_of(hi - 1) <= target:  # cost_of(0), the model before this step, misses: that is why it is pruned
             hi -= 1
@@ -589,7 +592,7 @@ def _read_state(out: Claim | Path | None, config: PruneConfig, *, trust_code: bo
     record = json.loads(ckpt.extra["prune_record"])
     now = {"budget": _budget(config), "steps": config.steps, "round_to": config.round_to, "ignore_layers": list(config.ignore_layers),
            "allocation": config.allocation}
-    then = {"budget": record.get("budget"), **(record.get("settings") or {})}
+    then = {"budget": record.get("budget"), "allocation": "latency", **(record.get("settings") or {})}  # runs from before the choice used the latency plan
     if then != now or len(record["steps"]) > config.steps or (len(record["steps"]) == config.steps and not record.get("final")):
         raise ConfigError(f"--resume: {path} was written with {then}, this run asks for {now}; resume with the original settings")
     return ckpt.model.to(resolve_device(config.device)), record
