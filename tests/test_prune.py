@@ -196,7 +196,7 @@ def test_prune_resumes_after_its_last_finished_step(tiny, tmp_path, monkeypatch)
 
     data, teacher = tiny
     spec = ModelSpec("resnet", 1.0, 3, (1, 12, 12))
-    cfg = PruneConfig(flops_ratio=0.4, steps=2, step_epochs=1, epochs=1, batch_size=32, criterion="magnitude", sanity_checks=False,
+    cfg = PruneConfig(flops_ratio=0.4, steps=2, step_epochs=1, epochs=1, batch_size=32, criterion="magnitude", allocation="latency", sanity_checks=False,
                       out=str(tmp_path / "run"))
     real = run_mod.distill
     calls = []
@@ -242,7 +242,7 @@ def test_prune_to_a_measured_speedup_on_onnxruntime(tiny):
     spec = ModelSpec("tiny_cnn", 2.0, 3, (1, 12, 12))
     torch.manual_seed(0)
     model = create_model(spec)
-    cfg = PruneConfig(speedup=1.5, steps=1, epochs=1, batch_size=32, criterion="magnitude", sanity_checks=False)
+    cfg = PruneConfig(speedup=1.5, steps=1, epochs=1, batch_size=32, criterion="magnitude", allocation="latency", sanity_checks=False)
     result = prune(model, data, config=cfg, spec=spec, progress=False)
     r = result.record["result"]
     assert r["kind"] == "latency" and r["p50_ms"] < r["original_p50_ms"] and r["speedup"] > 1.2  # 1.5 asked; the head-to-head re-timing is noisy
@@ -287,7 +287,7 @@ def test_compress_and_export_with_prune_bundles_the_pruned_teacher_and_says_how(
     from kdedge.bundle import compress_and_export, verify_bundle
 
     config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("ort-cpu",), "formats": ("onnx",), "tune_runtime": False,
-                                               "prune": 2.0, "prune_steps": 1, "prune_criterion": "magnitude", "prune_round_to": 16,
+                                               "prune": 2.0, "prune_steps": 1, "prune_criterion": "magnitude", "prune_allocation": "latency", "prune_round_to": 16,
                                                "out": str(tmp_path / "b")}))
     result = compress_and_export(config)
     m = result.manifest

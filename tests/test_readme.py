@@ -57,6 +57,8 @@ CHEAP = [
     ("kdedge.PruneConfig(speedup=4)", 'kdedge.PruneConfig(flops_ratio=0.3, steps=1, epochs=1, criterion="magnitude", allocation="latency")'),
     # Quantization-aware distillation for one epoch, observers calibrated on 128 images, instead of 4 epochs and 1,024.
     ("kdedge.QATConfig(epochs=4)", "kdedge.QATConfig(epochs=1, qat_calibration=128)"),
+    # The QDQ ONNX file alone (ExecuTorch and LiteRT take the same converted graph; tests/test_qat.py runs them).
+    ('formats=("executorch-int8", "litert-int8")', 'formats=("onnx-int8",)'),
     # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
     ('kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32))',
      'kdedge.BenchConfig(targets=("torch-cpu", "ort-cpu"), batch_sizes=(1, 32), warmup_iters=1, warmup_s=0, min_iters=3, min_s=0.02)'),
@@ -122,7 +124,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     api, bundle, export, edge, bench, searched, pruned, qat, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes.
     qat_acc, shipped = qat.split(" ", 1)
-    assert 0.3 < float(qat_acc) <= 1 and set(ast.literal_eval(shipped)) == {"model.int8.pte", "model.int8.tflite"}, qat
+    assert 0.3 < float(qat_acc) <= 1 and set(ast.literal_eval(shipped)) == {"model.int8.onnx"}, qat
     # The pruned teacher: its name carries the digest of its kept widths, and the FLOPs budget was met.
     assert pruned.startswith("resnet-pruned-") and "'met': True" in pruned and " magnitude " in pruned, pruned
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())
