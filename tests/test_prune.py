@@ -78,18 +78,21 @@ def test_a_spec_that_narrows_a_missing_layer_is_refused(tmp_path):
         create_model(spec)
 
 
+class _Two(nn.Module):
+    """Two prunable convolutions (groups "a" and "b") and a classifier head: the smallest graph a plan orders."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(1, a, 3, padding=1), nn.Conv2d(a, b, 3, padding=1), nn.Linear(b, 3)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
 def test_the_plan_removes_what_costs_least_accuracy_per_measured_microsecond():
     """Golden: group a's channels matter little but save little time; b's matter more but save 10× more per channel."""
 
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.head(self.b(self.a(x)).mean((2, 3)))
-
-    graph = ChannelGraph(Two(), (1, 8, 8))
+    graph = ChannelGraph(_Two(16, 16), (1, 8, 8))
     assert set(graph.groups) == {"a", "b"} and graph.head == "head"
     scores = {"a": torch.full((16,), 0.5), "b": torch.arange(16, dtype=torch.float32) + 1.0}
     slopes = {"a": 0.1, "b": 1.0}  # cost units per channel
@@ -100,15 +103,7 @@ def test_the_plan_removes_what_costs_least_accuracy_per_measured_microsecond():
 
 
 def test_the_uniform_plan_narrows_every_group_by_the_same_share_whatever_the_slopes():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 3)
-
-        def forward(self, x):
-            return self.head(self.b(self.a(x)).mean((2, 3)))
-
-    graph = ChannelGraph(Two(), (1, 8, 8))
+    graph = ChannelGraph(_Two(16, 32), (1, 8, 8))
     scores = {"a": torch.arange(16, dtype=torch.float32), "b": torch.arange(32, dtype=torch.float32).flip(0)}
     chunks = _plan(graph, scores, {"a": 100.0, "b": 0.01}, q=8, allocation="uniform")  # slopes that the latency plan would follow
     # shares after each chunk: b 8/32, a 8/16 (b 16/32 ties with it: importance breaks the tie), then b 24/32

@@ -108,7 +108,7 @@ class _Cost:
 
     def reference(self, original: nn.Module, cost: float) -> None:
         """The unpruned model and its cost: :meth:`relative` times every decision against it."""
-        self.original, self.original_cost = copy.deepcopy(original).cpu().eval(), cost
+        self.original, self.original_cost = original, cost  # never timed in place: __call__ times a CPU copy of every model
 
     def relative(self, model: nn.Module) -> float:
         """``model``'s cost timed head to head with the original (one interleaved set), in the original's units.
