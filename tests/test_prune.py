@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -242,6 +243,26 @@ def test_prune_to_a_measured_speedup_on_onnxruntime(tiny):
     r = result.record["result"]
     assert r["kind"] == "latency" and r["p50_ms"] < r["original_p50_ms"] and r["speedup"] > 1.2  # 1.5 asked; the head-to-head re-timing is noisy
     assert result.spec.pruned and result.record["steps"][0]["cost"] <= result.record["target_cost"] * 1.25
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2@0.5"])
+def test_the_trial_export_computes_what_the_shipped_export_computes(name, tmp_path):
+    """Trials are timed on TorchScript's export: it must be the same network in onnxruntime, pruned or not, as torch.export's."""
+    from kdedge.exporters.onnx import export_onnx
+    from kdedge.ort import ort_predict, ort_session
+    from kdedge.search.latency import _torchscript_onnx
+
+    shape = (3, 16, 16)
+    torch.manual_seed(0)
+    base, _, width = name.partition("@")
+    model = create_model(ModelSpec(base, float(width or 1.0), 5, shape)).eval()
+    graph = ChannelGraph(model, shape)
+    graph.remove({n: list(range(g.channels // 3)) for n, g in graph.groups.items()})
+    assert _torchscript_onnx(model, tmp_path / "trial.onnx", shape)
+    export_onnx(model, tmp_path / "shipped.onnx", input_shape=shape)
+    x = torch.randn(4, *shape).numpy()
+    trial, shipped = (ort_predict(ort_session(tmp_path / f), x) for f in ("trial.onnx", "shipped.onnx"))
+    np.testing.assert_allclose(trial, shipped, rtol=1e-4, atol=1e-5)
 
 
 def test_config_checks_the_budget_and_the_yaml_prune_block(tmp_path):

@@ -86,24 +86,33 @@ class _Cost:
 
             inputs = data.test.batch_of(max(8, config.target_batch))
             self.meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads,
-                                      batch=config.target_batch, cache=None, log=log)
+                                      batch=config.target_batch, cache=None, log=log, exporter="torchscript")
         self._spec = ModelSpec("pruned", 1.0, data.spec.num_classes, self.shape)  # type: ignore[arg-type]
         self.known: dict[tuple, float] = {}  # widths -> cost: latency depends on the widths, not on which channels were kept
         self.original: nn.Module | None = None  # set by reference(): what relative() times each model against
         self.original_cost = 0.0
 
-    def __call__(self, models: dict[str, nn.Module], *, again: bool = False) -> dict[str, float]:
-        """Cost per model; ``again`` re-times every one of them in one interleaved set (a head-to-head comparison)."""
+    def __call__(self, models: dict[str, nn.Module], *, again: bool = False, shipped: bool = False) -> dict[str, float]:
+        """Cost per model; ``again`` re-times every one of them in one interleaved set (a head-to-head comparison).
+
+        Trials are exported by TorchScript's exporter (fast; see :mod:`kdedge.search.latency`); ``shipped`` times the export that
+        ships (torch.export's), for the numbers a run reports. Either way every model of one set is exported alike.
+        """
         keys = {n: tuple(sorted(layer_shapes(m).items())) for n, m in models.items()}
-        todo = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items() if again or keys[n] not in self.known}
+        todo = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items() if again or shipped or keys[n] not in self.known}
         if todo and self.meter is None:
             measured = {n: float(count_flops(m, self.shape)) for n, m in todo.items()}
         elif todo:
-            measured = {n: float(r["ratio"]) for n, r in self.meter.measure({n: self._spec for n in todo}, modules=todo).items()}
+            self.meter.exporter = "dynamo" if shipped else "torchscript"
+            try:
+                measured = {n: float(r["ratio"]) for n, r in self.meter.measure({n: self._spec for n in todo}, modules=todo).items()}
+            finally:
+                self.meter.exporter = "torchscript"
         else:
             measured = {}
         for n, c in measured.items():
-            self.known.setdefault(keys[n], c)
+            if not shipped:
+                self.known.setdefault(keys[n], c)
         return {n: measured[n] if n in measured else self.known[keys[n]] for n in models}
 
     def reference(self, original: nn.Module, cost: float) -> None:
@@ -549,7 +558,7 @@ def _finish_record(record: dict[str, Any], step: int, target: float, model: nn.M
                    original: nn.Module) -> None:
     """The last step's row, the widths per layer and the result: the final model and the original timed head to head in one interleaved set."""
     cpu = copy.deepcopy(model).cpu().eval()
-    both = cost({"original": original, "pruned": cpu}, again=True)
+    both = cost({"original": original, "pruned": cpu}, again=True, shipped=True)
     c = both["pruned"] * record["original"]["cost"] / both["original"]
     # its validation accuracy is the run's own (metrics.json "val"): the final recovery comes after this row is written
     row = {"step": step, "target_cost": target, "cost": c, "p50_ms": cost.ms(both["pruned"]), "flops": count_flops(cpu, shape),
