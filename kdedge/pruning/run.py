@@ -86,7 +86,7 @@ class _Cost:
 
             inputs = data.test.batch_of(max(8, config.target_batch))
             self.meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads,
-                                      batch=config.target_batch, cache=None, log=log, exporter="torchscript")
+                                      batch=config.target_batch, cache=None, log=log)
         self._spec = ModelSpec("pruned", 1.0, data.spec.num_classes, self.shape)  # type: ignore[arg-type]
         self.known: dict[tuple, float] = {}  # widths -> cost: latency depends on the widths, not on which channels were kept
         self.original: nn.Module | None = None  # set by reference(): what relative() times each model against
@@ -95,7 +95,7 @@ class _Cost:
     def __call__(self, models: dict[str, nn.Module], *, again: bool = False, shipped: bool = False) -> dict[str, float]:
         """Cost per model; ``again`` re-times every one of them in one interleaved set (a head-to-head comparison).
 
-        Trials are exported by TorchScript's exporter (fast; see :mod:`kdedge.search.latency`); ``shipped`` times the export that
+        Trials are timed on TorchScript's ONNX export (fast; see :mod:`kdedge.search.latency`); ``shipped`` times the export that
         ships (torch.export's), for the numbers a run reports. Either way every model of one set is exported alike.
         """
         keys = {n: tuple(sorted(layer_shapes(m).items())) for n, m in models.items()}
