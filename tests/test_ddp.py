@@ -107,7 +107,7 @@ def test_two_processes_prune_the_same_channels(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "runs" / "pruned"
     args = ["prune", "resnet", "--flops-ratio", "0.3", "--steps", "2", "--step-epochs", "1", "--epochs", "1", "--criterion", "auto", "--allocation", "latency",
-            "--criterion-samples", "400", "--train-limit", "2000", "--test-limit", "500", "--quiet", "--out", str(out)]
+            "--criterion-samples", "400", "--train-limit", "1000", "--test-limit", "300", "--quiet", "--out", str(out)]
     ddp = _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdedge", *args], str(tmp_path / "cache"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert sorted(p.name for p in out.parent.iterdir()) == ["pruned"] and ddp.stdout.count("wrote ") == 1
