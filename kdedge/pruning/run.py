@@ -107,13 +107,23 @@ class _Cost:
             try:
                 measured = {n: float(r["ratio"]) for n, r in self.meter.measure({n: self._spec for n in todo}, modules=todo).items()}
             finally:
-                self.meter.exporter = "torchscript"
+                self.meter.exporter = "torchscript"  # the trials' exporter, set in __init__
         else:
             measured = {}
         for n, c in measured.items():
             if not shipped:
                 self.known.setdefault(keys[n], c)
         return {n: measured[n] if n in measured else self.known[keys[n]] for n in models}
+
+    def shipped_export_works(self, model: nn.Module) -> None:
+        """Export ``model`` as it ships, once, before any trial: a model only TorchScript can trace fails here, not after recovery."""
+        if self.meter is not None and self.meter.target != "torch-cpu":
+            import tempfile
+
+            from kdedge.exporters.onnx import export_onnx
+
+            with tempfile.TemporaryDirectory() as work:
+                export_onnx(copy.deepcopy(model).cpu().eval(), Path(work) / "original.onnx", input_shape=self.shape)
 
     def reference(self, original: nn.Module, cost: float) -> None:
         """The unpruned model and its cost: :meth:`relative` times every decision against it."""
@@ -212,6 +222,7 @@ def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: Mod
                                                    "allocation": config.allocation}}
 
         def first() -> dict[str, Any]:
+            cost.shipped_export_works(original)  # type: ignore[union-attr]  # trials time TorchScript's file; the result needs the shipped one
             c = cost({"original": original})["original"]  # type: ignore[misc]
             record["original"] = {"cost": c, "p50_ms": cost.ms(c), "flops": count_flops(original, shape), "params": count_parameters(original)}  # type: ignore[union-attr]
             record["target_cost"] = _target_cost(config, c, cost)  # type: ignore[arg-type]
