@@ -28,6 +28,7 @@ from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 from kdedge.exporters._native import cause
+from kdedge.models.qat import QATModel
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
            "read_sidecar", "sidecar_batch", "sidecar_path", "write_sidecar"]
@@ -191,7 +192,7 @@ def export_edge(
         raise ExportError(f"{fmt.title} artifacts are exported from the PyTorch model, and none was given")
     if fmt.source == "onnx" and onnx is None:
         raise ExportError(f"{fmt.title} artifacts are converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
-    learned = getattr(model, "qat_formats", None) is not None  # a quantization-aware model: its scales come from training, not calibration
+    learned = isinstance(model, QATModel)  # a quantization-aware model: its scales come from training, not calibration
     if fmt.source == "torch" and precision == "int8" and not learned and (calibration is None or len(calibration) == 0):
         raise ExportError(f"an INT8 {fmt.title} artifact needs calibration inputs (N, C, H, W); none were given")
     if max_batch < 1:

@@ -31,6 +31,7 @@ from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
 from kdedge.exporters.quantize import quantize_int8
+from kdedge.models.qat import QATModel
 
 __all__ = ["Artifact", "ExportResult", "export_model", "export_checkpoint", "onnx_metadata", "tolerances"]
 
@@ -187,7 +188,7 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
     with cpu_eval(model) as cpu_model, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
-        qat = getattr(cpu_model, "qat_formats", None)
+        qat = cpu_model.qat_formats if isinstance(cpu_model, QATModel) else None
         if qat is not None:  # a quantization-aware model ships INT8 with the scales it was trained with, in the runtimes that take them
             for name in config.formats:
                 if name not in qat:
@@ -333,7 +334,7 @@ class _ArtifactWriter:
         path = self.tmp / (("model" if precision == "fp32" else f"model.{precision}") + fmt.suffix)
         source = onnx.get(precision) if fmt.source == "onnx" else None
         self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
-        qat = getattr(self.model, "qat_formats", None) is not None  # its scales come from training: no calibration
+        qat = isinstance(self.model, QATModel)  # its scales come from training: no calibration
         calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" and not qat else None
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,

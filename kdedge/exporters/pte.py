@@ -32,6 +32,7 @@ from kdedge._fs import atomic_write_bytes
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
+from kdedge.models.qat import QATModel
 
 __all__ = ["Session", "export", "read_metadata"]
 
@@ -95,7 +96,7 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
     example = (torch.zeros(min(_EXAMPLE_BATCH, max_batch), *input_shape),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
     with torch.no_grad():
-        if precision == "int8" and hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph, the scales training used
+        if precision == "int8" and isinstance(model, QATModel):  # quantization-aware: its own Q/DQ graph, the scales training used
             return torch.export.export(model.converted(), example, dynamic_shapes=dynamic)
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":

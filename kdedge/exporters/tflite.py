@@ -40,6 +40,7 @@ from kdedge._fs import atomic_write_bytes
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
+from kdedge.models.qat import QATModel
 
 __all__ = ["Session", "export", "read_metadata"]
 
@@ -101,7 +102,7 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
             if precision == "int8":
                 from litert_torch.quantize.quant_config import QuantConfig
 
-                if hasattr(model, "converted"):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
+                if isinstance(model, QATModel):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
                     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
                     graph = model.converted(fold_quantize=False)

@@ -88,7 +88,10 @@ def _export_conv_bn_patterns_once() -> None:
     def pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict[str, Any]) -> Any:
         fn = getattr(pattern, "fn", pattern)
         cells = tuple(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))
-        return (fn.__code__, shape_key(cells), shape_key(example_inputs), is_cuda, shape_key(tuple(sorted(kwargs.items()))))
+        if any(isinstance(c, torch.Tensor) for c in cells):
+            raise TypeError("a captured tensor's values may shape the graph")  # exported every time, as torchao would
+        return (fn.__module__, fn.__qualname__, fn.__code__, shape_key(cells), fn.__defaults__, shape_key(example_inputs), is_cuda,
+                shape_key(tuple(sorted(kwargs.items()))))
 
     def export_once(pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any) -> torch.fx.GraphModule:
         try:

@@ -44,6 +44,7 @@ from kdedge.models.pruned import layer_shapes, narrowed_layers
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, runs_outside_torch, save_checkpoint
 from kdedge.pruning.graph import CRITERIA, ChannelGraph
 from kdedge.runs import RunResult, _output, distill
+from kdedge.models.qat import QATModel
 
 __all__ = ["PruneResult", "prune"]
 
@@ -183,7 +184,7 @@ def prune(
     config = config or PruneConfig(speedup=2.0)
     if runs_outside_torch(model):
         raise ModelError("an ONNX model cannot be pruned: its channels are not PyTorch parameters; prune the PyTorch model it was exported from")
-    if (spec is not None and spec.qat) or hasattr(model, "converted"):
+    if (spec is not None and spec.qat) or isinstance(model, QATModel):
         raise ModelError("a quantization-aware model cannot be pruned (its layers are a prepared INT8 graph); prune the FP32 model it was "
                          "trained from, then run kdedge distill --qat on the pruned one")
     if config.resume and out is None and config.out is None:
