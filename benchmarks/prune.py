@@ -74,13 +74,13 @@ def run(args: argparse.Namespace) -> None:
         budget = {"speedup": r["teacher"]["ratio"] / r[args.latency_of]["ratio"]}
         print(f"budget: {args.latency_of}'s p50 is the teacher's ÷ {budget['speedup']:.2f}", flush=True)
     config = PruneConfig(model=args.teacher, seed=args.seed, steps=args.steps, step_epochs=args.step_epochs, epochs=args.epochs,
-                         criterion=args.criterion, allocation=args.allocation, **budget)
+                         criterion=args.criterion, allocation=args.allocation, lr=args.lr, **budget)
     t0 = time.perf_counter()
     result = prune(teacher.model, data, config=config, spec=teacher.spec, teacher_name=teacher.name, teacher_input=teacher.input,
                    log=lambda line: print(line, flush=True), progress=False)
     wall = time.perf_counter() - t0
     row = {"teacher": args.teacher, "data": args.data, "budget": budget, "latency_of": args.latency_of, "seed": args.seed, "steps": args.steps,
-           "step_epochs": args.step_epochs, "epochs": args.epochs, "criterion": result.record["criterion"], "allocation": result.record.get("allocation"), "criteria": result.record["criteria"],
+           "step_epochs": args.step_epochs, "epochs": args.epochs, "lr": args.lr, "criterion": result.record["criterion"], "allocation": result.record.get("allocation"), "criteria": result.record["criteria"],
            "test_accuracy": result.run.test.accuracy, "val_accuracy": result.run.val.accuracy, "teacher_test_accuracy": result.run.teacher_test.accuracy,
            "result": result.record["result"], "spec": result.spec.to_dict() if result.spec else None, "wall_s": wall, "env": _flags()}
     print(f"pruned: test {row['test_accuracy']:.4f} (teacher {row['teacher_test_accuracy']:.4f}), "
@@ -210,6 +210,7 @@ def main() -> int:
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--step-epochs", type=int, default=2)
     r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--lr", type=float, default=PruneConfig.lr, help="the recovery's peak learning rate")
     r.add_argument("--criterion", default="auto")
     r.add_argument("--allocation", default="auto", help="latency, uniform, or auto (both tried on step 1; the better on validation)")
     r.add_argument("--data", default="fashion-mnist")

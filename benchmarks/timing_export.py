@@ -36,7 +36,7 @@ from kdedge.bench.timing import measure_interleaved  # noqa: E402
 from kdedge.exporters.onnx import export_onnx  # noqa: E402
 from kdedge.models import ModelSpec, create_model  # noqa: E402
 from kdedge.ort import ort_predict, ort_session  # noqa: E402
-from kdedge.search.latency import _torchscript_onnx  # noqa: E402
+from kdedge._dynamo import torchscript_export  # noqa: E402
 
 MODELS = [("resnet", (1, 28, 28)), ("mobilenet_v2", (3, 32, 32)), ("tiny_cnn", (1, 28, 28)), ("mlp", (1, 28, 28)),
           ("net:c16k5s1p-d24k3s2-fc32", (1, 28, 28))]
@@ -71,10 +71,10 @@ def main() -> None:
             model = _pruned(model, shape)
         label = name + (" (pruned 1/3)" if pruned else "")
         ts, dyn = work / f"{len(list(work.iterdir()))}-ts.onnx", work / f"{len(list(work.iterdir()))}-dyn.onnx"
-        _torchscript_onnx(model, ts, shape)  # warm-up of both exporters for this model
+        torchscript_export(model, ts, shape)  # warm-up of both exporters for this model
         export_onnx(model, dyn, input_shape=shape)
         t = time.perf_counter()
-        ok = _torchscript_onnx(model, ts, shape)
+        ok = torchscript_export(model, ts, shape)
         t_ts = time.perf_counter() - t
         t = time.perf_counter()
         export_onnx(model, dyn, input_shape=shape)

@@ -45,7 +45,7 @@ def test_disk_cache_hit_skips_the_teacher(tmp_path):
     net = CountingNet()
     first = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
     calls = net.calls
-    samples = net.samples
+    samples = int(net.samples)  # the teacher pass's ONNX trace ran forward too, and left a traced 0-d tensor here (+= adds in place)
     second = teacher_logits(FrozenTeacher(net), data.train, cache_dir=tmp_path / "c")
     # A hit costs one probe batch of 8 samples (the check that the cache is this teacher's), not a pass.
     assert second.hit and net.calls == calls + 1 and net.samples - samples == 8

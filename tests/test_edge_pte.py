@@ -132,3 +132,36 @@ def test_importing_the_backend_loads_no_runtime():
     code = "import sys, kdedge.exporters.pte; print(sorted({'executorch', 'torchao'} & {m.split('.')[0] for m in sys.modules}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _Upsampling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.interpolate(self.conv(x), scale_factor=2, mode="bilinear").flatten(1))
+
+
+def test_a_program_without_upsampling_is_lowered_without_the_bilinear_patterns_to_the_same_file(tmp_path):
+    """kdedge spares XNNPACK's bilinear pattern graphs (5 s per process) where nothing can match them: the .pte is byte for byte
+    the file the lowering with them writes, and a model that upsamples still gets them."""
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
+
+    from conftest import TinyNet
+
+    def lower(model, name):
+        torch.manual_seed(0)
+        export_edge("executorch", out=tmp_path / name, precision="fp32", model=model.eval(), input_shape=(1, 8, 8), metadata={}, max_batch=8)
+        return (tmp_path / name).read_bytes()
+
+    torch.manual_seed(0)
+    tiny, upsampling = TinyNet(), _Upsampling()
+    bilinear_2d._get_bilinear_2d_graphs.cache_clear()
+    without = lower(tiny, "without.pte")
+    assert bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize == 0  # never built
+    lower(upsampling, "upsampling.pte")
+    assert bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize == 1  # built: they may match this one
+    assert lower(tiny, "with.pte") == without
+

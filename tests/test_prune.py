@@ -251,16 +251,16 @@ def test_prune_to_a_measured_speedup_on_onnxruntime(tiny):
 @pytest.mark.parametrize("name", ["resnet", "net:c16k5s1p-d24k3s2-fc32"])  # the genome has depthwise blocks
 def test_the_trial_export_computes_what_the_shipped_export_computes(name, tmp_path):
     """Searches and pruning time TorchScript's export: it must be the same network in onnxruntime, pruned or not, as torch.export's."""
+    from kdedge._dynamo import torchscript_export
     from kdedge.exporters.onnx import export_onnx
     from kdedge.ort import ort_predict, ort_session
-    from kdedge.search.latency import _torchscript_onnx
 
     shape = (3, 16, 16)
     torch.manual_seed(0)
     model = create_model(ModelSpec(name, 1.0, 5, shape)).eval()
     graph = ChannelGraph(model, shape)
     graph.remove({n: list(range(g.channels // 3)) for n, g in graph.groups.items()})
-    assert _torchscript_onnx(model, tmp_path / "trial.onnx", shape)
+    assert torchscript_export(model, tmp_path / "trial.onnx", shape)
     export_onnx(model, tmp_path / "shipped.onnx", input_shape=shape)
     x = torch.randn(4, *shape).numpy()
     trial, shipped = (ort_predict(ort_session(tmp_path / f), x) for f in ("trial.onnx", "shipped.onnx"))

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from kdedge.bench.timing import measure_interleaved
 from kdedge.config import SearchConfig
@@ -284,3 +285,34 @@ def test_search_with_an_onnx_teacher_reports_what_it_cannot_measure(fmnist, tmp_
     spec = ModelSpec("teacher", 1.0, 10, (1, 28, 28))
     lat = meter.measure({"teacher": spec}, files={"teacher": onnx_path})["teacher"]
     assert lat["p50_ms"] > meter.anchor_p50_ms and not lat["cached"]  # the 26 M-MAC teacher is slower than tiny_cnn
+
+
+class _BatchInTheTrace(nn.Module):
+    """A forward that turns the batch size into a Python int: TorchScript's trace would bake it in (a TracerWarning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1))
+
+
+def test_a_model_the_trial_exporter_refuses_is_timed_on_the_shipped_export_and_dynamo_times_bypass_the_cache(tmp_path):
+    """The meter's two exporters: TorchScript's refuses a trace with a baked-in value (and leaves no file), the meter then times
+    torch.export's ONNX of the same model; a ``dynamo``-timed model is never written to, or read from, the latency cache."""
+    from kdedge._dynamo import torchscript_export
+    from kdedge.search.latency import LatencyCache, LatencyMeter
+
+    model = _BatchInTheTrace().eval()
+    assert not torchscript_export(model, tmp_path / "trial.onnx", (1, 8, 8)) and not (tmp_path / "trial.onnx").exists()
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    cache = LatencyCache(None, {"format": "test"})
+    meter = LatencyMeter(x, num_classes=3, rounds=2, cache=cache)
+    spec = ModelSpec("tiny_cnn", 1.0, 3, (1, 8, 8))
+    assert meter.measure({"odd": ModelSpec("odd", 1.0, 3, (1, 8, 8))}, modules={"odd": model})["odd"]["p50_ms"] > 0  # timed all the same
+    assert not meter.measure({"tiny_cnn": spec}, exporter="dynamo")["tiny_cnn"]["cached"] and cache.entries == {}
+    assert not meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"] and set(cache.entries) == {LatencyCache.key("tiny_cnn", 3, (1, 8, 8))}
+    assert meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"] and not meter.measure({"tiny_cnn": spec}, exporter="dynamo")["tiny_cnn"]["cached"]
+    with pytest.raises(ValueError, match="exporter must be"):
+        meter.measure({"tiny_cnn": spec}, exporter="onnx")

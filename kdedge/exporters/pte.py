@@ -19,8 +19,9 @@ pool), so sessions reload their method when the pool changed since their load (s
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
             from executorch.exir import to_edge_transform_and_lower
 
             program = _exported(model, tuple(input_shape), precision, calibration, max_batch)
-            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+            with _without_bilinear_patterns(program):
+                lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
             buffer = lowered.buffer
     except Exception as exc:  # torch.export, the quantizer and the XNNPACK passes raise many types; all mean "cannot lower"
         attach_native_log(exc, native)
@@ -104,6 +106,30 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
             quantized = _quantized(program.module(), calibration, batch=min(64, max_batch))
             program = torch.export.export(quantized, example, dynamic_shapes=dynamic)
     return program
+
+
+@contextlib.contextmanager
+def _without_bilinear_patterns(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """XNNPACK's lowering looks for decomposed bilinear upsampling with pattern graphs it builds by exporting and lowering
+    four small modules: 5 s, once per process (measured). A program with no upsampling node has nothing they can match,
+    so the pass gets no patterns and rewrites nothing, as it would have; the .pte is the same file
+    (tests/test_edge_pte.py). If ExecuTorch's layout differs, nothing is patched."""
+    try:
+        from executorch.backends.xnnpack.partition.graphs import bilinear_2d
+    except ImportError:
+        yield
+        return
+    upsamples = any(n.op == "call_function" and "upsample" in str(n.target) for n in program.graph.nodes)
+    cache_info = getattr(getattr(bilinear_2d, "_get_bilinear_2d_graphs", None), "cache_info", None)
+    if upsamples or not hasattr(bilinear_2d, "get_graphs_dict") or cache_info is None or cache_info().currsize:
+        yield  # they may match, or are built already (or ExecuTorch builds them otherwise): nothing to save
+        return
+    original = bilinear_2d.get_graphs_dict
+    bilinear_2d.get_graphs_dict = lambda: {}
+    try:
+        yield
+    finally:
+        bilinear_2d.get_graphs_dict = original
 
 
 def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int) -> torch.fx.GraphModule:

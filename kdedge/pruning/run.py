@@ -104,11 +104,8 @@ class _Cost:
         if todo and self.meter is None:
             measured = {n: float(count_flops(m, self.shape)) for n, m in todo.items()}
         elif todo:
-            self.meter.exporter = "dynamo" if shipped else "torchscript"
-            try:
-                measured = {n: float(r["ratio"]) for n, r in self.meter.measure({n: self._spec for n in todo}, modules=todo).items()}
-            finally:
-                self.meter.exporter = "torchscript"  # the trials' exporter, set in __init__
+            timed = self.meter.measure({n: self._spec for n in todo}, modules=todo, exporter="dynamo" if shipped else "torchscript")
+            measured = {n: float(r["ratio"]) for n, r in timed.items()}
         else:
             measured = {}
         for n, c in measured.items():

@@ -29,7 +29,6 @@ import hashlib
 import json
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdedge._dynamo import torchscript_export
 from kdedge._fs import atomic_file, cache_dir, file_lock
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
@@ -170,12 +170,16 @@ class LatencyMeter:
         return float(np.median(self.anchor_samples))
 
     def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
-                files: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
+                files: dict[str, Path] | None = None, exporter: str | None = None) -> dict[str, dict[str, Any]]:
         """Name -> ``{"p50_ms", "p90_ms", "ratio", "cached"}`` (``ratio``: p50 ÷ the anchor's, in the same group).
 
         ``modules`` times already built modules (a teacher) instead of building ``specs[name]``;
         ``files`` times ONNX files as they are (an ONNX teacher, ``ort-cpu`` only). Neither is cached.
+        ``exporter`` overrides the meter's for these models (the anchor keeps the meter's).
         """
+        exporter = exporter or self.exporter
+        if exporter not in ("dynamo", "torchscript"):
+            raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
         modules = modules or {}
         files = files or {}
         if files and self.target != "ort-cpu":
@@ -184,19 +188,19 @@ class LatencyMeter:
         ratios: dict[str, dict[str, Any]] = {}
         todo = []
         for name, spec in specs.items():
-            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in given and self.exporter == "torchscript" else None
+            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in given and exporter == "torchscript" else None
             if hit is not None and "ratio" in hit:
                 ratios[name] = hit | {"cached": True}
             else:
                 todo.append(name)
         step = self.group - 1
         for start in range(0, len(todo), step):
-            ratios |= self._measure_group(todo[start : start + step], specs, modules, files)
+            ratios |= self._measure_group(todo[start : start + step], specs, modules, files, exporter)
         anchor = self.anchor_p50_ms
         return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
                     "cached": r["cached"]} for n, r in ratios.items()}
 
-    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None = None) -> Callable[[], Any]:
+    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None = None, exporter: str | None = None) -> Callable[[], Any]:
         if file is not None:
             runner = make_runner(self.target, path=file, threads=self.threads)
             runner.check_batch(self.batch)  # a fixed-batch ONNX file at another batch: a ConfigError naming it, not onnxruntime's traceback
@@ -206,7 +210,7 @@ class LatencyMeter:
             module = create_model(spec).eval()
         if self.target == "torch-cpu":
             return make_runner(self.target, module=module, threads=self.threads).prepare(self.x)
-        if self.exporter == "torchscript" and _torchscript_onnx(module, path, tuple(spec.input_shape)):
+        if (exporter or self.exporter) == "torchscript" and torchscript_export(module, path, tuple(spec.input_shape)):
             try:
                 return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
             except Exception:  # noqa: BLE001 - a trace that does not run at this batch: time the shipped export instead
@@ -217,7 +221,8 @@ class LatencyMeter:
         return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
 
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
-                       files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+                       files: dict[str, Path], exporter: str | None = None) -> dict[str, dict[str, Any]]:
+        exporter = exporter or self.exporter
         t0 = time.perf_counter()
         torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
         try:
@@ -226,7 +231,7 @@ class LatencyMeter:
                     self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx")
                 fns = {"0": self._anchor}
                 for i, name in enumerate(names, start=1):
-                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name))
+                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name), exporter)
                 stats = measure_interleaved(fns, rounds=self.rounds)
         finally:
             torch.set_num_threads(torch_threads)
@@ -237,7 +242,7 @@ class LatencyMeter:
             entry = {"ratio": stats[str(i)].p50_ms / anchor, "p90_ratio": stats[str(i)].p90_ms / anchor, "raw_p50_ms": stats[str(i)].p50_ms,
                      "anchor_p50_ms": anchor, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             out[name] = entry | {"cached": False}
-            if self.cache is not None and name not in modules and name not in files and self.exporter == "torchscript":
+            if self.cache is not None and name not in modules and name not in files and exporter == "torchscript":
                 self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), entry)
         if self.cache is not None and names:
             self.cache.save()  # after every group: a killed search keeps what it measured
@@ -254,20 +259,3 @@ def time_candidates(specs: dict[str, ModelSpec], inputs: np.ndarray, *, target: 
     num_classes = next(iter(specs.values())).num_classes if specs else 10
     meter = LatencyMeter(inputs, num_classes=num_classes, target=target, threads=threads, batch=batch, cache=cache, group=group, rounds=rounds, log=log)
     return meter.measure(specs, modules=modules)
-
-
-def _torchscript_onnx(module: nn.Module, path: Path, input_shape: tuple[int, ...]) -> bool:
-    """``module`` exported by TorchScript's ONNX exporter (batch dynamic) for timing only; False if it cannot export it.
-
-    0.04-0.5 s for the zoo's models against 1.4-9 s for torch.export's (measured on a 2-core EPYC).
-    """
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice: it is used for timing, knowingly
-            warnings.simplefilter("error", torch.jit.TracerWarning)  # a value baked into the trace (a batch size): not the model
-            torch.onnx.export(module, (torch.zeros(2, *input_shape),), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18)
-    except Exception:  # noqa: BLE001 - any failure means "time the shipped export instead"
-        Path(path).unlink(missing_ok=True)
-        return False
-    return True
