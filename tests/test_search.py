@@ -288,14 +288,19 @@ def test_search_with_an_onnx_teacher_reports_what_it_cannot_measure(fmnist, tmp_
 
 
 class _BatchInTheTrace(nn.Module):
-    """A forward that turns the batch size into a Python int: TorchScript's trace would bake it in (a TracerWarning)."""
+    """Warns as TorchScript's tracer does when a value is baked into the trace (a batch size turned into a Python int): the
+    warning, raised here on purpose, is what the trial exporter refuses; torch.export never sees it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(64, 3)
 
     def forward(self, x):
-        return self.fc(x.reshape(int(x.shape[0]), -1))
+        if torch.jit.is_tracing():
+            import warnings
+
+            warnings.warn("Converting a tensor to a Python integer might cause the trace to be incorrect", torch.jit.TracerWarning, stacklevel=2)
+        return self.fc(x.flatten(1))
 
 
 def test_a_model_the_trial_exporter_refuses_is_timed_on_the_shipped_export_and_dynamo_times_bypass_the_cache(tmp_path):
@@ -313,6 +318,6 @@ def test_a_model_the_trial_exporter_refuses_is_timed_on_the_shipped_export_and_d
     assert meter.measure({"odd": ModelSpec("odd", 1.0, 3, (1, 8, 8))}, modules={"odd": model})["odd"]["p50_ms"] > 0  # timed all the same
     assert not meter.measure({"tiny_cnn": spec}, exporter="dynamo")["tiny_cnn"]["cached"] and cache.entries == {}
     assert not meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"] and set(cache.entries) == {LatencyCache.key("tiny_cnn", 3, (1, 8, 8))}
-    assert meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"] and not meter.measure({"tiny_cnn": spec}, exporter="dynamo")["tiny_cnn"]["cached"]
+    assert meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"]  # read back on the trial exporter only
     with pytest.raises(ValueError, match="exporter must be"):
         meter.measure({"tiny_cnn": spec}, exporter="onnx")
