@@ -22,7 +22,7 @@ STAMP  := $(VENV)/.kdedge-installed$(if $(strip $(EXTRAS)),-$(subst $(space),-,$
 # What the demo needs, and nothing more: torch and kdedge with its core dependencies (ONNX, onnxruntime).
 DEMO_STAMP := $(VENV)/.kdedge-installed-core
 
-.PHONY: install install-core data data-core demo test test-fast bench bench-deploy teacher clean
+.PHONY: install install-core data data-core demo test test-durations test-fast bench bench-deploy teacher clean
 
 install: $(STAMP)
 install-core: $(DEMO_STAMP)
@@ -69,10 +69,15 @@ demo: data-core
 # (exports, runtimes' converters, process start-up), and two workers overlap it.
 TEST_WORKERS ?= 2
 # --durations=15: every run ends with its 15 slowest tests, so a test that grows is seen by whoever made it grow.
-PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) --durations=15
+# --no-loadscope-reorder: files go to the workers longest first, as tests/conftest.py orders them (tests/durations.json).
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) --durations=15
 
 test: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST)
+
+# Re-record tests/durations.json (seconds per test file) from a whole run: commit it when files grew or shrank.
+test-durations: data
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) KDEDGE_RECORD_DURATIONS=1 $(PYTEST)
 
 # The inner loop: the suite without the end-to-end runs marked slow (whole bundles, searches, DDP, the README's notebook).
 test-fast: data

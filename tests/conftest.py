@@ -51,12 +51,53 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (pip install 'kdedge-distill[tensorrt]')" if not has_trt else "needs a CUDA GPU"))
         elif "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-    # Files with the most slow tests first (a stable sort: their own order is kept): `make test` hands whole files to its
-    # worker processes in this order, and starting the long ones first leaves no worker alone with a long one at the end.
-    slow: dict[str, int] = {}
+    # The longest files first (a stable sort: each file's own order is kept). `make test` hands whole files to its worker
+    # processes in this order (--dist loadscope --no-loadscope-reorder; xdist would otherwise order them by test count, and
+    # the README's 2-test, 2-minute file ran last), so no worker is left alone with a long file at the end. The seconds per
+    # file are the suite's own, recorded by `make test-durations`; a file not in the record counts 20 s per slow test.
+    recorded = _recorded_durations()
+    slow: dict[str, float] = {}
     for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+        slow[_file(item.nodeid)] = slow.get(_file(item.nodeid), 0.0) + 20.0 * bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -recorded.get(_file(item.nodeid), slow[_file(item.nodeid)]))
+
+
+DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def _recorded_durations() -> dict[str, float]:
+    import json
+
+    try:
+        with open(DURATIONS) as f:
+            return {k: float(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Seconds per file (setup, call and teardown), gathered where every report arrives (the controller under xdist)."""
+    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1":
+        _measured[_file(report.nodeid)] = _measured.get(_file(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """`make test-durations`: write the seconds per file the scheduling above reads (not from a worker: each saw only its share)."""
+    import json
+
+    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1" and not hasattr(session.config, "workerinput") and _measured:
+        root = os.path.dirname(os.path.dirname(DURATIONS))
+        kept = {k: v for k, v in _recorded_durations().items() if os.path.exists(os.path.join(root, k))}  # files this run did not measure stay
+        with open(DURATIONS, "w") as f:
+            json.dump({k: round(v, 1) for k, v in sorted((kept | _measured).items())}, f, indent=1)
+            f.write("\n")
 
 
 # A small but real bundle build: 2,000 training and 500 test images, 1 epoch, a short benchmark, gates a 1-epoch student passes.

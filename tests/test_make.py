@@ -35,7 +35,7 @@ def test_demo_installs_only_what_it_runs(tmp_path):
 def test_test_installs_every_runtime_and_runs_in_parallel(tmp_path):
     lines = _dry("test", tmp_path)
     assert any(line.endswith("-e '.[dev,edge]'") for line in lines)
-    assert lines[-1].startswith("KDEDGE_REQUIRE_EDGE=1 ") and " -m pytest -q -n 2 --dist loadscope" in lines[-1]
+    assert lines[-1].startswith("KDEDGE_REQUIRE_EDGE=1 ") and " -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder" in lines[-1]
     fast = _dry("test-fast", tmp_path)[-1]
     assert fast.endswith("-m \"not slow\"") and " -n 2 " in fast
     serial = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "TEST_WORKERS=1", "test"], capture_output=True, text=True,

@@ -57,6 +57,8 @@ CHEAP = [
     ("kdedge.PruneConfig(speedup=4)", 'kdedge.PruneConfig(flops_ratio=0.3, steps=1, epochs=1, criterion="magnitude", allocation="latency")'),
     # Quantization-aware distillation for one epoch, observers calibrated on 128 images, instead of 4 epochs and 1,024.
     ("kdedge.QATConfig(epochs=4)", "kdedge.QATConfig(epochs=1, qat_calibration=128)"),
+    # The edge formats the block then runs by hand, without LiteRT's INT8 (its PT2E calibration and conversion; tests/test_edge_tflite.py).
+    ('"litert", "litert-int8", "openvino"', '"litert", "openvino"'),
     # The QDQ ONNX file alone (ExecuTorch and LiteRT take the same converted graph; tests/test_qat.py runs them).
     ('formats=("executorch-int8", "litert-int8")', 'formats=("onnx-int8",)'),
     # A short timing policy instead of 10 warm-up calls + 0.2 s and 50 calls + 1 s per row.
@@ -138,7 +140,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     # Each artifact run by its runtime alone gives onnxruntime's FP32 logits (the README's claim: below 1e-4).
     alone = ast.literal_eval(edge)
     assert set(alone) == {"executorch", "litert", "openvino", "ort"} and max(alone.values()) < 1e-4
-    assert {p.name for p in (tmp_path / "export-edge").iterdir()} >= {"model.pte", "model.tflite", "model.int8.tflite", "model.xml", "model.bin", "model.ort"}
+    assert {p.name for p in (tmp_path / "export-edge").iterdir()} >= {"model.pte", "model.tflite", "model.xml", "model.bin", "model.ort"}
     report = json.loads((tmp_path / "bench/report.json").read_text())
     assert {(r["model"], r["target"]) for r in report["rows"]} == {(m, t) for m in ("resnet", "tiny_cnn") for t in ("torch-cpu", "ort-cpu")}
     assert bench == ""  # the bench block prints nothing; it writes bench/
