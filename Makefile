@@ -28,11 +28,14 @@ install: $(STAMP)
 install-core: $(DEMO_STAMP)
 
 # $(1): the extras to install with kdedge ("" for none).
+# --no-compile: Python compiles a module's bytecode when it is first imported, so only what runs is compiled, instead of every
+# file of ~1.5 GB of packages up front (as uv installs by default). Measured from warm wheels on the 2-core machine: torch plus
+# kdedge[dev,edge] 151 s with pip's default, 63 s without.
 define pip_install
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
+	$(PY) -m pip install --quiet --no-compile $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(if $(TORCH_INDEX),@$(PY) -c "import torch; print('torch', torch.__version__, 'from $(TORCH_INDEX); CUDA:', torch.version.cuda)")
-	$(PY) -m pip install --quiet -e '.$(if $(strip $(1)),[$(subst $(space),$(comma),$(strip $(1)))])'
+	$(PY) -m pip install --quiet --no-compile -e '.$(if $(strip $(1)),[$(subst $(space),$(comma),$(strip $(1)))])'
 endef
 
 $(STAMP): pyproject.toml
