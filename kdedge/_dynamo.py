@@ -95,10 +95,12 @@ def torchscript_export(module: nn.Module, path: Path, input_shape: tuple[int, ..
     (parity-checked against torch there). 0.04-0.5 s for the zoo's models against 1.4-10 s for the
     dynamo export, and the same convolutions and GEMMs once onnxruntime has optimized the graph
     (``benchmarks/timing_export.py``). A value baked into the trace (a batch size; ``TracerWarning``)
-    counts as "cannot"; so does anything else the exporter raises.
+    counts as "cannot" (torch's own TracerWarnings included: the caller falls back, it only costs
+    time); so does anything else the exporter raises. The trace runs the module's Python forward,
+    like any export: attributes a forward changes are changed by it.
     """
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with quiet_onnx_export(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice: it is used knowingly, for files only run
             warnings.simplefilter("error", torch.jit.TracerWarning)
             torch.onnx.export(module, (torch.zeros(2, *input_shape),), str(path), dynamo=False, input_names=[input_name], output_names=[output_name],

@@ -75,7 +75,7 @@ def _recorded_durations() -> dict[str, float]:
     try:
         with open(DURATIONS) as f:
             return {k: float(v) for k, v in json.load(f).items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
 
@@ -84,7 +84,7 @@ _measured: dict[str, float] = {}
 
 def pytest_runtest_logreport(report):
     """Seconds per file (setup, call and teardown), gathered where every report arrives (the controller under xdist)."""
-    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1":
+    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1" and not report.skipped:
         _measured[_file(report.nodeid)] = _measured.get(_file(report.nodeid), 0.0) + report.duration
 
 
@@ -92,12 +92,14 @@ def pytest_sessionfinish(session, exitstatus):
     """`make test-durations`: write the seconds per file the scheduling above reads (not from a worker: each saw only its share)."""
     import json
 
-    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1" and not hasattr(session.config, "workerinput") and _measured:
+    whole = exitstatus == 0 and not session.config.option.keyword and not session.config.option.markexpr  # a partial run: partial times
+    if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1" and not hasattr(session.config, "workerinput") and _measured and whole:
         root = os.path.dirname(os.path.dirname(DURATIONS))
         kept = {k: v for k, v in _recorded_durations().items() if os.path.exists(os.path.join(root, k))}  # files this run did not measure stay
-        with open(DURATIONS, "w") as f:
+        with open(DURATIONS + ".tmp", "w") as f:
             json.dump({k: round(v, 1) for k, v in sorted((kept | _measured).items())}, f, indent=1)
             f.write("\n")
+        os.replace(DURATIONS + ".tmp", DURATIONS)  # a collecting run never reads half a file
 
 
 # A small but real bundle build: 2,000 training and 500 test images, 1 epoch, a short benchmark, gates a 1-epoch student passes.

@@ -164,4 +164,3 @@ def test_a_program_without_upsampling_is_lowered_without_the_bilinear_patterns_t
     lower(upsampling, "upsampling.pte")
     assert bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize == 1  # built: they may match this one
     assert lower(tiny, "with.pte") == without
-

@@ -237,6 +237,23 @@ class _ExportsDifferently(TinyNet):
         return out * 1.01 if torch.jit.is_tracing() or torch.compiler.is_exporting() else out
 
 
+class _TracesDifferently(TinyNet):
+    """Differs only under TorchScript's tracer: torch.export's ONNX computes what torch computes."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 1.01 if torch.jit.is_tracing() else out
+
+
+def test_a_trace_that_differs_is_retried_with_the_dynamo_export(tiny):
+    torch.manual_seed(0)
+    t = FrozenTeacher(_TracesDifferently())
+    probe = tiny.train.inputs()[:32]
+    chosen = teacher_pass(t, probe, runtime="onnxruntime")
+    assert chosen.runtime == "onnxruntime"
+    torch.testing.assert_close(chosen(probe), t(probe), atol=1e-4, rtol=0)
+
+
 class _Untraceable(TinyNet):
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow: torch.export cannot trace it

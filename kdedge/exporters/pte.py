@@ -119,7 +119,8 @@ def _without_bilinear_patterns(program: torch.export.ExportedProgram) -> Iterato
     except ImportError:
         yield
         return
-    upsamples = any(n.op == "call_function" and "upsample" in str(n.target) for n in program.graph.nodes)
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]  # submodules of higher-order ops too
+    upsamples = any(n.op == "call_function" and "upsample" in str(n.target) for g in graphs for n in g.nodes)
     cache_info = getattr(getattr(bilinear_2d, "_get_bilinear_2d_graphs", None), "cache_info", None)
     if upsamples or not hasattr(bilinear_2d, "get_graphs_dict") or cache_info is None or cache_info().currsize:
         yield  # they may match, or are built already (or ExecuTorch builds them otherwise): nothing to save
