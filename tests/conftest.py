@@ -94,12 +94,14 @@ def pytest_sessionfinish(session, exitstatus):
 
     whole = exitstatus == 0 and not session.config.option.keyword and not session.config.option.markexpr  # a partial run: partial times
     if os.environ.get("KDEDGE_RECORD_DURATIONS") == "1" and not hasattr(session.config, "workerinput") and _measured and whole:
+        from pathlib import Path
+
+        from kdedge._fs import atomic_file
+
         root = os.path.dirname(os.path.dirname(DURATIONS))
         kept = {k: v for k, v in _recorded_durations().items() if os.path.exists(os.path.join(root, k))}  # files this run did not measure stay
-        with open(DURATIONS + ".tmp", "w") as f:
-            json.dump({k: round(v, 1) for k, v in sorted((kept | _measured).items())}, f, indent=1)
-            f.write("\n")
-        os.replace(DURATIONS + ".tmp", DURATIONS)  # a collecting run never reads half a file
+        with atomic_file(Path(DURATIONS)) as tmp:  # a collecting run never reads half a file
+            tmp.write_text(json.dumps({k: round(v, 1) for k, v in sorted((kept | _measured).items())}, indent=1) + "\n")
 
 
 # A small but real bundle build: 2,000 training and 500 test images, 1 epoch, a short benchmark, gates a 1-epoch student passes.

@@ -152,11 +152,12 @@ def teacher_pass(teacher: _Teacher, probe: torch.Tensor, *, runtime: str = "auto
         return TeacherPass("torch", [RuntimeRate("torch", None, note=note)], torch_score)
     probe = probe.detach().cpu().float().contiguous()
     try:
+        reference = torch_score(probe)
         ort_score, used = _ort_scorer(teacher, tuple(probe.shape[1:]))
-        diff = float((ort_score(probe) - torch_score(probe)).abs().max())
+        diff = float((ort_score(probe) - reference).abs().max())
         if diff > atol and used == "torchscript":  # a trace can differ where torch.export's graph does not: that one decides
             ort_score, used = _ort_scorer(teacher, tuple(probe.shape[1:]), exporter="dynamo")
-            diff = float((ort_score(probe) - torch_score(probe)).abs().max())
+            diff = float((ort_score(probe) - reference).abs().max())
         failed = None if diff <= atol else f"max |Δ| {diff:.2e} against torch on {len(probe)} probe inputs exceeds {atol:g}"
     except Exception as exc:  # noqa: BLE001 — export, session or run: any failure means "not this runtime", and torch still scores
         failed, diff = first_line(exc), None

@@ -41,10 +41,10 @@ from kdedge.data.normalization import Normalization
 from kdedge.distill.loop import resolve_device
 from kdedge.errors import ConfigError, KdedgeError, ModelError
 from kdedge.models.pruned import layer_shapes, narrowed_layers
+from kdedge.models.qat import QATModel
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, runs_outside_torch, save_checkpoint
 from kdedge.pruning.graph import CRITERIA, ChannelGraph
 from kdedge.runs import RunResult, _output, distill
-from kdedge.models.qat import QATModel
 
 __all__ = ["PruneResult", "prune"]
 

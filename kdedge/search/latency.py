@@ -200,7 +200,7 @@ class LatencyMeter:
         return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
                     "cached": r["cached"]} for n, r in ratios.items()}
 
-    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None = None, exporter: str | None = None) -> Callable[[], Any]:
+    def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None, exporter: str) -> Callable[[], Any]:
         if file is not None:
             runner = make_runner(self.target, path=file, threads=self.threads)
             runner.check_batch(self.batch)  # a fixed-batch ONNX file at another batch: a ConfigError naming it, not onnxruntime's traceback
@@ -210,7 +210,7 @@ class LatencyMeter:
             module = create_model(spec).eval()
         if self.target == "torch-cpu":
             return make_runner(self.target, module=module, threads=self.threads).prepare(self.x)
-        if (exporter or self.exporter) == "torchscript" and torchscript_export(module, path, tuple(spec.input_shape)):
+        if exporter == "torchscript" and torchscript_export(module, path, tuple(spec.input_shape)):
             try:
                 return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
             except Exception:  # noqa: BLE001 - a trace that does not run at this batch: time the shipped export instead
@@ -228,7 +228,7 @@ class LatencyMeter:
         try:
             with tempfile.TemporaryDirectory(dir=self._work.name) as work:
                 if self._anchor is None:
-                    self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx")
+                    self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx", None, self.exporter)
                 fns = {"0": self._anchor}
                 for i, name in enumerate(names, start=1):
                     fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name), exporter)
