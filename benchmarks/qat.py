@@ -14,6 +14,7 @@ same runtimes with its learned scales. Every accuracy is the artifact run in its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -25,6 +26,7 @@ import kdedge
 from kdedge.bench.env import capture_environment
 from kdedge.config import ExportConfig, QATConfig
 from kdedge.data.sources import hold_out
+from kdedge.metrics import evaluate
 from kdedge.models import ModelSpec, create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,41 +50,58 @@ def main() -> int:
     ap.add_argument("--qat-epochs", type=int, default=4)
     ap.add_argument("--qat-lr", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, help="Keep the distilled FP32 student (DIR/fp32) and the QAT student (DIR/qat) as run directories; "
+                                              "an FP32 student already in DIR/fp32 is reused.")
     args = ap.parse_args()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     print(_flags(), flush=True)
     data = hold_out(kdedge.load_dataset("fashion-mnist"), 0.1)
     teacher = kdedge.resolve_teacher("resnet", data.spec)
     arch, width = kdedge.models.zoo.parse_model_name(args.student)
     spec = ModelSpec(arch, width, data.spec.num_classes, tuple(data.spec.input_shape))
-    torch.manual_seed(args.seed)
-    student = create_model(spec)
     t0 = time.perf_counter()
-    fp32 = kdedge.distill(student, teacher.model, data.train, data.test, val_data=data.val, config=kdedge.DistillConfig(epochs=args.epochs, seed=args.seed),
-                          student_spec=spec, teacher_name="resnet", progress=False)
+    fp32_epoch_s: list[float] = []
+    if args.keep is not None and (args.keep / "fp32" / "model.safetensors").is_file():
+        fp32_model = kdedge.load_checkpoint(args.keep / "fp32").model
+    else:
+        torch.manual_seed(args.seed)
+        run = kdedge.distill(create_model(spec), teacher.model, data.train, data.test, val_data=data.val,
+                             config=kdedge.DistillConfig(epochs=args.epochs, seed=args.seed), student_spec=spec, teacher_name="resnet",
+                             progress=False, out=args.keep / "fp32" if args.keep else None)
+        fp32_model, fp32_epoch_s = run.model, [e["seconds"] for e in run.history]
+    fp32_test = evaluate(fp32_model, data.test).accuracy
     t_fp32 = time.perf_counter() - t0
-    print(f"fp32 student: test {fp32.test.accuracy:.4f} ({t_fp32:.0f} s)", flush=True)
+    print(f"fp32 student: test {fp32_test:.4f} ({t_fp32:.0f} s)", flush=True)
+    # Every artifact is kept and scored even when it disagrees with its reference: a broken INT8 conversion is a result here.
+    export_cfg = ExportConfig(formats=FORMATS, allow_mismatch=True)
     with tempfile.TemporaryDirectory() as work:
-        ptq = kdedge.export_model(fp32.model, Path(work) / "ptq", data=data, config=ExportConfig(formats=("onnx", *FORMATS)))
+        ptq = kdedge.export_model(fp32_model, Path(work) / "ptq", data=data, config=dataclasses.replace(export_cfg, formats=("onnx", *FORMATS)))
         t1 = time.perf_counter()
-        qat = kdedge.qat_distill(fp32.model, teacher.model, data.train, data.test, val_data=data.val,
-                                 config=QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed), student_spec=spec, progress=False)
+        qat = kdedge.qat_distill(fp32_model, teacher.model, data.train, data.test, val_data=data.val,
+                                 config=QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed), student_spec=spec, progress=False,
+                                 out=args.keep / "qat" if args.keep else None)
         t_qat = time.perf_counter() - t1
         print(f"qat: fake-quant test {qat.test.accuracy:.4f} ({t_qat:.0f} s)", flush=True)
-        qad = kdedge.export_model(qat.model, Path(work) / "qat", data=data, config=ExportConfig(formats=FORMATS))
+        qad = kdedge.export_model(qat.model, Path(work) / "qat", data=data, config=export_cfg)
     p, q = _accuracies(ptq), _accuracies(qad)
+    agreement = {kind: {f"{a.format}-{a.precision}": a.parity["outputs"][0]["argmax_agreement"] for a in res.artifacts} for kind, res in (("ptq", ptq), ("qad", qad))}
     row = {"student": args.student, "seed": args.seed, "epochs": args.epochs, "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
-           "fp32_test": fp32.test.accuracy, "qat_fake_quant_test": qat.test.accuracy, "ptq": p, "qad": q, "seconds": {"fp32": t_fp32, "qat": t_qat},
+           "fp32_test": fp32_test, "qat_fake_quant_test": qat.test.accuracy, "ptq": p, "qad": q, "argmax_agreement": agreement,
+           "fp32_epoch_s": fp32_epoch_s, "qat_epoch_s": [e["seconds"] for e in qat.history], "seconds": {"fp32": t_fp32, "qat": t_qat},
            "env": _flags()}
     rec = json.loads(RECORD.read_text()) if RECORD.is_file() else {"runs": []}
     rec["runs"].append(row)
     RESULTS.mkdir(exist_ok=True)
     RECORD.write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"\n{args.student}, seed {args.seed}: FP32 (PyTorch) {fp32.test.accuracy:.4f}; QAT fake-quant (PyTorch) {qat.test.accuracy:.4f}\n")
-    print("| runtime | FP32 ONNX | PTQ INT8 | QAD INT8 | QAD − FP32 (pt) |\n|---|---:|---:|---:|---:|")
+    print(f"\n{args.student}, seed {args.seed}: FP32 (PyTorch) {fp32_test:.4f}; QAT fake-quant (PyTorch) {qat.test.accuracy:.4f}\n")
+    print("| runtime | FP32 ONNX | PTQ INT8 | QAD INT8 | PTQ − FP32 (pt) | QAD − FP32 (pt) | argmax agreement PTQ / QAD (vs its reference) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    nan = float("nan")
     for fmt in FORMATS:
-        qa = q.get(fmt)
-        print(f"| {fmt.removesuffix('-int8')} | {p['onnx-fp32']:.4f} | {p.get(fmt, float('nan')):.4f} | {qa if qa is not None else float('nan'):.4f} | "
-              f"{100 * ((qa or 0) - p['onnx-fp32']):+.2f} |")
+        pa, qa = p.get(fmt, nan), q.get(fmt, nan)
+        print(f"| {fmt.removesuffix('-int8')} | {p['onnx-fp32']:.4f} | {pa:.4f} | {qa:.4f} | {100 * (pa - p['onnx-fp32']):+.2f} | {100 * (qa - p['onnx-fp32']):+.2f} | "
+              f"{agreement['ptq'].get(fmt, nan):.4f} / {agreement['qad'].get(fmt, nan):.4f} |")
     return 0
 
 

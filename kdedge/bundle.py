@@ -10,6 +10,7 @@ Layout::
       manifest.json        what a deployment pipeline verifies (see README for every key)
       models/              model.onnx, model.int8.onnx[, model.fp16.onnx, model.<p>.plan], export.json
       student.safetensors  the distilled student (weights + model and dataset specs)
+      [student-qat.safetensors]  with --int8 qat|auto: the quantization-aware student the INT8 artifacts were built from
       config.yaml          the resolved config; `kdedge build --config` repeats the run
       report.json, report.md, plots/   the benchmark
 """
@@ -55,7 +56,7 @@ from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
 
 __all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundlePlan", "BundleResult", "compress_and_export", "plan_bundle", "resolve_auto",
-           "installed_edge_formats", "verify_bundle", "recommend", "evaluate_gates", "fastest_target"]
+           "installed_edge_formats", "verify_bundle", "recommend", "evaluate_gates", "fastest_target", "int8_choice"]
 
 MANIFEST_SCHEMA = 1
 
@@ -305,6 +306,8 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     _check_measurable(config, teacher, targets)
     _check_edge_targets(formats, targets)
     _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
+    if config.int8 != "ptq" and config.latency_budget is None:  # a searched student is not known yet; its genomes all capture
+        _check_quantization_aware(student, student_spec, data, formats, config, log)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
@@ -394,6 +397,18 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
             _check_batch_contract(f"the {spec.name} student's", name, details, batch_sizes)
 
 
+def _check_quantization_aware(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], config: CompressConfig,
+                              log: Callable[[str], None]) -> None:
+    """``--int8 qat|auto``: an INT8 format to train for, torchao installed, and the student captured and prepared by the quantizer."""
+    from kdedge.models.qat import QATModel
+
+    if not any(f.endswith("-int8") for f in formats):
+        raise ConfigError(f"--int8 {config.int8} trains the INT8 student, but the formats ({', '.join(formats)}) hold no INT8 format; "
+                          "add onnx-int8 (or an edge format's -int8), or drop --int8")
+    log(f"preflight: the {spec.name} student prepared for quantization-aware training ({config.qat_scheme})")
+    QATModel(student, tuple(data.spec.input_shape), scheme=config.qat_scheme)
+
+
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
     """The gates and batch sizes must be measurable with this teacher on these targets."""
     if config.min_speedup is not None and (teacher.is_onnx or "torch-cpu" not in targets):
@@ -475,7 +490,7 @@ def _compress_and_export(config: CompressConfig, claim: Claim, *, progress: bool
         log(f"student {result.test.accuracy:.4f}, teacher {result.teacher_test.accuracy:.4f} (retention {result.test.accuracy / result.teacher_test.accuracy:.4f})"
             + (f"; on validation: student {result.val.accuracy:.4f}, teacher {result.teacher_val.accuracy:.4f}" if result.val and result.teacher_val else ""))
         with publish_dir(out) as tmp:
-            manifest, report = _write_candidate(tmp, plan, result, timings, t_start, log)
+            manifest, report = _write_candidate(tmp, plan, result, timings, t_start, log, progress=progress)
             failed = {k: g for k, g in manifest["gates"].items() if not g["passed"]}
             if failed:
                 rejected = _rejected_path(out)
@@ -517,7 +532,7 @@ def _search_summary(search_dir: Path) -> dict[str, Any]:
 
 
 def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: dict[str, float], t_start: float,
-                     log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+                     log: Callable[[str], None], *, progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Student, config, artifacts, benchmark and manifest into ``tmp``; returns the manifest and the report."""
     config, data = plan.config, plan.data
     if plan.search is not None:  # what chose the student, for whoever deploys it
@@ -530,10 +545,10 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
-                              parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes))
-    exported = export_model(result.model, tmp / "models", data=data, config=export_cfg, model_name=plan.student_spec.name,
-                            source_sha256=file_sha256(tmp / "student.safetensors"), log=log)
-    timings["export"] = time.perf_counter() - start
+                              parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),
+                              skip_failed_int8=True)  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
+    exported, quantization = _export_student(tmp, plan, result, export_cfg, timings, log, progress=progress)
+    timings["export"] = time.perf_counter() - start - timings.get("qat", 0.0)
     log("exported " + ", ".join(a.path for a in exported.artifacts) + (f" (skipped: {', '.join(exported.skipped)})" if exported.skipped else ""))
 
     start = time.perf_counter()
@@ -561,9 +576,107 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
         timings["tune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings, tuned)
+    manifest["quantization"] = quantization
     manifest["files"] = _files_entry(tmp, skip={"manifest.json"})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest, report
+
+
+def _int8_drops(exported: ExportResult) -> tuple[dict[str, float], str]:
+    """Each INT8 artifact's accuracy drop vs the FP32 ONNX file, in points: on validation when the run has it (what the gates judge)."""
+    rows = [a for a in exported.artifacts if a.precision == "int8" and a.accuracy and a.details.get("for") != "tensorrt"]
+    split = "validation" if rows and all("val_drop_vs_fp32_pt" in a.accuracy for a in rows) else "test"  # type: ignore[operator]
+    key = "val_drop_vs_fp32_pt" if split == "validation" else "drop_vs_fp32_pt"
+    return {a.path: a.accuracy[key] for a in rows if key in a.accuracy}, split  # type: ignore[index,operator]
+
+
+def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: ExportConfig, timings: dict[str, float], log: Callable[[str], None],
+                    *, progress: bool) -> tuple[ExportResult, dict[str, Any]]:
+    """The student's artifacts in ``tmp/models``, INT8 made as ``--int8`` says; returns them and the manifest's ``quantization``.
+
+    ``ptq``: calibrated after training. ``qat``: the distilled student fine-tuned with fake quantization and the
+    teacher (:func:`kdedge.qat_distill`), every INT8 artifact built from it (``student-qat.safetensors`` is that model).
+    ``auto``: PTQ, then QAD only when PTQ's worst INT8 drop exceeds ``max_quant_drop``; the INT8 that loses less ships.
+    """
+    config = plan.config
+    common: dict[str, Any] = {"data": plan.data, "config": export_cfg, "model_name": plan.student_spec.name,
+                              "source_sha256": file_sha256(tmp / "student.safetensors"), "log": log}
+    has_int8 = any(f.endswith("-int8") for f in export_cfg.formats)
+    if config.int8 == "ptq" or not has_int8:
+        exported = export_model(result.model, tmp / "models", **common)
+        drops, split = _int8_drops(exported)
+        return exported, {"mode": config.int8, "shipped": "ptq" if drops else None, "split": split, "ptq": {"drops_pt": drops}}
+    record: dict[str, Any] = {"mode": config.int8, "max_quant_drop": config.max_quant_drop}
+    candidates = tmp / ".int8"  # inside the candidate: the loser is removed before the file list is taken
+    candidates.mkdir()
+    ptq = qad = None
+    if config.int8 == "auto":
+        ptq = export_model(result.model, candidates / "ptq", **common)
+        drops, split = _int8_drops(ptq)
+        record |= {"split": split, "ptq": {"drops_pt": drops, "worst_drop_pt": max(drops.values(), default=0.0)}}
+    shipped, why = int8_choice(config.int8, record.get("ptq", {}).get("worst_drop_pt"), None, config.max_quant_drop)
+    if shipped == "qat":  # auto: PTQ lost more than the gate allows
+        if ptq is not None:
+            log(f"int8 auto: {why}: quantization-aware distillation")
+        start = time.perf_counter()
+        qat = _quantization_aware(plan, result, progress=progress, log=log)
+        timings["qat"] = time.perf_counter() - start
+        save_checkpoint(tmp / "student-qat.safetensors", qat.model, plan.student_spec.with_qat(config.qat_scheme), plan.data.spec,
+                        extra={"kdedge_version": __version__, "test_accuracy": qat.test.accuracy})
+        qad = export_model(result.model, candidates / "qat", int8_model=qat.model, **common)  # type: ignore[arg-type]
+        drops, split = _int8_drops(qad)
+        record |= {"split": split, "qat": {"drops_pt": drops, "worst_drop_pt": max(drops.values(), default=0.0), "checkpoint": "student-qat.safetensors",
+                                           **qat.metrics["qat"], "fake_quant_test_accuracy": qat.test.accuracy, "epochs": config.qat_epochs,
+                                           "lr": config.qat_lr, "seconds": timings["qat"]}}
+        shipped, why = int8_choice(config.int8, record.get("ptq", {}).get("worst_drop_pt"), record["qat"]["worst_drop_pt"], config.max_quant_drop)
+        if shipped == "ptq":
+            (tmp / "student-qat.safetensors").unlink()
+            del record["qat"]["checkpoint"]
+    record |= {"shipped": shipped, "why": why}
+    log(f"int8: {shipped.upper()} ships ({why})")
+    chosen = qad if shipped == "qat" else ptq
+    assert chosen is not None
+    os.rename(chosen.out, tmp / "models")
+    shutil.rmtree(candidates)
+    return dataclasses.replace(chosen, out=tmp / "models"), record
+
+
+def int8_choice(mode: str, ptq_worst: float | None, qat_worst: float | None, max_quant_drop: float) -> tuple[str, str]:
+    """Which INT8 ships (``"ptq"`` or ``"qat"``) and why, from the worst INT8 drops measured so far (points vs FP32; None: not measured).
+
+    ``qat`` always trains; ``auto`` trains only when PTQ's worst drop exceeds ``max_quant_drop`` (``qat_worst`` None: not trained
+    yet, so the answer says whether to), then ships QAD only if it loses strictly less than PTQ.
+    """
+    if mode == "ptq":
+        return "ptq", "--int8 ptq"
+    if mode == "qat":
+        return "qat", "--int8 qat"
+    assert ptq_worst is not None
+    if ptq_worst <= max_quant_drop:
+        return "ptq", f"PTQ's worst INT8 drop {ptq_worst:.2f} pt is within --max-quant-drop {max_quant_drop:g}: no QAD needed"
+    if qat_worst is None:
+        return "qat", f"PTQ's worst INT8 drop {ptq_worst:.2f} pt exceeds --max-quant-drop {max_quant_drop:g}"
+    if qat_worst < ptq_worst:
+        return "qat", f"PTQ lost {ptq_worst:.2f} pt > --max-quant-drop {max_quant_drop:g}; QAD loses {qat_worst:.2f} pt"
+    return "ptq", f"PTQ lost {ptq_worst:.2f} pt > --max-quant-drop {max_quant_drop:g}, but QAD lost no less ({qat_worst:.2f} pt): PTQ ships"
+
+
+def _quantization_aware(plan: BundlePlan, result: RunResult, *, progress: bool, log: Callable[[str], None]) -> RunResult:
+    """:func:`kdedge.qat_distill` of the distilled student from the bundle's teacher, with this run's recipe and the QAD schedule."""
+    from kdedge.config import QATConfig
+    from kdedge.qat import qat_distill
+
+    config = plan.config
+    keep = {k: v for k, v in plan.distill_config.to_dict().items()
+            if k in QATConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student", "teacher_weights", "student_weights")}
+    # Fake quantization runs in fp32, and the prepared graph has no feature modules: a feature loss distills its logits.
+    qcfg = QATConfig(**keep | {"epochs": config.qat_epochs, "lr": config.qat_lr, "qat_scheme": config.qat_scheme, "precision": "fp32",
+                               "loss": config.loss if config.loss in ("hinton", "dkd") else "hinton"})
+    log(f"qat: {plan.student_spec.name} with fake INT8 ({config.qat_scheme}), {config.qat_epochs} epochs at lr {config.qat_lr:g}, from {plan.teacher.name}")
+    qat = qat_distill(result.model, plan.teacher.model, plan.data.train, plan.data.test, val_data=plan.data.val, config=qcfg,
+                      student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)
+    log(f"qat: fake-quantized student {qat.test.accuracy:.4f} test" + (f", {qat.val.accuracy:.4f} validation" if qat.val else ""))
+    return qat
 
 
 def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: dict[str, dict[str, Any]],

@@ -116,7 +116,16 @@ _HELP = {
     "include_zoo": "search: also measure the zoo's students (tiny_cnn, dw_cnn, mlp at widths 1 and 0.5) as candidates and for comparison.",
     "qat": "Quantization-aware distillation of the trained FP32 --student (run directory or checkpoint): fake INT8 for --qat-scheme, "
            "from --teacher or, without one, from the FP32 student; its defaults are a fine-tune's (--epochs 4, --lr 0.005).",
-    "qat_scheme": "With --qat: the quantizer, as the runtime's INT8 export uses it: xnnpack (ExecuTorch) or litert (LiteRT).",
+    "qat_max_steps": "INT8 built from a quantization-aware model: its max |Δ| from the fake-quantized model, in steps of the INT8 output.",
+    "qat_min_agreement": "INT8 built from a quantization-aware model: smallest argmax agreement with the fake-quantized model.",
+    "skip_failed_int8": "An edge INT8 artifact that cannot be converted or fails parity is left out and named under skipped, the others kept "
+                        "(compress-and-export always does this).",
+    "qat_scheme": "With --qat (distill) or --int8 qat|auto (compress-and-export): the quantizer, as the runtime's INT8 export uses it: "
+                  "xnnpack (ExecuTorch) or litert (LiteRT).",
+    "int8": "compress-and-export: how INT8 is made: ptq (calibrated after training), qat (quantization-aware distillation of the "
+            "distilled student, every INT8 artifact built with the scales it trained), auto (PTQ; QAD where PTQ loses more than --max-quant-drop).",
+    "qat_epochs": "With --int8 qat|auto: epochs of quantization-aware distillation (a fine-tune).",
+    "qat_lr": "With --int8 qat|auto: its peak learning rate.",
     "qat_calibration": "With --qat: training images that set the observers' ranges before the first step.",
     "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
 }

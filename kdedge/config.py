@@ -242,7 +242,11 @@ class ExportConfig(_Config):
     batch 1 and batch N. Tolerances per precision: FP32 max |Δ| ≤ ``fp32_atol``; FP16 max |Δ| ≤
     ``fp16_atol`` + ``fp16_rtol``·max|reference|; argmax must agree except on near-ties
     (reference top-2 margin ≤ 2× the tolerance). INT8 is judged by argmax agreement
-    (≥ ``int8_min_agreement``) and its measured test accuracy. Edge formats (``executorch``,
+    (≥ ``int8_min_agreement``) and its measured test accuracy; INT8 built from a quantization-aware
+    model is checked against its fake quantization, more tightly: max |Δ| ≤ ``qat_max_steps`` steps
+    of the INT8 output (its scale) and argmax agreement ≥ ``qat_min_agreement``. With
+    ``skip_failed_int8`` an edge INT8 artifact that cannot be converted or fails parity is left out
+    and named under ``skipped`` (the others are kept); without it the export fails. Edge formats (``executorch``,
     ``litert``, ``openvino``, ``ort`` and their ``-int8``) get the same parity and accuracy checks,
     each run in its own runtime; an artifact whose batch is bounded at export takes up to
     ``edge_max_batch``.
@@ -264,6 +268,9 @@ class ExportConfig(_Config):
     fp16_atol: float = 1e-2
     fp16_rtol: float = 1e-2
     int8_min_agreement: float = 0.95
+    qat_max_steps: float = 3.0
+    qat_min_agreement: float = 0.99
+    skip_failed_int8: bool = False
     evaluate: bool = True
     slim: bool = False
     trt_precision: str = "fp16"
@@ -287,8 +294,11 @@ class ExportConfig(_Config):
         for name in ("fp32_atol", "fp16_atol", "fp16_rtol"):
             if not getattr(self, name) >= 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.int8_min_agreement <= 1:
-            p.append(f"int8_min_agreement must be in [0, 1], got {self.int8_min_agreement}")
+        for name in ("int8_min_agreement", "qat_min_agreement"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.qat_max_steps >= 0:
+            p.append(f"qat_max_steps must be >= 0 (INT8 output steps), got {self.qat_max_steps}")
         b = self.trt_batch
         if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
             p.append(f"trt_batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {','.join(map(str, b))}")
@@ -361,6 +371,11 @@ PRUNE_CRITERIA = ("auto", "magnitude", "bn_scale", "taylor")
 PRUNE_ALLOCATIONS = ("auto", "latency", "uniform")
 
 
+#: How compress-and-export makes its INT8 artifacts: post-training quantization, quantization-aware distillation, or PTQ first
+#: and QAD where PTQ loses more than ``max_quant_drop``.
+INT8_MODES = ("ptq", "qat", "auto")
+
+
 @dataclass
 class CompressConfig(DistillConfig):
     """``kdedge compress-and-export`` and ``kdedge build``: distill, export, benchmark, gate, bundle.
@@ -375,6 +390,12 @@ class CompressConfig(DistillConfig):
     keeps ``min_retention`` of the teacher's accuracy, INT8 loses at most ``max_quant_drop``
     points, and (optionally) the recommended artifact is ``min_speedup``× faster than the teacher
     in eager PyTorch at batch 1.
+
+    ``int8``: ``ptq`` calibrates INT8 after training; ``qat`` fine-tunes the distilled student with
+    fake quantization and the teacher (``qat_epochs`` at ``qat_lr``, ``qat_scheme``'s quantizer;
+    :func:`kdedge.qat_distill`) and builds every INT8 artifact from it; ``auto`` exports PTQ first
+    and runs QAD only when PTQ's worst INT8 drop exceeds ``max_quant_drop``, shipping whichever INT8
+    loses less (the manifest's ``quantization`` records both and why).
     """
 
     epochs: int = 6
@@ -401,9 +422,21 @@ class CompressConfig(DistillConfig):
     prune_round_to: int = 8
     prune_ignore_layers: tuple[str, ...] = ()
     prune_lr: float = 0.01
+    int8: str = "ptq"
+    qat_epochs: int = 4
+    qat_lr: float = 0.005
+    qat_scheme: str = "xnnpack"
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        p += _choices(self, ("int8", INT8_MODES), ("qat_scheme", QAT_SCHEMES))
+        if self.int8 != "ptq" and self.formats != ("auto",) and not any(f.endswith("-int8") for f in self.formats):
+            p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "
+                     "add onnx-int8 (or an edge format's -int8), or drop --int8")
+        if self.qat_epochs < 1:
+            p.append(f"qat_epochs must be >= 1, got {self.qat_epochs}")
+        if not self.qat_lr > 0:
+            p.append(f"qat_lr must be > 0, got {self.qat_lr}")
         if self.prune is not None and not self.prune > 1:
             p.append(f"prune must be a speedup > 1 (the teacher's p50 ÷ the pruned student's, e.g. --prune 4), got {self.prune}")
         if self.prune is not None and self.latency_budget is not None:

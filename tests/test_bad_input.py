@@ -284,6 +284,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "a pruning budget no step can reach": (_prune_unreachable, "the budget cannot be reached: it asks for", 2),
     "a model with nothing to prune": (_prune_nothing, "the model has nothing to prune", 2),
     "`kdedge prune --resume` from a checkpoint that is not a pruned one": (_prune_resume_unpruned, "is not a pruned checkpoint from a kdedge prune step", 2),
+    "`kdedge distill --qat` without a trained FP32 student": (lambda t: ["distill", "--qat", "--out", str(t / "r")],
+                                                            "quantization-aware training fine-tunes a trained FP32 student: give its run directory", 2),
+    "`--int8 qat` with no INT8 format": (lambda t: ["compress-and-export", "--int8", "qat", "--formats", "onnx", "--out", str(t / "b")],
+                                         "int8 qat trains the INT8 student, but formats (onnx) hold no INT8 format", 2),
 }
 
 

@@ -242,3 +242,94 @@ def test_cli_distill_qat_writes_a_run_that_exports(tiny, tmp_path, capsys):
     assert "quantization-aware (xnnpack)" in text and "--format onnx-int8,executorch-int8,litert-int8" in text
     assert kdedge.load_checkpoint(out).spec.qat == "xnnpack"
     assert Path(out / "metrics.json").is_file()
+
+
+def test_export_takes_fp32_from_the_student_and_int8_from_its_quantization_aware_model(qat_run, tiny, tmp_path):
+    from kdedge.data.spec import stratified_rows
+    from kdedge.ort import ort_predict, ort_session
+
+    data, student, _ = tiny
+    res = kdedge.export_model(student, tmp_path / "exp", data=data, int8_model=qat_run.model,
+                              config=ExportConfig(formats=("onnx", "onnx-int8", "executorch-int8"), parity_samples=60))
+    fp32, int8, pte = res.artifacts
+    assert (fp32.path, int8.path, pte.path) == ("model.onnx", "model.int8.onnx", "model.int8.pte")
+    assert int8.details["quantization"]["method"] == "qat" and pte.details["quantization"]["method"] == "qat"
+    for a in (int8, pte):  # the drop is against the FP32 student's own ONNX file
+        assert a.accuracy["drop_vs_fp32_pt"] == pytest.approx(100 * (fp32.accuracy["accuracy"] - a.accuracy["accuracy"]))
+    assert res.manifest["reference"]["int8"]["quantization"]["method"] == "qat"
+    # each precision was checked against its own reference: FP32 against the student, INT8 against the fake-quantized model
+    x = data.test.inputs(stratified_rows(data.test.labels, 60))
+    model = qat_run.model.eval()
+    with torch.no_grad():
+        fake, float_ = model(x).numpy(), student.eval()(x).numpy()
+    for a, reference in ((int8, fake), (fp32, float_)):
+        out = ort_predict(ort_session(tmp_path / "exp" / a.path), x.numpy())
+        assert a.parity["outputs"][0]["max_abs_diff"] == pytest.approx(float(np.abs(out - reference).max()), rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="int8_model is the quantization-aware model"):
+        kdedge.export_model(qat_run.model, tmp_path / "exp2", data=data, int8_model=qat_run.model)
+    assert not (tmp_path / "exp2").exists()
+
+
+def test_int8_auto_trains_only_when_ptq_misses_the_gate_and_ships_what_loses_less():
+    from kdedge.bundle import int8_choice
+
+    assert int8_choice("ptq", None, None, 0.5)[0] == "ptq" and int8_choice("qat", 9.0, 9.5, 0.5)[0] == "qat"
+    assert int8_choice("auto", 0.5, None, 0.5) == ("ptq", "PTQ's worst INT8 drop 0.50 pt is within --max-quant-drop 0.5: no QAD needed")
+    assert int8_choice("auto", 0.51, None, 0.5)[0] == "qat"  # train
+    assert int8_choice("auto", 1.2, 0.1, 0.5)[0] == "qat" and int8_choice("auto", 1.2, 1.2, 0.5)[0] == "ptq"
+
+
+def test_a_bundle_with_int8_qat_ships_the_int8_it_trained(tmp_path):
+    from conftest import SMALL_BUNDLE
+    from kdedge.bundle import compress_and_export, verify_bundle
+    from kdedge.config import CompressConfig
+
+    config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("ort-cpu",), "formats": ("onnx", "onnx-int8", "executorch-int8"),
+                                               "tune_runtime": False, "int8": "qat", "qat_epochs": 1, "out": str(tmp_path / "b")}))
+    result = compress_and_export(config)
+    m, q = result.manifest, result.manifest["quantization"]
+    assert q["shipped"] == "qat" and q["why"] == "--int8 qat" and q["qat"]["checkpoint"] == "student-qat.safetensors" and q["qat"]["scheme"] == "xnnpack"
+    assert {"student-qat.safetensors", "models/model.int8.onnx", "models/model.int8.pte"} <= {f["path"] for f in m["files"]}
+    assert not (result.out / ".int8").exists()
+    exported = json.loads((result.out / "models" / "export.json").read_text())
+    int8 = [a for a in exported["artifacts"] if a["precision"] == "int8"]
+    assert [a["details"]["quantization"]["method"] for a in int8] == ["qat", "qat"]
+    key = {"test": "drop_vs_fp32_pt", "validation": "val_drop_vs_fp32_pt"}[q["split"]]
+    drops = {a["path"]: a["accuracy"][key] for a in int8}
+    assert q["qat"]["drops_pt"] == drops and m["gates"]["max_quant_drop"]["value"] == max(drops.values())
+    reloaded = kdedge.load_checkpoint(result.out / "student-qat.safetensors")
+    assert reloaded.spec.qat == "xnnpack" and isinstance(reloaded.model, QATModel)
+    assert "models/model.int8.pte" in verify_bundle(result.out)["models_run"]
+
+
+def test_int8_of_a_qat_model_is_held_to_steps_of_its_output_which_a_recalibrated_file_fails(qat_run, tiny, tmp_path):
+    import copy
+
+    from kdedge.data.spec import stratified_rows
+    from kdedge.exporters.onnx import export_onnx
+    from kdedge.exporters.parity import Tolerance, compare_outputs
+    from kdedge.ort import ort_predict, ort_session
+
+    data, _, root = tiny
+    model = kdedge.load_checkpoint(root / "qat").model
+    step = model.output_scale()
+    assert step is not None and step > 0
+    res = kdedge.export_model(model, tmp_path / "exp", data=data, config=ExportConfig(formats=("onnx-int8",), parity_samples=60))
+    parity = res.artifacts[0].parity
+    assert parity["passed"] and parity["tolerance"]["atol"] == pytest.approx(3 * step) and parity["tolerance"]["min_agreement"] == 0.99
+    assert parity["output_step"] == step and parity["max_abs_diff_steps"] <= 3
+    # The same weights with the activation ranges a calibration on fewer, darker images could pick (half the trained ones,
+    # so the brightest activations clip): the QAT check refuses the file.
+    other = copy.deepcopy(model)
+    ranges = [m for m in other.graph.modules() if hasattr(m, "min_val") and m.min_val.numel() == 1]  # per-tensor: activations
+    assert len(ranges) >= 3
+    for obs in ranges:
+        obs.min_val.mul_(0.5)
+        obs.max_val.mul_(0.5)
+    path = export_onnx(other.deployable(), tmp_path / "other.int8.onnx", input_shape=(1, 12, 12)).path
+    x = data.test.inputs(stratified_rows(data.test.labels, 60))
+    with torch.no_grad():
+        reference = model.eval()(x).numpy()
+    out = ort_predict(ort_session(path), x.numpy())
+    tight = Tolerance(atol=3 * step, min_agreement=0.99)
+    assert compare_outputs([out], [reference], [out[:0]], ["logits"], tight)[0].failures(tight)

@@ -26,7 +26,7 @@ from kdedge.config import EDGE_EXPORT_FORMATS, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
 from kdedge.data.spec import stratified_rows
 from kdedge.metrics import evaluation_from_predictions
-from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
+from kdedge.errors import BackendUnavailable, ConfigError, DataError, ExportError, ModelError, ParityError
 from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
@@ -153,6 +153,7 @@ def export_model(
     model_name: str | None = None,
     source_sha256: str | None = None,
     log: Callable[[str], None] | None = None,
+    int8_model: QATModel | None = None,
 ) -> ExportResult:
     """Export ``model`` to every format in ``config.formats``, checking each against PyTorch.
 
@@ -169,6 +170,10 @@ def export_model(
         model_name: Recorded in the metadata (default: the class name).
         source_sha256: sha256 of the checkpoint the model came from, recorded in the metadata.
         log: Called with one line per stage (export, parity, calibration, accuracy).
+        int8_model: The quantization-aware model trained from ``model`` (:func:`kdedge.qat_distill`): every INT8
+            format is built from it, with the scales it was trained with (no calibration), and checked against it
+            (its fake quantization, in PyTorch); FP32 and FP16 come from ``model``, and each INT8 artifact's
+            ``drop_vs_fp32_pt`` is against ``model``'s FP32 ONNX file. None: INT8 is post-training quantized.
 
     Raises:
         ParityError: An artifact's outputs differ from PyTorch beyond tolerance (unless
@@ -178,16 +183,22 @@ def export_model(
         ExportError, DataError: The model cannot be exported, or the data does not fit it.
     """
     config = config or ExportConfig()
+    if int8_model is not None and (not isinstance(int8_model, QATModel) or isinstance(model, QATModel)):
+        raise ConfigError("int8_model is the quantization-aware model (kdedge.qat_distill) trained from model, the FP32 one; "
+                          f"got {type(int8_model).__name__} for int8_model and {type(model).__name__} for model")
     _check_edge_runtimes(config.formats)
     with claimed(out, "export") as claim:
-        return _export(model, claim.path, data=data, config=config, model_name=model_name or type(model).__name__, source_sha256=source_sha256, log=log)
+        return _export(model, claim.path, data=data, config=config, model_name=model_name or type(model).__name__, source_sha256=source_sha256, log=log,
+                       int8_model=int8_model)
 
 
 def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
-            log: Callable[[str], None] | None) -> ExportResult:
-    with cpu_eval(model) as cpu_model, publish_dir(out) as tmp:
+            log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
+    with cpu_eval(model) as cpu_model, cpu_eval(int8_model or nn.Identity()) as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
+        # INT8 from the quantization-aware model, checked against its fake quantization; the rest from the FP32 model.
+        int8_writer = writer.sharing(cpu_int8) if int8_model is not None else writer
         qat = cpu_model.qat_formats if isinstance(cpu_model, QATModel) else None
         if qat is not None:  # a quantization-aware model ships INT8 with the scales it was trained with, in the runtimes that take them
             for name in config.formats:
@@ -200,7 +211,9 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
             fp32 = None
         else:
             fp32 = writer.fp32()
-        if "onnx-int8" in config.formats and fp32 is not None:
+        if "onnx-int8" in config.formats and int8_writer is not writer:
+            int8_writer.qat_int8(fp32)
+        elif "onnx-int8" in config.formats and fp32 is not None:
             writer.int8(fp32)
         elif "onnx-int8" in config.formats and qat is not None:
             writer.qat_int8()
@@ -218,7 +231,18 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
         for name in EDGE_EXPORT_FORMATS:  # in a fixed order, whatever order the formats were given in
             if name in config.formats and name not in writer.skipped:
                 fmt, precision = (name[: -len("-int8")], "int8") if name.endswith("-int8") else (name, "fp32")
-                writer.edge(fmt, precision, onnx_by_precision, fp32)
+                w = int8_writer if precision == "int8" else writer
+                if precision != "int8" or not config.skip_failed_int8:
+                    w.edge(fmt, precision, onnx_by_precision, fp32)
+                    continue
+                try:
+                    w.edge(fmt, precision, onnx_by_precision, fp32)
+                except ExportError as exc:  # ParityError included: this runtime's INT8 is named and left out; the other artifacts stand
+                    w.discard(fmt, precision)
+                    writer.skipped[name] = f"{name} failed and was left out: {exc}"
+                    writer.log(f"skipped {name}: {exc}")
+        int8_reference = ({"runtime": f"torch {torch.__version__} cpu", "model": "the quantization-aware model (fake quantization), not the FP32 one",
+                           "quantization": int8_model.quantization()} if int8_model is not None else None)
         manifest = {
             "schema": EXPORT_SCHEMA,
             "kdedge_version": __version__,
@@ -229,7 +253,7 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
             "input": json.loads(writer.meta["kdedge.input"]),
             "preprocessing": json.loads(writer.meta["kdedge.preprocessing"]),
             "reference": {"runtime": f"torch {torch.__version__} cpu", "parity_samples": int(len(writer.parity_inputs)),
-                      "parity_classes": writer.parity_classes},
+                      "parity_classes": writer.parity_classes, **({"int8": int8_reference} if int8_reference else {})},
             "config": config.to_dict(),
             "artifacts": [asdict(a) for a in writer.artifacts],
             "skipped": writer.skipped,
@@ -251,10 +275,29 @@ class _ArtifactWriter:
         with torch.inference_mode():  # in batches: 1,000 images of 3×224×224 through a large model at once would not fit
             self.reference = torch.cat([model(x) for x in self.parity_inputs.split(64)]).numpy()  # (N, K): what every artifact must reproduce
         _check_data(None, int(self.reference.shape[-1]), data.spec)
+        # INT8 from a quantization-aware model is checked against its fake quantization in steps of its INT8 output: every
+        # runtime computes the same integers up to its kernels' rounding, so this is far tighter than a PTQ file's agreement.
+        self.int8_step = model.output_scale() if isinstance(model, QATModel) else None
+        if self.int8_step:
+            self.tol = self.tol | {"int8": Tolerance(atol=config.qat_max_steps * self.int8_step, min_agreement=config.qat_min_agreement)}
         self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
         self.skipped: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+
+    def sharing(self, model: nn.Module) -> _ArtifactWriter:
+        """A writer for ``model`` (its own PyTorch reference) that records into this one's artifacts, skips and timings."""
+        other = _ArtifactWriter(model, self.tmp, data=self.data, config=self.config, log=self.log, meta=self.meta)
+        other.artifacts, other.skipped, other.timings, other._sources = self.artifacts, self.skipped, self.timings, self._sources
+        return other
+
+    def discard(self, name: str, precision: str) -> None:
+        """Remove whatever a failed edge export of ``name`` at ``precision`` left in the export directory."""
+        from kdedge.exporters.edge import artifact_files, edge_format
+
+        path = self.tmp / (("model" if precision == "fp32" else f"model.{precision}") + edge_format(name).suffix)
+        for f in artifact_files(name, path):
+            f.unlink(missing_ok=True)
 
     def _source(self, split: str, data: ImageDataset) -> Callable[[], Iterator[np.ndarray]]:
         if split not in self._sources:
@@ -289,8 +332,11 @@ class _ArtifactWriter:
                 accuracy["drop_vs_fp32_pt"] = 100 * (fp32_accuracy["accuracy"] - accuracy["accuracy"])
                 if "val_accuracy" in accuracy:
                     accuracy["val_drop_vs_fp32_pt"] = 100 * (fp32_accuracy["val_accuracy"] - accuracy["val_accuracy"])
+        parity = report.to_dict()
+        if precision == "int8" and self.int8_step:
+            parity |= {"output_step": self.int8_step, "max_abs_diff_steps": report.outputs[0].max_abs_diff / self.int8_step}
         a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
-                     parity=report.to_dict(), accuracy=accuracy, details=details)
+                     parity=parity, accuracy=accuracy, details=details)
         self.artifacts.append(a)
         return a
 
@@ -311,13 +357,14 @@ class _ArtifactWriter:
                                                                    method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range))
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
 
-    def qat_int8(self) -> Artifact:
+    def qat_int8(self, fp32: Artifact | None = None) -> Artifact:
         """The QDQ ONNX file of a quantization-aware model: its converted graph exported as it is, with the scales it was trained with."""
         self.log("export: ONNX INT8 (QDQ) with the scales the quantization-aware model was trained with")
         path = self.tmp / "model.int8.onnx"
         onnx = self._timed("export_int8", lambda: export_onnx(self.model.deployable(), path, input_shape=tuple(self.data.spec.input_shape),  # type: ignore[operator]
                                                                 opset=self.config.opset, metadata=self.meta | {"kdedge.precision": "int8"}))
-        return self._checked(onnx.path, "int8", "onnx", {"opset": onnx.opset, "nodes": onnx.nodes, "quantization": self.model.quantization()})  # type: ignore[operator]
+        return self._checked(onnx.path, "int8", "onnx", {"opset": onnx.opset, "nodes": onnx.nodes, "quantization": self.model.quantization()},  # type: ignore[operator]
+                             fp32_accuracy=fp32.accuracy if fp32 is not None else None)
 
     def fp16(self) -> Artifact:
         self.log("export: ONNX FP16 (FP32 inputs and outputs)")
@@ -415,8 +462,6 @@ def _tensorrt_artifact(tmp: Path, config: ExportConfig, spec: DatasetSpec, parit
                           samples=len(parity_inputs), batch1_samples=len(batch1), tolerance=asdict(tol[config.trt_precision]), outputs=stats,
                           passed=not failures, failures=failures)
     if failures and not config.allow_mismatch:
-        from kdedge.errors import ParityError
-
         raise ParityError(f"{engine_path.name} does not match PyTorch: " + "; ".join(failures) + " (pass --allow-mismatch to keep it anyway)")
     accuracy = None
     if config.evaluate:

@@ -248,6 +248,21 @@ class QATModel(nn.Module):
         with _fork_rng():
             return quantize_pt2e.convert_pt2e(prepared, fold_quantize=fold_quantize)
 
+    def output_scale(self) -> float | None:
+        """The scale of the INT8 logits (one quantization step of the output), or None when the graph's output is not quantized.
+
+        Every INT8 artifact computes the same integer logits up to its kernels' rounding: parity is judged in these steps.
+        """
+        graph = self.converted()
+        out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not (isinstance(out, torch.fx.Node) and out.op == "call_function" and "dequantize_per_tensor" in str(out.target)):
+            return None
+        scale = out.args[1]
+        if isinstance(scale, torch.fx.Node) and scale.op == "get_attr":
+            scale = getattr(graph, str(scale.target))
+        return float(scale)
+
     #: The export formats that take the trained scales: each lowers :meth:`converted` (no calibration of its own); OpenVINO
     #: and the ORT format convert the QDQ ONNX file made from it.
     qat_formats = ("onnx-int8", "executorch-int8", "litert-int8", "openvino-int8", "ort-int8")
