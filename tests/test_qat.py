@@ -284,7 +284,7 @@ def test_a_bundle_with_int8_qat_ships_the_int8_it_trained(tmp_path):
     from kdedge.bundle import compress_and_export, verify_bundle
     from kdedge.config import CompressConfig
 
-    config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("ort-cpu",), "formats": ("onnx", "onnx-int8", "executorch-int8"),
+    config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("torch-cpu",), "formats": ("onnx", "onnx-int8", "executorch-int8"),
                                                "tune_runtime": False, "int8": "qat", "qat_epochs": 1, "out": str(tmp_path / "b")}))
     result = compress_and_export(config)
     m, q = result.manifest, result.manifest["quantization"]

@@ -28,6 +28,7 @@ from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 from kdedge.exporters._native import cause
+from kdedge.exporters.onnx import plain_strides
 from kdedge.models.qat import QATModel
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
@@ -197,7 +198,7 @@ def export_edge(
         raise ExportError(f"an INT8 {fmt.title} artifact needs calibration inputs (N, C, H, W); none were given")
     if max_batch < 1:
         raise ExportError(f"max_batch must be at least 1, got {max_batch}")
-    if model is not None and fmt.source == "torch" and any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
+    if model is not None and fmt.source == "torch" and any(not plain_strides(t) for t in (*model.parameters(), *model.buffers())):
         # A model trained channels-last (kdedge's default on the CPU) keeps NHWC-strided weights; XNNPACK's lowering expects
         # NCHW constants ("Expected ..._fused_bn to be NCHW"), and the artifact's layout is the converter's business, not the trainer's.
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
