@@ -116,8 +116,8 @@ _HELP = {
     "include_zoo": "search: also measure the zoo's students (tiny_cnn, dw_cnn, mlp at widths 1 and 0.5) as candidates and for comparison.",
     "qat": "Quantization-aware distillation of the trained FP32 --student (run directory or checkpoint): fake INT8 for --qat-scheme, "
            "from --teacher or, without one, from the FP32 student; its defaults are a fine-tune's (--epochs 4, --lr 0.005).",
-    "qat_max_steps": "INT8 built from a quantization-aware model: its max |Δ| from the fake-quantized model, in steps of the INT8 output.",
-    "qat_min_agreement": "INT8 built from a quantization-aware model: smallest argmax agreement with the fake-quantized model.",
+    "qat_max_steps": "INT8 built from a quantization-aware model: its max |Δ| from that model's INT8 graph in PyTorch, in steps of the INT8 output.",
+    "qat_min_agreement": "INT8 built from a quantization-aware model: smallest argmax agreement with that model's INT8 graph in PyTorch.",
     "skip_failed_int8": "An edge INT8 artifact that cannot be converted or fails parity is left out and named under skipped, the others kept "
                         "(compress-and-export always does this).",
     "qat_scheme": "With --qat (distill) or --int8 qat|auto (compress-and-export): the quantizer, as the runtime's INT8 export uses it: "

@@ -243,8 +243,9 @@ class ExportConfig(_Config):
     ``fp16_atol`` + ``fp16_rtol``·max|reference|; argmax must agree except on near-ties
     (reference top-2 margin ≤ 2× the tolerance). INT8 is judged by argmax agreement
     (≥ ``int8_min_agreement``) and its measured test accuracy; INT8 built from a quantization-aware
-    model is checked against its fake quantization, more tightly: max |Δ| ≤ ``qat_max_steps`` steps
-    of the INT8 output (its scale) and argmax agreement ≥ ``qat_min_agreement``. With
+    model is checked against that model's INT8 graph in PyTorch (``convert_pt2e``), more tightly:
+    max |Δ| ≤ ``qat_max_steps`` steps of the INT8 output (its scale) and argmax agreement ≥
+    ``qat_min_agreement``; its agreement with the fake-quantized model is recorded beside it. With
     ``skip_failed_int8`` an edge INT8 artifact that cannot be converted or fails parity is left out
     and named under ``skipped`` (the others are kept); without it the export fails. Edge formats (``executorch``,
     ``litert``, ``openvino``, ``ort`` and their ``-int8``) get the same parity and accuracy checks,
@@ -268,7 +269,7 @@ class ExportConfig(_Config):
     fp16_atol: float = 1e-2
     fp16_rtol: float = 1e-2
     int8_min_agreement: float = 0.95
-    qat_max_steps: float = 3.0
+    qat_max_steps: float = 2.0
     qat_min_agreement: float = 0.99
     skip_failed_int8: bool = False
     evaluate: bool = True

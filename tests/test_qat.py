@@ -257,12 +257,12 @@ def test_export_takes_fp32_from_the_student_and_int8_from_its_quantization_aware
     for a in (int8, pte):  # the drop is against the FP32 student's own ONNX file
         assert a.accuracy["drop_vs_fp32_pt"] == pytest.approx(100 * (fp32.accuracy["accuracy"] - a.accuracy["accuracy"]))
     assert res.manifest["reference"]["int8"]["quantization"]["method"] == "qat"
-    # each precision was checked against its own reference: FP32 against the student, INT8 against the fake-quantized model
+    # each precision was checked against its own reference: FP32 against the student, INT8 against the QAT model's INT8 graph
     x = data.test.inputs(stratified_rows(data.test.labels, 60))
     model = qat_run.model.eval()
     with torch.no_grad():
-        fake, float_ = model(x).numpy(), student.eval()(x).numpy()
-    for a, reference in ((int8, fake), (fp32, float_)):
+        integer, float_ = model.converted()(x).numpy(), student.eval()(x).numpy()
+    for a, reference in ((int8, integer), (fp32, float_)):
         out = ort_predict(ort_session(tmp_path / "exp" / a.path), x.numpy())
         assert a.parity["outputs"][0]["max_abs_diff"] == pytest.approx(float(np.abs(out - reference).max()), rel=1e-4, abs=1e-6)
     with pytest.raises(ConfigError, match="int8_model is the quantization-aware model"):
@@ -302,7 +302,7 @@ def test_a_bundle_with_int8_qat_ships_the_int8_it_trained(tmp_path):
     assert "models/model.int8.pte" in verify_bundle(result.out)["models_run"]
 
 
-def test_int8_of_a_qat_model_is_held_to_steps_of_its_output_which_a_recalibrated_file_fails(qat_run, tiny, tmp_path):
+def test_int8_of_a_qat_model_is_held_to_steps_of_its_int8_graph_which_a_recalibrated_file_fails(qat_run, tiny, tmp_path):
     import copy
 
     from kdedge.data.spec import stratified_rows
@@ -316,8 +316,10 @@ def test_int8_of_a_qat_model_is_held_to_steps_of_its_output_which_a_recalibrated
     assert step is not None and step > 0
     res = kdedge.export_model(model, tmp_path / "exp", data=data, config=ExportConfig(formats=("onnx-int8",), parity_samples=60))
     parity = res.artifacts[0].parity
-    assert parity["passed"] and parity["tolerance"]["atol"] == pytest.approx(3 * step) and parity["tolerance"]["min_agreement"] == 0.99
-    assert parity["output_step"] == step and parity["max_abs_diff_steps"] <= 3
+    assert parity["passed"] and parity["tolerance"]["atol"] == pytest.approx(2 * step) and parity["tolerance"]["min_agreement"] == 0.99
+    assert parity["output_step"] == step and parity["max_abs_diff_steps"] <= 2
+    # and its agreement with the fake-quantized model training evaluated is measured beside it
+    assert 0.9 <= parity["fake_quant"]["argmax_agreement"] <= 1 and parity["fake_quant"]["samples"] == 60
     # The same weights with the activation ranges a calibration on fewer, darker images could pick (half the trained ones,
     # so the brightest activations clip): the QAT check refuses the file.
     other = copy.deepcopy(model)
@@ -329,7 +331,7 @@ def test_int8_of_a_qat_model_is_held_to_steps_of_its_output_which_a_recalibrated
     path = export_onnx(other.deployable(), tmp_path / "other.int8.onnx", input_shape=(1, 12, 12)).path
     x = data.test.inputs(stratified_rows(data.test.labels, 60))
     with torch.no_grad():
-        reference = model.eval()(x).numpy()
+        reference = model.eval().converted()(x).numpy()
     out = ort_predict(ort_session(path), x.numpy())
-    tight = Tolerance(atol=3 * step, min_agreement=0.99)
+    tight = Tolerance(atol=2 * step, min_agreement=0.99)
     assert compare_outputs([out], [reference], [out[:0]], ["logits"], tight)[0].failures(tight)

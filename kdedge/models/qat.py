@@ -248,12 +248,13 @@ class QATModel(nn.Module):
         with _fork_rng():
             return quantize_pt2e.convert_pt2e(prepared, fold_quantize=fold_quantize)
 
-    def output_scale(self) -> float | None:
+    def output_scale(self, graph: torch.fx.GraphModule | None = None) -> float | None:
         """The scale of the INT8 logits (one quantization step of the output), or None when the graph's output is not quantized.
 
-        Every INT8 artifact computes the same integer logits up to its kernels' rounding: parity is judged in these steps.
+        ``graph``: :meth:`converted`, if already made. Every INT8 artifact computes the converted graph's integer logits up to
+        its kernels' rounding: parity is judged in these steps.
         """
-        graph = self.converted()
+        graph = graph if graph is not None else self.converted()
         out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
         out = out[0] if isinstance(out, (tuple, list)) else out
         if not (isinstance(out, torch.fx.Node) and out.op == "call_function" and "dequantize_per_tensor" in str(out.target)):
