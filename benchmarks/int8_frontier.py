@@ -9,7 +9,7 @@ trained with), each scored on the 10,000 test images in its own runtime. Every a
 batch 1 with 1 and 2 threads (ONNX Runtime: tuned over threads, graph optimization and execution
 mode); all candidates are timed in one interleaved measurement, then the teacher's best and the
 student's best INT8 (and best FP32) are timed again head to head. The speedup is that last run's
-ratio. Prints the tables and the CPU flags; writes benchmarks/results/int8_frontier.json.
+ratio. Prints the tables and the CPU flags; writes benchmarks/results/int8_frontier_<student>_<name of KEEP_DIR>.json.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from kdedge.config import ExportConfig
 from kdedge.metrics import evaluate
 
 RUNTIMES = ("executorch", "litert", "openvino")
-OUT = Path(__file__).resolve().parent / "results" / "int8_frontier.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _candidates(role: str, exported: kdedge.ExportResult, x1: np.ndarray, calls: dict, meta: dict) -> None:
@@ -99,12 +99,13 @@ def main(argv: list[str]) -> int:
     for r, p in per_runtime.items():
         if p["fp32"] and p["int8"]:
             print(f"| {r} | {1e3 * p['fp32']:.1f} | {1e3 * p['int8']:.1f} | {p['int8'] / p['fp32']:.2f} |")
-    OUT.write_text(json.dumps({"env": env, "student": fp32.spec.name, "teacher_test_accuracy": teacher_acc,
+    out = RESULTS / f"int8_frontier_{fp32.spec.name}_{keep.name}.json"
+    out.write_text(json.dumps({"env": env, "student": fp32.spec.name, "teacher_test_accuracy": teacher_acc,
                                "candidates": {n: meta[n] | {"screen_p50_ms": screen[n].p50_ms} for n in calls},
                                "head_to_head": {k: {"candidate": n, "p50_ms": head[k].p50_ms, "speedup_vs_teacher": head["teacher"].p50_ms / head[k].p50_ms,
                                                     "accuracy": meta[n]["accuracy"] if k != "teacher" else teacher_acc} for k, n in finals.items()},
                                "student_int8_vs_fp32_p50_ms": per_runtime}, indent=1) + "\n")
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -85,7 +85,9 @@ def main() -> int:
         print(f"qat: fake-quant test {qat.test.accuracy:.4f} ({t_qat:.0f} s)", flush=True)
         qad = kdedge.export_model(qat.model, Path(work) / "qat", data=data, config=export_cfg)
     p, q = _accuracies(ptq), _accuracies(qad)
+    # PTQ: against the FP32 model; QAD: against the QAT model's INT8 graph (the check), and against its fake quantization (recorded)
     agreement = {kind: {f"{a.format}-{a.precision}": a.parity["outputs"][0]["argmax_agreement"] for a in res.artifacts} for kind, res in (("ptq", ptq), ("qad", qad))}
+    agreement["qad_vs_fake_quant"] = {f"{a.format}-{a.precision}": a.parity["fake_quant"] for a in qad.artifacts if "fake_quant" in a.parity}
     row = {"student": args.student, "seed": args.seed, "epochs": args.epochs, "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
            "fp32_test": fp32_test, "qat_fake_quant_test": qat.test.accuracy, "ptq": p, "qad": q, "argmax_agreement": agreement,
            "fp32_epoch_s": fp32_epoch_s, "qat_epoch_s": [e["seconds"] for e in qat.history], "seconds": {"fp32": t_fp32, "qat": t_qat},
@@ -95,13 +97,16 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     RECORD.write_text(json.dumps(rec, indent=1) + "\n")
     print(f"\n{args.student}, seed {args.seed}: FP32 (PyTorch) {fp32_test:.4f}; QAT fake-quant (PyTorch) {qat.test.accuracy:.4f}\n")
-    print("| runtime | FP32 ONNX | PTQ INT8 | QAD INT8 | PTQ − FP32 (pt) | QAD − FP32 (pt) | argmax agreement PTQ / QAD (vs its reference) |")
+    print("| runtime | FP32 ONNX | PTQ INT8 | QAD INT8 | PTQ − FP32 (pt) | QAD − FP32 (pt) | argmax agreement: PTQ vs FP32 / QAD vs its INT8 graph / "
+          "QAD vs fake-quant (max steps) |")
     print("|---|---:|---:|---:|---:|---:|---|")
     nan = float("nan")
     for fmt in FORMATS:
         pa, qa = p.get(fmt, nan), q.get(fmt, nan)
         print(f"| {fmt.removesuffix('-int8')} | {p['onnx-fp32']:.4f} | {pa:.4f} | {qa:.4f} | {100 * (pa - p['onnx-fp32']):+.2f} | {100 * (qa - p['onnx-fp32']):+.2f} | "
-              f"{agreement['ptq'].get(fmt, nan):.4f} / {agreement['qad'].get(fmt, nan):.4f} |")
+              f"{agreement['ptq'].get(fmt, nan):.4f} / {agreement['qad'].get(fmt, nan):.4f} / "
+              f"{agreement['qad_vs_fake_quant'].get(fmt, {}).get('argmax_agreement', nan):.4f} "
+              f"({agreement['qad_vs_fake_quant'].get(fmt, {}).get('max_abs_diff_steps', nan):.0f}) |")
     return 0
 
 

@@ -284,22 +284,23 @@ def test_a_bundle_with_int8_qat_ships_the_int8_it_trained(tmp_path):
     from kdedge.bundle import compress_and_export, verify_bundle
     from kdedge.config import CompressConfig
 
-    config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("torch-cpu",), "formats": ("onnx", "onnx-int8", "executorch-int8"),
+    config = CompressConfig(**(SMALL_BUNDLE | {"batch_sizes": (1,), "targets": ("torch-cpu",), "formats": ("onnx", "onnx-int8", "ort-int8"),
                                                "tune_runtime": False, "int8": "qat", "qat_epochs": 1, "out": str(tmp_path / "b")}))
     result = compress_and_export(config)
     m, q = result.manifest, result.manifest["quantization"]
     assert q["shipped"] == "qat" and q["why"] == "--int8 qat" and q["qat"]["checkpoint"] == "student-qat.safetensors" and q["qat"]["scheme"] == "xnnpack"
-    assert {"student-qat.safetensors", "models/model.int8.onnx", "models/model.int8.pte"} <= {f["path"] for f in m["files"]}
+    assert {"student-qat.safetensors", "models/model.int8.onnx", "models/model.int8.ort"} <= {f["path"] for f in m["files"]}
     assert not (result.out / ".int8").exists()
     exported = json.loads((result.out / "models" / "export.json").read_text())
     int8 = [a for a in exported["artifacts"] if a["precision"] == "int8"]
-    assert [a["details"]["quantization"]["method"] for a in int8] == ["qat", "qat"]
+    assert [a["path"] for a in int8] == ["model.int8.onnx", "model.int8.ort"] and int8[0]["details"]["quantization"]["method"] == "qat"
+    assert all(a["parity"]["passed"] and "fake_quant" in a["parity"] for a in int8)  # both checked against the QAT model's INT8 graph
     key = {"test": "drop_vs_fp32_pt", "validation": "val_drop_vs_fp32_pt"}[q["split"]]
     drops = {a["path"]: a["accuracy"][key] for a in int8}
     assert q["qat"]["drops_pt"] == drops and m["gates"]["max_quant_drop"]["value"] == max(drops.values())
     reloaded = kdedge.load_checkpoint(result.out / "student-qat.safetensors")
     assert reloaded.spec.qat == "xnnpack" and isinstance(reloaded.model, QATModel)
-    assert "models/model.int8.pte" in verify_bundle(result.out)["models_run"]
+    assert "models/model.int8.ort" in verify_bundle(result.out)["models_run"]
 
 
 def test_int8_of_a_qat_model_is_held_to_steps_of_its_int8_graph_which_a_recalibrated_file_fails(qat_run, tiny, tmp_path):
