@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -41,7 +42,7 @@ from kdedge.bench.harness import BenchModel, artifact_variant, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.bench.tuning import settings_call, time_within, tune
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, SearchConfig, config_to_yaml
+from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
@@ -56,7 +57,7 @@ from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
 
 __all__ = ["MANIFEST_SCHEMA", "GateFailure", "VerifyError", "BundlePlan", "BundleResult", "compress_and_export", "plan_bundle", "resolve_auto",
-           "installed_edge_formats", "verify_bundle", "recommend", "evaluate_gates", "fastest_target", "int8_choice"]
+           "installed_edge_formats", "verify_bundle", "recommend", "evaluate_gates", "fastest_target", "int8_choice", "qat_config_for"]
 
 MANIFEST_SCHEMA = 1
 
@@ -306,8 +307,8 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     _check_measurable(config, teacher, targets)
     _check_edge_targets(formats, targets)
     _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
-    if config.int8 != "ptq" and config.latency_budget is None:  # a searched student is not known yet; its genomes all capture
-        _check_quantization_aware(student, student_spec, data, formats, config, log)
+    if config.int8 != "ptq":
+        _check_quantization_aware(student if config.latency_budget is None else None, student_spec, data, formats, config, distill_cfg, log)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
@@ -397,16 +398,21 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
             _check_batch_contract(f"the {spec.name} student's", name, details, batch_sizes)
 
 
-def _check_quantization_aware(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], config: CompressConfig,
-                              log: Callable[[str], None]) -> None:
-    """``--int8 qat|auto``: an INT8 format to train for, torchao installed, and the student captured and prepared by the quantizer."""
-    from kdedge.models.qat import QATModel
+def _check_quantization_aware(student: nn.Module | None, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], config: CompressConfig,
+                              distill_cfg: DistillConfig, log: Callable[[str], None]) -> None:
+    """``--int8 qat|auto``: an INT8 format to train for, a valid QAD config, the quantizer installed, and the student (None: a
+    searched one, not known yet) captured and prepared by it."""
+    from kdedge.models.qat import QATModel, _quantizer, _torchao
 
     if not any(f.endswith("-int8") for f in formats):
         raise ConfigError(f"--int8 {config.int8} trains the INT8 student, but the formats ({', '.join(formats)}) hold no INT8 format; "
                           "add onnx-int8 (or an edge format's -int8), or drop --int8")
-    log(f"preflight: the {spec.name} student prepared for quantization-aware training ({config.qat_scheme})")
-    QATModel(student, tuple(data.spec.input_shape), scheme=config.qat_scheme)
+    qat_config_for(config, distill_cfg)  # its problems now, not after the distillation
+    _torchao()
+    _quantizer(config.qat_scheme)
+    if student is not None:
+        log(f"preflight: the {spec.name} student prepared for quantization-aware training ({config.qat_scheme})")
+        QATModel(student, tuple(data.spec.input_shape), scheme=config.qat_scheme)
 
 
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
@@ -582,12 +588,15 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     return manifest, report
 
 
-def _int8_drops(exported: ExportResult) -> tuple[dict[str, float], str]:
-    """Each INT8 artifact's accuracy drop vs the FP32 ONNX file, in points: on validation when the run has it (what the gates judge)."""
+def _int8_drops(exported: ExportResult, requested: tuple[str, ...]) -> dict[str, Any]:
+    """Each INT8 artifact's accuracy drop vs the FP32 ONNX file, in points (on validation when the run has it: what the gates
+    judge), and the requested INT8 formats that failed (skipped). ``worst`` is the largest drop, infinite when one failed."""
     rows = [a for a in exported.artifacts if a.precision == "int8" and a.accuracy and a.details.get("for") != "tensorrt"]
     split = "validation" if rows and all("val_drop_vs_fp32_pt" in a.accuracy for a in rows) else "test"  # type: ignore[operator]
     key = "val_drop_vs_fp32_pt" if split == "validation" else "drop_vs_fp32_pt"
-    return {a.path: a.accuracy[key] for a in rows if key in a.accuracy}, split  # type: ignore[index,operator]
+    drops = {a.path: a.accuracy[key] for a in rows if key in a.accuracy}  # type: ignore[index,operator]
+    failed = {f: exported.skipped[f] for f in requested if f.endswith("-int8") and f in exported.skipped}
+    return {"split": split, "drops_pt": drops, "failed": failed, "worst": math.inf if failed else max(drops.values(), default=0.0)}
 
 
 def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: ExportConfig, timings: dict[str, float], log: Callable[[str], None],
@@ -596,42 +605,55 @@ def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: 
 
     ``ptq``: calibrated after training. ``qat``: the distilled student fine-tuned with fake quantization and the
     teacher (:func:`kdedge.qat_distill`), every INT8 artifact built from it (``student-qat.safetensors`` is that model).
-    ``auto``: PTQ, then QAD only when PTQ's worst INT8 drop exceeds ``max_quant_drop``; the INT8 that loses less ships.
+    ``auto``: PTQ, then QAD only when PTQ's worst INT8 drop exceeds ``max_quant_drop`` (an INT8 format that failed counts
+    as the worst); the INT8 that loses less ships, and a QAD that fails leaves PTQ shipping, with the reason recorded.
     """
     config = plan.config
     common: dict[str, Any] = {"data": plan.data, "config": export_cfg, "model_name": plan.student_spec.name,
                               "source_sha256": file_sha256(tmp / "student.safetensors"), "log": log}
-    has_int8 = any(f.endswith("-int8") for f in export_cfg.formats)
-    if config.int8 == "ptq" or not has_int8:
+    formats = export_cfg.formats
+    if config.int8 == "ptq" or not any(f.endswith("-int8") for f in formats):
         exported = export_model(result.model, tmp / "models", **common)
-        drops, split = _int8_drops(exported)
-        return exported, {"mode": config.int8, "shipped": "ptq" if drops else None, "split": split, "ptq": {"drops_pt": drops}}
+        m = _int8_drops(exported, formats)
+        return exported, {"mode": config.int8, "shipped": "ptq" if m["drops_pt"] else None, "split": m["split"],
+                          "ptq": {"drops_pt": m["drops_pt"], "failed": m["failed"]}}
     record: dict[str, Any] = {"mode": config.int8, "max_quant_drop": config.max_quant_drop}
     candidates = tmp / ".int8"  # inside the candidate: the loser is removed before the file list is taken
     candidates.mkdir()
     ptq = qad = None
+    ptq_worst = None
     if config.int8 == "auto":
         ptq = export_model(result.model, candidates / "ptq", **common)
-        drops, split = _int8_drops(ptq)
-        record |= {"split": split, "ptq": {"drops_pt": drops, "worst_drop_pt": max(drops.values(), default=0.0)}}
-    shipped, why = int8_choice(config.int8, record.get("ptq", {}).get("worst_drop_pt"), None, config.max_quant_drop)
-    if shipped == "qat":  # auto: PTQ lost more than the gate allows
+        m = _int8_drops(ptq, formats)
+        ptq_worst = m["worst"]
+        record |= {"split": m["split"], "ptq": {"drops_pt": m["drops_pt"], "failed": m["failed"], "worst_drop_pt": _finite(m["worst"])}}
+    shipped, why = int8_choice(config.int8, ptq_worst, None, config.max_quant_drop)
+    if shipped == "qat":  # --int8 qat, or auto where PTQ lost more than the gate allows
         if ptq is not None:
             log(f"int8 auto: {why}: quantization-aware distillation")
         start = time.perf_counter()
-        qat = _quantization_aware(plan, result, progress=progress, log=log)
-        timings["qat"] = time.perf_counter() - start
-        save_checkpoint(tmp / "student-qat.safetensors", qat.model, plan.student_spec.with_qat(config.qat_scheme), plan.data.spec,
-                        extra={"kdedge_version": __version__, "test_accuracy": qat.test.accuracy})
-        qad = export_model(result.model, candidates / "qat", int8_model=qat.model, **common)  # type: ignore[arg-type]
-        drops, split = _int8_drops(qad)
-        record |= {"split": split, "qat": {"drops_pt": drops, "worst_drop_pt": max(drops.values(), default=0.0), "checkpoint": "student-qat.safetensors",
-                                           **qat.metrics["qat"], "fake_quant_test_accuracy": qat.test.accuracy, "epochs": config.qat_epochs,
-                                           "lr": config.qat_lr, "seconds": timings["qat"]}}
-        shipped, why = int8_choice(config.int8, record.get("ptq", {}).get("worst_drop_pt"), record["qat"]["worst_drop_pt"], config.max_quant_drop)
-        if shipped == "ptq":
-            (tmp / "student-qat.safetensors").unlink()
-            del record["qat"]["checkpoint"]
+        try:
+            qat = _quantization_aware(plan, result, progress=progress, log=log)
+            save_checkpoint(tmp / "student-qat.safetensors", qat.model, plan.student_spec.with_qat(config.qat_scheme), plan.data.spec,
+                            extra={"kdedge_version": __version__, "test_accuracy": qat.test.accuracy})
+            qad = export_model(result.model, candidates / "qat", int8_model=qat.model, **common)  # type: ignore[arg-type]
+        except KdedgeError as exc:
+            if ptq is None:  # --int8 qat: the user asked for it; nothing to fall back to
+                raise
+            (tmp / "student-qat.safetensors").unlink(missing_ok=True)
+            record["qat"] = {"failed": str(exc)}
+            shipped, why = "ptq", f"{why}, but QAD failed ({exc}): PTQ ships"
+        finally:
+            timings["qat"] = time.perf_counter() - start
+        if qad is not None:
+            m = _int8_drops(qad, formats)
+            record |= {"split": m["split"], "qat": {"drops_pt": m["drops_pt"], "failed": m["failed"], "worst_drop_pt": _finite(m["worst"]),
+                                                    "checkpoint": "student-qat.safetensors", **qat.metrics["qat"],
+                                                    "fake_quant_test_accuracy": qat.test.accuracy, "epochs": config.qat_epochs, "lr": config.qat_lr}}
+            shipped, why = int8_choice(config.int8, ptq_worst, m["worst"], config.max_quant_drop)
+            if shipped == "ptq":
+                (tmp / "student-qat.safetensors").unlink()
+                del record["qat"]["checkpoint"]
     record |= {"shipped": shipped, "why": why}
     log(f"int8: {shipped.upper()} ships ({why})")
     chosen = qad if shipped == "qat" else ptq
@@ -641,8 +663,17 @@ def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: 
     return dataclasses.replace(chosen, out=tmp / "models"), record
 
 
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def _pt(value: float) -> str:
+    return "an INT8 format failed" if math.isinf(value) else f"{value:.2f} pt"
+
+
 def int8_choice(mode: str, ptq_worst: float | None, qat_worst: float | None, max_quant_drop: float) -> tuple[str, str]:
-    """Which INT8 ships (``"ptq"`` or ``"qat"``) and why, from the worst INT8 drops measured so far (points vs FP32; None: not measured).
+    """Which INT8 ships (``"ptq"`` or ``"qat"``) and why, from the worst INT8 drops measured so far (points vs FP32, infinite
+    where a requested INT8 format failed; None: not measured).
 
     ``qat`` always trains; ``auto`` trains only when PTQ's worst drop exceeds ``max_quant_drop`` (``qat_worst`` None: not trained
     yet, so the answer says whether to), then ships QAD only if it loses strictly less than PTQ.
@@ -653,25 +684,32 @@ def int8_choice(mode: str, ptq_worst: float | None, qat_worst: float | None, max
         return "qat", "--int8 qat"
     assert ptq_worst is not None
     if ptq_worst <= max_quant_drop:
-        return "ptq", f"PTQ's worst INT8 drop {ptq_worst:.2f} pt is within --max-quant-drop {max_quant_drop:g}: no QAD needed"
+        return "ptq", f"PTQ's worst INT8 drop {_pt(ptq_worst)} is within --max-quant-drop {max_quant_drop:g}: no QAD needed"
     if qat_worst is None:
-        return "qat", f"PTQ's worst INT8 drop {ptq_worst:.2f} pt exceeds --max-quant-drop {max_quant_drop:g}"
+        return "qat", f"PTQ's worst INT8 drop ({_pt(ptq_worst)}) exceeds --max-quant-drop {max_quant_drop:g}"
     if qat_worst < ptq_worst:
-        return "qat", f"PTQ lost {ptq_worst:.2f} pt > --max-quant-drop {max_quant_drop:g}; QAD loses {qat_worst:.2f} pt"
-    return "ptq", f"PTQ lost {ptq_worst:.2f} pt > --max-quant-drop {max_quant_drop:g}, but QAD lost no less ({qat_worst:.2f} pt): PTQ ships"
+        return "qat", f"PTQ lost {_pt(ptq_worst)} > --max-quant-drop {max_quant_drop:g}; QAD loses {_pt(qat_worst)}"
+    return "ptq", f"PTQ lost {_pt(ptq_worst)} > --max-quant-drop {max_quant_drop:g}, but QAD lost no less ({_pt(qat_worst)}): PTQ ships"
+
+
+def qat_config_for(config: CompressConfig, distill_config: DistillConfig) -> QATConfig:
+    """The QAD run of ``--int8 qat|auto``: this run's recipe (batch size, alpha, T, seed, augmentation), with the QAD schedule.
+
+    Fake quantization runs in fp32; the prepared graph has no feature modules, so a feature loss distills its logits;
+    no warm-up (a fine-tune of trained weights, and the run's warm-up may be longer than the QAD).
+    """
+    keep = {k: v for k, v in distill_config.to_dict().items()
+            if k in QATConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student", "teacher_weights", "student_weights")}
+    return QATConfig(**keep | {"epochs": config.qat_epochs, "lr": config.qat_lr, "qat_scheme": config.qat_scheme, "precision": "fp32",
+                               "warmup_epochs": 0.0, "loss": config.loss if config.loss in ("hinton", "dkd") else "hinton"})
 
 
 def _quantization_aware(plan: BundlePlan, result: RunResult, *, progress: bool, log: Callable[[str], None]) -> RunResult:
     """:func:`kdedge.qat_distill` of the distilled student from the bundle's teacher, with this run's recipe and the QAD schedule."""
-    from kdedge.config import QATConfig
     from kdedge.qat import qat_distill
 
     config = plan.config
-    keep = {k: v for k, v in plan.distill_config.to_dict().items()
-            if k in QATConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student", "teacher_weights", "student_weights")}
-    # Fake quantization runs in fp32, and the prepared graph has no feature modules: a feature loss distills its logits.
-    qcfg = QATConfig(**keep | {"epochs": config.qat_epochs, "lr": config.qat_lr, "qat_scheme": config.qat_scheme, "precision": "fp32",
-                               "loss": config.loss if config.loss in ("hinton", "dkd") else "hinton"})
+    qcfg = qat_config_for(config, plan.distill_config)
     log(f"qat: {plan.student_spec.name} with fake INT8 ({config.qat_scheme}), {config.qat_epochs} epochs at lr {config.qat_lr:g}, from {plan.teacher.name}")
     qat = qat_distill(result.model, plan.teacher.model, plan.data.train, plan.data.test, val_data=plan.data.val, config=qcfg,
                       student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)

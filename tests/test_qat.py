@@ -279,6 +279,25 @@ def test_int8_auto_trains_only_when_ptq_misses_the_gate_and_ships_what_loses_les
     assert int8_choice("auto", 1.2, 0.1, 0.5)[0] == "qat" and int8_choice("auto", 1.2, 1.2, 0.5)[0] == "ptq"
 
 
+def test_the_bundle_qad_takes_the_run_recipe_but_not_its_warmup_or_a_feature_loss():
+    from kdedge.bundle import qat_config_for
+    from kdedge.config import CompressConfig, DistillConfig
+
+    config = CompressConfig(epochs=30, warmup_epochs=5, alpha=0.7, temperature=3.0, loss="at", student_layer="features.3", teacher_layer="layer2",
+                            qat_epochs=4, qat_lr=0.002, int8="auto")
+    distill = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__})
+    q = qat_config_for(config, distill)  # a 5-epoch warm-up would not fit 4 QAD epochs (and a feature loss has no layers there)
+    assert (q.epochs, q.lr, q.warmup_epochs, q.alpha, q.temperature, q.loss) == (4, 0.002, 0.0, 0.7, 3.0, "hinton")
+
+
+def test_a_failed_int8_format_counts_as_the_worst_drop():
+    from kdedge.bundle import int8_choice
+
+    inf = float("inf")  # PTQ's OpenVINO INT8 failed: auto trains, and a QAD that builds every format wins; one that fails a format does not
+    assert int8_choice("auto", inf, None, 0.5) == ("qat", "PTQ's worst INT8 drop (an INT8 format failed) exceeds --max-quant-drop 0.5")
+    assert int8_choice("auto", inf, 0.4, 0.5)[0] == "qat" and int8_choice("auto", 0.8, inf, 0.5)[0] == "ptq"
+
+
 def test_a_bundle_with_int8_qat_ships_the_int8_it_trained(tmp_path):
     from conftest import SMALL_BUNDLE
     from kdedge.bundle import compress_and_export, verify_bundle

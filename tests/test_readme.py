@@ -124,9 +124,12 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
     api, bundle, export, edge, bench, searched, pruned, qat, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
-    # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes.
-    qat_acc, shipped = qat.split(" ", 1)
+    # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes; then the
+    # export of both together: FP32 from the student (no drop), INT8 from the QAT model with its drop against that FP32 file.
+    qat_acc, shipped = ran[7][1].strip().splitlines()[-2].split(" ", 1)
     assert 0.3 < float(qat_acc) <= 1 and set(ast.literal_eval(shipped)) == {"model.int8.onnx"}, qat
+    both = ast.literal_eval(qat)
+    assert set(both) == {"model.onnx", "model.int8.onnx"} and both["model.onnx"] is None and abs(both["model.int8.onnx"]) < 50, qat
     # The pruned teacher: its name carries the digest of its kept widths, and the FLOPs budget was met.
     assert pruned.startswith("resnet-pruned-") and "'met': True" in pruned and " magnitude " in pruned, pruned
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())

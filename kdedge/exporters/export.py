@@ -171,9 +171,10 @@ def export_model(
         source_sha256: sha256 of the checkpoint the model came from, recorded in the metadata.
         log: Called with one line per stage (export, parity, calibration, accuracy).
         int8_model: The quantization-aware model trained from ``model`` (:func:`kdedge.qat_distill`): every INT8
-            format is built from it, with the scales it was trained with (no calibration), and checked against it
-            (its fake quantization, in PyTorch); FP32 and FP16 come from ``model``, and each INT8 artifact's
-            ``drop_vs_fp32_pt`` is against ``model``'s FP32 ONNX file. None: INT8 is post-training quantized.
+            format (but TensorRT's, still calibrated) is built from it, with the scales it was trained with (no
+            calibration), and checked against its INT8 graph in PyTorch (``convert_pt2e``), its agreement with the fake
+            quantization recorded; FP32 and FP16 come from ``model``, and each INT8 artifact's ``drop_vs_fp32_pt`` is
+            against ``model``'s FP32 ONNX file. None: INT8 is post-training quantized.
 
     Raises:
         ParityError: An artifact's outputs differ from PyTorch beyond tolerance (unless
@@ -197,7 +198,7 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
     with cpu_eval(model) as cpu_model, cpu_eval(int8_model or nn.Identity()) as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
-        # INT8 from the quantization-aware model, checked against its fake quantization; the rest from the FP32 model.
+        # INT8 from the quantization-aware model, checked against its INT8 graph; the rest from the FP32 model.
         int8_writer = writer.sharing(cpu_int8) if int8_model is not None else writer
         qat = cpu_model.qat_formats if isinstance(cpu_model, QATModel) else None
         if qat is not None:  # a quantization-aware model ships INT8 with the scales it was trained with, in the runtimes that take them
@@ -290,6 +291,8 @@ class _ArtifactWriter:
                 self.fake_quant, self.reference = self.reference, torch.cat([graph(x) for x in self.parity_inputs.split(64)]).numpy()
             if self.int8_step:
                 self.tol = self.tol | {"int8": Tolerance(atol=config.qat_max_steps * self.int8_step, min_agreement=config.qat_min_agreement)}
+            else:
+                log("parity: the quantization-aware model's output is not quantized; its INT8 artifacts are judged by argmax agreement only")
         self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
         self.skipped: dict[str, str] = {}
@@ -349,10 +352,10 @@ class _ArtifactWriter:
         if precision == "int8" and self.fake_quant is not None:
             out = predict(self.parity_inputs.numpy()).astype(np.float64)
             diff = np.abs(out - self.fake_quant)
-            step = self.int8_step or 1.0
-            parity["fake_quant"] = {"argmax_agreement": float((out.argmax(-1) == self.fake_quant.argmax(-1)).mean()),
-                                    "max_abs_diff_steps": float(diff.max()) / step, "mean_abs_diff_steps": float(diff.mean()) / step,
-                                    "samples": int(len(out))}
+            parity["fake_quant"] = {"argmax_agreement": float((out.argmax(-1) == self.fake_quant.argmax(-1)).mean()), "samples": int(len(out)),
+                                    "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+            if self.int8_step:
+                parity["fake_quant"] |= {"max_abs_diff_steps": float(diff.max()) / self.int8_step, "mean_abs_diff_steps": float(diff.mean()) / self.int8_step}
         a = Artifact(path=path.name, format=fmt, precision=precision, bytes=path.stat().st_size, sha256=file_sha256(path),
                      parity=parity, accuracy=accuracy, details=details)
         self.artifacts.append(a)

@@ -262,7 +262,7 @@ class QATModel(nn.Module):
         scale = out.args[1]
         if isinstance(scale, torch.fx.Node) and scale.op == "get_attr":
             scale = getattr(graph, str(scale.target))
-        return float(scale)
+        return float(scale) if isinstance(scale, (float, int, torch.Tensor)) else None
 
     #: The export formats that take the trained scales: each lowers :meth:`converted` (no calibration of its own); OpenVINO
     #: and the ORT format convert the QDQ ONNX file made from it.
