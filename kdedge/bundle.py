@@ -308,7 +308,7 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     _check_edge_targets(formats, targets)
     _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
     if config.int8 != "ptq":
-        _check_quantization_aware(student if config.latency_budget is None else None, student_spec, data, formats, config, distill_cfg, log)
+        _check_quantization_aware(student if config.latency_budget is None else None, student_spec, data, config, distill_cfg, log)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
@@ -398,19 +398,17 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
             _check_batch_contract(f"the {spec.name} student's", name, details, batch_sizes)
 
 
-def _check_quantization_aware(student: nn.Module | None, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], config: CompressConfig,
-                              distill_cfg: DistillConfig, log: Callable[[str], None]) -> None:
-    """``--int8 qat|auto``: an INT8 format to train for, a valid QAD config, the quantizer installed, and the student (None: a
-    searched one, not known yet) captured and prepared by it."""
+def _check_quantization_aware(student: nn.Module | None, spec: ModelSpec, data: DataSplits, config: CompressConfig, distill_cfg: DistillConfig,
+                              log: Callable[[str], None]) -> None:
+    """``--int8 qat|auto``: a valid QAD config, the quantizer installed, and the student (None: a searched one, not known yet)
+    captured and prepared by it. (That the formats hold an INT8 one is :class:`CompressConfig`'s check.)"""
     from kdedge.models.qat import QATModel, _quantizer, _torchao
 
-    if not any(f.endswith("-int8") for f in formats):
-        raise ConfigError(f"--int8 {config.int8} trains the INT8 student, but the formats ({', '.join(formats)}) hold no INT8 format; "
-                          "add onnx-int8 (or an edge format's -int8), or drop --int8")
     qat_config_for(config, distill_cfg)  # its problems now, not after the distillation
-    _torchao()
-    _quantizer(config.qat_scheme)
-    if student is not None:
+    if student is None:
+        _torchao()
+        _quantizer(config.qat_scheme)
+    else:  # preparing the student imports and builds both
         log(f"preflight: the {spec.name} student prepared for quantization-aware training ({config.qat_scheme})")
         QATModel(student, tuple(data.spec.input_shape), scheme=config.qat_scheme)
 
@@ -612,7 +610,7 @@ def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: 
     common: dict[str, Any] = {"data": plan.data, "config": export_cfg, "model_name": plan.student_spec.name,
                               "source_sha256": file_sha256(tmp / "student.safetensors"), "log": log}
     formats = export_cfg.formats
-    if config.int8 == "ptq" or not any(f.endswith("-int8") for f in formats):
+    if config.int8 == "ptq":  # (qat and auto always have an INT8 format: CompressConfig checks it)
         exported = export_model(result.model, tmp / "models", **common)
         m = _int8_drops(exported, formats)
         return exported, {"mode": config.int8, "shipped": "ptq" if m["drops_pt"] else None, "split": m["split"],

@@ -9,6 +9,7 @@ TensorRT (or a GPU) is missing, the ONNX artifacts are still written and the res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -195,11 +196,12 @@ def export_model(
 
 def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
             log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
-    with cpu_eval(model) as cpu_model, cpu_eval(int8_model or nn.Identity()) as cpu_int8, publish_dir(out) as tmp:
+    quantized = cpu_eval(int8_model) if int8_model is not None else contextlib.nullcontext(None)
+    with cpu_eval(model) as cpu_model, quantized as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
                                  meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
         # INT8 from the quantization-aware model, checked against its INT8 graph; the rest from the FP32 model.
-        int8_writer = writer.sharing(cpu_int8) if int8_model is not None else writer
+        int8_writer = writer.sharing(cpu_int8) if cpu_int8 is not None else writer
         qat = cpu_model.qat_formats if isinstance(cpu_model, QATModel) else None
         if qat is not None:  # a quantization-aware model ships INT8 with the scales it was trained with, in the runtimes that take them
             for name in config.formats:
@@ -233,12 +235,11 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
             if name in config.formats and name not in writer.skipped:
                 fmt, precision = (name[: -len("-int8")], "int8") if name.endswith("-int8") else (name, "fp32")
                 w = int8_writer if precision == "int8" else writer
-                if precision != "int8" or not config.skip_failed_int8:
-                    w.edge(fmt, precision, onnx_by_precision, fp32)
-                    continue
                 try:
                     w.edge(fmt, precision, onnx_by_precision, fp32)
                 except ExportError as exc:  # ParityError included: this runtime's INT8 is named and left out; the other artifacts stand
+                    if precision != "int8" or not config.skip_failed_int8:
+                        raise
                     w.discard(fmt, precision)
                     writer.skipped[name] = f"{name} failed and was left out: {exc}"
                     writer.log(f"skipped {name}: {exc}")
