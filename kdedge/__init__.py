@@ -41,6 +41,7 @@ from kdedge.pruning import PruneResult, prune
 from kdedge.qat import QATModel, qat_distill
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill, run_distill, run_train, train
+from kdedge.sensitivity import Sensitivity, layer_sensitivity
 
 __all__ = [
     "ArrayDataset",
@@ -69,6 +70,7 @@ __all__ = [
     "QATModel",
     "RunResult",
     "SearchConfig",
+    "Sensitivity",
     "TrainConfig",
     "__version__",
     "count_flops",
@@ -78,6 +80,7 @@ __all__ = [
     "evaluate",
     "export_checkpoint",
     "export_model",
+    "layer_sensitivity",
     "load_checkpoint",
     "load_config",
     "load_dataset",

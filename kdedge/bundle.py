@@ -309,6 +309,8 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
     if config.int8 != "ptq":
         _check_quantization_aware(student if config.latency_budget is None else None, student_spec, data, config, distill_cfg, log)
+    if config.keep_float is not None:
+        _check_keep_float(formats)
     input_map = teacher_input_map(distill_cfg, teacher.input, data.spec)
     teacher_bench = _teacher_bench(teacher, input_map, data, targets, work, log, batch_sizes=config.batch_sizes)
     return BundlePlan(config, distill_cfg, formats, targets, data, teacher, student, student_spec, teacher_bench)
@@ -411,6 +413,17 @@ def _check_quantization_aware(student: nn.Module | None, spec: ModelSpec, data: 
     else:  # preparing the student imports and builds both
         log(f"preflight: the {spec.name} student prepared for quantization-aware training ({config.qat_scheme})")
         QATModel(student, tuple(data.spec.input_shape), scheme=config.qat_scheme)
+
+
+def _check_keep_float(formats: tuple[str, ...]) -> None:
+    """``--keep-float``: an INT8 format to keep layers of, and the quantizer the sensitivity pass simulates with (ExecuTorch's)."""
+    from kdedge.models.qat import _quantizer, _torchao
+
+    if not any(f.endswith("-int8") for f in formats):
+        raise ConfigError(f"--keep-float keeps layers of the INT8 artifacts in float, but the formats ({', '.join(formats)}) hold no INT8 one; "
+                          "add onnx-int8 (or an edge format's -int8), or drop --keep-float")
+    _torchao()
+    _quantizer("xnnpack", qat=False)
 
 
 def _check_measurable(config: CompressConfig, teacher: ResolvedTeacher, targets: tuple[str, ...]) -> None:
@@ -551,7 +564,16 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                               parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),
                               skip_failed_int8=True)  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
+    sensitivity = None
+    if config.keep_float_layers is not None:
+        from kdedge.sensitivity import plan_float_layers
+
+        kept, sensitivity = plan_float_layers(result.model, data, data.train.sample(config.calibration_samples, seed=0).numpy(), config.keep_float_layers,
+                                              max_drop=config.max_quant_drop, log=log)
+        export_cfg = dataclasses.replace(export_cfg, keep_float=kept)
     exported, quantization = _export_student(tmp, plan, result, export_cfg, timings, log, progress=progress)
+    if sensitivity is not None:
+        quantization["sensitivity"] = sensitivity
     timings["export"] = time.perf_counter() - start - timings.get("qat", 0.0)
     log("exported " + ", ".join(a.path for a in exported.artifacts) + (f" (skipped: {', '.join(exported.skipped)})" if exported.skipped else ""))
 
@@ -631,8 +653,8 @@ def _export_student(tmp: Path, plan: BundlePlan, result: RunResult, export_cfg: 
             log(f"int8 auto: {why}: quantization-aware distillation")
         start = time.perf_counter()
         try:
-            qat = _quantization_aware(plan, result, progress=progress, log=log)
-            save_checkpoint(tmp / "student-qat.safetensors", qat.model, plan.student_spec.with_qat(config.qat_scheme), plan.data.spec,
+            qat = _quantization_aware(plan, result, keep_float=export_cfg.keep_float, progress=progress, log=log)
+            save_checkpoint(tmp / "student-qat.safetensors", qat.model, plan.student_spec.with_qat(config.qat_scheme, qat.model.keep_float), plan.data.spec,
                             extra={"kdedge_version": __version__, "test_accuracy": qat.test.accuracy})
             qad = export_model(result.model, candidates / "qat", int8_model=qat.model, **common)  # type: ignore[arg-type]
         except KdedgeError as exc:
@@ -702,12 +724,12 @@ def qat_config_for(config: CompressConfig, distill_config: DistillConfig) -> QAT
                                "warmup_epochs": 0.0, "loss": config.loss if config.loss in ("hinton", "dkd") else "hinton"})
 
 
-def _quantization_aware(plan: BundlePlan, result: RunResult, *, progress: bool, log: Callable[[str], None]) -> RunResult:
+def _quantization_aware(plan: BundlePlan, result: RunResult, *, keep_float: tuple[str, ...], progress: bool, log: Callable[[str], None]) -> RunResult:
     """:func:`kdedge.qat_distill` of the distilled student from the bundle's teacher, with this run's recipe and the QAD schedule."""
     from kdedge.qat import qat_distill
 
     config = plan.config
-    qcfg = qat_config_for(config, plan.distill_config)
+    qcfg = dataclasses.replace(qat_config_for(config, plan.distill_config), keep_float=keep_float)
     log(f"qat: {plan.student_spec.name} with fake INT8 ({config.qat_scheme}), {config.qat_epochs} epochs at lr {config.qat_lr:g}, from {plan.teacher.name}")
     qat = qat_distill(result.model, plan.teacher.model, plan.data.train, plan.data.test, val_data=plan.data.val, config=qcfg,
                       student_spec=plan.student_spec, teacher_name=plan.teacher.name, teacher_input=plan.teacher.input, progress=progress)

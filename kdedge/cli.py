@@ -127,6 +127,9 @@ _HELP = {
     "qat_epochs": "With --int8 qat|auto: epochs of quantization-aware distillation (a fine-tune).",
     "qat_lr": "With --int8 qat|auto: its peak learning rate.",
     "qat_calibration": "With --qat: training images that set the observers' ranges before the first step.",
+    "keep_float": "Layers the INT8 artifacts keep in float. compress-and-export: N (the N most sensitive, measured layer by layer on "
+                  "validation) or auto (the fewest after which the simulated INT8 drop is within --max-quant-drop); distill --qat: "
+                  "module names, comma-separated (kdedge sensitivity lists them).",
     "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
 }
 
@@ -218,11 +221,11 @@ def distill(config_file: str | None, quiet: bool, trust_code: bool, **params: An
         result = run_qat(_config(QATConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
         _summary(result)
         return
-    qat_only = sorted(f"--{k.replace('_', '-')}" for k in given if k.startswith("qat_"))
+    qat_only = sorted(f"--{k.replace('_', '-')}" for k in given if k.startswith("qat_") or k == "keep_float")
     if qat_only:
         raise ConfigError(f"{', '.join(qat_only)} {'applies' if len(qat_only) == 1 else 'apply'} to quantization-aware training: "
                           "add --qat (with a trained --student)")
-    params = {k: v for k, v in params.items() if not k.startswith("qat_") and k != "qat"}
+    params = {k: v for k, v in params.items() if not k.startswith("qat_") and k not in ("qat", "keep_float")}
     result = run_distill(_config(DistillConfig, config_file, params, trust_code=trust_code), progress=not quiet, trust_code=trust_code)
     _summary(result)
 
@@ -302,6 +305,7 @@ def _num(value: float | None, unit: str = "") -> str:
 @click.option("--quantization", type=click.Choice(["static", "dynamic"]), help="INT8 mode: static QDQ (calibrated) or dynamic. [default: static]")
 @click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Per-channel INT8 weight scales. [default: per-channel]")
 @click.option("--reduce-range/--full-range", "reduce_range", default=None, help="7-bit INT8 weights for CPU (avoids x86 U8S8 saturation; measured +0.6 pt on the teacher). [default: reduce-range]")
+@click.option("--keep-float", "keep_float", help="Layers every INT8 artifact keeps in float: module names, comma-separated (kdedge sensitivity ranks them).")
 @click.option("--allow-mismatch", is_flag=True, default=None, help="Keep artifacts that fail parity (the failure is recorded in export.json).")
 @click.option("--no-evaluate", "evaluate", flag_value=False, default=None, help="Skip measuring each artifact's test accuracy.")
 @click.option("--slim", is_flag=True, default=None, help="Simplify the ONNX graph with onnxslim when that removes nodes.")
@@ -424,6 +428,37 @@ def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:
         click.echo(f"recommended for {target}: {rec['artifact']} ({rec['p50_ms']:.4f} ms at batch {rec['batch']}, accuracy {rec['accuracy']:.4f})")
     click.echo("gates: " + ", ".join(f"{k} {g['value']:.4g} (limit {g['limit']}) ok" for k, g in m["gates"].items()))
     click.echo(f"wrote {result.out}" + (f" and {result.archive}" if result.archive else ""))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--data", help="Dataset [default: the one recorded in the checkpoint]; 10 % of its training images are held out and scored.")
+@click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one recorded in the checkpoint].")
+@click.option("--calibration-samples", type=int, default=512, show_default=True, help="Training images that calibrate the activation ranges.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+@_trust_code_option
+def sensitivity(source: str, data: str | None, image_size: int | None, calibration_samples: int, json_path: str | None, trust_code: bool) -> None:
+    """Per-layer INT8 sensitivity of SOURCE (run directory, checkpoint or shipped name): validation accuracy with only that
+    layer quantized (ExecuTorch's XNNPACK quantizer, in PyTorch), most sensitive first; the names go to --keep-float.
+    """
+    import json
+
+    from kdedge.exporters.export import load_source
+    from kdedge.sensitivity import layer_sensitivity
+
+    if calibration_samples < 1:
+        raise ConfigError(f"--calibration-samples must be at least 1, got {calibration_samples}")
+    ckpt, splits = load_source(source, data=data, image_size=image_size, val_split=0.1, trust_code=trust_code)
+    assert splits.val is not None
+    result = layer_sensitivity(ckpt.model, splits.val, splits.train.sample(calibration_samples, seed=0).numpy(), log=click.echo)
+    click.echo(f"{ckpt.spec.name} on {result.images} held-out training images: FP32 {result.fp32_accuracy:.4f}, "
+               f"all INT8 {result.int8_accuracy:.4f} ({result.int8_drop_pt:+.2f} pt)")
+    click.echo(f"{'layer':<24} {'only it INT8':>12} {'drop (pt)':>9}")
+    for row in result.layers:
+        click.echo(f"{row.layer:<24} {row.accuracy:>12.4f} {row.drop_pt:>+9.2f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"model": ckpt.spec.name, **result.to_dict()}, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
 
 
 @cli.command()

@@ -264,6 +264,7 @@ class ExportConfig(_Config):
     quantization: str = "static"
     per_channel: bool = True
     reduce_range: bool = True
+    keep_float: tuple[str, ...] = ()
     allow_mismatch: bool = False
     fp32_atol: float = 1e-4
     fp16_atol: float = 1e-2
@@ -295,6 +296,8 @@ class ExportConfig(_Config):
         for name in ("fp32_atol", "fp16_atol", "fp16_rtol"):
             if not getattr(self, name) >= 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(not name.strip() for name in self.keep_float):
+            p.append("keep_float names layers (module names such as features.0.0); an empty name was given")
         for name in ("int8_min_agreement", "qat_min_agreement"):
             if not 0 <= getattr(self, name) <= 1:
                 p.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -427,10 +430,21 @@ class CompressConfig(DistillConfig):
     qat_epochs: int = 4
     qat_lr: float = 0.005
     qat_scheme: str = "xnnpack"
+    keep_float: str | int | None = None
+
+    @property
+    def keep_float_layers(self) -> int | str | None:
+        """``keep_float`` as the bundle uses it: None (no sensitivity pass), a count of layers, or ``"auto"``."""
+        value = self.keep_float
+        if value is None or value == "auto":
+            return value
+        return int(value)
 
     def _problems(self) -> list[str]:
         p = super()._problems()
         p += _choices(self, ("int8", INT8_MODES), ("qat_scheme", QAT_SCHEMES))
+        if self.keep_float is not None and self.keep_float != "auto" and not (str(self.keep_float).isdigit() and int(self.keep_float) >= 1):
+            p.append(f"keep_float must be a number of layers (1 or more) or auto, got {self.keep_float!r}")
         if self.int8 != "ptq" and self.formats != ("auto",) and not any(f.endswith("-int8") for f in self.formats):
             p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "
                      "add onnx-int8 (or an edge format's -int8), or drop --int8")
@@ -601,6 +615,7 @@ class QATConfig(DistillConfig):
     qat: bool = True
     qat_scheme: str = "xnnpack"
     qat_calibration: int = 1024
+    keep_float: tuple[str, ...] = ()
     epochs: int = 4
     lr: float = 0.005
 

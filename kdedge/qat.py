@@ -94,7 +94,7 @@ def _qat(student: nn.Module, teacher: nn.Module | None, train_data: Dataset | Da
     watched = val_data if val_data is not None else test_data
     fp32 = evaluate(student, watched, device=device) if watched is not None else None
     student.cpu()
-    model = QATModel(student, shape, scheme=config.qat_scheme, epochs=config.epochs)
+    model = QATModel(student, shape, scheme=config.qat_scheme, epochs=config.epochs, keep_float=config.keep_float)
     seen = min(config.qat_calibration, len(train_data))  # a resumed run loads what the first one calibrated (same config)
     if not config.resume:  # a resumed run loads its observers with the rest of the checkpoint
         if not isinstance(train_data, ImageDataset):
@@ -105,7 +105,7 @@ def _qat(student: nn.Module, teacher: nn.Module | None, train_data: Dataset | Da
     if teacher is None:
         teacher = copy.deepcopy(student).eval()
         teacher_name = teacher_name or "the FP32 student"
-    spec = student_spec.with_qat(config.qat_scheme) if student_spec is not None else None
+    spec = student_spec.with_qat(config.qat_scheme, model.keep_float) if student_spec is not None else None
     record: dict[str, Any] = model.quantization() | {"schedule": model.schedule(), "calibration_images": seen,
                                                      "fp32": {("val" if val_data is not None else "test") + "_accuracy": fp32.accuracy if fp32 else None}}
     return distill(model, teacher, train_data, test_data, val_data=val_data, config=config, student_spec=spec, teacher_name=teacher_name,

@@ -288,6 +288,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
                                                             "quantization-aware training fine-tunes a trained FP32 student: give its run directory", 2),
     "`--int8 qat` with no INT8 format": (lambda t: ["compress-and-export", "--int8", "qat", "--formats", "onnx", "--out", str(t / "b")],
                                          "int8 qat trains the INT8 student, but formats (onnx) hold no INT8 format", 2),
+    "`--keep-float` naming no layer of the model": (lambda t: ["export", "resnet", "--keep-float", "layer9", "--out", str(t / "r")],
+                                                    "--keep-float 'layer9' is not a layer of ResNet; expected a module name holding a convolution", 2),
 }
 
 

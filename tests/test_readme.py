@@ -30,7 +30,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # How many ```python blocks the README holds, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 10
+EXPECTED_BLOCKS = 11
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -123,7 +123,12 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the README says they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, edge, bench, searched, pruned, qat, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched, pruned, qat, kept, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    # Sensitivity: every convolution and linear layer of the student ranked, and the most sensitive one float in the INT8 file.
+    from kdedge.sensitivity import quantizable_layers
+
+    ranked = ast.literal_eval(ran[8][1].strip().splitlines()[-2])
+    assert sorted(layer for layer, _ in ranked) == sorted(quantizable_layers(namespace["student"])) and ast.literal_eval(kept) == [ranked[0][0]], kept
     # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes; then the
     # export of both together: FP32 from the student (no drop), INT8 from the QAT model with its drop against that FP32 file.
     qat_acc, shipped = ran[7][1].strip().splitlines()[-2].split(" ", 1)

@@ -163,6 +163,7 @@ def export_edge(
     calibration: np.ndarray | None = None,
     metadata: dict[str, str],
     max_batch: int = 256,
+    keep_float: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Write one edge artifact to ``out`` (its full file name, with the format's suffix); returns its ``details``.
 
@@ -178,6 +179,8 @@ def export_edge(
         metadata: The kdedge input contract (``onnx_metadata``); embedded where the format has a
             place for it, else written to the sidecar ``<artifact>.json``.
         max_batch: The largest batch the artifact must take (formats whose batch is bounded at export).
+        keep_float: For a quantizer's INT8 (formats whose ``source`` is ``torch``), layers left in float
+            (:mod:`kdedge.sensitivity`); an ONNX-sourced format converts a QDQ file that already has them float.
 
     The arguments are checked here, for every backend: the model or ONNX file its ``source``
     needs, calibration inputs for a quantizer's INT8, a batch bound of at least 1.
@@ -205,7 +208,7 @@ def export_edge(
     backend = _backend(fmt, "export")
     try:
         return backend.export(out=out, precision=precision, model=model, onnx=onnx, input_shape=input_shape, calibration=calibration,
-                              metadata=metadata, max_batch=max_batch)
+                              metadata=metadata, max_batch=max_batch, keep_float=tuple(keep_float) if precision == "int8" and not learned else ())
     except KdedgeError:
         raise
     except Exception as exc:  # a converter failing where its backend did not expect it: still one line

@@ -33,6 +33,7 @@ from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
 from kdedge.exporters.quantize import quantize_int8
 from kdedge.models.qat import QATModel
+from kdedge.models.zoo import Checkpoint, load_checkpoint, parse_model_name, pretrained_path
 
 __all__ = ["Artifact", "ExportResult", "export_model", "export_checkpoint", "onnx_metadata", "tolerances"]
 
@@ -196,6 +197,7 @@ def export_model(
 
 def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
             log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
+    _check_float_layers(model, int8_model, config)
     quantized = cpu_eval(int8_model) if int8_model is not None else contextlib.nullcontext(None)
     with cpu_eval(model) as cpu_model, quantized as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
@@ -264,6 +266,24 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(out=out, artifacts=writer.artifacts, skipped=writer.skipped, manifest=manifest)
+
+
+def _check_float_layers(model: nn.Module, int8_model: QATModel | None, config: ExportConfig) -> None:
+    """``config.keep_float`` names layers of ``model``; a quantization-aware model ships the float layers it was trained with."""
+    if not config.keep_float:
+        return
+    trained = int8_model if int8_model is not None else model if isinstance(model, QATModel) else None
+    if trained is not None:
+        if tuple(config.keep_float) != trained.keep_float:
+            raise ConfigError(f"keep_float {', '.join(config.keep_float)}: a quantization-aware model ships INT8 with the float layers it was trained "
+                              f"with ({', '.join(trained.keep_float) or 'none'}); train it with --keep-float, or drop the option here")
+        return
+    if not any(f.endswith("-int8") for f in config.formats):
+        raise ConfigError(f"keep_float {', '.join(config.keep_float)} keeps layers of an INT8 artifact in float, but no INT8 format was asked for "
+                          f"({', '.join(config.formats)}); add onnx-int8 or drop --keep-float")
+    from kdedge.sensitivity import check_float_layers
+
+    check_float_layers(model, config.keep_float)
 
 
 class _ArtifactWriter:
@@ -376,7 +396,8 @@ class _ArtifactWriter:
         calibration = _calibration(self.data, c.calibration_samples) if static else None
         path = self.tmp / "model.int8.onnx"
         info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
-                                                                   method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range))
+                                                                   method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range,
+                                                                   keep_float=c.keep_float))
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
 
     def qat_int8(self, fp32: Artifact | None = None) -> Artifact:
@@ -408,7 +429,7 @@ class _ArtifactWriter:
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,
             input_shape=tuple(self.data.spec.input_shape), calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch))
+            max_batch=c.edge_max_batch, keep_float=c.keep_float))
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)
         details["runtime"] = session.runtime
@@ -508,26 +529,34 @@ def export_checkpoint(source: str | Path, config: ExportConfig | None = None, *,
 
 
 def _export_checkpoint(source: str | Path, config: ExportConfig, out: Claim, *, trust_code: bool, log: Callable[[str], None] | None) -> ExportResult:
-    from kdedge.models.zoo import load_checkpoint, parse_model_name, pretrained_path
+    ckpt, data = load_source(source, data=config.data, image_size=config.image_size, layout=config.layout, trust_code=trust_code)
+    return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256, log=log)
 
+
+def load_source(source: str | Path, *, data: str | None = None, image_size: int | None = None, layout: str | None = None,
+                val_split: float | None = None, trust_code: bool = False) -> tuple[Checkpoint, DataSplits]:
+    """A run directory, ``.safetensors`` checkpoint or shipped zoo name, and its data (``data``, else the dataset it records).
+
+    An image folder is loaded at the size and with the mean/std the model was trained with.
+    """
     path = Path(source).expanduser()
     if not path.exists():
         try:
             arch, width = parse_model_name(str(source))
         except ModelError as exc:
             raise ModelError(f"{source}: no such run directory or checkpoint, nor a shipped model name ({exc})") from None
-        shipped = pretrained_path(arch, width, config.data or "fashion-mnist")
+        shipped = pretrained_path(arch, width, data or "fashion-mnist")
         if shipped is None:
-            raise ModelError(f"{source}: no such run directory or checkpoint, and kdedge ships no {source} weights for {config.data or 'fashion-mnist'}")
+            raise ModelError(f"{source}: no such run directory or checkpoint, and kdedge ships no {source} weights for {data or 'fashion-mnist'}")
         path = shipped
     ckpt = load_checkpoint(path, trust_code=trust_code)
-    data_name = config.data or (ckpt.data.name if ckpt.data else None)
+    data_name = data or (ckpt.data.name if ckpt.data else None)
     if data_name is None:
         raise DataError(f"{ckpt.path}: records no dataset; pass --data NAME_OR_PATH for parity, calibration and accuracy")
     recorded = ckpt.data
-    resize = config.image_size or (recorded.resize if recorded is not None else None)  # an image folder at the size the model was trained on
+    resize = image_size or (recorded.resize if recorded is not None else None)  # an image folder at the size the model was trained on
     # An image folder's mean/std are measured on a sample of it: reuse the model's, so a folder that gained images since keeps its contract.
     norm = (recorded.mean, recorded.std) if recorded is not None else None  # (load_dataset applies it to image folders only)
-    data = load_dataset(data_name, image_size=resize, layout=config.layout, norm=norm)
-    _check_data(tuple(ckpt.spec.input_shape), ckpt.spec.num_classes, data.spec)
-    return export_model(ckpt.model, out, data=data, config=config, model_name=ckpt.spec.name, source_sha256=ckpt.sha256, log=log)
+    splits = load_dataset(data_name, image_size=resize, layout=layout, norm=norm, val_split=val_split)
+    _check_data(tuple(ckpt.spec.input_shape), ckpt.spec.num_classes, splits.spec)
+    return ckpt, splits

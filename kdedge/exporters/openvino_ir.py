@@ -96,7 +96,7 @@ def _config(threads: int | None) -> dict[str, str]:
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Convert ``onnx`` (``model.onnx``, or the QDQ ``model.int8.onnx``) to the IR ``out`` and ``out.with_suffix('.bin')``.
 
     ``model``, ``calibration`` and ``max_batch`` are not used: the IR is the ONNX artifact's graph,
@@ -109,7 +109,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     Raises:
         ExportError: OpenVINO cannot read, convert or compile it (the arguments are checked by ``export_edge``).
     """
-    del model, calibration, max_batch
+    del model, calibration, max_batch, keep_float  # layers kept float are float in the QDQ file already
     ov = _openvino()
     out, onnx = Path(out), Path(onnx)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ _NOISY = ("torchao", "torch.utils._pytree", "torch.export", "torch._export", "to
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Lower ``model`` (eval, CPU) to an ExecuTorch program at ``out``; see :func:`kdedge.exporters.edge.export_edge`.
 
     Returns:
@@ -64,7 +64,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
 
-            program = _exported(model, tuple(input_shape), precision, calibration, max_batch)
+            program = _exported(model, tuple(input_shape), precision, calibration, max_batch, keep_float)
             with _without_bilinear_patterns(program):
                 lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
             buffer = lowered.buffer
@@ -78,7 +78,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
                      - {"torch.ops.higher_order.executorch_call_delegate", "_operator.getitem"})  # ops ExecuTorch runs itself
     details: dict[str, Any] = {
         "converter": f"executorch {version_of('executorch')}", "delegate": "XnnpackPartitioner", "outside_delegate": outside, "batch": batch,
-        "quantization": (model.quantization() if hasattr(model, "quantization") else _INT8_SCHEME | {"calibration_samples": len(calibration)})
+        "quantization": (model.quantization() if hasattr(model, "quantization") else
+                         _INT8_SCHEME | {"calibration_samples": len(calibration)} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
         if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ _INT8_SCHEME = {"quantizer": "XNNPACKQuantizer (torchao pt2e)", "weights": "int8
 
 
 def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None,
-              max_batch: int) -> torch.export.ExportedProgram:
+              max_batch: int, keep_float: tuple[str, ...] = ()) -> torch.export.ExportedProgram:
     """``model`` as an ExportedProgram with a dynamic batch (static when ``max_batch`` is 1), quantized for INT8."""
     example = (torch.zeros(min(_EXAMPLE_BATCH, max_batch), *input_shape),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
@@ -103,7 +104,7 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":
             assert calibration is not None
-            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch))
+            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch), keep_float=keep_float)
             program = torch.export.export(quantized, example, dynamic_shapes=dynamic)
     return program
 
@@ -133,13 +134,15 @@ def _without_bilinear_patterns(program: torch.export.ExportedProgram) -> Iterato
         bilinear_2d.get_graphs_dict = original
 
 
-def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int) -> torch.fx.GraphModule:
-    """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ."""
+def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int, keep_float: tuple[str, ...] = ()) -> torch.fx.GraphModule:
+    """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ; ``keep_float`` layers stay float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from kdedge.sensitivity import keep_float_quantizer
+
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-    prepared = prepare_pt2e(graph, quantizer)
+    prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
     for chunk in inputs.split(batch):
         prepared(chunk)

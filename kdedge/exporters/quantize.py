@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdedge.errors import DataError, ExportError
+from kdedge.errors import ConfigError, DataError, ExportError
 from kdedge.exporters.onnx import check_onnx, read_metadata, set_metadata
+from kdedge.sensitivity import onnx_float_nodes
 
 __all__ = ["QuantizationInfo", "quantize_int8"]
 
@@ -46,6 +47,8 @@ class QuantizationInfo:
     per_channel: bool
     encoding: str  # "U8S8" or "S8S8-symmetric"
     reduce_range: bool = False
+    float_layers: list[str] | None = None  # kept in float (kdedge.sensitivity), with the ONNX nodes that compute them
+    float_nodes: list[str] | None = None
 
 
 @contextlib.contextmanager
@@ -98,6 +101,7 @@ def quantize_int8(
     target: str = "cpu",
     reduce_range: bool = False,
     calibration_batch: int = 64,
+    keep_float: tuple[str, ...] = (),
 ) -> QuantizationInfo:
     """Quantize an FP32 ONNX model to INT8 (QDQ), keeping its metadata.
 
@@ -112,6 +116,8 @@ def quantize_int8(
         reduce_range: 7-bit weights (``cpu`` target only), avoiding the saturation of onnxruntime's
             fused x86 U8S8 kernels.
         calibration_batch: Samples per calibration batch.
+        keep_float: Layers (module names of the exported model) left in float: their Conv/Gemm/MatMul nodes are
+            excluded from quantization (:func:`kdedge.sensitivity.onnx_float_nodes`).
 
     Raises:
         DataError: The calibration data does not fit the model's input.
@@ -132,7 +138,8 @@ def quantize_int8(
         calibration = _check_calibration(calibration, dims, name)
     info = QuantizationInfo(mode=mode, method=method if mode == "static" else None, calibration_samples=len(calibration) if mode == "static" else 0,  # type: ignore[arg-type]
                             per_channel=per_channel, reduce_range=reduce_range,
-                            encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"))
+                            encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"),
+                            float_layers=list(keep_float) or None)
     metadata = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory(prefix="kdedge-int8-") as work:
         tmp_out = Path(work) / "int8.onnx"
@@ -149,6 +156,7 @@ _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"
 def _run_quantizer(fp32_path: Path, pre: Path, out: Path, info: QuantizationInfo, *, calibration: dict[str, np.ndarray] | None, symmetric: bool,
                    calibration_batch: int) -> None:
     """onnxruntime's pre-processing, then static (calibrated QDQ) or dynamic quantization into ``out``."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -167,16 +175,20 @@ def _run_quantizer(fp32_path: Path, pre: Path, out: Path, info: QuantizationInfo
         with _quiet():
             # Shape inference and graph cleanup first, as onnxruntime's quantization guide advises.
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            excluded = onnx_float_nodes(onnx.load(str(pre), load_external_data=False), info.float_layers) if info.float_layers else []
+            info.float_nodes = excluded or None
             if info.mode == "static":
                 quantize_static(
                     str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=info.per_channel,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, _METHODS[info.method]), reduce_range=info.reduce_range,  # type: ignore[index]
+                    nodes_to_exclude=excluded,
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibTensorRangeSymmetric": symmetric},
                 )
             else:
-                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=info.per_channel, reduce_range=info.reduce_range)
-    except (DataError, ExportError):
+                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=info.per_channel, reduce_range=info.reduce_range,
+                                 nodes_to_exclude=excluded)
+    except (ConfigError, DataError, ExportError):
         raise
     except Exception as exc:  # the quantizer raises bare Exceptions and onnxruntime errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

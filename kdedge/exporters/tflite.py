@@ -52,7 +52,7 @@ _NOISY = ("torchao", "torch.utils._pytree", "torch.export", "torch._export", "to
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Convert ``model`` (eval, CPU) to a LiteRT model at ``out``; see :func:`kdedge.exporters.edge.export_edge`.
 
     Returns:
@@ -65,19 +65,19 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     start = time.perf_counter()
     meta = metadata | {"kdedge.precision": precision}
     shape = tuple(input_shape)
-    flat = _finished(_convert(model, shape, precision, calibration, batch=_EXPORT_BATCH if max_batch > 1 else 1), meta,
+    flat = _finished(_convert(model, shape, precision, calibration, batch=_EXPORT_BATCH if max_batch > 1 else 1, keep_float=keep_float), meta,
                      export_batch=_EXPORT_BATCH if max_batch > 1 else None)
     batch: dict[str, int] = {"min": 1, "max": max_batch}
     if max_batch == 1:
         batch = {"fixed": 1}
     elif not _batch_free(flat, shape, calibration):
-        flat = _finished(_convert(model, shape, precision, calibration, batch=1), meta, export_batch=None)
+        flat = _finished(_convert(model, shape, precision, calibration, batch=1, keep_float=keep_float), meta, export_batch=None)
         batch = {"fixed": 1}
     details: dict[str, Any] = {
         "converter": f"litert-torch {version_of('litert-torch')}", "runtime": f"ai-edge-litert {version_of('ai-edge-litert')}",
         "batch": batch, "resize": "Interpreter.resize_tensor_input" if "max" in batch else None, "ops": _op_counts(flat),
         "quantization": (model.quantization() | {"io": "int8"} if hasattr(model, "quantization") else
-                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"})  # type: ignore[arg-type]
+                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
         if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,8 @@ _INT8_SCHEME = {"quantizer": "litert_torch PT2EQuantizer (static)", "weights": "
                 "activations": "int8 per tensor, static (histogram observer)"}
 
 
-def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None, *, batch: int) -> bytes:
+def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None, *, batch: int,
+             keep_float: tuple[str, ...] = ()) -> bytes:
     """The flatbuffer ``litert_torch`` makes of ``model`` at the static ``batch``."""
     native: list[str] = []
     try:
@@ -109,7 +110,7 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
                     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
                 else:
                     assert calibration is not None
-                    graph, quantizer = _quantized(model, input_shape, calibration)
+                    graph, quantizer = _quantized(model, input_shape, calibration, keep_float)
                 converted = litert_torch.convert(graph, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
             else:
                 converted = litert_torch.convert(model, example)
@@ -121,10 +122,13 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
                           "torch.export with ops litert_torch lowers (kdedge --debug shows where it failed)") from exc
 
 
-def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray) -> tuple[torch.fx.GraphModule, Any]:
-    """PT2E static INT8 of ``model``: observers from ``PT2EQuantizer``, fed ``calibration`` ``(N, C, H, W)``, converted to Q/DQ."""
+def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray, keep_float: tuple[str, ...] = ()) -> tuple[torch.fx.GraphModule, Any]:
+    """PT2E static INT8 of ``model``: observers from ``PT2EQuantizer``, fed ``calibration`` ``(N, C, H, W)``, converted to Q/DQ;
+    ``keep_float`` layers stay float. Returns the graph and the quantizer (the converter is told its scheme)."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from kdedge.sensitivity import keep_float_quantizer
 
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
@@ -132,7 +136,7 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max(2, len(inputs)))},)
     with torch.no_grad():
         graph = torch.export.export(model, (torch.zeros(min(32, max(2, len(inputs))), *input_shape),), dynamic_shapes=dynamic).module()
-        prepared = prepare_pt2e(graph, quantizer)
+        prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
         for chunk in inputs.split(64):
             prepared(chunk)
         return convert_pt2e(prepared, fold_quantize=False), quantizer

@@ -142,16 +142,22 @@ class QATModel(nn.Module):
         scheme: One of :data:`SCHEMES`.
         epochs: The QAT run's length: BatchNorm statistics freeze after ``ceil(epochs / 2)``
             epochs, the observers after ``ceil(2 * epochs / 3)`` (at least one epoch each moves them).
+        keep_float: Layers (module names) left in float: no fake quantization is trained for them, and every INT8
+            artifact built from the model runs them in float (:func:`kdedge.sensitivity.keep_float_quantizer`).
 
     Raises:
         ModelError: ``torch.export`` cannot capture the model, or the scheme is unknown.
         BackendUnavailable: The scheme's quantizer is not installed.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, scheme: str = "xnnpack", epochs: int = 1) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, scheme: str = "xnnpack", epochs: int = 1,
+                 keep_float: tuple[str, ...] = ()) -> None:
         super().__init__()
+        from kdedge.sensitivity import check_float_layers, keep_float_quantizer
+
         _, quantize_pt2e = _torchao()
-        quantizer = _quantizer(scheme)
+        self.keep_float = check_float_layers(model, keep_float)
+        quantizer = keep_float_quantizer(_quantizer(scheme), self.keep_float)
         self.scheme, self.input_shape = scheme, tuple(input_shape)
         self.set_schedule(epochs)
         source = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).train()
@@ -279,7 +285,8 @@ class QATModel(nn.Module):
         """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
         return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if self.scheme == "xnnpack"
                 else "litert_torch PT2EQuantizer (QAT)", "weights": "int8 symmetric per output channel",
-                "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs"}
+                "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs",
+                **({"float_layers": list(self.keep_float)} if self.keep_float else {})}
 
     def schedule(self) -> dict[str, int]:
         """The freezes of the run that trains it (epochs after which BatchNorm statistics and observers stop moving)."""

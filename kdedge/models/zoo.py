@@ -85,6 +85,7 @@ class ModelSpec:
     input_shape: tuple[int, int, int]
     layers: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
     qat: str | None = None  # a quantization-aware-trained model: its scheme (kdedge.qat.SCHEMES); the weights are the prepared graph's
+    float_layers: tuple[str, ...] | None = None  # a quantization-aware model's layers left in float (kdedge.sensitivity)
 
     @property
     def base_name(self) -> str:
@@ -100,6 +101,8 @@ class ModelSpec:
             name = f"{self.base_name}-pruned-{shapes_digest(dict(self.layers))}"
         else:
             name = self.base_name
+        if self.float_layers:
+            name = f"{name}-float-" + hashlib.sha256(",".join(self.float_layers).encode()).hexdigest()[:8]
         return f"{name}-qat-{self.qat}" if self.qat else name
 
     @property
@@ -110,19 +113,22 @@ class ModelSpec:
         """This spec with ``layers`` as its kept widths (None or empty: the unpruned base)."""
         return dataclasses.replace(self, layers=tuple(sorted((k, tuple(int(v) for v in s)) for k, s in layers.items())) if layers else None)  # type: ignore[misc]
 
-    def with_qat(self, scheme: str | None) -> ModelSpec:
-        """This spec as the quantization-aware-trained model of ``scheme`` (None: the float model)."""
-        return dataclasses.replace(self, qat=scheme)
+    def with_qat(self, scheme: str | None, float_layers: tuple[str, ...] = ()) -> ModelSpec:
+        """This spec as the quantization-aware-trained model of ``scheme`` (None: the float model), ``float_layers`` left in float."""
+        return dataclasses.replace(self, qat=scheme, float_layers=tuple(float_layers) if scheme and float_layers else None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d.pop("layers")
         d.pop("qat")
+        d.pop("float_layers")
         if self.layers:  # absent for an unpruned model: its spec (and every cache key made from it) is what it always was
             d["layers"] = {k: list(s) for k, s in self.layers}
         if self.qat:
             d["qat"] = self.qat
+        if self.float_layers:
+            d["float_layers"] = list(self.float_layers)
         return d
 
     @classmethod
@@ -142,7 +148,10 @@ class ModelSpec:
 
                 if d["qat"] not in SCHEMES:
                     raise ValueError(f"qat must be one of {', '.join(SCHEMES)}, got {d['qat']!r}")
-                spec = spec.with_qat(str(d["qat"]))
+                floats = d.get("float_layers") or ()
+                if not isinstance(floats, (list, tuple)) or not all(isinstance(f, str) and f for f in floats):
+                    raise TypeError("float_layers must be a list of module names")
+                spec = spec.with_qat(str(d["qat"]), tuple(floats))
             return spec
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed model spec in checkpoint ({exc!r})") from None
@@ -202,7 +211,7 @@ def create_model(spec: ModelSpec) -> nn.Module:
     if spec.qat:  # the prepared graph of the float architecture; its tensors (weights, scales) come from the checkpoint
         from kdedge.models.qat import QATModel
 
-        model = QATModel(model, spec.input_shape, scheme=spec.qat)
+        model = QATModel(model, spec.input_shape, scheme=spec.qat, keep_float=spec.float_layers or ())
     return model
 
 
