@@ -443,7 +443,7 @@ class CompressConfig(DistillConfig):
     def _problems(self) -> list[str]:
         p = super()._problems()
         p += _choices(self, ("int8", INT8_MODES), ("qat_scheme", QAT_SCHEMES))
-        if self.keep_float is not None and self.keep_float != "auto" and not (str(self.keep_float).isdigit() and int(self.keep_float) >= 1):
+        if self.keep_float is not None and self.keep_float != "auto" and not (str(self.keep_float).isdecimal() and int(self.keep_float) >= 1):
             p.append(f"keep_float must be a number of layers (1 or more) or auto, got {self.keep_float!r}")
         if self.int8 != "ptq" and self.formats != ("auto",) and not any(f.endswith("-int8") for f in self.formats):
             p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "

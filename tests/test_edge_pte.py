@@ -164,3 +164,27 @@ def test_a_program_without_upsampling_is_lowered_without_the_bilinear_patterns_t
     lower(upsampling, "upsampling.pte")
     assert bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize == 1  # built: they may match this one
     assert lower(tiny, "with.pte") == without
+
+
+def test_the_quantizer_pattern_exports_are_kept_and_the_int8_file_is_the_same(tmp_path, monkeypatch):
+    """XNNPACKQuantizer exports its conv+BatchNorm patterns on every annotate (6 s); kdedge keeps them once per process. The
+    INT8 .pte is byte for byte the file made with a fresh export of every pattern."""
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    from conftest import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    calibration = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+
+    def lower(name):
+        torch.manual_seed(0)
+        export_edge("executorch", out=tmp_path / name, precision="int8", model=model, input_shape=(1, 8, 8), calibration=calibration,
+                    metadata={}, max_batch=8)
+        return (tmp_path / name).read_bytes()
+
+    kept = lower("kept.pte")
+    assert xnnpack_quantizer_utils._get_aten_graph_module_for_pattern is not pt2e_utils._get_aten_graph_module_for_pattern  # cached
+    monkeypatch.setattr(xnnpack_quantizer_utils, "_get_aten_graph_module_for_pattern", pt2e_utils._get_aten_graph_module_for_pattern)
+    assert lower("fresh.pte") == kept

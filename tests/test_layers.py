@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("kdedge.distill",),
     ("kdedge.exporters", "kdedge.rundir"),
     ("kdedge.bench",),
-    ("kdedge.runs", "kdedge.search", "kdedge.pruning", "kdedge.qat", "kdedge.bundle"),
+    ("kdedge.runs", "kdedge.search", "kdedge.pruning", "kdedge.qat", "kdedge.sensitivity", "kdedge.bundle"),
     ("kdedge.cli", "kdedge.__main__", "kdedge"),
 ]
 

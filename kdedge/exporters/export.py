@@ -274,14 +274,14 @@ def _check_float_layers(model: nn.Module, int8_model: QATModel | None, config: E
         return
     trained = int8_model if int8_model is not None else model if isinstance(model, QATModel) else None
     if trained is not None:
-        if tuple(config.keep_float) != trained.keep_float:
+        if tuple(sorted(set(config.keep_float))) != trained.keep_float:
             raise ConfigError(f"keep_float {', '.join(config.keep_float)}: a quantization-aware model ships INT8 with the float layers it was trained "
                               f"with ({', '.join(trained.keep_float) or 'none'}); train it with --keep-float, or drop the option here")
         return
     if not any(f.endswith("-int8") for f in config.formats):
         raise ConfigError(f"keep_float {', '.join(config.keep_float)} keeps layers of an INT8 artifact in float, but no INT8 format was asked for "
                           f"({', '.join(config.formats)}); add onnx-int8 or drop --keep-float")
-    from kdedge.sensitivity import check_float_layers
+    from kdedge.models.float_layers import check_float_layers
 
     check_float_layers(model, config.keep_float)
 
@@ -452,7 +452,7 @@ class _ArtifactWriter:
             self.log(f"int8 (TensorRT): symmetric Q/DQ, calibrating on {min(c.calibration_samples, len(self.data.train))} training images")
             path = self.tmp / "model.int8-trt.onnx"
             info = quantize_int8(self.tmp / fp32.path, path, calibration=_calibration(self.data, c.calibration_samples),
-                                 method=c.calibration_method, per_channel=c.per_channel, target="tensorrt")
+                                 method=c.calibration_method, per_channel=c.per_channel, target="tensorrt", keep_float=c.keep_float)
             self._checked(path, "int8", "onnx", {"quantization": asdict(info), "for": "tensorrt"})
         self.log(f"export: TensorRT {c.trt_precision} engine (batch {','.join(map(str, c.trt_batch))})")
         a = self._timed("tensorrt", lambda: _tensorrt_artifact(self.tmp, c, self.data.spec, self.parity_inputs, self.reference, self.tol, self.data))

@@ -139,8 +139,10 @@ def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: i
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from kdedge.sensitivity import keep_float_quantizer
+    from kdedge.models.float_layers import keep_float_quantizer
+    from kdedge.models.qat import _export_conv_bn_patterns_once
 
+    _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))

@@ -32,7 +32,7 @@ import numpy as np
 
 from kdedge.errors import ConfigError, DataError, ExportError
 from kdedge.exporters.onnx import check_onnx, read_metadata, set_metadata
-from kdedge.sensitivity import onnx_float_nodes
+from kdedge.models.float_layers import onnx_float_nodes
 
 __all__ = ["QuantizationInfo", "quantize_int8"]
 

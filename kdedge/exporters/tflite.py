@@ -128,8 +128,10 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from kdedge.sensitivity import keep_float_quantizer
+    from kdedge.models.float_layers import keep_float_quantizer
+    from kdedge.models.qat import _export_conv_bn_patterns_once
 
+    _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
     # Calibrated at any batch: exported with a dynamic one (32 as the example; see pte._EXAMPLE_BATCH).
