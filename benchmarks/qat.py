@@ -24,7 +24,7 @@ import torch
 
 import kdedge
 from kdedge.bench.env import capture_environment
-from kdedge.config import ExportConfig, QATConfig
+from kdedge.config import ExportConfig, QATConfig, is_factory_ref
 from kdedge.data.sources import hold_out
 from kdedge.metrics import evaluate
 from kdedge.models import ModelSpec, create_model
@@ -58,12 +58,13 @@ def main() -> int:
     print(_flags(), flush=True)
     data = hold_out(kdedge.load_dataset("fashion-mnist"), 0.1)
     teacher = kdedge.resolve_teacher("resnet", data.spec)
-    arch, width = kdedge.models.zoo.parse_model_name(args.student)
+    # A zoo name (tiny_cnn, dw_cnn@0.5, net:...) or a factory of the user's own (path/to/file.py:make, run as code: trusted here).
+    arch, width = (args.student, 1.0) if is_factory_ref(args.student) else kdedge.models.zoo.parse_model_name(args.student)
     spec = ModelSpec(arch, width, data.spec.num_classes, tuple(data.spec.input_shape))
     t0 = time.perf_counter()
     fp32_epoch_s: list[float] = []
     if args.keep is not None and (args.keep / "fp32" / "model.safetensors").is_file():
-        fp32_model = kdedge.load_checkpoint(args.keep / "fp32").model
+        fp32_model = kdedge.load_checkpoint(args.keep / "fp32", trust_code=True).model
     else:
         torch.manual_seed(args.seed)
         run = kdedge.distill(create_model(spec), teacher.model, data.train, data.test, val_data=data.val,

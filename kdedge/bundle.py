@@ -13,6 +13,8 @@ Layout::
       [student-qat.safetensors]  with --int8 qat|auto: the quantization-aware student the INT8 artifacts were built from
       config.yaml          the resolved config; `kdedge build --config` repeats the run
       report.json, report.md, plots/   the benchmark
+      predict.py           `python BUNDLE/predict.py IMAGE...`: the recommended CPU model on image files, with only
+                           Pillow, numpy and onnxruntime (kdedge/bundle_files/predict.py, the README's consumer example)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from importlib import resources
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -560,6 +563,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
                     extra={"kdedge_version": __version__, "test_accuracy": result.test.accuracy})
     # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
     (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
+    (tmp / "predict.py").write_bytes((resources.files("kdedge") / "bundle_files" / "predict.py").read_bytes())  # runs without kdedge
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                               parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),

@@ -54,7 +54,7 @@ def test_bundle_layout_and_manifest(bundle):
     assert m["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
     assert m["gates"]["min_retention"]["passed"] and m["gates"]["min_retention"]["limit"] == 0.5
     _check_tuned(m)
-    for name in ("student.safetensors", "config.yaml", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
+    for name in ("student.safetensors", "config.yaml", "predict.py", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
         assert (bundle / name).is_file() and name in {f["path"] for f in m["files"]}
     assert (bundle.parent / "b1.tar.gz").is_file()
 
@@ -271,19 +271,46 @@ def _consumer_example() -> str:
     return match.group(1)
 
 
-# Runs a script with kdedge unimportable: ``import kdedge`` there, or in anything it imports, raises ImportError
-# (``-I`` alone is not enough: the editable install puts kdedge on every interpreter's path).
-# After the script, the options of the session it made (the real onnxruntime object) go to stderr's last line.
-_WITHOUT_KDEDGE = ("import json, runpy, sys; sys.modules['kdedge'] = None; sys.argv = sys.argv[1:]; "
+# Runs a script (the bundle's predict.py) in ``python`` (a venv holding only Pillow, numpy and onnxruntime); after the script,
+# the options of the session it made (the real onnxruntime object) go to stderr's last line.
+_RUN_AND_REPORT = ("import json, runpy, sys; sys.argv = sys.argv[1:]; "
                    "o = runpy.run_path(sys.argv[0], run_name='__main__')['session'].get_session_options(); "
                    "print(json.dumps([o.intra_op_num_threads, o.graph_optimization_level.name, o.execution_mode.name]), file=sys.stderr)")
 
 
-def _consume(script: Path, bundle: Path, files: list[str], cwd: Path) -> tuple[list[str], list]:
-    """The script's output lines, and its session's ``[intra_op_num_threads, graph_optimization_level, execution_mode]``."""
-    done = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_KDEDGE, str(script), str(bundle), *files], cwd=cwd, capture_output=True, text=True, check=False)
+def _consume(python: Path, script: Path, files: list[str], cwd: Path) -> tuple[list[str], list]:
+    """The labels the script printed (one tab-separated line per file), and its session's ``[threads, optimization level, execution mode]``."""
+    done = subprocess.run([str(python), "-I", "-c", _RUN_AND_REPORT, str(script), *files], cwd=cwd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.splitlines(), json.loads(done.stderr.strip().splitlines()[-1])
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [line[0] for line in lines] == files and all(0 < float(line[2]) <= 1 for line in lines)
+    return [line[1] for line in lines], json.loads(done.stderr.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    """A virtual environment with only Pillow, numpy and onnxruntime (this interpreter's copies, linked in): no kdedge, no torch."""
+    import venv
+
+    import numpy
+    import onnxruntime
+    import PIL
+
+    root = tmp_path_factory.mktemp("bare") / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    for package, libs in ((numpy, "numpy.libs"), (onnxruntime, "onnxruntime.libs"), (PIL, "pillow.libs")):  # the packages and their bundled .so files
+        source = Path(package.__file__).parent
+        for path in (source, source.parent / libs):
+            if path.exists():
+                (site / path.name).symlink_to(path)
+    probe = subprocess.run([str(python), "-I", "-c", "import numpy, onnxruntime, PIL.Image\nfor m in ('kdedge', 'torch'):\n"
+                            "    try:\n        __import__(m)\n    except ImportError:\n        continue\n    raise SystemExit(m + ' is importable')"],
+                           capture_output=True, text=True, check=False)
+    assert probe.returncode == 0, probe.stderr
+    return python
 
 
 def _session_options(settings: dict | None) -> list:
@@ -304,17 +331,17 @@ def _agree(predicted, logits) -> None:
     assert int(differ.sum()) <= len(predicted) // 1000
 
 
-def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
-    """The README's consumer code, as its own process that cannot import kdedge, classifies PNG files
-    of all 10,000 test images as the bundled student does in PyTorch (differing only where PyTorch's
-    top two logits are within 1e-3 of each other, and on at most 0.1 % of the images). Its resize
-    branch, which a Fashion-MNIST bundle does not use, is run on a manifest declaring kdedge's
-    image-folder rule, with images of other sizes (some rotated by EXIF), against kdedge's own
-    transform of the same files. The session it makes carries the manifest's tuned onnxruntime
-    settings, and a manifest without them (a bundle built with --no-tune-runtime) gets onnxruntime's defaults."""
+def test_bundle_predict_py_runs_without_kdedge(bundle, bare_python, tmp_path):
+    """The bundle's predict.py (the README's consumer example, word for word), run by a Python that has only Pillow, numpy and
+    onnxruntime, classifies PNG files of all 10,000 test images as the bundled student does in PyTorch (differing only where
+    PyTorch's top two logits are within 1e-3 of each other, and on at most 0.1 % of the images). Its resize branch, which a
+    Fashion-MNIST bundle does not use, is run on a manifest declaring kdedge's image-folder rule, with images of other sizes
+    (some rotated by EXIF), against kdedge's own transform of the same files. The session it makes carries the manifest's
+    tuned onnxruntime settings, and a manifest without them (a bundle built with --no-tune-runtime) gets onnxruntime's defaults."""
     import ast
     import dataclasses
     import shutil
+    from importlib import resources
 
     import numpy as np
     import torch
@@ -325,18 +352,17 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     from kdedge.exporters.export import preprocessing
     from kdedge.models import load_checkpoint
 
-    code = _consumer_example()
-    assert len(code.strip().splitlines()) <= 36
+    code = (bundle / "predict.py").read_text()
+    assert code == _consumer_example() == (resources.files("kdedge") / "bundle_files" / "predict.py").read_text()
     tree = ast.parse(code)
     imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported == {"json", "sys", "numpy", "onnxruntime", "PIL"}
-    script = tmp_path / "classify.py"
-    script.write_text(code)
+    assert imported == {"json", "sys", "pathlib", "numpy", "onnxruntime", "PIL"}
     # Which variant is recommended follows this machine's timings, and only FP32 can match PyTorch
     # up to near-ties (INT8 is held to argmax agreement >= 95 %): a copy of the bundle recommends FP32.
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
+    script = copy / "predict.py"
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
     manifest["recommended"]["ort-cpu"]["artifact"] = "models/model.onnx"
@@ -356,7 +382,7 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     files = [f"{i:05d}.png" for i in range(n)]
     for name, p in zip(files, pixels):
         Image.fromarray(p).save(images / name)
-    out, options = _consume(script, copy, files, cwd=images)
+    out, options = _consume(bare_python, script, files, cwd=images)
     assert options == _session_options(manifest["recommended"]["ort-cpu"]["settings"])  # as tuned for this bundle
     assert len(out) == n and set(out) <= set(labels)
     predicted = torch.tensor([labels.index(name) for name in out])
@@ -387,7 +413,7 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
         else:
             resized.append(f"r{i:03d}.png")
             image.save(images / resized[-1])
-    out, options = _consume(script, copy, resized, cwd=images)
+    out, options = _consume(bare_python, script, resized, cwd=images)
     assert options == _session_options(settings) == [1, "ORT_ENABLE_BASIC", "ORT_PARALLEL"]
     transform = ImageTransform(color="L", size=(28, 28), resize=28)
     raw = torch.from_numpy(np.stack([transform(images / f) for f in resized])).float()  # (300, 1, 28, 28)
@@ -399,8 +425,14 @@ def test_readme_consumer_example_runs_without_kdedge(bundle, tmp_path):
     # A bundle without tuned settings: onnxruntime's defaults, the same predictions.
     del manifest["recommended"]["ort-cpu"]["settings"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    untuned, options = _consume(script, copy, resized[:20], cwd=images)
+    untuned, options = _consume(bare_python, script, resized[:20], cwd=images)
     assert options == _session_options(None) and untuned == out[:20]
+
+    # Bad input: one line naming the file, exit 1, nothing printed for the others.
+    (images / "notes.png").write_text("not an image")
+    done = subprocess.run([str(bare_python), "-I", str(script), resized[0], "notes.png"], cwd=images, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("notes.png: cannot read it as an image"), done.stderr
 
 
 def test_auto_formats_and_targets_follow_the_machine():

@@ -11,7 +11,7 @@ these calls fails here, loudly, instead of silently running the full-size job (o
 
 One block is a script of its own, not a notebook cell: the consumer example (after
 ``<!-- consumer-example -->``) reads ``sys.argv`` and must run without kdedge installed.
-``tests/test_bundle.py::test_readme_consumer_example_runs_without_kdedge`` runs it as a separate
+``tests/test_bundle.py::test_bundle_predict_py_runs_without_kdedge`` runs it (the bundle's predict.py) as a separate
 process on a real bundle; this test skips it and checks that it is the only one skipped.
 """
 
@@ -97,7 +97,7 @@ def test_every_python_block_is_run_or_named_as_a_script():
     assert "sys.argv" in scripts[0]
     # The skipped script is run elsewhere, by the test that reads it after the same marker.
     test_bundle = (Path(__file__).parent / "test_bundle.py").read_text()
-    assert "def test_readme_consumer_example_runs_without_kdedge(" in test_bundle and SCRIPT_MARKER in test_bundle
+    assert "def test_bundle_predict_py_runs_without_kdedge(" in test_bundle and SCRIPT_MARKER in test_bundle
     # Only the marked script may read the command line; every other block is a notebook cell.
     assert not [line for line, code, script in blocks if not script and "sys.argv" in code]
     _cheap(blocks)  # every substitution still applies

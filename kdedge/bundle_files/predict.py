@@ -1,0 +1,56 @@
+"""Classify image files with this bundle's model: python predict.py IMAGE [IMAGE ...]
+
+Needs Pillow, numpy and onnxruntime only (not kdedge). Each image is preprocessed as the model was
+trained and measured (manifest.json's "preprocessing"); the artifact the bundle recommends for the
+CPU runs with the onnxruntime settings tuned where the bundle was built. One line per image: its
+path, the predicted label and its softmax probability, tab-separated.
+"""
+import json, sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+bundle, files = Path(__file__).resolve().parent, sys.argv[1:]
+if not files:
+    sys.exit("usage: python predict.py IMAGE [IMAGE ...]")
+manifest = json.loads((bundle / "manifest.json").read_text())
+pre = manifest["preprocessing"]  # the input contract the model was trained and measured with
+h, w = pre["size"]
+
+
+def load(path):  # image file -> (C, H, W) float32
+    try:
+        image = ImageOps.exif_transpose(Image.open(path))
+    except (OSError, ValueError) as exc:  # missing, unreadable, not an image
+        sys.exit(f"{path}: cannot read it as an image ({exc}); expected an image file (PNG, JPEG, ...)")
+    if image.mode.startswith("I"):  # 16-bit grayscale: its top 8 bits, as kdedge trained on
+        image = Image.fromarray((np.asarray(image, np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    image = image.convert(pre["color"] or image.mode)  # color null: your own arrays' channel order, which kdedge was not told
+    if pre["resize"]:  # shorter side -> s (bilinear), then a center crop to h x w
+        s, (iw, ih) = pre["resize"]["shorter_side"], image.size
+        size = (s, int(s * ih / iw)) if iw <= ih else (int(s * iw / ih), s)
+        image = image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
+        left, top = round((size[0] - w) / 2), round((size[1] - h) / 2)
+        image = image.crop((left, top, left + w, top + h))
+    if image.size != (w, h):
+        sys.exit(f"{path}: {image.size[0]}x{image.size[1]} pixels; the model takes {w}x{h}")
+    pixels = np.asarray(image, np.float32).reshape(h, w, -1).transpose(2, 0, 1)  # (C, H, W)
+    mean, std = (np.array(pre[k], np.float32).reshape(-1, 1, 1) for k in ("mean", "std"))
+    return (pixels * pre["scale"] - mean) / std
+
+
+rec = manifest["recommended"]["ort-cpu"]  # the fastest artifact on the CPU, and (when tuned) the fastest settings for it
+options, tuned = ort.SessionOptions(), rec.get("settings")
+if tuned:  # measured on the build machine: on another CPU, re-tune (kdedge.bench.tuning.tune_onnx) or keep the defaults
+    levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+    options.intra_op_num_threads = tuned["intra_op_threads"]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[tuned["graph_optimization_level"]])
+    options.execution_mode = getattr(ort.ExecutionMode, "ORT_" + tuned["execution_mode"].upper())  # ORT_SEQUENTIAL or ORT_PARALLEL
+session = ort.InferenceSession(str(bundle / rec["artifact"]), sess_options=options, providers=["CPUExecutionProvider"])
+logits = session.run(None, {manifest["input"]["name"]: np.stack([load(f) for f in files])})[0]  # (n, classes)
+p = np.exp(logits - logits.max(1, keepdims=True))
+p /= p.sum(1, keepdims=True)
+for path, k, prob in zip(files, logits.argmax(1), p.max(1)):
+    print(f"{path}\t{manifest['labels'][k]}\t{prob:.4f}")
