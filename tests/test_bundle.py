@@ -19,7 +19,7 @@ from conftest import SMALL_BUNDLE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-SMALL = SMALL_BUNDLE | {"archive": True}
+SMALL = SMALL_BUNDLE | {"archive": True, "keep_float": 1}  # the most sensitive layer stays float in the INT8 file
 
 
 def _run(capsys, *args):
@@ -57,6 +57,13 @@ def test_bundle_layout_and_manifest(bundle):
     for name in ("student.safetensors", "config.yaml", "predict.py", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
         assert (bundle / name).is_file() and name in {f["path"] for f in m["files"]}
     assert (bundle.parent / "b1.tar.gz").is_file()
+    # --keep-float 1: every layer's sensitivity measured (never on the test set), the most sensitive one float in the INT8 file.
+    sensitivity = m["quantization"]["sensitivity"]
+    assert sorted(r["layer"] for r in sensitivity["layers"]) == ["features.0.0", "features.2.0", "head.1", "head.3"]
+    assert sensitivity["float_layers"] == [sensitivity["layers"][0]["layer"]] and "test" not in sensitivity["split"]
+    exported = json.loads((bundle / "models/export.json").read_text())
+    int8 = next(a for a in exported["artifacts"] if a["path"] == "model.int8.onnx")
+    assert int8["details"]["quantization"]["float_layers"] == sensitivity["float_layers"] and len(int8["details"]["quantization"]["float_nodes"]) == 1
 
 
 def _check_tuned(m):
