@@ -51,6 +51,7 @@ from kdedge.data.normalization import InputMap
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
+from kdedge.tblog import sub_dir
 from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, export_edge
 from kdedge.exporters.export import onnx_metadata
 from kdedge.exporters.onnx import cpu_eval, export_onnx
@@ -725,6 +726,7 @@ def qat_config_for(config: CompressConfig, distill_config: DistillConfig) -> QAT
     keep = {k: v for k, v in distill_config.to_dict().items()
             if k in QATConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student", "teacher_weights", "student_weights")}
     return QATConfig(**keep | {"epochs": config.qat_epochs, "lr": config.qat_lr, "qat_scheme": config.qat_scheme, "precision": "fp32",
+                               "log_dir": sub_dir(config.log_dir, "qat"),
                                "warmup_epochs": 0.0, "loss": config.loss if config.loss in ("hinton", "dkd") else "hinton"})
 
 

@@ -127,6 +127,8 @@ _HELP = {
     "qat_epochs": "With --int8 qat|auto: epochs of quantization-aware distillation (a fine-tune).",
     "qat_lr": "With --int8 qat|auto: its peak learning rate.",
     "qat_calibration": "With --qat: training images that set the observers' ranges before the first step.",
+    "log_dir": "Write TensorBoard event files here: loss parts, accuracy, learning rate and seconds per epoch, the final metrics "
+               "(pip install 'kdedge-distill[tensorboard]'; view with tensorboard --logdir DIR).",
     "keep_float": "Layers the INT8 artifacts keep in float. compress-and-export: N (the N most sensitive, measured layer by layer on "
                   "validation) or auto (the fewest after which the simulated INT8 drop is within --max-quant-drop); distill --qat: "
                   "module names, comma-separated (kdedge sensitivity lists them).",

@@ -124,6 +124,7 @@ class _RunConfig(_Config):
     out: str | None = None
     resume: bool = False
     sanity_checks: bool = True
+    log_dir: str | None = None
 
     def _problems(self) -> list[str]:
         p = []

@@ -36,6 +36,8 @@ from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.rundir import RESUME_NEEDS_OUT, checkpoint_path, model_summary, spec_of, write_run
+from kdedge.tblog import EpochLog
+from kdedge.tblog import check_available as check_tensorboard
 
 __all__ = ["RunResult", "train", "distill", "run_train", "run_distill"]
 
@@ -126,12 +128,31 @@ def _run(
     use_cache = getattr(config, "cache", "off") != "off"
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
     start = time.perf_counter()
+    log_dir = getattr(config, "log_dir", None) if ctx.is_main else None
+    if log_dir:
+        check_tensorboard()  # before any training: a missing package is one line now, not after the run
+    tb: list[EpochLog] = []
+
+    def logged(row: dict) -> None:  # TensorBoard from the first epoch this process trains (a resume purges the killed run's later points)
+        if log_dir and not tb:
+            tb.append(EpochLog(log_dir, first_epoch=int(row["epoch"]), title=f"kdedge {kind}"))
+        if tb:
+            tb[0].epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
     try:
         history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, val=val_data, cache_dir=cache_path, use_cache=use_cache,
-                              progress=progress, on_epoch=on_epoch, checkpoint=ckpt, resume=resume)
+                              progress=progress, on_epoch=logged, checkpoint=ckpt, resume=resume)
     except TrainingDiverged as exc:
+        for w in tb:
+            w.close()
         if ckpt is not None and out_path is not None and ctx.is_main and ckpt.is_file():
             raise _diverged_note(exc, out_path, ckpt, config) from exc
+        raise
+    except BaseException:
+        for w in tb:
+            w.close()
         raise
     device = resolve_device(config.device)
     test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
@@ -155,6 +176,8 @@ def _run(
         metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
     if not ctx.is_main:
         return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
+    if tb:
+        tb[0].finish(metrics, epochs=config.epochs)
     if out_path is not None:
         try:
             write_run(out_path, model, spec, data_spec, metrics, config)

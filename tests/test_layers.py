@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "kdedge"
 
 #: Module-name prefixes per floor, bottom first. A module belongs to the longest prefix it matches.
 FLOORS: list[tuple[str, ...]] = [
-    ("kdedge._version", "kdedge._fs", "kdedge._modes", "kdedge._quiet", "kdedge._dynamo", "kdedge.errors", "kdedge.config", "kdedge.progress"),
+    ("kdedge._version", "kdedge._fs", "kdedge._modes", "kdedge._quiet", "kdedge._dynamo", "kdedge.errors", "kdedge.config", "kdedge.progress", "kdedge.tblog"),
     ("kdedge.data", "kdedge.distributed", "kdedge.ort"),
     ("kdedge.models", "kdedge.metrics", "kdedge.resolve"),
     ("kdedge.distill",),

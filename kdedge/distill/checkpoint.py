@@ -24,7 +24,7 @@ __all__ = ["FORMAT", "RESUMABLE_KEYS", "RETUNABLE_KEYS", "save_state", "load_sta
 FORMAT = "kdedge-train-state-v1"
 
 #: config keys a resumed run may change: they do not alter the numbers (or are where the state lives)
-RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks", "workers", "decode_cache"})
+RESUMABLE_KEYS = frozenset({"resume", "out", "threads", "device", "sanity_checks", "workers", "decode_cache", "log_dir"})
 #: config keys a resumed run may change on purpose, altering the numbers from the resumed epoch on:
 #: a lower ``--lr`` is how a run that diverged continues from its last good checkpoint.
 RETUNABLE_KEYS = frozenset({"lr"})

@@ -39,6 +39,7 @@ from kdedge.config import PruneConfig
 from kdedge.data import DataSplits, hold_out
 from kdedge.data.normalization import Normalization
 from kdedge.distill.loop import resolve_device
+from kdedge.tblog import sub_dir
 from kdedge.errors import ConfigError, KdedgeError, ModelError
 from kdedge.models.pruned import layer_shapes, narrowed_layers
 from kdedge.models.qat import QATModel
@@ -242,7 +243,7 @@ def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: Mod
         pruned_s = time.perf_counter() - t_step
         step_run = None
         if config.step_epochs:
-            cfg = dataclasses.replace(config, epochs=config.step_epochs, out=None, resume=False)
+            cfg = dataclasses.replace(config, epochs=config.step_epochs, out=None, resume=False, log_dir=sub_dir(config.log_dir, f"step{step}"))
             step_run = distill(current, teacher, data.train, None, val_data=data.val, config=cfg, teacher_input=teacher_input, progress=progress)
         record["steps"].append(_step_row(step, step_target, current, cost, shape, step_run, pruned_s, time.perf_counter() - t_step))
         record = _shared(record)
@@ -261,7 +262,8 @@ def _prune(model: nn.Module, data: DataSplits, *, config: PruneConfig, spec: Mod
             _write_state(out, current, spec_of(current), record, data)  # a killed final recovery resumes on this very architecture
     resume_final = config.resume and out is not None and (partial_dir(_path(out)) / "checkpoint.pt").is_file()
     spec_final = spec_of(current)
-    run = distill(current, teacher, data.train, data.test, val_data=data.val, config=dataclasses.replace(config, resume=resume_final),
+    run = distill(current, teacher, data.train, data.test, val_data=data.val,
+                  config=dataclasses.replace(config, resume=resume_final, log_dir=sub_dir(config.log_dir, "final")),
                   student_spec=spec_final, teacher_name=teacher_name, teacher_input=teacher_input, out=out, progress=progress,
                   extra_metrics={"pruning": {k: v for k, v in record.items() if k != "final"}})
     if out is not None and ctx.is_main:
@@ -377,7 +379,7 @@ def _choose_criterion(model: nn.Module, teacher: nn.Module, data: DataSplits, co
         return model, (names[0], allocations[0]), {}
     scores: dict[str, float] = {}
     models: dict[str, nn.Module] = {}
-    proxy = dataclasses.replace(config, epochs=config.criterion_epochs, out=None, resume=False)
+    proxy = dataclasses.replace(config, epochs=config.criterion_epochs, out=None, resume=False, log_dir=None)  # short trials: not logged
     train = data.train.take(min(config.criterion_samples, len(data.train)), seed=config.seed)
 
     def trial(name: str, allocation: str) -> str:

@@ -35,7 +35,8 @@ class Proxy:
 
         self.frozen, self.data, self.config, self.record, self.log = frozen, data, config, record, log
         # No sanity checks: a candidate stuck near chance after a short run is a low score, not an error that ends the search.
-        self.pconfig = dataclasses.replace(config, epochs=config.proxy_epochs, resume=False, out=None, warmup_epochs=0.0, sanity_checks=False)
+        self.pconfig = dataclasses.replace(config, epochs=config.proxy_epochs, resume=False, out=None, warmup_epochs=0.0, sanity_checks=False,
+                                           log_dir=None)  # hundreds of short proxy runs: not logged
         self.n = min(config.proxy_samples, len(data.train))
         self.train = data.train.subset(stratified_rows(data.train.labels, self.n, seed=config.seed))
         self.loss = make_loss(self.pconfig)

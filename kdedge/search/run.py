@@ -34,6 +34,7 @@ from kdedge.data.spec import DataSplits
 from kdedge.distill.checkpoint import config_differences
 from kdedge.distill.loop import resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
+from kdedge.tblog import sub_dir
 from kdedge.errors import ConfigError, KdedgeError, TrainingDiverged
 from kdedge.metrics import evaluate
 from kdedge.models import ModelSpec, count_parameters, create_model, load_checkpoint
@@ -375,7 +376,8 @@ def _train_finalists(finalists: list[str], specs: dict[str, ModelSpec], record: 
         student = create_model(specs[name])
         # The finalist's own run: the distillation fields only, naming the student it trains, so its config.yaml repeats it.
         fconfig = DistillConfig(**{k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__}
-                                | {"student": name, "resume": (partial / "checkpoint.pt").is_file(), "out": None, "val_split": None})
+                                | {"student": name, "resume": (partial / "checkpoint.pt").is_file(), "out": None, "val_split": None,
+                                   "log_dir": sub_dir(config.log_dir, f"finalist-{name}")})
         try:
             result = distill(student, teacher, data.train, data.test, val_data=data.val, config=fconfig, student_spec=specs[name],
                              teacher_name=teacher_name, teacher_input=teacher_input, out=run_dir, progress=progress)

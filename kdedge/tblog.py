@@ -1,0 +1,83 @@
+"""Training you can watch: ``--log-dir DIR`` writes TensorBoard event files of a run (the ``tensorboard`` extra).
+
+Per epoch (the step is the epoch number): every number of the epoch's history row — the loss and
+its parts (``train_loss``, ``train_task_loss``, ``train_kd_loss``, ``train_feature_loss``), training
+accuracy, the learning rate, validation (or test) accuracy and macro F1, seconds — as the scalar
+``<group>/<name>`` (``loss/train_kd_loss``, ``accuracy/val_accuracy``, ``lr/lr``, ``time/seconds``).
+At the end: the final test (and validation) metrics as scalars and a Markdown table under
+``summary``. Only the main process of a ``torchrun`` job writes. A resumed run starts its event file
+with TensorBoard's ``purge_step`` at the first epoch it trains, so the killed run's later points are
+dropped rather than drawn twice. Written through ``torch.utils.tensorboard``; view with
+``tensorboard --logdir DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdedge.errors import BackendUnavailable
+
+__all__ = ["EpochLog", "check_available", "sub_dir"]
+
+_GROUPS = (("loss", ("loss",)), ("accuracy", ("accuracy", "macro_f1")), ("lr", ("lr",)), ("time", ("seconds",)))
+
+
+def check_available() -> None:
+    """Raise :class:`BackendUnavailable` (one line, the install hint) when TensorBoard's writer cannot be imported."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+    except ImportError:
+        raise BackendUnavailable("--log-dir writes TensorBoard event files and needs the tensorboard package: "
+                                 "pip install 'kdedge-distill[tensorboard]'") from None
+
+
+def sub_dir(log_dir: str | None, name: str) -> str | None:
+    """Where a run inside a run logs (a pruning step, the QAD of a bundle, a search finalist): its own TensorBoard run."""
+    return str(Path(log_dir) / name.replace("/", "_").replace(":", "_")) if log_dir else None
+
+
+def _tag(key: str) -> str | None:
+    for group, words in _GROUPS:
+        if any(key == w or key.endswith("_" + w) for w in words):
+            return f"{group}/{key}"
+    return None
+
+
+class EpochLog:
+    """A run's TensorBoard writer: :meth:`epoch` per history row, :meth:`finish` with the final metrics."""
+
+    def __init__(self, log_dir: str | Path, *, first_epoch: int = 1, title: str = "") -> None:
+        check_available()
+        from torch.utils.tensorboard import SummaryWriter
+
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_epoch if first_epoch > 1 else None)
+        self.title = title
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        step = int(row["epoch"])
+        for key, value in row.items():
+            tag = _tag(key)
+            if tag is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
+
+    def finish(self, metrics: dict[str, Any], *, epochs: int) -> None:
+        """The final metrics (``metrics.json``'s ``test`` and ``val``): scalars at the last epoch, and a Markdown table."""
+        lines = [f"**{self.title}**" if self.title else "", "", "| split | accuracy | macro F1 |", "|---|---:|---:|"]
+        for split in ("test", "val"):
+            m = metrics.get(split)
+            if not m:
+                continue
+            self.writer.add_scalar(f"final/{split}_accuracy", float(m["accuracy"]), epochs)
+            self.writer.add_scalar(f"final/{split}_macro_f1", float(m["macro_f1"]), epochs)
+            lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+        teacher = metrics.get("teacher") or {}
+        if teacher.get("test"):
+            lines.append(f"| teacher ({teacher.get('name', '')}) test | {teacher['test']['accuracy']:.4f} | {teacher['test']['macro_f1']:.4f} |")
+        self.writer.add_text("summary", "\n".join(lines).strip(), epochs)
+        self.writer.close()
+
+    def close(self) -> None:
+        self.writer.close()
