@@ -562,8 +562,8 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
             shutil.copy2(plan.search / name, tmp / "search" / name)
     save_checkpoint(tmp / "student.safetensors", result.model, plan.student_spec, data.spec,
                     extra={"kdedge_version": __version__, "test_accuracy": result.test.accuracy})
-    # Without `out`, so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
-    (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None}))))
+    # Without `out` (nor the builder's `log_dir`), so `kdedge build --config BUNDLE/config.yaml --out NEW` repeats the run and the file is reproducible.
+    (tmp / "config.yaml").write_text(config_to_yaml(CompressConfig(**(config.to_dict() | {"out": None, "log_dir": None}))))
     (tmp / "predict.py").write_bytes((resources.files("kdedge") / "bundle_files" / "predict.py").read_bytes())  # runs without kdedge
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,

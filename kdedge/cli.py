@@ -160,7 +160,12 @@ def _config(cls: type[_RunConfig], config_file: str | None, params: dict[str, An
     """The config from ``config_file`` and the flags given on the command line (``extra``: keys of ``params`` set from arguments)."""
     ctx = click.get_current_context()
     explicit = {k: v for k, v in params.items() if k in extra or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    return load_config(cls, config_file, explicit, trust_code=trust_code)
+    config = load_config(cls, config_file, explicit, trust_code=trust_code)
+    if getattr(config, "log_dir", None):  # every command that trains: one line before any work (search and prune train proxies first)
+        from kdedge.tblog import check_available
+
+        check_available()
+    return config
 
 
 #: Not a config field: trust comes from whoever runs the command, never from a YAML file someone sent.

@@ -128,6 +128,10 @@ class _RunConfig(_Config):
 
     def _problems(self) -> list[str]:
         p = []
+        if self.log_dir is not None and not str(self.log_dir).strip():
+            p.append("log_dir is empty; give the directory for TensorBoard's event files, or leave --log-dir out")
+        elif self.log_dir and self.out and Path(self.log_dir).resolve().is_relative_to(Path(self.out).resolve()):
+            p.append(f"log_dir {self.log_dir} is inside out {self.out}, which is written whole when the run ends; log beside it (e.g. runs/tb)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")

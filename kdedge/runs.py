@@ -38,6 +38,7 @@ from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.rundir import RESUME_NEEDS_OUT, checkpoint_path, model_summary, spec_of, write_run
 from kdedge.tblog import EpochLog
 from kdedge.tblog import check_available as check_tensorboard
+from kdedge.tblog import prepare_dir
 
 __all__ = ["RunResult", "train", "distill", "run_train", "run_distill"]
 
@@ -130,7 +131,8 @@ def _run(
     start = time.perf_counter()
     log_dir = getattr(config, "log_dir", None) if ctx.is_main else None
     if log_dir:
-        check_tensorboard()  # before any training: a missing package is one line now, not after the run
+        check_tensorboard()  # before any training: a missing package or an unwritable directory is one line now, not after the run
+        prepare_dir(log_dir)
     tb: list[EpochLog] = []
 
     def logged(row: dict) -> None:  # TensorBoard from the first epoch this process trains (a resume purges the killed run's later points)
@@ -154,40 +156,44 @@ def _run(
         for w in tb:
             w.close()
         raise
-    device = resolve_device(config.device)
-    test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
-    val_eval = evaluate(model, val_data, device=device) if val_data is not None else None
-    model.cpu()
-    metrics: dict[str, Any] = {
-        "kdedge_version": __version__,
-        "kind": kind,
-        "test": test_eval.to_dict() if test_eval else None,
-        **({"val": val_eval.to_dict()} if val_eval else {}),
-        "model": model_summary(model, spec, data_spec),
-        "data": data_spec.to_dict() if data_spec else None,
-        "seconds": time.perf_counter() - start,
-        "history": history,
-    } | extra_metrics
-    if cached is not None:
-        metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
-                                    "runtime": cached.runtime or None, "bytes": cached.nbytes,
-                                    **({"views": cached.recipe.views, "view_topk": cached.recipe.topk} if isinstance(cached, TeacherViews) else {})}
-    if ctx.enabled:
-        metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
-    if not ctx.is_main:
-        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
-    if tb:
-        tb[0].finish(metrics, epochs=config.epochs)
-    if out_path is not None:
-        try:
-            write_run(out_path, model, spec, data_spec, metrics, config)
-        except ResultKept:  # the result is complete, kept where the message says: the checkpoint is not needed
-            if ckpt is not None:
+    try:
+        device = resolve_device(config.device)
+        test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
+        val_eval = evaluate(model, val_data, device=device) if val_data is not None else None
+        model.cpu()
+        metrics: dict[str, Any] = {
+            "kdedge_version": __version__,
+            "kind": kind,
+            "test": test_eval.to_dict() if test_eval else None,
+            **({"val": val_eval.to_dict()} if val_eval else {}),
+            "model": model_summary(model, spec, data_spec),
+            "data": data_spec.to_dict() if data_spec else None,
+            "seconds": time.perf_counter() - start,
+            "history": history,
+        } | extra_metrics
+        if cached is not None:
+            metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
+                                        "runtime": cached.runtime or None, "bytes": cached.nbytes,
+                                        **({"views": cached.recipe.views, "view_topk": cached.recipe.topk} if isinstance(cached, TeacherViews) else {})}
+        if ctx.enabled:
+            metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
+        if not ctx.is_main:
+            return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
+        if tb:
+            tb[0].finish(metrics, epochs=config.epochs)
+        if out_path is not None:
+            try:
+                write_run(out_path, model, spec, data_spec, metrics, config)
+            except ResultKept:  # the result is complete, kept where the message says: the checkpoint is not needed
+                if ckpt is not None:
+                    ckpt.unlink(missing_ok=True)
+                raise
+            if ckpt is not None:  # the run is complete: its checkpoint is no longer needed
                 ckpt.unlink(missing_ok=True)
-            raise
-        if ckpt is not None:  # the run is complete: its checkpoint is no longer needed
-            ckpt.unlink(missing_ok=True)
-    return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
+        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
+    finally:
+        for w in tb:  # closed on every path (closing twice is harmless)
+            w.close()
 
 
 def train(

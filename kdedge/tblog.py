@@ -5,9 +5,9 @@ its parts (``train_loss``, ``train_task_loss``, ``train_kd_loss``, ``train_featu
 accuracy, the learning rate, validation (or test) accuracy and macro F1, seconds — as the scalar
 ``<group>/<name>`` (``loss/train_kd_loss``, ``accuracy/val_accuracy``, ``lr/lr``, ``time/seconds``).
 At the end: the final test (and validation) metrics as scalars and a Markdown table under
-``summary``. Only the main process of a ``torchrun`` job writes. A resumed run starts its event file
-with TensorBoard's ``purge_step`` at the first epoch it trains, so the killed run's later points are
-dropped rather than drawn twice. Written through ``torch.utils.tensorboard``; view with
+``summary``. Only the main process of a ``torchrun`` job writes. Each event file starts with TensorBoard's ``purge_step`` at the first epoch the run trains, so the
+points a killed run (or an earlier run in the same directory) left from there on are dropped rather
+than drawn twice. Written through ``torch.utils.tensorboard``; view with
 ``tensorboard --logdir DIR``.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdedge.errors import BackendUnavailable
+from kdedge.errors import BackendUnavailable, ConfigError
 
-__all__ = ["EpochLog", "check_available", "sub_dir"]
+__all__ = ["EpochLog", "check_available", "prepare_dir", "sub_dir"]
 
 _GROUPS = (("loss", ("loss",)), ("accuracy", ("accuracy", "macro_f1")), ("lr", ("lr",)), ("time", ("seconds",)))
 
@@ -30,6 +30,14 @@ def check_available() -> None:
     except ImportError:
         raise BackendUnavailable("--log-dir writes TensorBoard event files and needs the tensorboard package: "
                                  "pip install 'kdedge-distill[tensorboard]'") from None
+
+
+def prepare_dir(log_dir: str | Path) -> None:
+    """Create ``log_dir``, or raise :class:`ConfigError` in one line saying why it cannot be."""
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--log-dir {log_dir}: cannot create it ({exc.strerror or exc}); give a writable directory") from None
 
 
 def sub_dir(log_dir: str | None, name: str) -> str | None:
@@ -51,8 +59,9 @@ class EpochLog:
         check_available()
         from torch.utils.tensorboard import SummaryWriter
 
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(log_dir), purge_step=first_epoch if first_epoch > 1 else None)
+        prepare_dir(log_dir)
+        # purge_step: points from this epoch on, left by an earlier run in this directory (a killed one, a rerun), are dropped, not drawn twice.
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_epoch)
         self.title = title
 
     def epoch(self, row: dict[str, Any]) -> None:

@@ -435,6 +435,12 @@ def test_bundle_predict_py_runs_without_kdedge(bundle, bare_python, tmp_path):
     untuned, options = _consume(bare_python, script, resized[:20], cwd=images)
     assert options == _session_options(None) and untuned == out[:20]
 
+    # A bundle benchmarked without the ort-cpu target has no recommendation there: the FP32 file, onnxruntime's defaults.
+    del manifest["recommended"]["ort-cpu"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    fallback, options = _consume(bare_python, script, resized[:20], cwd=images)
+    assert options == _session_options(None) and fallback == out[:20]
+
     # Bad input: one line naming the file, exit 1, nothing printed for the others.
     (images / "notes.png").write_text("not an image")
     done = subprocess.run([str(bare_python), "-I", str(script), resized[0], "notes.png"], cwd=images, capture_output=True, text=True, check=False)

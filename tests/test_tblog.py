@@ -48,3 +48,15 @@ def test_log_dir_without_tensorboard_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'kdedge-distill[tensorboard]'" in err[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("", "log_dir is empty"), ("r/tb", "is inside out"), ("file", "cannot create it")])
+def test_a_log_dir_that_cannot_work_is_one_line_before_training(tmp_path, capsys, monkeypatch, bad, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    bad = "file/tb" if bad == "file" else bad
+    data = make_idx_dir(tmp_path / "data", n_train=60, n_test=20, size=8, classes=3)
+    assert main(["train", "--data", str(data), "--epochs", "1", "--quiet", "--log-dir", bad, "--out", "r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -3,7 +3,8 @@
 Needs Pillow, numpy and onnxruntime only (not kdedge). Each image is preprocessed as the model was
 trained and measured (manifest.json's "preprocessing"); the artifact the bundle recommends for the
 CPU runs with the onnxruntime settings tuned where the bundle was built. One line per image: its
-path, the predicted label and its softmax probability, tab-separated.
+path, the predicted label and its softmax probability, tab-separated, 64 images at a time; a file
+that cannot be read, or is not the model's size or channels, stops it with one line (exit 1).
 """
 import json, sys
 from pathlib import Path
@@ -25,9 +26,12 @@ def load(path):  # image file -> (C, H, W) float32
         image = ImageOps.exif_transpose(Image.open(path))
     except (OSError, ValueError) as exc:  # missing, unreadable, not an image
         sys.exit(f"{path}: cannot read it as an image ({exc}); expected an image file (PNG, JPEG, ...)")
-    if image.mode.startswith("I"):  # 16-bit grayscale: its top 8 bits, as kdedge trained on
-        image = Image.fromarray((np.asarray(image, np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if image.mode.startswith("I"):  # 16-bit (or 32-bit) grayscale: its top 8 bits, as kdedge trained on
+        pixels = np.asarray(image, np.int64)
+        image = Image.fromarray((pixels >> (8 if pixels.max(initial=0) < 65536 else 24)).clip(0, 255).astype(np.uint8))
     image = image.convert(pre["color"] or image.mode)  # color null: your own arrays' channel order, which kdedge was not told
+    if len(image.getbands()) != pre["channels"]:
+        sys.exit(f"{path}: {len(image.getbands())} channels ({image.mode}); the model takes {pre['channels']}")
     if pre["resize"]:  # shorter side -> s (bilinear), then a center crop to h x w
         s, (iw, ih) = pre["resize"]["shorter_side"], image.size
         size = (s, int(s * ih / iw)) if iw <= ih else (int(s * iw / ih), s)
@@ -41,7 +45,8 @@ def load(path):  # image file -> (C, H, W) float32
     return (pixels * pre["scale"] - mean) / std
 
 
-rec = manifest["recommended"]["ort-cpu"]  # the fastest artifact on the CPU, and (when tuned) the fastest settings for it
+# The fastest artifact on the CPU, and (when tuned) the fastest settings for it; a bundle benchmarked without ort-cpu: the FP32 file.
+rec = manifest["recommended"].get("ort-cpu") or {"artifact": "models/model.onnx"}
 options, tuned = ort.SessionOptions(), rec.get("settings")
 if tuned:  # measured on the build machine: on another CPU, re-tune (kdedge.bench.tuning.tune_onnx) or keep the defaults
     levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -49,8 +54,10 @@ if tuned:  # measured on the build machine: on another CPU, re-tune (kdedge.benc
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[tuned["graph_optimization_level"]])
     options.execution_mode = getattr(ort.ExecutionMode, "ORT_" + tuned["execution_mode"].upper())  # ORT_SEQUENTIAL or ORT_PARALLEL
 session = ort.InferenceSession(str(bundle / rec["artifact"]), sess_options=options, providers=["CPUExecutionProvider"])
-logits = session.run(None, {manifest["input"]["name"]: np.stack([load(f) for f in files])})[0]  # (n, classes)
-p = np.exp(logits - logits.max(1, keepdims=True))
-p /= p.sum(1, keepdims=True)
-for path, k, prob in zip(files, logits.argmax(1), p.max(1)):
-    print(f"{path}\t{manifest['labels'][k]}\t{prob:.4f}")
+for start in range(0, len(files), 64):  # in batches: thousands of large images need not fit in memory at once
+    batch = files[start : start + 64]
+    logits = session.run(None, {manifest["input"]["name"]: np.stack([load(f) for f in batch])})[0]  # (n, classes)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for path, k, prob in zip(batch, logits.argmax(1), p.max(1)):
+        print(f"{path}\t{manifest['labels'][k]}\t{prob:.4f}")

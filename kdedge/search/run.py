@@ -50,7 +50,7 @@ __all__ = ["ZOO_STUDENTS", "SearchResult", "run_search", "search"]
 
 SEARCH_FORMAT = 1
 #: Settings a resumed search may change: they decide how long it runs and where, not what it measures.
-_RESUMABLE = frozenset({"time_budget", "finalists", "generations", "out", "resume", "device", "workers", "threads", "latency_cache", "progress"})
+_RESUMABLE = frozenset({"time_budget", "finalists", "generations", "out", "resume", "device", "workers", "threads", "latency_cache", "progress", "log_dir"})
 #: The hand-made students every search also measures, for comparison (and as candidates).
 ZOO_STUDENTS = ("tiny_cnn", "tiny_cnn@0.5", "dw_cnn", "dw_cnn@0.5", "mlp", "mlp@0.5")
 
