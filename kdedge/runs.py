@@ -36,9 +36,7 @@ from kdedge.progress import Progress
 from kdedge.models.zoo import ModelSpec
 from kdedge.resolve import resolve_student, resolve_teacher
 from kdedge.rundir import RESUME_NEEDS_OUT, checkpoint_path, model_summary, spec_of, write_run
-from kdedge.tblog import EpochLog
-from kdedge.tblog import check_available as check_tensorboard
-from kdedge.tblog import prepare_dir
+from kdedge.tblog import RunLog
 
 __all__ = ["RunResult", "train", "distill", "run_train", "run_distill"]
 
@@ -129,71 +127,56 @@ def _run(
     use_cache = getattr(config, "cache", "off") != "off"
     cache_path = cache_dir() / "logits" if getattr(config, "cache", "off") == "disk" else None
     start = time.perf_counter()
-    log_dir = getattr(config, "log_dir", None) if ctx.is_main else None
-    if log_dir:
-        check_tensorboard()  # before any training: a missing package or an unwritable directory is one line now, not after the run
-        prepare_dir(log_dir)
-    tb: list[EpochLog] = []
+    with RunLog(getattr(config, "log_dir", None) if ctx.is_main else None, title=f"kdedge {kind}", on_epoch=on_epoch) as tb:
+        try:
+            history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, val=val_data, cache_dir=cache_path,
+                                  use_cache=use_cache, progress=progress, on_epoch=tb.epoch, checkpoint=ckpt, resume=resume)
+        except TrainingDiverged as exc:
+            if ckpt is not None and out_path is not None and ctx.is_main and ckpt.is_file():
+                raise _diverged_note(exc, out_path, ckpt, config) from exc
+            raise
+        return _finish(kind, model, test_data, val_data, history, cached, config=config, spec=spec, data_spec=data_spec, out_path=out_path,
+                       ckpt=ckpt, extra_metrics=extra_metrics, start=start, tb=tb)
 
-    def logged(row: dict) -> None:  # TensorBoard from the first epoch this process trains (a resume purges the killed run's later points)
-        if log_dir and not tb:
-            tb.append(EpochLog(log_dir, first_epoch=int(row["epoch"]), title=f"kdedge {kind}"))
-        if tb:
-            tb[0].epoch(row)
-        if on_epoch is not None:
-            on_epoch(row)
 
-    try:
-        history, cached = fit(model, train_data, config=config, loss=loss, teacher=teacher, test=test_data, val=val_data, cache_dir=cache_path, use_cache=use_cache,
-                              progress=progress, on_epoch=logged, checkpoint=ckpt, resume=resume)
-    except TrainingDiverged as exc:
-        for w in tb:
-            w.close()
-        if ckpt is not None and out_path is not None and ctx.is_main and ckpt.is_file():
-            raise _diverged_note(exc, out_path, ckpt, config) from exc
-        raise
-    except BaseException:
-        for w in tb:
-            w.close()
-        raise
-    try:
-        device = resolve_device(config.device)
-        test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
-        val_eval = evaluate(model, val_data, device=device) if val_data is not None else None
-        model.cpu()
-        metrics: dict[str, Any] = {
-            "kdedge_version": __version__,
-            "kind": kind,
-            "test": test_eval.to_dict() if test_eval else None,
-            **({"val": val_eval.to_dict()} if val_eval else {}),
-            "model": model_summary(model, spec, data_spec),
-            "data": data_spec.to_dict() if data_spec else None,
-            "seconds": time.perf_counter() - start,
-            "history": history,
-        } | extra_metrics
-        if cached is not None:
-            metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
-                                        "runtime": cached.runtime or None, "bytes": cached.nbytes,
-                                        **({"views": cached.recipe.views, "view_topk": cached.recipe.topk} if isinstance(cached, TeacherViews) else {})}
-        if ctx.enabled:
-            metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
-        if not ctx.is_main:
-            return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
-        if tb:
-            tb[0].finish(metrics, epochs=config.epochs)
-        if out_path is not None:
-            try:
-                write_run(out_path, model, spec, data_spec, metrics, config)
-            except ResultKept:  # the result is complete, kept where the message says: the checkpoint is not needed
-                if ckpt is not None:
-                    ckpt.unlink(missing_ok=True)
-                raise
-            if ckpt is not None:  # the run is complete: its checkpoint is no longer needed
+def _finish(kind: str, model: nn.Module, test_data: Dataset | DataLoader | None, val_data: Dataset | DataLoader | None, history: list[dict],
+            cached: Any, *, config: _RunConfig, spec: ModelSpec | None, data_spec: DatasetSpec | None, out_path: Path | None, ckpt: Path | None,
+            extra_metrics: dict[str, Any], start: float, tb: RunLog) -> RunResult:
+    """After training: the final evaluation, ``metrics.json`` and the run directory (main rank), the TensorBoard summary."""
+    ctx = dist_.context()
+    device = resolve_device(config.device)
+    test_eval = evaluate(model, test_data, device=device) if test_data is not None else None  # the final report's one read of the test split
+    val_eval = evaluate(model, val_data, device=device) if val_data is not None else None
+    model.cpu()
+    metrics: dict[str, Any] = {
+        "kdedge_version": __version__,
+        "kind": kind,
+        "test": test_eval.to_dict() if test_eval else None,
+        **({"val": val_eval.to_dict()} if val_eval else {}),
+        "model": model_summary(model, spec, data_spec),
+        "data": data_spec.to_dict() if data_spec else None,
+        "seconds": time.perf_counter() - start,
+        "history": history,
+    } | extra_metrics
+    if cached is not None:
+        metrics["teacher_cache"] = {"key": cached.key, "hit": cached.hit, "seconds": cached.seconds, "path": str(cached.path) if cached.path else None,
+                                    "runtime": cached.runtime or None, "bytes": cached.nbytes,
+                                    **({"views": cached.recipe.views, "view_topk": cached.recipe.topk} if isinstance(cached, TeacherViews) else {})}
+    if ctx.enabled:
+        metrics["distributed"] = {"world_size": ctx.world_size, "backend": torch.distributed.get_backend()}
+    if not ctx.is_main:
+        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=None, val=val_eval)  # only rank 0 writes
+    tb.finish(metrics, epochs=config.epochs)
+    if out_path is not None:
+        try:
+            write_run(out_path, model, spec, data_spec, metrics, config)
+        except ResultKept:  # the result is complete, kept where the message says: the checkpoint is not needed
+            if ckpt is not None:
                 ckpt.unlink(missing_ok=True)
-        return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
-    finally:
-        for w in tb:  # closed on every path (closing twice is harmless)
-            w.close()
+            raise
+        if ckpt is not None:  # the run is complete: its checkpoint is no longer needed
+            ckpt.unlink(missing_ok=True)
+    return RunResult(model=model, test=test_eval, history=history, metrics=metrics, out=out_path, val=val_eval)
 
 
 def train(

@@ -18,7 +18,7 @@ from typing import Any
 
 from kdedge.errors import BackendUnavailable, ConfigError
 
-__all__ = ["EpochLog", "check_available", "prepare_dir", "sub_dir"]
+__all__ = ["EpochLog", "RunLog", "check_available", "prepare_dir", "sub_dir"]
 
 _GROUPS = (("loss", ("loss",)), ("accuracy", ("accuracy", "macro_f1")), ("lr", ("lr",)), ("time", ("seconds",)))
 
@@ -90,3 +90,38 @@ class EpochLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class RunLog:
+    """A training run's TensorBoard log, or nothing when ``log_dir`` is None: a context manager that closes the writer on every path.
+
+    Checked and created on entry (a missing package or an unwritable directory is one line before any training); the
+    writer starts at the first epoch row the run reports (a resumed run purges the killed run's later points);
+    :meth:`epoch` also forwards each row to ``on_epoch``.
+    """
+
+    def __init__(self, log_dir: str | None, *, title: str, on_epoch: Any = None) -> None:
+        self.log_dir, self.title, self.on_epoch = log_dir, title, on_epoch
+        self.writer: EpochLog | None = None
+        if log_dir:
+            check_available()
+            prepare_dir(log_dir)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.log_dir and self.writer is None:
+            self.writer = EpochLog(self.log_dir, first_epoch=int(row["epoch"]), title=self.title)
+        if self.writer is not None:
+            self.writer.epoch(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
+    def finish(self, metrics: dict[str, Any], *, epochs: int) -> None:
+        if self.writer is not None:
+            self.writer.finish(metrics, epochs=epochs)
