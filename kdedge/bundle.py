@@ -48,6 +48,7 @@ from kdedge.bench.tuning import settings_call, time_within, tune
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
+from kdedge.data.pixels import recorded_input_format
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
@@ -242,7 +243,8 @@ def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ..
     import importlib.util
 
     cuda = torch.cuda.is_available()
-    trt = cuda and importlib.util.find_spec("tensorrt") is not None
+    # (an engine with its preprocessing in the graph is not built yet: uint8 input leaves TensorRT out of auto)
+    trt = cuda and importlib.util.find_spec("tensorrt") is not None and config.input_format == "float"
     edge = installed_edge_formats() if config.edge else ()
     formats = config.formats
     if formats == ("auto",):
@@ -568,7 +570,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                               parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),
-                              skip_failed_int8=True)  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
+                              input_format=config.input_format, skip_failed_int8=True)  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
     sensitivity = None
     if config.keep_float_layers is not None:
         from kdedge.sensitivity import plan_float_layers
@@ -586,7 +588,8 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     artifacts = exported.manifest["artifacts"]
     student_bm = BenchModel(plan.student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
                             flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
-                            artifacts={artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"})
+                            artifacts={artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"},
+                            artifact_feed=_artifact_feed(exported.manifest))
     targets = plan.targets
     bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
@@ -603,7 +606,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     tuned: list[dict[str, Any]] = []
     if config.tune_runtime and all(g["passed"] for g in gates.values()):  # a rejected candidate is not deployed: no time spent tuning it
         start = time.perf_counter()
-        tuned = _tune_targets(tmp, plan, result.model, recommended, log)
+        tuned = _tune_targets(tmp, plan, result.model, recommended, log, feed=student_bm.artifact_feed)
         timings["tune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings, tuned)
@@ -744,7 +747,7 @@ def _quantization_aware(plan: BundlePlan, result: RunResult, *, keep_float: tupl
 
 
 def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: dict[str, dict[str, Any]],
-                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+                  log: Callable[[str], None], *, feed: Callable[[np.ndarray], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Per CPU target, the student's and the teacher's best runtime settings, each tuned on its own, then timed head to head.
 
     ort-cpu tunes the recommended artifact (its entry gains ``settings``, ``tuned_p50_ms``,
@@ -768,7 +771,8 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
             models = {"student": (rec["variant"], tmp / rec["artifact"]), "teacher": ("onnx-fp32", teacher.artifacts.get("onnx-fp32"))}
         else:
             models = {"student": ("torch-fp32", student), "teacher": ("torch-fp32", teacher.module)}
-        inputs = {"student": x, "teacher": teacher.preprocess(x) if teacher.preprocess else x}  # an ONNX teacher's own normalization
+        inputs = {"student": feed(x) if feed is not None and runtime == "onnxruntime" else x,  # its file may take uint8 pixels
+                  "teacher": teacher.preprocess(x) if teacher.preprocess else x}  # an ONNX teacher's own normalization
         results = {role: tune(model, inputs[role], budget_s=budget) for role, (_, model) in models.items() if model is not None}
         entry: dict[str, Any] = {"target": target, "batch": batch}
         for role, r in results.items():
@@ -831,6 +835,12 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
     }
 
 
+def _artifact_feed(manifest: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Normalized inputs -> what the artifacts of ``manifest`` (``export.json`` or the bundle's) take; None when the same."""
+    fmt = recorded_input_format(manifest.get("input"), manifest.get("preprocessing"))
+    return fmt.feed if fmt is not None else None
+
+
 def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
     """Raw pixels in the data's own range, preprocessed with the manifest's formula ``(B, C, H, W)``.
 
@@ -841,6 +851,8 @@ def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
     pre = manifest["preprocessing"]
     shape = [batch] + [int(d) for d in manifest["input"]["shape"][1:]]
     rng = np.random.default_rng(0)
+    if manifest["input"].get("dtype") == "uint8":  # the preprocessing is in the graph: the pixels, in its layout
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
     scale = float(pre["scale"])
     mean = np.asarray(pre["mean"], np.float64).reshape(1, -1, 1, 1)
     std = np.asarray(pre["std"], np.float64).reshape(1, -1, 1, 1)

@@ -132,6 +132,8 @@ _HELP = {
     "keep_float": "Layers the INT8 artifacts keep in float. compress-and-export: N (the N most sensitive, measured layer by layer on "
                   "validation) or auto (the fewest after which the simulated INT8 drop is within --max-quant-drop); distill --qat: "
                   "module names, comma-separated (kdedge sensitivity lists them).",
+    "input_format": "What every artifact takes: float (normalized NCHW, the caller preprocesses), or uint8-nhwc / uint8-nchw (8-bit "
+                    "pixels as decoded; scale, mean/std and layout in the artifact's graph).",
     "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
 }
 
@@ -313,6 +315,8 @@ def _num(value: float | None, unit: str = "") -> str:
 @click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Per-channel INT8 weight scales. [default: per-channel]")
 @click.option("--reduce-range/--full-range", "reduce_range", default=None, help="7-bit INT8 weights for CPU (avoids x86 U8S8 saturation; measured +0.6 pt on the teacher). [default: reduce-range]")
 @click.option("--keep-float", "keep_float", help="Layers every INT8 artifact keeps in float: module names, comma-separated (kdedge sensitivity ranks them).")
+@click.option("--input-format", type=click.Choice(["float", "uint8-nhwc", "uint8-nchw"]),
+              help="What every artifact takes: normalized float NCHW, or 8-bit pixels with scale, mean/std and layout in its graph. [default: float]")
 @click.option("--allow-mismatch", is_flag=True, default=None, help="Keep artifacts that fail parity (the failure is recorded in export.json).")
 @click.option("--no-evaluate", "evaluate", flag_value=False, default=None, help="Skip measuring each artifact's test accuracy.")
 @click.option("--slim", is_flag=True, default=None, help="Simplify the ONNX graph with onnxslim when that removes nodes.")

@@ -36,6 +36,9 @@ EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt", *EDGE_EXPORT_FOR
 _FROM_ONNX_INT8 = ("openvino-int8", "ort-int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZATION_MODES = ("static", "dynamic")
+#: What an artifact takes: ``float`` normalized NCHW (the caller preprocesses), or raw 8-bit pixels with the
+#: preprocessing in the graph (kdedge.data.pixels).
+INPUT_FORMATS = ("float", "uint8-nhwc", "uint8-nchw")
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 EDGE_TARGETS = ("executorch-cpu", "litert-cpu", "openvino-cpu", "ort-mobile-cpu")
 BENCH_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt", *EDGE_TARGETS)
@@ -270,6 +273,7 @@ class ExportConfig(_Config):
     per_channel: bool = True
     reduce_range: bool = True
     keep_float: tuple[str, ...] = ()
+    input_format: str = "float"
     allow_mismatch: bool = False
     fp32_atol: float = 1e-4
     fp16_atol: float = 1e-2
@@ -297,7 +301,10 @@ class ExportConfig(_Config):
         for name in ("parity_samples", "calibration_samples", "trt_workspace_mib", "edge_max_batch"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        p += _choices(self, ("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS))
+        p += _choices(self, ("calibration_method", CALIBRATION_METHODS), ("quantization", QUANTIZATION_MODES), ("trt_precision", TRT_PRECISIONS),
+                      ("input_format", INPUT_FORMATS))
+        if self.input_format != "float" and "tensorrt" in self.formats:
+            p.append(f"input_format {self.input_format} is not built for TensorRT engines yet; export tensorrt with input_format float")
         for name in ("fp32_atol", "fp16_atol", "fp16_rtol"):
             if not getattr(self, name) >= 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -436,6 +443,7 @@ class CompressConfig(DistillConfig):
     qat_lr: float = 0.005
     qat_scheme: str = "xnnpack"
     keep_float: str | int | None = None
+    input_format: str = "float"
 
     @property
     def keep_float_layers(self) -> int | str | None:
@@ -453,6 +461,12 @@ class CompressConfig(DistillConfig):
         if self.int8 != "ptq" and self.formats != ("auto",) and not any(f.endswith("-int8") for f in self.formats):
             p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "
                      "add onnx-int8 (or an edge format's -int8), or drop --int8")
+        p += _choices(self, ("input_format", INPUT_FORMATS))
+        if self.input_format != "float" and self.int8 == "qat":
+            p.append(f"input_format {self.input_format} is not built for quantization-aware INT8 yet; use --int8 ptq (or auto, which "
+                     "ships PTQ when QAD cannot be built), or --input-format float")
+        if self.input_format != "float" and "tensorrt" in self.formats:
+            p.append(f"input_format {self.input_format} is not built for TensorRT engines yet; drop tensorrt from formats or use --input-format float")
         if self.qat_epochs < 1:
             p.append(f"qat_epochs must be >= 1, got {self.qat_epochs}")
         if not self.qat_lr > 0:

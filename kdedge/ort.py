@@ -111,12 +111,22 @@ def fixed_batch(session) -> int | None:
     return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
 
-def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256, dtype: type = np.float32) -> np.ndarray:
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def input_dtype(session) -> type:
+    """The numpy dtype of the graph's first input (float32 unless it declares float16, uint8 or int8)."""
+    return _ORT_DTYPES.get(session.get_inputs()[0].type, np.float32)
+
+
+def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256, dtype: type | None = None) -> np.ndarray:
     """The first output of ``session`` over ``inputs`` ``(N, ...)``, run in batches, concatenated.
 
-    A graph with a fixed batch size gets batches of exactly that size, the last one zero-padded
-    (and its padding rows dropped from the output), whatever ``batch_size`` asks for.
+    Inputs are cast to ``dtype`` (None: the graph input's own, :func:`input_dtype`). A graph with
+    a fixed batch size gets batches of exactly that size, the last one zero-padded (and its
+    padding rows dropped from the output), whatever ``batch_size`` asks for.
     """
+    dtype = dtype or input_dtype(session)
     name = session.get_inputs()[0].name
     fixed = fixed_batch(session)
     step = fixed or batch_size

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from kdedge.cli import main
@@ -21,8 +22,10 @@ from conftest import SMALL_BUNDLE
 EDGE = tuple(EDGE_FORMATS)
 pytestmark = pytest.mark.edge(*EDGE)
 # One batch size and no runtime tuning: what is checked here is each runtime's artifact, benchmark row and recommendation
-# (tests/test_tuning.py tunes; tests/test_bundle.py times two batch sizes).
-SMALL = SMALL_BUNDLE | {"edge": True, "batch_sizes": [1], "tune_runtime": False}
+# (tests/test_tuning.py tunes; tests/test_bundle.py times two batch sizes). Every artifact takes the decoded pixels (uint8,
+# NHWC) and does the preprocessing in its graph, as edge deployments feed a camera frame: each runtime's parity against the
+# float student on the same images is the export's, below; the float input of each format is tests/test_edge_<format>.py's.
+SMALL = SMALL_BUNDLE | {"edge": True, "batch_sizes": [1], "tune_runtime": False, "input_format": "uint8-nhwc"}
 
 
 def _run(capsys, *args):
@@ -71,6 +74,7 @@ def test_edge_bundle_has_every_runtime_parity_checked(edge_bundle):
                 assert a["parity"]["max_abs_diff"] <= 1e-4 and a["parity"]["argmax_agreement"] == 1.0
                 assert a["accuracy"] == pytest.approx(by_path["models/model.onnx"]["accuracy"], abs=0.004)
     assert "models/model.bin" in by_path["models/model.xml"]["companions"]  # OpenVINO's weights are part of the artifact
+    assert m["input"]["dtype"] == "uint8" and m["input"]["shape"] == ["batch", 28, 28, 1] and m["preprocessing"]["in_graph"]
     assert m["resolved"]["targets"] == ["torch-cpu", "ort-cpu", *(EDGE_FORMATS[f].target for f in EDGE)]
 
 
@@ -136,8 +140,9 @@ def test_bench_takes_edge_artifacts_by_file_and_by_export_dir(edge_bundle, tmp_p
 
 
 def test_edge_session_agrees_with_the_recorded_parity(edge_bundle, fmnist):
-    """The artifact in the bundle, opened again, gives the logits the export checked (batch 1 and a batch of 8)."""
-    x = fmnist.test.inputs(slice(0, 8)).numpy()
+    """The artifact in the bundle, opened again and fed the stored pixels (uint8, NHWC), gives the logits the export checked (batch 1 and
+    a batch of 8), in every runtime."""
+    x = fmnist.test.raw(torch.arange(8)).numpy().transpose(0, 2, 3, 1)  # (8, 28, 28, 1) uint8: the images as decoded
     reference = None
     for f in EDGE:
         path = edge_bundle / "models" / f"model{EDGE_FORMATS[f].suffix}"

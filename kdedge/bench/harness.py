@@ -59,6 +59,8 @@ class BenchModel:
     source: str = ""
     recorded: RecordedData | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None  # the data's inputs -> this model's (e.g. a teacher's own normalization)
+    # the (preprocessed) inputs -> what its artifact files take: uint8 pixels where their preprocessing is in the graph (kdedge.data.pixels)
+    artifact_feed: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             artifacts[artifact_variant(a)] = path / a["path"]
         fp32 = artifacts.get("onnx-fp32")
         return BenchModel(name=manifest.get("model") or path.name, role=role, artifacts=artifacts, params=_onnx_params(fp32) if fp32 else None,
-                          bytes=fp32.stat().st_size if fp32 else None, source=str(path), recorded=_recorded_in_spec_dict(manifest.get("data")))
+                          bytes=fp32.stat().st_size if fp32 else None, source=str(path), recorded=_recorded_in_spec_dict(manifest.get("data")),
+                          artifact_feed=_feed_of(manifest.get("input"), manifest.get("preprocessing")))
     if path.is_file() and path.suffix == ".onnx":
         from kdedge.exporters.onnx import read_metadata
 
@@ -128,7 +131,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             meta = {}
         precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"onnx-{precision}": path}, params=_onnx_params(path) if precision != "int8" else None,
-                          bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta))
+                          bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta), artifact_feed=_feed_in_metadata(meta))
     edge = _edge_format_of(path)
     if edge is not None:
         from kdedge.exporters.edge import artifact_bytes, load_edge
@@ -138,7 +141,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             load_edge(edge, path)  # an unreadable file: its runtime says why in one line, before "no dataset recorded" could mislead
         precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"{edge}-{precision}": path}, bytes=artifact_bytes(edge, path),
-                          source=str(path), recorded=_recorded_in_onnx(meta))
+                          source=str(path), recorded=_recorded_in_onnx(meta), artifact_feed=_feed_in_metadata(meta))
     if path.is_file() and path.suffix in (".plan", ".engine"):
         meta_path = path.with_name(path.name + ".json")
         precision = json.loads(meta_path.read_text()).get("precision", "fp16") if meta_path.is_file() else "fp16"
@@ -190,6 +193,26 @@ def _edge_metadata(edge: str, path: Path) -> dict[str, str]:
         return read_sidecar(path)
 
 
+def _feed_of(contract: Any, preprocessing: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """How the data's normalized inputs become what the artifacts take (uint8 pixels), or None when they take them as they are."""
+    from kdedge.data.pixels import recorded_input_format
+
+    fmt = recorded_input_format(contract, preprocessing)
+    return fmt.feed if fmt is not None else None
+
+
+def _feed_in_metadata(meta: dict[str, str]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """:func:`_feed_of` for an artifact's ``kdedge.input`` and ``kdedge.preprocessing`` metadata (JSON strings, or parsed in a sidecar)."""
+    def parsed(key: str) -> Any:
+        value = meta.get(key)
+        try:
+            return json.loads(value) if isinstance(value, str) else value
+        except ValueError:
+            return None
+
+    return _feed_of(parsed("kdedge.input"), parsed("kdedge.preprocessing"))
+
+
 def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
     """The dataset in a ``DatasetSpec.to_dict()`` (e.g. ``export.json["data"]``); tolerant of older or partial files."""
     if not isinstance(d, dict):
@@ -212,8 +235,11 @@ def _recorded_in_onnx(meta: dict[str, str]) -> RecordedData | None:
     shape: tuple[int, ...] | None = None
     classes: int | None = None
     try:
-        dims = json.loads(meta["kdedge.input"])["shape"][1:]  # ["batch", C, H, W]
+        contract = json.loads(meta["kdedge.input"])
+        dims = contract["shape"][1:]  # ["batch", C, H, W], or ["batch", H, W, C] for uint8 pixels in NHWC
         shape = tuple(int(v) for v in dims) if all(isinstance(v, int) for v in dims) else None
+        if shape is not None and contract.get("layout") == "NHWC" and len(shape) == 3:
+            shape = (shape[2], shape[0], shape[1])  # the model's (C, H, W)
     except (KeyError, TypeError, ValueError):
         pass
     try:
@@ -371,11 +397,14 @@ def _benchmark(models: list[BenchModel], data: DataSplits, config: BenchConfig, 
             own = model.preprocess or (lambda x: x)
             model_inputs = own(inputs)
             test_inputs = (lambda own=own: (own(x) for x in source())) if config.accuracy else None
+            # Its files may take uint8 pixels (preprocessing in their graph): fed once here, before timing, as a device hands them over.
+            feed = model.artifact_feed
+            file_inputs = feed(model_inputs) if feed is not None else model_inputs
+            file_test = (lambda f=feed, t=test_inputs: (f(x) for x in t())) if feed is not None and test_inputs is not None else test_inputs
             for target in config.targets:
                 for variant, path in _variants_for(model, target):
-                    log(f"bench: {model.name} {variant} @ {target}: " + (f"accuracy on {len(data.test)} test images, " if config.accuracy else "")
-                        + f"latency at batch {','.join(map(str, config.batch_sizes))}")
-                    rows += _measure(model, target, variant, path, model_inputs, test_inputs, data, config, policy, log)
+                    x, x_test = (model_inputs, test_inputs) if path is None else (file_inputs, file_test)
+                    rows += _measure(model, target, variant, path, x, x_test, data, config, policy, log)
     report = {
         "schema": REPORT_SCHEMA,
         "kdedge_version": __version__,

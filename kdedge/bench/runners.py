@@ -154,13 +154,13 @@ class OrtRunner:
     runtime = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None, session: Any = None) -> None:
-        from kdedge.ort import fixed_batch, ort_session
+        from kdedge.ort import fixed_batch, input_dtype, ort_session
 
         self.path, self.device, self.precision, self.threads = Path(path), device, precision, threads
         self.session = session if session is not None else ort_session(self.path, providers=_ORT_PROVIDERS[device], threads=threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self.input_dtype = input_dtype(self.session)  # float32, float16 (FP16 I/O), or uint8 pixels (preprocessing in the graph)
         self._batch_dim = fixed_batch(self.session)
         self.on_device_timing = False  # session.run copies in and out: host time is the user's latency
 
@@ -222,7 +222,7 @@ class EdgeRunner:
         self.max_batch = self.session.max_batch or 2**31
 
     def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
-        return self.session.prepare(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.session.prepare(np.ascontiguousarray(batch))  # the session casts to what its artifact takes
 
     def predict(self, x: np.ndarray, *, batch_size: int) -> np.ndarray:
         from kdedge.exporters.edge import edge_predict

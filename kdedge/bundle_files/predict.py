@@ -21,7 +21,7 @@ pre = manifest["preprocessing"]  # the input contract the model was trained and 
 h, w = pre["size"]
 
 
-def load(path):  # image file -> (C, H, W) float32
+def load(path):  # image file -> (C, H, W) float32, or the uint8 pixels for a model that preprocesses in its graph
     try:
         image = ImageOps.exif_transpose(Image.open(path))
     except (OSError, ValueError) as exc:  # missing, unreadable, not an image
@@ -40,6 +40,9 @@ def load(path):  # image file -> (C, H, W) float32
         image = image.crop((left, top, left + w, top + h))
     if image.size != (w, h):
         sys.exit(f"{path}: {image.size[0]}x{image.size[1]} pixels; the model takes {w}x{h}")
+    if pre.get("in_graph"):  # --input-format uint8-*: the model scales and normalizes itself; it takes the pixels in its layout
+        pixels = np.asarray(image, np.uint8).reshape(h, w, -1)  # (H, W, C) as decoded
+        return pixels if pre["layout"] == "NHWC" else pixels.transpose(2, 0, 1)
     pixels = np.asarray(image, np.float32).reshape(h, w, -1).transpose(2, 0, 1)  # (C, H, W)
     mean, std = (np.array(pre[k], np.float32).reshape(-1, 1, 1) for k in ("mean", "std"))
     return (pixels * pre["scale"] - mean) / std

@@ -99,7 +99,8 @@ class EdgeSession(Protocol):
     fixed_batch: int | None
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(B, K)`` float32 for one batch ``x`` ``(B, C, H, W)`` float32 that the artifact accepts."""
+        """Logits ``(B, K)`` float32 for one batch ``x`` that the artifact accepts: ``(B, C, H, W)`` float32, or uint8 pixels
+        (:mod:`kdedge.data.pixels`)."""
         ...
 
     def prepare(self, x: np.ndarray) -> Callable[[], Any]:
@@ -246,7 +247,7 @@ def edge_predict(session: EdgeSession, x: np.ndarray, *, batch_size: int = 256) 
     step = session.fixed_batch or min(batch_size, session.max_batch or batch_size)
     outputs = []
     for i in range(0, len(x), step):
-        chunk = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
+        chunk = np.ascontiguousarray(x[i : i + step])  # the session casts to its input's dtype (float32, or uint8 pixels)
         n = len(chunk)
         if n < step and session.fixed_batch is not None:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])

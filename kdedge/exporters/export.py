@@ -25,6 +25,7 @@ from kdedge._version import __version__
 from kdedge._fs import Claim, claimed, file_sha256, publish_dir
 from kdedge.config import EDGE_EXPORT_FORMATS, ExportConfig
 from kdedge.data import DataSplits, DatasetSpec, ImageDataset, load_dataset
+from kdedge.data.pixels import InputFormat, input_format
 from kdedge.data.spec import stratified_rows
 from kdedge.metrics import evaluation_from_predictions
 from kdedge.errors import BackendUnavailable, ConfigError, DataError, ExportError, ModelError, ParityError
@@ -80,13 +81,16 @@ def tolerances(config: ExportConfig) -> dict[str, Tolerance]:
 
 
 
-def preprocessing(spec: DatasetSpec) -> dict[str, Any]:
+def preprocessing(spec: DatasetSpec, fmt: InputFormat | None = None) -> dict[str, Any]:
     """The whole input contract of a model trained on ``spec``: from an image file (or array) to the input tensor.
 
     ``color`` is the channel order of the pixels (``L``, ``RGB``; None: as the training array stored
     them), ``resize`` the image-folder rule (None: images used at ``size``), then
-    ``x = (pixel * scale - mean[c]) / std[c]`` into an NCHW float32 batch.
+    ``x = (pixel * scale - mean[c]) / std[c]`` into an NCHW float32 batch, by the caller, or (``fmt``
+    a uint8 format; ``in_graph`` true) in the artifact's own graph, fed the pixels as ``input_format``
+    says (``uint8-nhwc``: ``(B, H, W, C)``, as decoded).
     """
+    fmt = fmt or InputFormat("float", spec.scale or 1.0, tuple(spec.mean), tuple(spec.std))
     c, h, w = spec.input_shape
     resize = None if spec.resize is None else {
         "shorter_side": spec.resize, "interpolation": "bilinear (Pillow Image.Resampling.BILINEAR, antialiased)",
@@ -94,18 +98,20 @@ def preprocessing(spec: DatasetSpec) -> dict[str, Any]:
     }
     return {
         "color": spec.color, "channels": c, "channel_order": list(spec.color) if spec.color in ("RGB", "RGBA") else None,
-        "layout": "NCHW", "size": [h, w], "resize": resize,
+        "layout": fmt.layout, "input_format": fmt.name, "dtype": fmt.dtype, "in_graph": fmt.raw, "size": [h, w], "resize": resize,
         "image_file": ("PIL.ImageOps.exif_transpose, then Image.convert(color); 16-bit grayscale keeps its top 8 bits (pixel >> 8)"
                        if spec.color is not None else None),
         "scale": spec.scale, "mean": list(spec.mean), "std": list(spec.std), "formula": "x = (pixel * scale - mean[c]) / std[c]",
     }
 
 
-def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | None, input_name: str = "input") -> dict[str, str]:
+def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | None, input_name: str = "input",
+                  fmt: InputFormat | None = None) -> dict[str, str]:
     """``metadata_props`` for an artifact: enough to preprocess an input and name the output.
 
     The preprocessing is the spec's own (``scale``, ``mean``, ``std``), the values
-    :class:`~kdedge.data.ArrayDataset` applied to every input the artifact was checked on.
+    :class:`~kdedge.data.ArrayDataset` applied to every input the artifact was checked on; with
+    ``fmt`` a uint8 format the artifact does it in its graph and takes the pixels.
 
     Raises:
         DataError: ``spec`` records no pixel scale (read from a file older than the field).
@@ -118,8 +124,9 @@ def onnx_metadata(spec: DatasetSpec, *, model_name: str, source_sha256: str | No
         "kdedge.model": model_name,
         "kdedge.source_sha256": source_sha256 or "",
         "kdedge.dataset": spec.name,
-        "kdedge.input": json.dumps({"name": input_name, "shape": ["batch", *spec.input_shape], "dtype": "float32", "layout": "NCHW"}),
-        "kdedge.preprocessing": json.dumps(preprocessing(spec)),
+        "kdedge.input": json.dumps(fmt.contract(spec.input_shape, name=input_name) if fmt else
+                                   {"name": input_name, "shape": ["batch", *spec.input_shape], "dtype": "float32", "layout": "NCHW", "format": "float"}),
+        "kdedge.preprocessing": json.dumps(preprocessing(spec, fmt)),
         "kdedge.labels": json.dumps(list(spec.labels)),
         "kdedge.precision": "fp32",
     }
@@ -198,10 +205,14 @@ def export_model(
 def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
             log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
     _check_float_layers(model, int8_model, config)
+    fmt = input_format(config.input_format, data.spec)
+    if fmt.raw and (int8_model is not None or isinstance(model, QATModel)):
+        raise ConfigError(f"input format {fmt.name} is not built for a quantization-aware model yet (its INT8 graph is traced with float inputs); "
+                          "export its FP32 student with --input-format, or this one with --input-format float")
     quantized = cpu_eval(int8_model) if int8_model is not None else contextlib.nullcontext(None)
     with cpu_eval(model) as cpu_model, quantized as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
-                                 meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256))
+                                 meta=onnx_metadata(data.spec, model_name=model_name, source_sha256=source_sha256, fmt=fmt), fmt=fmt)
         # INT8 from the quantization-aware model, checked against its INT8 graph; the rest from the FP32 model.
         int8_writer = writer.sharing(cpu_int8) if cpu_int8 is not None else writer
         qat = cpu_model.qat_formats if isinstance(cpu_model, QATModel) else None
@@ -289,8 +300,15 @@ def _check_float_layers(model: nn.Module, int8_model: QATModel | None, config: E
 class _ArtifactWriter:
     """Writes the artifacts of one export into ``tmp``, each checked against the PyTorch reference."""
 
-    def __init__(self, model: nn.Module, tmp: Path, *, data: DataSplits, config: ExportConfig, log: Callable[[str], None], meta: dict[str, str]) -> None:
-        self.model, self.tmp, self.data, self.config, self.log, self.meta = model, tmp, data, config, log, meta
+    def __init__(self, model: nn.Module, tmp: Path, *, data: DataSplits, config: ExportConfig, log: Callable[[str], None], meta: dict[str, str],
+                 fmt: InputFormat) -> None:
+        self.model, self.tmp, self.data, self.config, self.log, self.meta, self.fmt = model, tmp, data, config, log, meta, fmt
+        # What is exported: the model, or the model behind its preprocessing (uint8 pixels in). Parity and accuracy feed each artifact
+        # the same images as the reference, as it takes them (fmt.feed), and compare with the float model on the normalized inputs.
+        self.exported = fmt.wrap(model).eval()
+        self.input_shape = fmt.shape(tuple(data.spec.input_shape))
+        # Layer names are the model's; behind the wrapper they sit under "model."
+        self.keep_float = tuple(f"model.{n}" for n in config.keep_float) if fmt.raw else tuple(config.keep_float)
         self.tol = tolerances(config)
         rows = stratified_rows(data.test.labels, config.parity_samples)  # every class in its share, never the first N files
         self.parity_inputs = data.test.inputs(rows)
@@ -321,7 +339,7 @@ class _ArtifactWriter:
 
     def sharing(self, model: nn.Module) -> _ArtifactWriter:
         """A writer for ``model`` (its own PyTorch reference) that records into this one's artifacts, skips and timings."""
-        other = _ArtifactWriter(model, self.tmp, data=self.data, config=self.config, log=self.log, meta=self.meta)
+        other = _ArtifactWriter(model, self.tmp, data=self.data, config=self.config, log=self.log, meta=self.meta, fmt=self.fmt)
         other.artifacts, other.skipped, other.timings, other._sources = self.artifacts, self.skipped, self.timings, self._sources
         return other
 
@@ -349,8 +367,8 @@ class _ArtifactWriter:
         self.log(f"parity: {path.name} vs PyTorch on {len(self.parity_inputs)} test images ({precision} tolerance)")
         session = ort_session(path)
         report = self._timed(f"parity_{path.stem}", lambda: check_parity(path, lambda _x: self.reference, self.parity_inputs, tolerance=self.tol[precision],
-                                                                            allow_mismatch=self.config.allow_mismatch, session=session))
-        return self._record(path, precision, fmt, details, report, lambda x: ort_predict(session, x, batch_size=500), "onnxruntime cpu",
+                                                                            allow_mismatch=self.config.allow_mismatch, session=session, feed=self.fmt.feed))
+        return self._record(path, precision, fmt, details, report, lambda x: ort_predict(session, self.fmt.feed(x), batch_size=500), "onnxruntime cpu",
                             fp32_accuracy=fp32_accuracy)
 
     def _record(self, path: Path, precision: str, fmt: str, details: dict[str, Any], report: ParityReport, predict: Callable[[np.ndarray], np.ndarray],
@@ -384,8 +402,7 @@ class _ArtifactWriter:
 
     def fp32(self) -> Artifact:
         self.log(f"export: ONNX FP32 (opset {self.config.opset})")
-        shape = tuple(self.data.spec.input_shape)
-        fp32 = self._timed("export_fp32", lambda: export_onnx(self.model, self.tmp / "model.onnx", input_shape=shape, opset=self.config.opset,
+        fp32 = self._timed("export_fp32", lambda: export_onnx(self.exported, self.tmp / "model.onnx", input_shape=self.input_shape, opset=self.config.opset,
                                                                metadata=self.meta, slim=self.config.slim))
         return self._checked(fp32.path, "fp32", "onnx", {"opset": fp32.opset, "nodes": fp32.nodes, "nodes_before_slim": fp32.nodes_before_slim})
 
@@ -393,11 +410,11 @@ class _ArtifactWriter:
         c = self.config
         static = c.quantization == "static"
         self.log(f"int8: {'calibrating on %d training images (%s)' % (min(c.calibration_samples, len(self.data.train)), c.calibration_method) if static else 'dynamic quantization'}")
-        calibration = _calibration(self.data, c.calibration_samples) if static else None
+        calibration = self.fmt.feed(_calibration(self.data, c.calibration_samples)) if static else None
         path = self.tmp / "model.int8.onnx"
         info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
                                                                    method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range,
-                                                                   keep_float=c.keep_float))
+                                                                   keep_float=self.keep_float))
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
 
     def qat_int8(self, fp32: Artifact | None = None) -> Artifact:
@@ -412,7 +429,7 @@ class _ArtifactWriter:
     def fp16(self) -> Artifact:
         self.log("export: ONNX FP16 (FP32 inputs and outputs)")
         path = self.tmp / "model.fp16.onnx"
-        fp16 = self._timed("export_fp16", lambda: export_onnx(self.model, path, input_shape=tuple(self.data.spec.input_shape), opset=self.config.opset,
+        fp16 = self._timed("export_fp16", lambda: export_onnx(self.exported, path, input_shape=self.input_shape, opset=self.config.opset,
                                                                precision="fp16", metadata=self.meta | {"kdedge.precision": "fp16"}))
         return self._checked(fp16.path, "fp16", "onnx", {"opset": fp16.opset, "nodes": fp16.nodes, "io": "float32"})
 
@@ -425,18 +442,19 @@ class _ArtifactWriter:
         source = onnx.get(precision) if fmt.source == "onnx" else None
         self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
         qat = isinstance(self.model, QATModel)  # its scales come from training: no calibration
-        calibration = _calibration(self.data, c.calibration_samples) if precision == "int8" and fmt.source == "torch" and not qat else None
+        calibration = (self.fmt.feed(_calibration(self.data, c.calibration_samples)) if precision == "int8" and fmt.source == "torch" and not qat
+                       else None)
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
-            name, out=path, precision=precision, model=self.model, onnx=self.tmp / source.path if source else None,
-            input_shape=tuple(self.data.spec.input_shape), calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch, keep_float=c.keep_float))
+            name, out=path, precision=precision, model=self.model if qat else self.exported, onnx=self.tmp / source.path if source else None,
+            input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
+            max_batch=c.edge_max_batch, keep_float=self.keep_float))
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)
         details["runtime"] = session.runtime
         self.log(f"parity: {path.name} in {session.runtime} vs PyTorch on {len(self.parity_inputs)} test images ({precision} tolerance)")
 
         def predict(x: np.ndarray) -> np.ndarray:
-            return edge_predict(session, x, batch_size=500)
+            return edge_predict(session, self.fmt.feed(x), batch_size=500)
 
         report = self._timed(f"parity_{path.name}", lambda: check_outputs(predict, lambda _x: self.reference, self.parity_inputs, artifact=path.name,
                                                                          runtime=session.runtime, tolerance=self.tol[precision],

@@ -140,7 +140,8 @@ def export_onnx(
 def _export(model: nn.Module, path: Path, *, input_shape: tuple[int, ...], input_name: str, output_name: str, opset: int, precision: str,
             fp16_io: bool, metadata: dict[str, str] | None, slim: bool) -> OnnxExport:
     module: nn.Module = HalfPrecision(model, fp16_io=fp16_io) if precision == "fp16" else model
-    dtype = torch.float16 if precision == "fp16" and fp16_io else torch.float32
+    # uint8 for a model with its preprocessing in the graph (kdedge.data.pixels), else the float the I/O precision says
+    dtype = getattr(model, "input_dtype", None) or (torch.float16 if precision == "fp16" and fp16_io else torch.float32)
     external = _param_bytes(module) > _EMBED_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

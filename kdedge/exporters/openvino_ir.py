@@ -43,6 +43,7 @@ RUNTIME_CONFIG_KEY = "kdedge.openvino_config"
 _SECTION = "kdedge"  # rt_info section of the kdedge.* strings
 # Exec-graph layer types that move or hold data rather than compute.
 _BOOKKEEPING = frozenset({"Const", "Input", "Output", "Parameter", "Result", "Reshape", "Reorder"})
+_COMPUTE = frozenset({"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"})
 
 
 def _openvino():
@@ -244,15 +245,18 @@ class Session:
         shape = self._compiled.inputs[0].get_partial_shape()
         self.fixed_batch: int | None = shape[0].get_length() if shape[0].is_static else None
         self._sample = tuple(d.get_length() if d.is_static else None for d in list(shape)[1:])
+        self._dtype = np.dtype(self._compiled.inputs[0].get_element_type().to_dtype())  # float32, or uint8 (preprocessing in the graph)
         self.precisions = exec_precisions(self._compiled)
-        int8 = any(p in ("u8", "i8") for by in self.precisions.values() for p in by)
+        # int8 when a conv or matmul runs int8 kernels; an input-side Eltwise reading uint8 pixels (preprocessing in the graph) is not
+        int8 = any(p in ("u8", "i8") for kind, by in self.precisions.items() if kind in _COMPUTE for p in by)
         self.runtime = f"openvino {_version(ov)} CPU {'int8' if int8 else 'f32'}"
         self._request = self._compiled.create_infer_request()
 
     def _input(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self._dtype)
         if x.ndim != 1 + len(self._sample) or any(s is not None and s != n for s, n in zip(self._sample, x.shape[1:])):
-            raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) float32; got {tuple(x.shape)}")
+            raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) "
+                              f"{self._dtype.name}; got {tuple(x.shape)}")
         return x
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -172,7 +172,7 @@ class Session:
     max_batch: int | None = None
 
     def __init__(self, path: Path, *, threads: int | None = None) -> None:
-        from kdedge.ort import fixed_batch, ort_version
+        from kdedge.ort import fixed_batch, input_dtype, ort_version
 
         self.path, self.threads = Path(path), threads or None
         self.session = _load(self.path, threads)
@@ -180,11 +180,13 @@ class Session:
         self.fixed_batch: int | None = fixed_batch(self.session)
         inp = self.session.get_inputs()[0]
         self._name, self._sample = inp.name, tuple(d if isinstance(d, int) else None for d in inp.shape[1:])
+        self._dtype = input_dtype(self.session)  # float32, or uint8 for a model with its preprocessing in the graph
 
     def _feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self._dtype)
         if x.ndim != 1 + len(self._sample) or any(s is not None and s != n for s, n in zip(self._sample, x.shape[1:])):
-            raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) float32; got {tuple(x.shape)}")
+            raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) "
+                              f"{np.dtype(self._dtype).name}; got {tuple(x.shape)}")
         return {self._name: x}
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -155,6 +155,7 @@ def check_parity(
     batch1_samples: int = 16,
     allow_mismatch: bool = False,
     session=None,
+    feed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ParityReport:
     """Compare an ONNX artifact in onnxruntime (CPU) with ``reference`` in PyTorch.
 
@@ -167,6 +168,8 @@ def check_parity(
         batch1_samples: How many samples run at batch 1.
         allow_mismatch: Return a failing report instead of raising.
         session: An existing onnxruntime session on ``artifact`` (saves loading it twice).
+        feed: Turns ``inputs`` into what the artifact takes (uint8 pixels for one with its preprocessing in
+            the graph, :meth:`kdedge.data.pixels.InputFormat.feed`); the reference still gets ``inputs``.
 
     Raises:
         ParityError: The outputs differ beyond ``tolerance`` (and ``allow_mismatch`` is False).
@@ -174,7 +177,8 @@ def check_parity(
     session = session or ort_session(artifact)
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
-    return check_outputs(lambda x: session.run(None, {input_name: x}), reference, inputs, names=names, artifact=Path(artifact).name,
+    feed = feed or (lambda x: x)
+    return check_outputs(lambda x: session.run(None, {input_name: feed(x)}), reference, inputs, names=names, artifact=Path(artifact).name,
                          runtime=f"onnxruntime {ort_version()} CPUExecutionProvider", tolerance=tolerance, batch1_samples=batch1_samples,
                          allow_mismatch=allow_mismatch)
 

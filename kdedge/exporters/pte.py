@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
+from kdedge.data.pixels import example_input
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -96,7 +97,7 @@ _INT8_SCHEME = {"quantizer": "XNNPACKQuantizer (torchao pt2e)", "weights": "int8
 def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None,
               max_batch: int, keep_float: tuple[str, ...] = ()) -> torch.export.ExportedProgram:
     """``model`` as an ExportedProgram with a dynamic batch (static when ``max_batch`` is 1), quantized for INT8."""
-    example = (torch.zeros(min(_EXAMPLE_BATCH, max_batch), *input_shape),)
+    example = (example_input(model, min(_EXAMPLE_BATCH, max_batch), input_shape),)  # uint8 for a model with its preprocessing in the graph
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
     with torch.no_grad():
         if precision == "int8" and isinstance(model, QATModel):  # quantization-aware: its own Q/DQ graph, the scales training used
@@ -145,7 +146,7 @@ def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: i
     _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
-    inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
+    inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     for chunk in inputs.split(batch):
         prepared(chunk)
     return convert_pt2e(prepared)
@@ -203,7 +204,10 @@ class Session:
         self._wanted = threads
         self._load()
         self.runtime = f"executorch {version_of('executorch')} XNNPACK"
-        planned = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
+        meta = self._method.metadata.input_tensor_meta(0)
+        planned = int(meta.sizes()[0])
+        # c10::ScalarType: 0 Byte (uint8 pixels, the preprocessing in the graph), else the float32 input kdedge exports
+        self._dtype = np.dtype(np.uint8 if int(meta.dtype()) == 0 else np.float32)
         batch = sidecar_batch(self.path)
         self.fixed_batch: int | None = batch.get("fixed")
         self.max_batch: int | None = batch.get("max", planned) if self.fixed_batch is None else self.fixed_batch
@@ -234,13 +238,13 @@ class Session:
         return self._method
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(B, K)`` for ``x`` ``(B, C, H, W)`` float32, ``B`` within the batch contract."""
-        (logits,) = self._current().execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
+        """Logits ``(B, K)`` for ``x`` ``(B, ...)`` (float32, or uint8 pixels), ``B`` within the batch contract."""
+        (logits,) = self._current().execute([torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype))])
         return logits.numpy()
 
     def prepare(self, x: np.ndarray) -> Callable[[], Any]:
         """One inference per call on ``x``, already copied into the program's planned input (no per-call copies)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype))
         if not hasattr(getattr(self._current(), "_method", None), "set_inputs"):  # the bindings' ExecuTorchMethod is private
             return lambda: self._current().execute([tensor])
         bound = {"generation": -1, "execute": None}

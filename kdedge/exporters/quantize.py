@@ -64,17 +64,18 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _input_info(path: Path) -> tuple[str, tuple]:
+def _input_info(path: Path) -> tuple[str, tuple, bool]:
+    """The graph input's name, dims, and whether it takes uint8 pixels (its preprocessing in the graph)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
     graph_input = next(i for i in proto.graph.input if i.name not in initializers)
     dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in graph_input.type.tensor_type.shape.dim)
-    return graph_input.name, dims
+    return graph_input.name, dims, graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
-def _check_calibration(calibration: np.ndarray, dims: tuple, name: str) -> np.ndarray:
+def _check_calibration(calibration: np.ndarray, dims: tuple, name: str, *, pixels: bool = False) -> np.ndarray:
     calibration = np.asarray(calibration)
     expected = tuple(d if isinstance(d, int) and d > 0 else "N" for d in dims)
     fits = calibration.ndim == len(dims) and all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(dims[1:], calibration.shape[1:]))
@@ -83,6 +84,11 @@ def _check_calibration(calibration: np.ndarray, dims: tuple, name: str) -> np.nd
             f"calibration data has shape {tuple(calibration.shape)}, but input {name!r} expects {expected}; "
             "pass preprocessed samples of the model's input shape (N, C, H, W)"
         )
+    if pixels:  # a graph that takes uint8 pixels is calibrated on pixels
+        if calibration.dtype != np.uint8:
+            raise DataError(f"calibration data has dtype {calibration.dtype}; input {name!r} takes uint8 pixels, so pass uint8 images "
+                            "(kdedge.data.pixels.InputFormat.feed turns normalized inputs back into them)")
+        return np.ascontiguousarray(calibration)
     if not np.issubdtype(calibration.dtype, np.floating):
         raise DataError(f"calibration data has dtype {calibration.dtype}; expected float32 inputs, normalized as for the model")
     if not np.isfinite(calibration).all():
@@ -130,12 +136,12 @@ def quantize_int8(
         raise ExportError(f"INT8 target must be cpu or tensorrt, got {target!r}")
     if mode == "static" and method not in _METHODS:
         raise ExportError(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
-    name, dims = _input_info(fp32_path)
+    name, dims, pixels = _input_info(fp32_path)
     reduce_range = reduce_range and target == "cpu"
     if mode == "static":
         if calibration is None:
             raise DataError("static INT8 quantization needs calibration data: real, preprocessed training inputs (N, C, H, W)")
-        calibration = _check_calibration(calibration, dims, name)
+        calibration = _check_calibration(calibration, dims, name, pixels=pixels)
     info = QuantizationInfo(mode=mode, method=method if mode == "static" else None, calibration_samples=len(calibration) if mode == "static" else 0,  # type: ignore[arg-type]
                             per_channel=per_channel, reduce_range=reduce_range,
                             encoding="S8S8-symmetric" if target == "tensorrt" else ("U8S8" if mode == "static" else "dynamic-U8S8"),

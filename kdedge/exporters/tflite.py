@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
+from kdedge.data.pixels import example_input
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -99,7 +100,7 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
         with _quiet(native):
             import litert_torch
 
-            example = (torch.zeros(batch, *input_shape),)
+            example = (example_input(model, batch, input_shape),)  # uint8 for a model with its preprocessing in the graph
             if precision == "int8":
                 from litert_torch.quantize.quant_config import QuantConfig
 
@@ -133,11 +134,11 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
 
     _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-    inputs = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
+    inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     # Calibrated at any batch: exported with a dynamic one (32 as the example; see pte._EXAMPLE_BATCH).
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max(2, len(inputs)))},)
     with torch.no_grad():
-        graph = torch.export.export(model, (torch.zeros(min(32, max(2, len(inputs))), *input_shape),), dynamic_shapes=dynamic).module()
+        graph = torch.export.export(model, (example_input(model, min(32, max(2, len(inputs))), input_shape),), dynamic_shapes=dynamic).module()
         prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
         for chunk in inputs.split(64):
             prepared(chunk)
@@ -194,13 +195,15 @@ def _free_batch(model: Any, batch: int, flatbuffer_utils: Any, schema: Any) -> N
 
 def _batch_free(flat: bytes, input_shape: tuple[int, ...], calibration: np.ndarray | None, *, rows: int = 5) -> bool:
     """Whether ``flat`` gives for a batch of ``rows`` inputs, row for row, what it gives for each alone."""
-    x = (np.asarray(calibration[:rows], np.float32) if calibration is not None and len(calibration) >= rows
-         else np.random.default_rng(0).standard_normal((rows, *input_shape)).astype(np.float32))
+    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "check.tflite"
         path.write_bytes(flat)
         try:
             session = Session(path)
+            x = (np.asarray(calibration[:rows]) if calibration is not None and len(calibration) >= rows
+                 else rng.integers(0, 256, (rows, *input_shape), dtype=np.uint8) if session._dtype == np.uint8  # pixels
+                 else rng.standard_normal((rows, *input_shape)).astype(np.float32))
             together = session.run(x)
             alone = np.concatenate([session.run(x[i : i + 1]) for i in range(rows)])
         except (ExportError, RuntimeError, ValueError):  # the interpreter refuses the resize: a reshape kept the batch
@@ -255,6 +258,7 @@ class Session:
         self._input, self._output = int(inp["index"]), int(out["index"])
         self._sample = tuple(int(d) for d in inp["shape"][1:])
         self._in_q = tuple(inp["quantization"]) if inp["dtype"] == np.int8 else None  # (scale, zero point) of an int8 input
+        self._dtype = np.dtype(np.uint8 if inp["dtype"] == np.uint8 else np.float32)  # uint8: pixels, the preprocessing in the graph
         self._out_q = tuple(out["quantization"]) if out["dtype"] != np.float32 else None
         batch = sidecar_batch(self.path)
         if not batch:  # no sidecar: a batch the model declares free is free, else the one it has
@@ -280,7 +284,7 @@ class Session:
         self._batch = batch
 
     def _feed(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self._dtype)
         self._resize(len(x))
         if self._in_q is not None:
             scale, zero = self._in_q

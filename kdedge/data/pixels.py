@@ -1,0 +1,147 @@
+"""Preprocessing inside the model: artifacts that take the camera's ``uint8`` pixels as they are.
+
+A kdedge model is trained on ``x = pixel * a + b`` (``a = scale / std``, ``b = -mean / std`` per
+channel) in NCHW float32, and by default its artifacts take that ``x``: the device repeats the
+scaling, the mean/std and the layout change in its own code, the step where deployments go
+wrong. With an input format other than ``float`` the exported graph starts at the pixels:
+
+- ``uint8-nhwc``: ``(B, H, W, C)`` uint8, the layout of a decoded image or a camera frame
+  (Pillow, Android's ``Bitmap``, OpenCV without its BGR swap);
+- ``uint8-nchw``: ``(B, C, H, W)`` uint8;
+
+and does ``cast -> (transpose) -> x * a + b`` itself, with the very ``a`` and ``b`` the training
+data was normalized with (:class:`PixelInput`). Decoding, the image-folder resize and the crop
+stay outside: they depend on the file, not the tensor.
+
+kdedge checks such an artifact against the float model on the same images: :meth:`InputFormat.feed`
+turns the normalized batches it holds back into the stored pixels, exactly (``round((x - b) / a)``
+recovers a uint8 pixel to well within half a step), so parity, accuracy and timing feed each
+artifact what a device would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdedge.config import INPUT_FORMATS
+from kdedge.errors import ConfigError
+from kdedge.data.spec import UINT8_SCALE, DatasetSpec
+
+__all__ = ["INPUT_FORMATS", "InputFormat", "PixelInput", "example_input", "input_format", "recorded_input_format"]
+
+
+class PixelInput(nn.Module):
+    """``model`` behind its own preprocessing: ``(B, H, W, C)`` (or ``(B, C, H, W)``) uint8 pixels in, logits out.
+
+    The affine map is the dataset's (``x = pixel * scale / std - mean / std``, one multiply-add per
+    element, in the dtype of ``gain``: float32, or float16 inside an FP16 export), so the wrapped
+    graph computes what the float model computes on the dataset's normalized inputs.
+    """
+
+    def __init__(self, model: nn.Module, *, scale: float, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (1, C, 1, 1): the dataset's own coefficients (spec.ImageDataset), so the result is its normalization up to float32 rounding
+        self.register_buffer("gain", scale / s, persistent=False)
+        self.register_buffer("bias", -m / s, persistent=False)
+        self.channels_last = channels_last
+
+    input_dtype = torch.uint8
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2) if self.channels_last else pixels  # (B, C, H, W)
+        return self.model(x.to(self.gain.dtype) * self.gain + self.bias)
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """What an artifact takes: ``name`` (one of :data:`INPUT_FORMATS`) for data normalized with ``scale``, ``mean``, ``std``."""
+
+    name: str
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def raw(self) -> bool:
+        """Whether the artifact takes pixels (preprocessing in its graph) rather than normalized floats."""
+        return self.name != "float"
+
+    @property
+    def layout(self) -> str:
+        return "NHWC" if self.name == "uint8-nhwc" else "NCHW"
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.raw else "float32"
+
+    def shape(self, chw: tuple[int, ...]) -> tuple[int, ...]:
+        """One sample's shape as the artifact takes it, from the model's ``(C, H, W)``."""
+        c, h, w = chw
+        return (h, w, c) if self.layout == "NHWC" else (c, h, w)
+
+    def contract(self, chw: tuple[int, ...], *, name: str = "input") -> dict[str, object]:
+        """The ``input`` entry of ``export.json`` and of the ONNX metadata: the graph input's name, shape, dtype and layout."""
+        return {"name": name, "shape": ["batch", *self.shape(chw)], "dtype": self.dtype, "layout": self.layout, "format": self.name,
+                "preprocessing": ("in the graph: cast, then x = pixel * scale / std[c] - mean[c] / std[c]" if self.raw
+                                  else "by the caller: x = (pixel * scale - mean[c]) / std[c]")}
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` as the artifact computes it: itself for ``float``, else behind a :class:`PixelInput`."""
+        if not self.raw:
+            return model
+        return PixelInput(model, scale=self.scale, mean=self.mean, std=self.std, channels_last=self.layout == "NHWC")
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """The artifact's input for normalized inputs ``x`` ``(B, C, H, W)`` float32: the same images, as the artifact takes them.
+
+        For a raw format, the stored pixels back: ``round((x + mean / std) * std / scale)``, exact
+        for 8-bit data (the float error is ~1e-4 of a pixel step), then the layout.
+        """
+        if not self.raw:
+            return x
+        std = np.asarray(self.std, np.float64).reshape(1, -1, 1, 1)
+        mean = np.asarray(self.mean, np.float64).reshape(1, -1, 1, 1)
+        pixels = np.clip(np.rint((np.asarray(x, np.float64) * std + mean) / self.scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1) if self.layout == "NHWC" else pixels)
+
+
+def input_format(name: str, spec: DatasetSpec) -> InputFormat:
+    """The :class:`InputFormat` ``name`` for a model trained on ``spec``.
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`INPUT_FORMATS`, or it asks for uint8 pixels
+            while the data is not stored as 8-bit pixels (its scale is not 1/255).
+    """
+    if name not in INPUT_FORMATS:
+        raise ConfigError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {name!r}")
+    scale = spec.scale
+    if name != "float" and (scale is None or abs(scale - UINT8_SCALE) > 1e-12):
+        found = "records no pixel scale" if scale is None else f"stores pixels scaled by {scale:g} (floating point), not 8-bit ones"
+        raise ConfigError(f"input format {name} takes 8-bit pixels, but data {spec.name!r} {found}; "
+                          "export with --input-format float, or train on 8-bit images (an image folder, IDX or uint8 arrays)")
+    return InputFormat(name=name, scale=float(scale if scale is not None else UINT8_SCALE), mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+def example_input(model: nn.Module, batch: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros ``(batch, *sample_shape)`` of the dtype ``model`` takes (uint8 for a :class:`PixelInput`, else float32): what tracing needs."""
+    return torch.zeros(batch, *sample_shape, dtype=getattr(model, "input_dtype", torch.float32))
+
+
+def recorded_input_format(contract: object, preprocessing: object) -> InputFormat | None:
+    """The :class:`InputFormat` an artifact records (``export.json``'s or a bundle's ``input`` and ``preprocessing``, or the
+    ``kdedge.input`` / ``kdedge.preprocessing`` metadata, parsed); None for a float input or a file that does not say."""
+    if not isinstance(contract, dict) or contract.get("dtype") != "uint8" or not isinstance(preprocessing, dict):
+        return None
+    name = contract.get("format") or ("uint8-nhwc" if contract.get("layout") == "NHWC" else "uint8-nchw")
+    try:
+        return InputFormat(name=str(name), scale=float(preprocessing["scale"]), mean=tuple(float(v) for v in preprocessing["mean"]),
+                           std=tuple(float(v) for v in preprocessing["std"]))
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,127 @@
+"""Preprocessing in the graph (``--input-format uint8-nhwc|uint8-nchw``): artifacts that take the decoded pixels.
+
+Golden: the pixels kdedge feeds such an artifact are the stored ones, exactly, and the wrapper computes
+the float model's normalization to float32 rounding. Parity: a uint8 ONNX FP32 and INT8 export of a
+trained student, each checked by the export against the float model on the same 1,000 test images and
+scored here by onnxruntime fed the raw pixels. The edge runtimes take a uint8-nhwc bundle in
+tests/test_edge.py; the bundle's predict.py feeds one in tests/test_bundle.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdedge.cli import main
+from kdedge.config import ExportConfig, TrainConfig
+from kdedge.data.pixels import PixelInput, input_format, recorded_input_format
+from kdedge.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def student(fmnist):
+    """tiny_cnn after one epoch on 3,000 training images (about 80 % test accuracy)."""
+    from kdedge import create_model, train
+    from kdedge.models import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28))
+    model = create_model(spec)
+    data = fmnist.limit(train=3000, test=1000)
+    train(model, data.train, config=TrainConfig(epochs=1, batch_size=64, device="cpu"), progress=False)
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("name", ["uint8-nhwc", "uint8-nchw"])
+def test_fed_pixels_are_the_stored_pixels_and_the_wrapper_is_the_float_model(fmnist, name):
+    rows = torch.arange(0, 2000, 7)
+    stored = fmnist.test.raw(rows)  # (B, 1, 28, 28) uint8
+    fmt = input_format(name, fmnist.spec)
+    fed = fmt.feed(fmnist.test.inputs(rows).numpy())
+    expected = stored.numpy().transpose(0, 2, 3, 1) if name == "uint8-nhwc" else stored.numpy()
+    assert fed.dtype == np.uint8 and np.array_equal(fed, expected)  # exact: round trip through the normalization loses nothing
+    seen = []
+    wrapped = fmt.wrap(lambda x: seen.append(x) or x.sum((1, 2, 3)))  # type: ignore[arg-type]
+    assert isinstance(wrapped, PixelInput) and wrapped.input_dtype == torch.uint8
+    wrapped(torch.from_numpy(fed))
+    # the dataset's own x*a + b, up to float32 rounding (the dataset fuses it into one addcmul)
+    assert seen[0].dtype == torch.float32 and (seen[0] - fmnist.test.inputs(rows)).abs().max() <= 1e-6
+
+
+def test_an_rgb_pixel_round_trips_with_its_own_channel_statistics():
+    from kdedge.data import DatasetSpec
+
+    spec = DatasetSpec("rgb", (3, 4, 5), 2, ("a", "b"), mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.05), color="RGB")
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 5), dtype=np.uint8)
+    x = ((pixels / 255.0 - np.array(spec.mean).reshape(1, 3, 1, 1)) / np.array(spec.std).reshape(1, 3, 1, 1)).astype(np.float32)
+    fmt = input_format("uint8-nhwc", spec)
+    assert np.array_equal(fmt.feed(x), pixels.transpose(0, 2, 3, 1))
+    contract = fmt.contract(spec.input_shape)
+    assert contract["shape"] == ["batch", 4, 5, 3] and contract["dtype"] == "uint8" and contract["layout"] == "NHWC"
+    again = recorded_input_format(contract, {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std)})
+    assert again == fmt and recorded_input_format({"dtype": "float32"}, {}) is None
+
+
+def test_float_stored_data_cannot_take_uint8_pixels(fmnist):
+    import dataclasses
+
+    spec = dataclasses.replace(fmnist.spec, scale=1.0)
+    with pytest.raises(ConfigError, match="takes 8-bit pixels, but data 'fashion-mnist' stores pixels scaled by 1"):
+        input_format("uint8-nhwc", spec)
+    assert input_format("float", spec).feed(np.ones((1, 1, 2, 2), np.float32)).dtype == np.float32  # float passes through
+
+
+def test_uint8_onnx_export_matches_the_float_model_on_the_same_images(student, tmp_path):
+    from kdedge.exporters import export_model
+    from kdedge.ort import ort_predict, ort_session
+
+    model, data = student
+    result = export_model(model, tmp_path / "x", data=data, config=ExportConfig(formats=("onnx", "onnx-int8", "onnx-fp16"), input_format="uint8-nchw"))
+    m = result.manifest
+    assert m["input"] | {"preprocessing": None} == {"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "uint8", "layout": "NCHW",
+                                                     "format": "uint8-nchw", "preprocessing": None}
+    assert m["preprocessing"]["in_graph"] is True and m["preprocessing"]["dtype"] == "uint8"
+    by = {a.path: a for a in result.artifacts}
+    [fp32], [int8] = by["model.onnx"].parity["outputs"], by["model.int8.onnx"].parity["outputs"]
+    assert fp32["max_abs_diff"] <= 1e-4 and fp32["argmax_agreement"] == 1.0 and fp32["samples"] == 1000
+    assert int8["argmax_agreement"] >= 0.95 and by["model.fp16.onnx"].parity["passed"]
+    # The file alone, fed the stored pixels, scores what the float model scores on the normalized ones.
+    pixels = data.test.raw(torch.arange(len(data.test))).numpy()
+    with torch.inference_mode():
+        reference = model(data.test.inputs()).argmax(1).numpy()
+    for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx"):
+        session = ort_session(tmp_path / "x" / name)
+        assert session.get_inputs()[0].type == "tensor(uint8)"
+        predicted = ort_predict(session, pixels).argmax(1)
+        agreement = float((predicted == reference).mean())
+        assert agreement >= (0.999 if name == "model.onnx" else 0.95), (name, agreement)
+        assert by[name].accuracy["accuracy"] == pytest.approx(float((predicted == data.test.labels.numpy()).mean()), abs=1e-9)
+    # The layers --keep-float names are the model's, though they sit behind the wrapper.
+    kept = export_model(model, tmp_path / "k", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), input_format="uint8-nhwc",
+                                                                              keep_float=("features.0",), evaluate=False))
+    assert kept.artifact("model.int8.onnx").details["quantization"]["float_nodes"]
+
+
+def test_bench_feeds_pixels_to_a_uint8_export(student, tmp_path, capsys):
+    from kdedge.exporters import export_model
+
+    model, data = student
+    export_model(model, tmp_path / "x", data=data, config=ExportConfig(formats=("onnx",), input_format="uint8-nhwc", parity_samples=200))
+    accuracy = json.loads((tmp_path / "x" / "export.json").read_text())["artifacts"][0]["accuracy"]["accuracy"]
+    fast = ["--batch-sizes", "1,4", "--warmup-iters", "1", "--min-iters", "3", "--min-s", "0", "--no-plots", "--threads", "1", "--test-limit", "1000"]
+    for source in (tmp_path / "x", tmp_path / "x" / "model.onnx"):  # an export directory, and the file alone (its metadata says uint8)
+        out = tmp_path / f"r-{source.name}"
+        assert main(["bench", str(source), "--targets", "ort-cpu", *fast, "--out", str(out)]) == 0, capsys.readouterr().err
+        rows = json.loads((out / "report.json").read_text())["rows"]
+        assert {r["batch"] for r in rows} == {1, 4} and all(r["accuracy"]["top1"] == pytest.approx(accuracy, abs=1e-9) for r in rows)
+
+
+def test_uint8_input_is_refused_where_it_is_not_built(capsys, tmp_path):
+    assert main(["export", "resnet", "--format", "onnx,tensorrt", "--input-format", "uint8-nhwc", "--out", str(tmp_path / "x")]) == 2
+    assert "input_format uint8-nhwc is not built for TensorRT engines yet" in capsys.readouterr().err
+    assert main(["compress-and-export", "--int8", "qat", "--input-format", "uint8-nhwc", "--out", str(tmp_path / "b")]) == 2
+    assert "input_format uint8-nhwc is not built for quantization-aware INT8 yet" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
