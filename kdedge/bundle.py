@@ -48,7 +48,7 @@ from kdedge.bench.tuning import settings_call, time_within, tune
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
-from kdedge.data.pixels import recorded_input_format
+from kdedge.data.pixels import input_format, recorded_input_format
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
@@ -303,6 +303,7 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
         if why:
             raise BackendUnavailable(why)
     data = load_data_for(config)
+    input_format(config.input_format, data.spec)  # uint8 pixels need 8-bit data: refused before training, not at the export
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
     if config.prune is not None:  # the student is the teacher, pruned: its graph is the teacher's with fewer channels
         student, student_spec = _prunable_teacher(config, teacher, data)

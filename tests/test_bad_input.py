@@ -207,6 +207,13 @@ def _ambiguous_npz(tmp: Path) -> list[str]:
     return ["train", "--data", str(tmp / "d.npz"), "--out", str(tmp / "r")]
 
 
+def _float_npz_uint8_input(tmp: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "f.npz", x_train=rng.random((40, 1, 28, 28), np.float32), y_train=np.arange(40) % 10,
+             x_test=rng.random((20, 1, 28, 28), np.float32), y_test=np.arange(20) % 10)
+    return ["compress-and-export", "--data", str(tmp / "f.npz"), "--input-format", "uint8-nhwc", "--out", str(tmp / "r")]
+
+
 def _net_file(tmp: Path, body: str) -> str:
     (tmp / "nets.py").write_text("from torch import nn\n\ndef make(num_classes, input_shape):\n    return " + body + "\n")
     return f"{tmp / 'nets.py'}:make"
@@ -290,6 +297,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
                                          "int8 qat trains the INT8 student, but formats (onnx) hold no INT8 format", 2),
     "`--keep-float` naming no layer of the model": (lambda t: ["export", "resnet", "--keep-float", "layer9", "--out", str(t / "r")],
                                                     "--keep-float 'layer9' is not a layer of ResNet; expected a module name holding a convolution", 2),
+    "`--input-format uint8-*` for data stored as floats": (_float_npz_uint8_input, "input format uint8-nhwc takes 8-bit pixels, but data", 2),
 }
 
 

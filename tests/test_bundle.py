@@ -448,6 +448,42 @@ def test_bundle_predict_py_runs_without_kdedge(bundle, bare_python, tmp_path):
     assert done.stderr.startswith("notes.png: cannot read it as an image"), done.stderr
 
 
+def test_bundle_predict_py_feeds_pixels_to_a_model_that_preprocesses_itself(bundle, bare_python, tmp_path):
+    """The bundle's student exported with --input-format uint8-nhwc (scale, mean/std and layout in the ONNX graph): predict.py, in
+    the venv without kdedge, hands it the decoded pixels and labels 1,000 test PNGs as the float student does in PyTorch on the
+    normalized images (up to near-ties)."""
+    import shutil
+
+    import torch
+    from PIL import Image
+
+    from kdedge.config import ExportConfig
+    from kdedge.data import load_dataset
+    from kdedge.exporters import export_model
+    from kdedge.models import load_checkpoint
+
+    student = load_checkpoint(bundle / "student.safetensors").model.eval()
+    data = load_dataset("fashion-mnist").limit(train=512, test=1000)
+    exported = export_model(student, tmp_path / "x", data=data, config=ExportConfig(formats=("onnx",), input_format="uint8-nhwc", evaluate=False))
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    shutil.copy2(tmp_path / "x" / "model.onnx", copy / "models" / "model.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest |= {"input": exported.manifest["input"], "preprocessing": exported.manifest["preprocessing"]}
+    manifest["recommended"]["ort-cpu"] = {"artifact": "models/model.onnx"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest["input"]["dtype"] == "uint8" and manifest["preprocessing"]["in_graph"]
+    images = tmp_path / "images"
+    images.mkdir()
+    files = [f"{i:04d}.png" for i in range(len(data.test))]
+    for name, p in zip(files, data.test.raw(torch.arange(len(data.test)))[:, 0].numpy()):
+        Image.fromarray(p).save(images / name)
+    out, _ = _consume(bare_python, copy / "predict.py", files, cwd=images)
+    with torch.inference_mode():
+        logits = student(data.test.inputs())
+    _agree(torch.tensor([manifest["labels"].index(name) for name in out]), logits)
+
+
 def test_auto_formats_and_targets_follow_the_machine():
     import torch
 

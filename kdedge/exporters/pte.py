@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import example_input
+from kdedge.data.pixels import PixelInput, example_input
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -105,7 +105,8 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":
             assert calibration is not None
-            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch), keep_float=keep_float)
+            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch), keep_float=keep_float,
+                                   inside="model" if isinstance(model, PixelInput) else None)  # in-graph preprocessing stays float
             program = torch.export.export(quantized, example, dynamic_shapes=dynamic)
     return program
 
@@ -135,8 +136,10 @@ def _without_bilinear_patterns(program: torch.export.ExportedProgram) -> Iterato
         bilinear_2d.get_graphs_dict = original
 
 
-def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int, keep_float: tuple[str, ...] = ()) -> torch.fx.GraphModule:
-    """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ; ``keep_float`` layers stay float."""
+def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int, keep_float: tuple[str, ...] = (),
+               inside: str | None = None) -> torch.fx.GraphModule:
+    """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ; ``keep_float`` layers
+    (and with ``inside``, every operation outside that submodule: see :func:`~kdedge.models.float_layers.keep_float_quantizer`) stay float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -145,7 +148,7 @@ def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: i
 
     _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-    prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
+    prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float, inside=inside))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     for chunk in inputs.split(batch):
         prepared(chunk)

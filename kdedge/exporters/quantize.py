@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +156,34 @@ def quantize_int8(
     return info
 
 
+_PREPROCESSING_OPS = frozenset({"Transpose", "Cast", "Mul", "Add", "Sub", "Div"})
+
+
+def pixel_preprocessing_nodes(proto: Any) -> list[str]:
+    """The names of the nodes that preprocess a uint8 graph input (cast, layout, per-channel scale and shift) before the first layer.
+
+    Walked forward from the input: a node belongs while it is one of Transpose, Cast, Mul, Add, Sub,
+    Div and its other inputs are small constants (at most 4 elements per channel axis: the
+    :class:`~kdedge.data.pixels.PixelInput` gain and bias). ``[]`` for a graph with a float input.
+    """
+    import onnx
+
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if not inputs or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        return []
+    small = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) <= 4}
+    small |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
+    reached, names = {inputs[0].name}, []
+    for node in proto.graph.node:  # topologically sorted, as ONNX requires
+        if node.op_type == "DequantizeLinear" and all(i in small for i in node.input):  # a constant quantized by an earlier pass
+            small.add(node.output[0])
+            continue
+        if node.op_type in _PREPROCESSING_OPS and any(i in reached for i in node.input) and all(i in reached or i in small for i in node.input if i):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
+
+
 #: kdedge's calibration method names -> onnxruntime.quantization.CalibrationMethod member names.
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -181,8 +210,12 @@ def _run_quantizer(fp32_path: Path, pre: Path, out: Path, info: QuantizationInfo
         with _quiet():
             # Shape inference and graph cleanup first, as onnxruntime's quantization guide advises.
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-            excluded = onnx_float_nodes(onnx.load(str(pre), load_external_data=False), info.float_layers) if info.float_layers else []
+            proto = onnx.load(str(pre), load_external_data=False)
+            excluded = onnx_float_nodes(proto, info.float_layers) if info.float_layers else []
             info.float_nodes = excluded or None
+            # A graph that takes uint8 pixels keeps its preprocessing float: its first layer quantizes the result, as a float-input
+            # graph quantizes its input (quantizing the cast, the per-channel gain and bias and the sums would only add rounding).
+            excluded = excluded + [n for n in pixel_preprocessing_nodes(proto) if n not in excluded]
             if info.mode == "static":
                 quantize_static(
                     str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=info.per_channel,

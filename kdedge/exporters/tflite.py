@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import example_input
+from kdedge.data.pixels import PixelInput, example_input
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -139,7 +139,8 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max(2, len(inputs)))},)
     with torch.no_grad():
         graph = torch.export.export(model, (example_input(model, min(32, max(2, len(inputs))), input_shape),), dynamic_shapes=dynamic).module()
-        prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float))
+        # behind a PixelInput, its preprocessing stays float: the model's first layer quantizes the result as it would a float input
+        prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float, inside="model" if isinstance(model, PixelInput) else None))
         for chunk in inputs.split(64):
             prepared(chunk)
         return convert_pt2e(prepared, fold_quantize=False), quantizer

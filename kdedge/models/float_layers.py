@@ -66,6 +66,12 @@ def _in_module(node: torch.fx.Node, name: str) -> bool:
     return any(_path(path) == name for path, _ in stack.values())
 
 
+def _within(node: torch.fx.Node, name: str) -> bool:
+    """Whether ``node`` runs in module ``name`` or one of its submodules."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(_path(path) == name or _path(path).startswith(name + ".") for path, _ in stack.values())
+
+
 def _op_name(node: torch.fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
     return target.split(".")[0]
@@ -84,14 +90,17 @@ def _unit(graph: torch.fx.Graph, name: str) -> set[torch.fx.Node]:
     return nodes
 
 
-def keep_float_quantizer(quantizer: Any, float_layers: Sequence[str] = (), *, only: str | None = None) -> Any:
+def keep_float_quantizer(quantizer: Any, float_layers: Sequence[str] = (), *, only: str | None = None, inside: str | None = None) -> Any:
     """``quantizer`` (a torchao PT2E quantizer) leaving the nodes of ``float_layers`` unquantized; with ``only``, everything but that layer.
 
-    The nodes are marked as annotated with no quantization spec while ``quantizer`` annotates, so
-    its patterns skip them (a pattern is annotated only when none of its nodes is). Returns
-    ``quantizer`` itself when there is nothing to keep.
+    ``inside`` names the submodule that holds the model (``"model"`` behind a
+    :class:`~kdedge.data.pixels.PixelInput`): the wrapper's own operations outside it (the in-graph
+    preprocessing) stay float, and the model's first layer quantizes their result as it would its
+    float input. The nodes are marked as annotated with no quantization spec while ``quantizer``
+    annotates, so its patterns skip them (a pattern is annotated only when none of its nodes is).
+    Returns ``quantizer`` itself when there is nothing to keep.
     """
-    if not float_layers and only is None:
+    if not float_layers and only is None and inside is None:
         return quantizer
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
 
@@ -113,7 +122,9 @@ def keep_float_quantizer(quantizer: Any, float_layers: Sequence[str] = (), *, on
             if only is not None:
                 marked = {n for n in graph.nodes if n.op == "call_function"} - units[only]
             else:
-                marked = set().union(*units.values())
+                marked = set().union(set(), *units.values())
+            if inside is not None:
+                marked |= {n for n in graph.nodes if n.op == "call_function" and not _within(n, inside)}
             marker = QuantizationAnnotation(_annotated=True)
             for node in marked:
                 node.meta["quantization_annotation"] = marker
