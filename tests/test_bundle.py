@@ -47,7 +47,8 @@ def test_bundle_layout_and_manifest(bundle):
     assert m["schema"] == 1
     for key in ("kdedge_version", "created", "teacher", "student", "data", "input", "preprocessing", "labels", "artifacts", "gates", "recommended", "files"):
         assert key in m, key
-    assert m["input"] == {"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW"}
+    assert m["input"] == {"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW", "format": "float",
+                          "preprocessing": "by the caller: x = (pixel * scale - mean[c]) / std[c]"}
     assert len(m["labels"]) == 10 and m["data"]["test_samples"] == 500
     assert {a["path"] for a in m["artifacts"]} == {"models/model.onnx", "models/model.int8.onnx"}
     assert all(a["parity"]["passed"] for a in m["artifacts"])
