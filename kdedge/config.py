@@ -462,9 +462,6 @@ class CompressConfig(DistillConfig):
             p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "
                      "add onnx-int8 (or an edge format's -int8), or drop --int8")
         p += _choices(self, ("input_format", INPUT_FORMATS))
-        if self.input_format != "float" and self.int8 == "qat":
-            p.append(f"input_format {self.input_format} is not built for quantization-aware INT8 yet; use --int8 ptq (or auto, which "
-                     "ships PTQ when QAD cannot be built), or --input-format float")
         if self.input_format != "float" and "tensorrt" in self.formats:
             p.append(f"input_format {self.input_format} is not built for TensorRT engines yet; drop tensorrt from formats or use --input-format float")
         if self.qat_epochs < 1:

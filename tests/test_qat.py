@@ -233,6 +233,21 @@ def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
         assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
+def test_qat_int8_takes_pixels_in_every_runtime_with_the_scales_it_trained(qat_run, tiny, tmp_path):
+    """--input-format uint8-nhwc on a quantization-aware model: every INT8 artifact is its converted graph behind the float
+    preprocessing, checked against that graph (fed the normalized images) within the QAT tolerance, and predicts what the
+    float-input artifact of the same runtime predicts on every test image."""
+    data, _, _ = tiny
+    formats = ("onnx-int8", "executorch-int8", "litert-int8", "openvino-int8", "ort-int8")
+    runs = {f: kdedge.export_model(qat_run.model, tmp_path / f, data=data, config=ExportConfig(formats=formats, parity_samples=60, input_format=f))
+            for f in ("float", "uint8-nhwc")}
+    for a in runs["uint8-nhwc"].artifacts:
+        assert a.parity["passed"] and a.parity["max_abs_diff_steps"] <= 2 and a.details.get("runtime", "onnxruntime"), a.path
+        float_input = runs["float"].artifact(a.path)
+        assert a.accuracy["accuracy"] == float_input.accuracy["accuracy"], a.path
+    assert runs["uint8-nhwc"].manifest["input"]["shape"] == ["batch", 12, 12, 1]
+
+
 def test_cli_distill_qat_writes_a_run_that_exports(tiny, tmp_path, capsys):
     _, _, root = tiny
     out = tmp_path / "q"

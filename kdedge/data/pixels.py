@@ -31,7 +31,7 @@ from kdedge.config import INPUT_FORMATS
 from kdedge.errors import ConfigError
 from kdedge.data.spec import UINT8_SCALE, DatasetSpec
 
-__all__ = ["INPUT_FORMATS", "InputFormat", "PixelInput", "example_input", "input_format", "recorded_input_format"]
+__all__ = ["INPUT_FORMATS", "InputFormat", "PixelInput", "example_input", "inner_model", "input_format", "recorded_input_format"]
 
 
 class PixelInput(nn.Module):
@@ -51,6 +51,11 @@ class PixelInput(nn.Module):
         self.register_buffer("gain", scale / s, persistent=False)
         self.register_buffer("bias", -m / s, persistent=False)
         self.channels_last = channels_last
+        self._args = {"scale": scale, "mean": tuple(mean), "std": tuple(std), "channels_last": channels_last}
+
+    def around(self, inner: nn.Module) -> PixelInput:
+        """The same preprocessing in front of another module (a quantization-aware model's converted INT8 graph)."""
+        return PixelInput(inner, **self._args)
 
     input_dtype = torch.uint8
 
@@ -127,6 +132,11 @@ def input_format(name: str, spec: DatasetSpec) -> InputFormat:
         raise ConfigError(f"input format {name} takes 8-bit pixels, but data {spec.name!r} {found}; "
                           "export with --input-format float, or train on 8-bit images (an image folder, IDX or uint8 arrays)")
     return InputFormat(name=name, scale=float(scale if scale is not None else UINT8_SCALE), mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model behind a :class:`PixelInput` (``model`` itself otherwise)."""
+    return model.model if isinstance(model, PixelInput) else model
 
 
 def example_input(model: nn.Module, batch: int, sample_shape: tuple[int, ...]) -> torch.Tensor:

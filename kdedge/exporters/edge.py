@@ -29,6 +29,7 @@ from torch import nn
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 from kdedge.exporters._native import cause
 from kdedge.exporters.onnx import plain_strides
+from kdedge.data.pixels import inner_model
 from kdedge.models.qat import QATModel
 
 __all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
@@ -197,7 +198,7 @@ def export_edge(
         raise ExportError(f"{fmt.title} artifacts are exported from the PyTorch model, and none was given")
     if fmt.source == "onnx" and onnx is None:
         raise ExportError(f"{fmt.title} artifacts are converted from the ONNX artifact; pass onnx= the model.onnx (or model.int8.onnx) to convert")
-    learned = isinstance(model, QATModel)  # a quantization-aware model: its scales come from training, not calibration
+    learned = isinstance(inner_model(model), QATModel) if model is not None else False  # scales from training, not calibration
     if fmt.source == "torch" and precision == "int8" and not learned and (calibration is None or len(calibration) == 0):
         raise ExportError(f"an INT8 {fmt.title} artifact needs calibration inputs (N, C, H, W); none were given")
     if max_batch < 1:

@@ -206,9 +206,6 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
             log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
     _check_float_layers(model, int8_model, config)
     fmt = input_format(config.input_format, data.spec)
-    if fmt.raw and (int8_model is not None or isinstance(model, QATModel)):
-        raise ConfigError(f"input format {fmt.name} is not built for a quantization-aware model yet (its INT8 graph is traced with float inputs); "
-                          "export its FP32 student with --input-format, or this one with --input-format float")
     quantized = cpu_eval(int8_model) if int8_model is not None else contextlib.nullcontext(None)
     with cpu_eval(model) as cpu_model, quantized as cpu_int8, publish_dir(out) as tmp:
         writer = _ArtifactWriter(cpu_model, tmp, data=data, config=config, log=log or (lambda _line: None),
@@ -421,7 +418,7 @@ class _ArtifactWriter:
         """The QDQ ONNX file of a quantization-aware model: its converted graph exported as it is, with the scales it was trained with."""
         self.log("export: ONNX INT8 (QDQ) with the scales the quantization-aware model was trained with")
         path = self.tmp / "model.int8.onnx"
-        onnx = self._timed("export_int8", lambda: export_onnx(self.model.deployable(), path, input_shape=tuple(self.data.spec.input_shape),  # type: ignore[operator]
+        onnx = self._timed("export_int8", lambda: export_onnx(self.fmt.wrap(self.model.deployable()), path, input_shape=self.input_shape,  # type: ignore[operator]
                                                                 opset=self.config.opset, metadata=self.meta | {"kdedge.precision": "int8"}))
         return self._checked(onnx.path, "int8", "onnx", {"opset": onnx.opset, "nodes": onnx.nodes, "quantization": self.model.quantization()},  # type: ignore[operator]
                              fp32_accuracy=fp32.accuracy if fp32 is not None else None)
@@ -445,7 +442,7 @@ class _ArtifactWriter:
         calibration = (self.fmt.feed(_calibration(self.data, c.calibration_samples)) if precision == "int8" and fmt.source == "torch" and not qat
                        else None)
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
-            name, out=path, precision=precision, model=self.model if qat else self.exported, onnx=self.tmp / source.path if source else None,
+            name, out=path, precision=precision, model=self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
             max_batch=c.edge_max_batch, keep_float=self.keep_float))
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import PixelInput, example_input
+from kdedge.data.pixels import PixelInput, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -79,9 +79,9 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
                      - {"torch.ops.higher_order.executorch_call_delegate", "_operator.getitem"})  # ops ExecuTorch runs itself
     details: dict[str, Any] = {
         "converter": f"executorch {version_of('executorch')}", "delegate": "XnnpackPartitioner", "outside_delegate": outside, "batch": batch,
-        "quantization": (model.quantization() if hasattr(model, "quantization") else
+        "quantization": (inner_model(model).quantization() if hasattr(inner_model(model), "quantization") else
                          _INT8_SCHEME | {"calibration_samples": len(calibration)} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
-        if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
+        if precision == "int8" and (calibration is not None or hasattr(inner_model(model), "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), buffer)
@@ -100,8 +100,10 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
     example = (example_input(model, min(_EXAMPLE_BATCH, max_batch), input_shape),)  # uint8 for a model with its preprocessing in the graph
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
     with torch.no_grad():
-        if precision == "int8" and isinstance(model, QATModel):  # quantization-aware: its own Q/DQ graph, the scales training used
-            return torch.export.export(model.converted(), example, dynamic_shapes=dynamic)
+        inner = inner_model(model)
+        if precision == "int8" and isinstance(inner, QATModel):  # quantization-aware: its own Q/DQ graph, the scales training used
+            graph = inner.converted()
+            return torch.export.export(model.around(graph) if isinstance(model, PixelInput) else graph, example, dynamic_shapes=dynamic)
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":
             assert calibration is not None

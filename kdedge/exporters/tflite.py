@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import PixelInput, example_input
+from kdedge.data.pixels import PixelInput, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -77,9 +77,9 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     details: dict[str, Any] = {
         "converter": f"litert-torch {version_of('litert-torch')}", "runtime": f"ai-edge-litert {version_of('ai-edge-litert')}",
         "batch": batch, "resize": "Interpreter.resize_tensor_input" if "max" in batch else None, "ops": _op_counts(flat),
-        "quantization": (model.quantization() | {"io": "int8"} if hasattr(model, "quantization") else
+        "quantization": (inner_model(model).quantization() | {"io": "int8"} if hasattr(inner_model(model), "quantization") else
                          _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
-        if precision == "int8" and (calibration is not None or hasattr(model, "quantization")) else None,
+        if precision == "int8" and (calibration is not None or hasattr(inner_model(model), "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), flat)
@@ -104,10 +104,12 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
             if precision == "int8":
                 from litert_torch.quantize.quant_config import QuantConfig
 
-                if isinstance(model, QATModel):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
+                inner = inner_model(model)
+                if isinstance(inner, QATModel):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
                     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
-                    graph = model.converted(fold_quantize=False)
+                    graph = inner.converted(fold_quantize=False)
+                    graph = model.around(graph) if isinstance(model, PixelInput) else graph  # its preprocessing in front
                     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
                 else:
                     assert calibration is not None
