@@ -60,8 +60,9 @@ class PixelInput(nn.Module):
     input_dtype = torch.uint8
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2) if self.channels_last else pixels  # (B, C, H, W)
-        return self.model(x.to(self.gain.dtype) * self.gain + self.bias)
+        x = pixels.to(self.gain.dtype)  # cast first: the float permute and affine lower into XNNPACK's partition, a uint8 permute would not
+        x = x.permute(0, 3, 1, 2) if self.channels_last else x  # (B, C, H, W)
+        return self.model(x * self.gain + self.bias)
 
 
 @dataclass(frozen=True)
