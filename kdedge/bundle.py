@@ -48,7 +48,7 @@ from kdedge.bench.tuning import settings_call, time_within, tune
 from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, config_to_yaml
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
-from kdedge.data.pixels import input_format, recorded_input_format
+from kdedge.data.pixels import InputFormat, input_format, recorded_input_format
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
@@ -303,7 +303,7 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
         if why:
             raise BackendUnavailable(why)
     data = load_data_for(config)
-    input_format(config.input_format, data.spec)  # uint8 pixels need 8-bit data: refused before training, not at the export
+    pixels = input_format(config.input_format, data.spec)  # uint8 pixels need 8-bit data: refused before training, not at the export
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
     if config.prune is not None:  # the student is the teacher, pruned: its graph is the teacher's with fewer channels
         student, student_spec = _prunable_teacher(config, teacher, data)
@@ -313,7 +313,7 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
     distill_cfg = DistillConfig(**{k: v for k, v in config.to_dict().items() if k in DistillConfig.__dataclass_fields__} | {"out": None})
     _check_measurable(config, teacher, targets)
     _check_edge_targets(formats, targets)
-    _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes)
+    _check_student_exports(student, student_spec, data, formats, work, log, batch_sizes=config.batch_sizes, fmt=pixels)
     if config.int8 != "ptq":
         _check_quantization_aware(student if config.latency_budget is None else None, student_spec, data, config, distill_cfg, log)
     if config.keep_float is not None:
@@ -385,22 +385,27 @@ def _check_edge_targets(formats: tuple[str, ...], targets: tuple[str, ...]) -> N
 
 
 def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits, formats: tuple[str, ...], work: Path, log: Callable[[str], None],
-                           *, batch_sizes: tuple[int, ...] = (1,)) -> None:
+                           *, batch_sizes: tuple[int, ...] = (1,), fmt: InputFormat | None = None) -> None:
     """The untrained student through every format: the graph, the quantizers, the FP16 cast and the edge converters do not depend on the weights.
 
     Parity and accuracy do, so they are checked on the trained student only. Edge formats are
     checked in FP32 (their INT8 paths quantize the same graph), and each artifact's batch
-    contract against the batch sizes the benchmark will time.
+    contract against the batch sizes the benchmark will time. With ``fmt`` a uint8 format, the graph is the one shipped:
+    the student behind its preprocessing, taking pixels.
     """
     log(f"preflight: the {spec.name} student's graph through " + ", ".join(f for f in formats if f != "tensorrt"))
-    shape = tuple(data.spec.input_shape)
-    fp32 = export_onnx(student, work / "student.onnx", input_shape=shape)
-    if "onnx-int8" in formats:
-        quantize_int8(fp32.path, work / "student.int8.onnx", calibration=data.train.sample(32).numpy())
-    if "onnx-fp16" in formats:
-        export_onnx(student, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
-    meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None)
-    with cpu_eval(student) as model:
+    fmt = fmt or input_format("float", data.spec)
+    shape = fmt.shape(tuple(data.spec.input_shape))
+    with cpu_eval(student) as plain:
+        shipped = fmt.wrap(plain).eval()
+        fp32 = export_onnx(shipped, work / "student.onnx", input_shape=shape)
+        if "onnx-int8" in formats:
+            quantize_int8(fp32.path, work / "student.int8.onnx", calibration=fmt.feed(data.train.sample(32).numpy()))
+        if "onnx-fp16" in formats:
+            export_onnx(shipped, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
+    meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None, fmt=fmt)
+    with cpu_eval(student) as plain:
+        model = fmt.wrap(plain).eval()
         for name in (n for n in EDGE_FORMATS if {n, f"{n}-int8"} & set(formats)):
             details = export_edge(name, out=work / f"student{EDGE_FORMATS[name].suffix}", precision="fp32", model=model, onnx=fp32.path,
                                   input_shape=shape, metadata=meta, max_batch=_edge_max_batch(batch_sizes))
@@ -590,7 +595,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     student_bm = BenchModel(plan.student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
                             flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
                             artifacts={artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"},
-                            artifact_feed=_artifact_feed(exported.manifest))
+                            artifact_feed=_artifact_feed(exported.manifest), input_format=config.input_format)
     targets = plan.targets
     bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export

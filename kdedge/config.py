@@ -462,8 +462,9 @@ class CompressConfig(DistillConfig):
             p.append(f"int8 {self.int8} trains the INT8 student, but formats ({', '.join(self.formats)}) hold no INT8 format; "
                      "add onnx-int8 (or an edge format's -int8), or drop --int8")
         p += _choices(self, ("input_format", INPUT_FORMATS))
-        if self.input_format != "float" and "tensorrt" in self.formats:
-            p.append(f"input_format {self.input_format} is not built for TensorRT engines yet; drop tensorrt from formats or use --input-format float")
+        if self.input_format != "float" and ("tensorrt" in self.formats or "trt" in self.targets):
+            p.append(f"input_format {self.input_format} is not built for TensorRT engines yet; drop tensorrt from formats and trt from targets, "
+                     "or use --input-format float")
         if self.qat_epochs < 1:
             p.append(f"qat_epochs must be >= 1, got {self.qat_epochs}")
         if not self.qat_lr > 0:

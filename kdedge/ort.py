@@ -126,13 +126,15 @@ def ort_predict(session, inputs: np.ndarray, *, batch_size: int = 256, dtype: ty
     a fixed batch size gets batches of exactly that size, the last one zero-padded (and its
     padding rows dropped from the output), whatever ``batch_size`` asks for.
     """
+    from kdedge.data.pixels import artifact_input
+
     dtype = dtype or input_dtype(session)
     name = session.get_inputs()[0].name
     fixed = fixed_batch(session)
     step = fixed or batch_size
     outputs = []
     for i in range(0, len(inputs), step):
-        chunk = np.ascontiguousarray(inputs[i : i + step], dtype=dtype)
+        chunk = artifact_input(inputs[i : i + step], dtype, "the ONNX model")
         n = len(chunk)
         if n < step and fixed is not None:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])

@@ -66,6 +66,20 @@ def test_an_rgb_pixel_round_trips_with_its_own_channel_statistics():
     assert again == fmt and recorded_input_format({"dtype": "float32"}, {}) is None
 
 
+def test_a_malformed_pixel_contract_is_one_line_not_a_guess():
+    from kdedge.errors import DataError
+
+    contract = {"name": "input", "shape": ["batch", 28, 28, 1], "dtype": "uint8", "layout": "NHWC", "format": "uint8-nhwc"}
+    good = {"scale": 1 / 255, "mean": [0.286], "std": [0.353]}
+    assert recorded_input_format(contract, good).std == (0.353,)
+    for bad, why in ((good | {"mean": []}, "0 mean and 1 std values for 1 channel"), (good | {"scale": 0}, "scale 0.0 is not positive"),
+                     (good | {"std": [0.0]}, "a std is not positive"), ({}, "KeyError"), (good | {"scale": None}, "TypeError")):
+        with pytest.raises(DataError, match=why):
+            recorded_input_format(contract, bad)
+    with pytest.raises(DataError, match="format is not a uint8 one"):
+        recorded_input_format(contract | {"format": "float"}, good)
+
+
 def test_float_stored_data_cannot_take_uint8_pixels(fmnist):
     import dataclasses
 
@@ -106,9 +120,15 @@ def test_uint8_onnx_export_matches_the_float_model_on_the_same_images(student, t
     same = ort_predict(ort_session(tmp_path / "f" / "model.int8.onnx"), data.test.inputs().numpy()).argmax(1)
     assert float((ort_predict(ort_session(tmp_path / "x" / "model.int8.onnx"), pixels).argmax(1) == same).mean()) >= 0.995
     # The layers --keep-float names are the model's, though they sit behind the wrapper.
-    kept = export_model(model, tmp_path / "k", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), input_format="uint8-nhwc",
-                                                                              keep_float=("features.0",), evaluate=False))
-    assert kept.artifact("model.int8.onnx").details["quantization"]["float_nodes"]
+    kept = export_model(model, tmp_path / "k", data=data, config=ExportConfig(formats=("onnx", "onnx-int8", "executorch-int8"),
+                                                                              input_format="uint8-nhwc", keep_float=("features.0",), evaluate=False))
+    onnx_q, pte_q = (kept.artifact(name).details["quantization"] for name in ("model.int8.onnx", "model.int8.pte"))
+    assert onnx_q["float_nodes"] and onnx_q["float_layers"] == pte_q["float_layers"] == ["features.0"]  # recorded as the user named them
+    # Fed what it does not take, a session refuses in one line instead of reading normalized values as pixels (or the reverse).
+    with pytest.raises(ConfigError, match="takes uint8 pixels .* got float32 inputs"):
+        ort_predict(ort_session(tmp_path / "x" / "model.onnx"), data.test.inputs(slice(0, 2)).numpy())
+    with pytest.raises(ConfigError, match="got uint8 pixels; normalize them first"):
+        ort_predict(ort_session(tmp_path / "f" / "model.onnx"), pixels[:2])
 
 
 def test_bench_feeds_pixels_to_a_uint8_export(student, tmp_path, capsys):

@@ -61,6 +61,7 @@ class BenchModel:
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None  # the data's inputs -> this model's (e.g. a teacher's own normalization)
     # the (preprocessed) inputs -> what its artifact files take: uint8 pixels where their preprocessing is in the graph (kdedge.data.pixels)
     artifact_feed: Callable[[np.ndarray], np.ndarray] | None = None
+    input_format: str = "float"  # what its artifact files take (--input-format); a missing variant is exported the same way
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,8 @@ def _ensure_artifacts(model: BenchModel, data: DataSplits, config: BenchConfig, 
     formats = tuple(dict.fromkeys(["onnx", *wanted]))
     out = workdir / f"{model.role}-{model.name}".replace("/", "_")
     log(f"bench: exporting {model.name} to {', '.join(formats)} for the {', '.join(config.targets)} targets")
-    config = ExportConfig(formats=formats, evaluate=False, parity_samples=256, edge_max_batch=max(256, *config.batch_sizes))
+    config = ExportConfig(formats=formats, evaluate=False, parity_samples=256, edge_max_batch=max(256, *config.batch_sizes),
+                          input_format=model.input_format)  # like its other files: the benchmark feeds them all alike
     result = export_model(model.module, out, data=data, config=config, model_name=model.name, log=log)
     for a in result.artifacts:
         model.artifacts.setdefault(artifact_variant(asdict(a)), out / a.path)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError
+from kdedge.data.pixels import artifact_input
 
 __all__ = ["EdgeRunner", "Runner", "TorchRunner", "OrtRunner", "TensorRTRunner", "TARGETS", "make_runner", "format_prefix", "target_available", "variant_prefix"]
 
@@ -165,7 +166,7 @@ class OrtRunner:
         self.on_device_timing = False  # session.run copies in and out: host time is the user's latency
 
     def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
+        feed = {self.input_name: artifact_input(batch, self.input_dtype, self.path.name)}
         run, names = self.session.run, None
         return lambda: run(names, feed)
 

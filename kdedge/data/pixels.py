@@ -21,6 +21,7 @@ artifact what a device would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 
 from kdedge.config import INPUT_FORMATS
-from kdedge.errors import ConfigError
+from kdedge.errors import ConfigError, DataError
 from kdedge.data.spec import UINT8_SCALE, DatasetSpec
 
-__all__ = ["INPUT_FORMATS", "InputFormat", "PixelInput", "example_input", "inner_model", "input_format", "recorded_input_format"]
+__all__ = ["INPUT_FORMATS", "InputFormat", "PixelInput", "artifact_input", "example_input", "inner_model", "input_format", "recorded_input_format"]
 
 
 class PixelInput(nn.Module):
@@ -135,6 +136,24 @@ def input_format(name: str, spec: DatasetSpec) -> InputFormat:
     return InputFormat(name=name, scale=float(scale if scale is not None else UINT8_SCALE), mean=tuple(spec.mean), std=tuple(spec.std))
 
 
+def artifact_input(x: np.ndarray, dtype: type | np.dtype, what: str) -> np.ndarray:
+    """``x`` as a contiguous array of the artifact's input ``dtype``; ConfigError where that would change what the values mean.
+
+    A uint8 artifact (its preprocessing in the graph) fed floating-point inputs would read normalized
+    values as pixels, and a float one fed uint8 pixels would read them unnormalized: both compute
+    nonsense without an error, so both are refused, naming ``what`` (the artifact).
+    """
+    x = np.asarray(x)
+    pixels, given = np.dtype(dtype) == np.uint8, x.dtype == np.uint8
+    if pixels and not given:
+        raise ConfigError(f"{what} takes uint8 pixels (its preprocessing is in the graph), got {x.dtype} inputs; feed the decoded images "
+                          "(kdedge.data.pixels.InputFormat.feed turns normalized inputs back into them)")
+    if given and not pixels:
+        raise ConfigError(f"{what} takes {np.dtype(dtype).name} inputs normalized as its metadata says, got uint8 pixels; normalize them "
+                          "first, or export with --input-format uint8-nhwc")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
 def inner_model(model: nn.Module) -> nn.Module:
     """The model behind a :class:`PixelInput` (``model`` itself otherwise)."""
     return model.model if isinstance(model, PixelInput) else model
@@ -147,12 +166,28 @@ def example_input(model: nn.Module, batch: int, sample_shape: tuple[int, ...]) -
 
 def recorded_input_format(contract: object, preprocessing: object) -> InputFormat | None:
     """The :class:`InputFormat` an artifact records (``export.json``'s or a bundle's ``input`` and ``preprocessing``, or the
-    ``kdedge.input`` / ``kdedge.preprocessing`` metadata, parsed); None for a float input or a file that does not say."""
-    if not isinstance(contract, dict) or contract.get("dtype") != "uint8" or not isinstance(preprocessing, dict):
+    ``kdedge.input`` / ``kdedge.preprocessing`` metadata, parsed); None for a float input or a file that does not say.
+
+    Raises:
+        DataError: The input is uint8 but the record cannot say how to make its pixels (a malformed or edited file): feeding it
+            anything would be a guess.
+    """
+    if not isinstance(contract, dict) or contract.get("dtype") != "uint8":
         return None
-    name = contract.get("format") or ("uint8-nhwc" if contract.get("layout") == "NHWC" else "uint8-nchw")
     try:
-        return InputFormat(name=str(name), scale=float(preprocessing["scale"]), mean=tuple(float(v) for v in preprocessing["mean"]),
-                           std=tuple(float(v) for v in preprocessing["std"]))
-    except (KeyError, TypeError, ValueError):
-        return None
+        pre = preprocessing if isinstance(preprocessing, dict) else {}
+        name = contract.get("format") or ("uint8-nhwc" if contract.get("layout") == "NHWC" else "uint8-nchw")
+        sample = [int(v) for v in contract["shape"][1:]]
+        fmt = InputFormat(name=str(name), scale=float(pre["scale"]), mean=tuple(float(v) for v in pre["mean"]),
+                          std=tuple(float(v) for v in pre["std"]))
+        channels = sample[-1] if fmt.name == "uint8-nhwc" else sample[0]
+        problem = ("format is not a uint8 one" if fmt.name not in INPUT_FORMATS[1:] else
+                   f"scale {fmt.scale} is not positive" if not (math.isfinite(fmt.scale) and fmt.scale > 0) else
+                   f"{len(fmt.mean)} mean and {len(fmt.std)} std values for {channels} channel(s)" if not len(fmt.mean) == len(fmt.std) == channels else
+                   "a std is not positive" if not all(v > 0 for v in fmt.std) else None)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:
+        raise DataError(f"the artifact takes uint8 pixels, but its recorded input contract cannot say how to make them ({problem}); "
+                        "re-export it with kdedge export")
+    return fmt

@@ -304,8 +304,9 @@ class _ArtifactWriter:
         # the same images as the reference, as it takes them (fmt.feed), and compare with the float model on the normalized inputs.
         self.exported = fmt.wrap(model).eval()
         self.input_shape = fmt.shape(tuple(data.spec.input_shape))
-        # Layer names are the model's; behind the wrapper they sit under "model."
-        self.keep_float = tuple(f"model.{n}" for n in config.keep_float) if fmt.raw else tuple(config.keep_float)
+        # Layer names are the model's; behind the wrapper the ONNX file names its weights "model.<layer>.weight" (the PT2E
+        # quantizers are told the wrapper instead, and record the model's names)
+        self.onnx_keep_float = tuple(f"model.{n}" for n in config.keep_float) if fmt.raw else tuple(config.keep_float)
         self.tol = tolerances(config)
         rows = stratified_rows(data.test.labels, config.parity_samples)  # every class in its share, never the first N files
         self.parity_inputs = data.test.inputs(rows)
@@ -411,7 +412,8 @@ class _ArtifactWriter:
         path = self.tmp / "model.int8.onnx"
         info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
                                                                    method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range,
-                                                                   keep_float=self.keep_float))
+                                                                   keep_float=self.onnx_keep_float))
+        info.float_layers = list(c.keep_float) or None  # as the user named them
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
 
     def qat_int8(self, fp32: Artifact | None = None) -> Artifact:
@@ -444,7 +446,7 @@ class _ArtifactWriter:
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch, keep_float=self.keep_float))
+            max_batch=c.edge_max_batch, keep_float=c.keep_float))
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)
         details["runtime"] = session.runtime

@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from kdedge.errors import BackendUnavailable, ConfigError, ExportError
+from kdedge.data.pixels import artifact_input
 
 __all__ = ["COMPILE_CONFIG", "RUNTIME_CONFIG_KEY", "Session", "exec_precisions", "export", "read_metadata"]
 
@@ -253,7 +254,7 @@ class Session:
         self._request = self._compiled.create_infer_request()
 
     def _input(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=self._dtype)
+        x = artifact_input(x, self._dtype, self.path.name)
         if x.ndim != 1 + len(self._sample) or any(s is not None and s != n for s, n in zip(self._sample, x.shape[1:])):
             raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) "
                               f"{self._dtype.name}; got {tuple(x.shape)}")

@@ -35,6 +35,7 @@ from torch import nn
 
 from kdedge.errors import ConfigError, ExportError
 from kdedge.exporters._native import first_line
+from kdedge.data.pixels import artifact_input
 
 __all__ = ["CONFIG_SUFFIX", "Session", "config_path", "export", "read_metadata"]
 
@@ -183,7 +184,7 @@ class Session:
         self._dtype = input_dtype(self.session)  # float32, or uint8 for a model with its preprocessing in the graph
 
     def _feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=self._dtype)
+        x = artifact_input(x, self._dtype, self.path.name)
         if x.ndim != 1 + len(self._sample) or any(s is not None and s != n for s, n in zip(self._sample, x.shape[1:])):
             raise ConfigError(f"{self.path.name} takes inputs (batch, {', '.join(str(s or '?') for s in self._sample)}) "
                               f"{np.dtype(self._dtype).name}; got {tuple(x.shape)}")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import PixelInput, example_input, inner_model
+from kdedge.data.pixels import PixelInput, artifact_input, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -244,12 +244,12 @@ class Session:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(B, K)`` for ``x`` ``(B, ...)`` (float32, or uint8 pixels), ``B`` within the batch contract."""
-        (logits,) = self._current().execute([torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype))])
+        (logits,) = self._current().execute([torch.from_numpy(artifact_input(x, self._dtype, self.path.name))])
         return logits.numpy()
 
     def prepare(self, x: np.ndarray) -> Callable[[], Any]:
         """One inference per call on ``x``, already copied into the program's planned input (no per-call copies)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype))
+        tensor = torch.from_numpy(artifact_input(x, self._dtype, self.path.name))
         if not hasattr(getattr(self._current(), "_method", None), "set_inputs"):  # the bindings' ExecuTorchMethod is private
             return lambda: self._current().execute([tensor])
         bound = {"generation": -1, "execute": None}

@@ -163,15 +163,18 @@ def pixel_preprocessing_nodes(proto: Any) -> list[str]:
     """The names of the nodes that preprocess a uint8 graph input (cast, layout, per-channel scale and shift) before the first layer.
 
     Walked forward from the input: a node belongs while it is one of Transpose, Cast, Mul, Add, Sub,
-    Div and its other inputs are small constants (at most 4 elements per channel axis: the
-    :class:`~kdedge.data.pixels.PixelInput` gain and bias). ``[]`` for a graph with a float input.
+    Div and its other inputs are per-channel constants (no more elements than the input's largest
+    candidate channel axis, its second or last: the :class:`~kdedge.data.pixels.PixelInput` gain and
+    bias). ``[]`` for a graph with a float input.
     """
     import onnx
 
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if not inputs or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
         return []
-    small = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) <= 4}
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    channels = max([d for d in (dims[1:2] + dims[-1:]) if d > 0] or [4])  # NCHW or NHWC: the larger bound is safe for the walk
+    small = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) <= channels}
     small |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
     reached, names = {inputs[0].name}, []
     for node in proto.graph.node:  # topologically sorted, as ONNX requires

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdedge._fs import atomic_write_bytes
-from kdedge.data.pixels import PixelInput, example_input, inner_model
+from kdedge.data.pixels import PixelInput, artifact_input, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
 from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
@@ -66,6 +66,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     start = time.perf_counter()
     meta = metadata | {"kdedge.precision": precision}
     shape = tuple(input_shape)
+    io = "uint8 pixels in, int8 out" if isinstance(model, PixelInput) else "int8"  # the flatbuffer's input and output tensors
     flat = _finished(_convert(model, shape, precision, calibration, batch=_EXPORT_BATCH if max_batch > 1 else 1, keep_float=keep_float), meta,
                      export_batch=_EXPORT_BATCH if max_batch > 1 else None)
     batch: dict[str, int] = {"min": 1, "max": max_batch}
@@ -77,8 +78,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     details: dict[str, Any] = {
         "converter": f"litert-torch {version_of('litert-torch')}", "runtime": f"ai-edge-litert {version_of('ai-edge-litert')}",
         "batch": batch, "resize": "Interpreter.resize_tensor_input" if "max" in batch else None, "ops": _op_counts(flat),
-        "quantization": (inner_model(model).quantization() | {"io": "int8"} if hasattr(inner_model(model), "quantization") else
-                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": "int8"} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
+        "quantization": (inner_model(model).quantization() | {"io": io} if hasattr(inner_model(model), "quantization") else
+                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": io} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
         if precision == "int8" and (calibration is not None or hasattr(inner_model(model), "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +288,7 @@ class Session:
         self._batch = batch
 
     def _feed(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=self._dtype)
+        x = artifact_input(x, self._dtype, self.path.name)
         self._resize(len(x))
         if self._in_q is not None:
             scale, zero = self._in_q

@@ -96,7 +96,7 @@ def keep_float_quantizer(quantizer: Any, float_layers: Sequence[str] = (), *, on
     ``inside`` names the submodule that holds the model (``"model"`` behind a
     :class:`~kdedge.data.pixels.PixelInput`): the wrapper's own operations outside it (the in-graph
     preprocessing) stay float, and the model's first layer quantizes their result as it would its
-    float input. The nodes are marked as annotated with no quantization spec while ``quantizer``
+    float input; the layer names are then the model's own (``features.0``, not ``model.features.0``). The nodes are marked as annotated with no quantization spec while ``quantizer``
     annotates, so its patterns skip them (a pattern is annotated only when none of its nodes is).
     Returns ``quantizer`` itself when there is nothing to keep.
     """
@@ -114,7 +114,8 @@ def keep_float_quantizer(quantizer: Any, float_layers: Sequence[str] = (), *, on
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             graph = model.graph
-            units = {name: _unit(graph, name) for name in ([only] if only is not None else float_layers)}
+            within = f"{inside}." if inside is not None else ""  # the layer names are the model's, which sits in `inside`
+            units = {name: _unit(graph, within + name) for name in ([only] if only is not None else float_layers)}
             missing = [name for name, nodes in units.items() if not nodes]
             if missing:  # e.g. a module called through another attribute name: its nodes record that name
                 raise ExportError(f"--keep-float {', '.join(missing)}: no operation of the captured graph records this module "

@@ -54,6 +54,9 @@ class OnnxTeacherModule(nn.Module):
         #: The graph's fixed batch size, or None when the batch dimension is symbolic.
         self.fixed_batch = fixed_batch(self.session)
         fixed = [d if isinstance(d, int) else None for d in shape[1:]]
+        if inputs[0].type == "tensor(uint8)":  # a kdedge export with --input-format uint8-*: its preprocessing is in the graph
+            raise DataError(f"{self.path.name}: input {self.input_name!r} takes uint8 pixels (its preprocessing is in the graph); a teacher is "
+                            "fed normalized float images: export it again with --input-format float")
         if len(shape) != 1 + len(input_shape) or any(f is not None and f != want for f, want in zip(fixed, input_shape)):
             raise DataError(f"{self.path.name}: input {self.input_name!r} has shape {shape}, but the data's samples are {tuple(input_shape)}; "
                             "export the teacher for this data's (batch, C, H, W) inputs")
