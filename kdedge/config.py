@@ -258,7 +258,9 @@ class ExportConfig(_Config):
     and named under ``skipped`` (the others are kept); without it the export fails. Edge formats (``executorch``,
     ``litert``, ``openvino``, ``ort`` and their ``-int8``) get the same parity and accuracy checks,
     each run in its own runtime; an artifact whose batch is bounded at export takes up to
-    ``edge_max_batch``.
+    ``edge_max_batch``. ``input_format``: ``float`` (normalized NCHW, the caller preprocesses) or
+    ``uint8-nhwc``/``uint8-nchw`` (every artifact takes 8-bit pixels and does scale, mean/std and
+    layout in its graph, :mod:`kdedge.data.pixels`; checked against the float model on the same images).
     """
 
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
