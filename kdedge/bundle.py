@@ -602,6 +602,10 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
     report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
     write_report_files(report, tmp)
+    if config.log_dir:  # the latency and accuracy tables beside the training curves
+        from kdedge.tblog import write_text
+
+        write_text(config.log_dir, "bundle/report", (tmp / "report.md").read_text(), step=config.epochs)
     timings["bench"] = time.perf_counter() - start
 
     recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop)

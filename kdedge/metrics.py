@@ -177,6 +177,14 @@ def _predictions(model: nn.Module, data: Dataset | DataLoader, *, batch_size: in
     return torch.cat(predictions), torch.cat(labels), width
 
 
+def agreement(model: nn.Module, reference: torch.Tensor, data: Dataset | DataLoader, *, batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
+    """The share of ``data`` on which ``model`` predicts the class ``reference`` ``(N,)`` holds (e.g. the teacher's predictions)."""
+    predictions, _, _ = _predictions(model, data, batch_size=batch_size, device=device)
+    if len(predictions) != len(reference):
+        raise ValueError(f"{len(reference)} reference predictions for {len(predictions)} samples")
+    return float((predictions == reference.cpu()).float().mean()) if len(predictions) else 0.0
+
+
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | None = None, batch_size: int = 1000, device: torch.device | str = "cpu") -> Evaluation:
     """Accuracy, macro precision/recall/F1 and per-class counts (the confusion matrix up to :data:`CONFUSION_MAX_CLASSES`) of ``model`` on ``data``.
 

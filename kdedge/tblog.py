@@ -2,8 +2,12 @@
 
 Per epoch (the step is the epoch number): every number of the epoch's history row — the loss and
 its parts (``train_loss``, ``train_task_loss``, ``train_kd_loss``, ``train_feature_loss``), training
-accuracy, the learning rate, validation (or test) accuracy and macro F1, seconds — as the scalar
-``<group>/<name>`` (``loss/train_kd_loss``, ``accuracy/val_accuracy``, ``lr/lr``, ``time/seconds``).
+accuracy, the learning rate, validation (or test) accuracy and macro F1, how often the student
+predicts the teacher's class there (``val_teacher_agreement``, a distillation's; the history rows of
+a run with a log directory carry it), seconds — as the scalar ``<group>/<name>``
+(``loss/train_kd_loss``, ``accuracy/val_accuracy``, ``agreement/val_teacher_agreement``, ``lr/lr``,
+``time/seconds``). A bundle (``compress-and-export``) adds its benchmark's Markdown report (latency,
+throughput and accuracy per model, variant and target) under ``bundle/report``.
 At the end: the final test (and validation) metrics as scalars and a Markdown table under
 ``summary``. Only the main process of a ``torchrun`` job writes. Each event file starts with TensorBoard's ``purge_step`` at the first epoch the run trains, so the
 points a killed run (or an earlier run in the same directory) left from there on are dropped rather
@@ -18,9 +22,9 @@ from typing import Any
 
 from kdedge.errors import BackendUnavailable, ConfigError
 
-__all__ = ["EpochLog", "RunLog", "check_available", "prepare_dir", "sub_dir"]
+__all__ = ["EpochLog", "RunLog", "check_available", "prepare_dir", "sub_dir", "write_text"]
 
-_GROUPS = (("loss", ("loss",)), ("accuracy", ("accuracy", "macro_f1")), ("lr", ("lr",)), ("time", ("seconds",)))
+_GROUPS = (("loss", ("loss",)), ("agreement", ("teacher_agreement",)), ("accuracy", ("accuracy", "macro_f1")), ("lr", ("lr",)), ("time", ("seconds",)))
 
 
 def check_available() -> None:
@@ -38,6 +42,19 @@ def prepare_dir(log_dir: str | Path) -> None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--log-dir {log_dir}: cannot create it ({exc.strerror or exc}); give a writable directory") from None
+
+
+def write_text(log_dir: str | Path, tag: str, text: str, *, step: int = 0) -> None:
+    """One Markdown entry ``tag`` in ``log_dir``'s run (a bundle's latency and accuracy tables, beside its training curves)."""
+    check_available()
+    from torch.utils.tensorboard import SummaryWriter
+
+    prepare_dir(log_dir)
+    writer = SummaryWriter(str(log_dir))
+    try:
+        writer.add_text(tag, text, step)
+    finally:
+        writer.close()
 
 
 def sub_dir(log_dir: str | None, name: str) -> str | None:

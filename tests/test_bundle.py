@@ -31,7 +31,7 @@ def _run(capsys, *args):
 @pytest.fixture(scope="module")
 def deploy_yaml(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "deploy.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
+    path.write_text(yaml.safe_dump(SMALL | {"log_dir": str(path.parent / "tb")}))  # the build is watched too (test_bundle_log_dir...)
     return path
 
 
@@ -209,6 +209,29 @@ def test_verify_refuses_a_member_that_overwrites_another(bundle, tmp_path, capsy
     archive = _crafted(tmp_path / "dup.tar.gz", bundle, _member("b1/manifest.json", b"0", size=len(manifest)), manifest)
     code, _, err = _run(capsys, "verify", archive)
     assert code == 2 and "not a readable .tar.gz bundle" in err and "File exists" in err
+
+
+def test_bundle_log_dir_holds_the_training_curves_teacher_agreement_and_the_report(bundle, deploy_yaml):
+    """A bundle built with log_dir: per-epoch scalars of its distillation (teacher agreement on the scored split included, equal to
+    the run's history) and the benchmark's Markdown tables under bundle/report, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(deploy_yaml.parent / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    import torch
+
+    from kdedge.data import load_dataset
+    from kdedge.models import load_checkpoint, pretrained_path
+
+    [agree] = acc.Scalars("agreement/test_teacher_agreement")  # one epoch, scored on the test split (no validation split here)
+    test = load_dataset("fashion-mnist", train_limit=SMALL["train_limit"], test_limit=SMALL["test_limit"]).test
+    with torch.inference_mode():  # the bundled (one-epoch) student vs the shipped teacher, on the same 500 images
+        student, teacher = (load_checkpoint(p).model.eval() for p in (bundle / "student.safetensors", pretrained_path("resnet", 1.0, "fashion-mnist")))
+        expected = float((student(test.inputs()).argmax(1) == teacher(test.inputs()).argmax(1)).float().mean())
+    assert agree.step == 1 and agree.value == pytest.approx(expected, abs=1e-6) and 0.5 < agree.value <= 1
+    report = acc.Tensors("bundle/report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| tiny_cnn |" in report and "## Teacher vs student" in report and "ort-cpu" in report
+    assert "log_dir: null" in (bundle / "config.yaml").read_text()  # the build, not the bundle, decides where it logs
 
 
 @pytest.mark.slow

@@ -27,11 +27,13 @@ def test_distill_log_dir_writes_every_epoch_and_the_summary(tmp_path):
     acc = _events(log_dir)
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/train_loss", "loss/train_task_loss", "loss/train_kd_loss", "accuracy/train_accuracy", "accuracy/val_accuracy",
-            "accuracy/val_macro_f1", "lr/lr", "time/seconds", "final/test_accuracy", "final/val_accuracy"} <= scalars, scalars
+            "accuracy/val_macro_f1", "agreement/val_teacher_agreement", "lr/lr", "time/seconds", "final/test_accuracy",
+            "final/val_accuracy"} <= scalars, scalars
     import json
 
     history = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
-    for tag, key in (("loss/train_loss", "train_loss"), ("accuracy/val_accuracy", "val_accuracy"), ("lr/lr", "lr")):
+    for tag, key in (("loss/train_loss", "train_loss"), ("accuracy/val_accuracy", "val_accuracy"), ("lr/lr", "lr"),
+                     ("agreement/val_teacher_agreement", "val_teacher_agreement")):
         points = acc.Scalars(tag)
         assert [p.step for p in points] == [1, 2]
         assert [p.value for p in points] == pytest.approx([row[key] for row in history], rel=1e-6)  # the run's own numbers

@@ -30,7 +30,7 @@ from kdedge.distill.losses import DistillLoss
 from kdedge.distill.teacher import FrozenTeacher, TeacherLogits, teacher_logits
 from kdedge.distill.views import TeacherViews, ViewRecipe, teacher_views
 from kdedge.errors import BackendUnavailable, ConfigError, TrainingDiverged
-from kdedge.metrics import ChanceCheck, Evaluation, evaluate
+from kdedge.metrics import ChanceCheck, Evaluation, agreement, evaluate
 from kdedge.models.qat import QATModel
 from kdedge.progress import Progress
 
@@ -241,6 +241,9 @@ def fit(
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
             checks: list[ChanceCheck | None] = []  # one per epoch trained in this process: the evidence of a stall (a resume starts afresh)
+            # For the TensorBoard log (main rank; --log-dir): the teacher's classes on the scored split, once, to follow how often the student agrees.
+            taught = (_teacher_classes(teacher, watched, device) if getattr(config, "log_dir", None) and ctx.is_main and teacher is not None
+                      and isinstance(watched, ImageDataset) else None)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 if isinstance(model, QATModel):  # its own schedule: BatchNorm and observer freezes
@@ -249,6 +252,8 @@ def fit(
                 ev = evaluate(model, watched, device=device) if watched is not None else None
                 if ev is not None:
                     row.update({f"{split}_accuracy": ev.accuracy, f"{split}_macro_f1": ev.macro_f1})
+                if taught is not None:
+                    row[f"{split}_teacher_agreement"] = agreement(model, taught, watched, device=device)
                 bar.finish(task, _epoch_line(row, config.epochs))
                 history.append(row)
                 checks.append(chance_check(row, ev, num_classes=_num_classes(run, watched)))
@@ -261,6 +266,12 @@ def fit(
             for h in run.hooks:
                 h.remove()
     return history, run.cached if run.cached is not None else run.views
+
+
+def _teacher_classes(teacher: FrozenTeacher, data: ImageDataset, device: torch.device) -> torch.Tensor:
+    """The teacher's predicted class for every sample of ``data`` ``(N,)``, in order (its own input normalization applied)."""
+    with torch.inference_mode():
+        return torch.cat([teacher(x).argmax(1).cpu() for x, _y in data.chunks(1000, device=device)])
 
 
 def _stop_if_diverged(run: _Run, row: dict[str, Any], checks: list[ChanceCheck | None], *, split: str) -> None:
