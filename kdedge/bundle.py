@@ -396,16 +396,14 @@ def _check_student_exports(student: nn.Module, spec: ModelSpec, data: DataSplits
     log(f"preflight: the {spec.name} student's graph through " + ", ".join(f for f in formats if f != "tensorrt"))
     fmt = fmt or input_format("float", data.spec)
     shape = fmt.shape(tuple(data.spec.input_shape))
-    with cpu_eval(student) as plain:
-        shipped = fmt.wrap(plain).eval()
-        fp32 = export_onnx(shipped, work / "student.onnx", input_shape=shape)
-        if "onnx-int8" in formats:
-            quantize_int8(fp32.path, work / "student.int8.onnx", calibration=fmt.feed(data.train.sample(32).numpy()))
-        if "onnx-fp16" in formats:
-            export_onnx(shipped, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
     meta = onnx_metadata(data.spec, model_name=spec.name, source_sha256=None, fmt=fmt)
     with cpu_eval(student) as plain:
         model = fmt.wrap(plain).eval()
+        fp32 = export_onnx(model, work / "student.onnx", input_shape=shape)
+        if "onnx-int8" in formats:
+            quantize_int8(fp32.path, work / "student.int8.onnx", calibration=fmt.feed(data.train.sample(32).numpy()))
+        if "onnx-fp16" in formats:
+            export_onnx(model, work / "student.fp16.onnx", input_shape=shape, precision="fp16")
         for name in (n for n in EDGE_FORMATS if {n, f"{n}-int8"} & set(formats)):
             details = export_edge(name, out=work / f"student{EDGE_FORMATS[name].suffix}", precision="fp32", model=model, onnx=fp32.path,
                                   input_shape=shape, metadata=meta, max_batch=_edge_max_batch(batch_sizes))
@@ -595,7 +593,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     student_bm = BenchModel(plan.student_spec.name, role="student", module=result.model, params=count_parameters(result.model),
                             flops=count_flops(result.model, tuple(data.spec.input_shape)), bytes=(tmp / "student.safetensors").stat().st_size,
                             artifacts={artifact_variant(a): tmp / "models" / a["path"] for a in artifacts if a.get("details", {}).get("for") != "tensorrt"},
-                            artifact_feed=_artifact_feed(exported.manifest), input_format=config.input_format)
+                            file_input=recorded_input_format(exported.manifest.get("input"), exported.manifest.get("preprocessing")))
     targets = plan.targets
     bench_cfg = BenchConfig(data=config.data, targets=targets, batch_sizes=config.batch_sizes, min_s=config.bench_min_s,
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
@@ -616,7 +614,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     tuned: list[dict[str, Any]] = []
     if config.tune_runtime and all(g["passed"] for g in gates.values()):  # a rejected candidate is not deployed: no time spent tuning it
         start = time.perf_counter()
-        tuned = _tune_targets(tmp, plan, result.model, recommended, log, feed=student_bm.artifact_feed)
+        tuned = _tune_targets(tmp, plan, result.model, recommended, log, feed=student_bm.file_input.feed if student_bm.file_input else None)
         timings["tune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(plan, result, exported, report, student_bm, recommended, gates, timings, tuned)
@@ -843,12 +841,6 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
         "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": plan.distill_config.device},
         "timings_s": timings,
     }
-
-
-def _artifact_feed(manifest: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Normalized inputs -> what the artifacts of ``manifest`` (``export.json`` or the bundle's) take; None when the same."""
-    fmt = recorded_input_format(manifest.get("input"), manifest.get("preprocessing"))
-    return fmt.feed if fmt is not None else None
 
 
 def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:

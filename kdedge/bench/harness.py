@@ -32,6 +32,7 @@ from kdedge.data import DataSplits, DatasetSpec
 from kdedge.metrics import evaluation_from_predictions
 from kdedge._fs import claimed
 from kdedge.errors import BackendUnavailable, ConfigError, DataError, ModelError
+from kdedge.data.pixels import InputFormat, recorded_input_format
 
 __all__ = ["BenchModel", "benchmark", "compare_models", "resolve_bench_model", "run_bench"]
 
@@ -59,9 +60,9 @@ class BenchModel:
     source: str = ""
     recorded: RecordedData | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None  # the data's inputs -> this model's (e.g. a teacher's own normalization)
-    # the (preprocessed) inputs -> what its artifact files take: uint8 pixels where their preprocessing is in the graph (kdedge.data.pixels)
-    artifact_feed: Callable[[np.ndarray], np.ndarray] | None = None
-    input_format: str = "float"  # what its artifact files take (--input-format); a missing variant is exported the same way
+    # What its artifact files take when it is not the (preprocessed) inputs: uint8 pixels with the preprocessing in their graph
+    # (kdedge.data.pixels). The benchmark feeds them its .feed of the inputs; a missing variant is exported the same way.
+    file_input: InputFormat | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
         fp32 = artifacts.get("onnx-fp32")
         return BenchModel(name=manifest.get("model") or path.name, role=role, artifacts=artifacts, params=_onnx_params(fp32) if fp32 else None,
                           bytes=fp32.stat().st_size if fp32 else None, source=str(path), recorded=_recorded_in_spec_dict(manifest.get("data")),
-                          artifact_feed=_feed_of(manifest.get("input"), manifest.get("preprocessing")))
+                          file_input=recorded_input_format(manifest.get("input"), manifest.get("preprocessing")))
     if path.is_file() and path.suffix == ".onnx":
         from kdedge.exporters.onnx import read_metadata
 
@@ -132,7 +133,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             meta = {}
         precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"onnx-{precision}": path}, params=_onnx_params(path) if precision != "int8" else None,
-                          bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta), artifact_feed=_feed_in_metadata(meta))
+                          bytes=path.stat().st_size, source=str(path), recorded=_recorded_in_onnx(meta), file_input=_input_in_metadata(meta))
     edge = _edge_format_of(path)
     if edge is not None:
         from kdedge.exporters.edge import artifact_bytes, load_edge
@@ -142,7 +143,7 @@ def resolve_bench_model(ref: str, *, role: str = "model", data_name: str | None 
             load_edge(edge, path)  # an unreadable file: its runtime says why in one line, before "no dataset recorded" could mislead
         precision = meta.get("kdedge.precision", "fp32")
         return BenchModel(name=path.stem, role=role, artifacts={f"{edge}-{precision}": path}, bytes=artifact_bytes(edge, path),
-                          source=str(path), recorded=_recorded_in_onnx(meta), artifact_feed=_feed_in_metadata(meta))
+                          source=str(path), recorded=_recorded_in_onnx(meta), file_input=_input_in_metadata(meta))
     if path.is_file() and path.suffix in (".plan", ".engine"):
         meta_path = path.with_name(path.name + ".json")
         precision = json.loads(meta_path.read_text()).get("precision", "fp16") if meta_path.is_file() else "fp16"
@@ -194,16 +195,9 @@ def _edge_metadata(edge: str, path: Path) -> dict[str, str]:
         return read_sidecar(path)
 
 
-def _feed_of(contract: Any, preprocessing: Any) -> Callable[[np.ndarray], np.ndarray] | None:
-    """How the data's normalized inputs become what the artifacts take (uint8 pixels), or None when they take them as they are."""
-    from kdedge.data.pixels import recorded_input_format
-
-    fmt = recorded_input_format(contract, preprocessing)
-    return fmt.feed if fmt is not None else None
-
-
-def _feed_in_metadata(meta: dict[str, str]) -> Callable[[np.ndarray], np.ndarray] | None:
-    """:func:`_feed_of` for an artifact's ``kdedge.input`` and ``kdedge.preprocessing`` metadata (JSON strings, or parsed in a sidecar)."""
+def _input_in_metadata(meta: dict[str, str]) -> InputFormat | None:
+    """:func:`~kdedge.data.pixels.recorded_input_format` of an artifact's ``kdedge.input`` and ``kdedge.preprocessing`` metadata
+    (JSON strings, or parsed in a sidecar)."""
     def parsed(key: str) -> Any:
         value = meta.get(key)
         try:
@@ -211,7 +205,7 @@ def _feed_in_metadata(meta: dict[str, str]) -> Callable[[np.ndarray], np.ndarray
         except ValueError:
             return None
 
-    return _feed_of(parsed("kdedge.input"), parsed("kdedge.preprocessing"))
+    return recorded_input_format(parsed("kdedge.input"), parsed("kdedge.preprocessing"))
 
 
 def _recorded_in_spec_dict(d: Any) -> RecordedData | None:
@@ -302,7 +296,7 @@ def _ensure_artifacts(model: BenchModel, data: DataSplits, config: BenchConfig, 
     out = workdir / f"{model.role}-{model.name}".replace("/", "_")
     log(f"bench: exporting {model.name} to {', '.join(formats)} for the {', '.join(config.targets)} targets")
     config = ExportConfig(formats=formats, evaluate=False, parity_samples=256, edge_max_batch=max(256, *config.batch_sizes),
-                          input_format=model.input_format)  # like its other files: the benchmark feeds them all alike
+                          input_format=model.file_input.name if model.file_input else "float")  # like its other files: fed alike
     result = export_model(model.module, out, data=data, config=config, model_name=model.name, log=log)
     for a in result.artifacts:
         model.artifacts.setdefault(artifact_variant(asdict(a)), out / a.path)
@@ -400,7 +394,7 @@ def _benchmark(models: list[BenchModel], data: DataSplits, config: BenchConfig, 
             model_inputs = own(inputs)
             test_inputs = (lambda own=own: (own(x) for x in source())) if config.accuracy else None
             # Its files may take uint8 pixels (preprocessing in their graph): fed once here, before timing, as a device hands them over.
-            feed = model.artifact_feed
+            feed = model.file_input.feed if model.file_input else None
             file_inputs = feed(model_inputs) if feed is not None else model_inputs
             file_test = (lambda f=feed, t=test_inputs: (f(x) for x in t())) if feed is not None and test_inputs is not None else test_inputs
             for target in config.targets:

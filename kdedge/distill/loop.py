@@ -241,9 +241,7 @@ def fit(
             history = _restore(run, state) if state is not None else []
             _wrap_ddp(run)
             checks: list[ChanceCheck | None] = []  # one per epoch trained in this process: the evidence of a stall (a resume starts afresh)
-            # For the TensorBoard log (main rank; --log-dir): the teacher's classes on the scored split, once, to follow how often the student agrees.
-            taught = (_teacher_classes(teacher, watched, device) if getattr(config, "log_dir", None) and ctx.is_main and teacher is not None
-                      and isinstance(watched, ImageDataset) else None)
+            taught = _logged_teacher_classes(config, ctx, teacher, watched, device)
             for epoch in range(len(history) + 1, config.epochs + 1):  # the history holds one row per finished epoch
                 task = bar.add(f"epoch {epoch}/{config.epochs}", run.steps)
                 if isinstance(model, QATModel):  # its own schedule: BatchNorm and observer freezes
@@ -268,8 +266,13 @@ def fit(
     return history, run.cached if run.cached is not None else run.views
 
 
-def _teacher_classes(teacher: FrozenTeacher, data: ImageDataset, device: torch.device) -> torch.Tensor:
-    """The teacher's predicted class for every sample of ``data`` ``(N,)``, in order (its own input normalization applied)."""
+def _logged_teacher_classes(config: _RunConfig, ctx: dist_.DistContext, teacher: FrozenTeacher | None, data: Dataset | DataLoader | None,
+                            device: torch.device) -> torch.Tensor | None:
+    """The teacher's predicted class for every sample of the scored split ``(N,)``, in order (its own input normalization applied),
+    computed once per run for the TensorBoard log's teacher agreement: only on the main rank of a run with ``log_dir``, and a
+    teacher and an addressable split to score; None otherwise."""
+    if not (getattr(config, "log_dir", None) and ctx.is_main and teacher is not None and isinstance(data, ImageDataset)):
+        return None
     with torch.inference_mode():
         return torch.cat([teacher(x).argmax(1).cpu() for x, _y in data.chunks(1000, device=device)])
 
