@@ -91,3 +91,26 @@ def test_onnx_teacher_that_does_not_fit_the_data(tiny, tmp_path, capsys):
     code = main(["distill", "--teacher", str(path), "--epochs", "1", "--train-limit", "100", "--test-limit", "50", "--quiet", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "but the data's samples are (1, 28, 28)" in err[0]
+
+
+def test_onnx_teacher_digest_covers_its_external_weights(tmp_path):
+    """torch.onnx.export writes the weights beside the graph (NAME.onnx.data): new weights, same .onnx bytes, another cache key."""
+    import onnx
+
+    from kdedge._fs import file_sha256
+    from kdedge.models.onnx_teacher import onnx_sha256
+
+    net = TinyNet(num_classes=3).eval()
+    path = tmp_path / "t.onnx"
+    torch.onnx.export(net, (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], dynamo=True, external_data=False)
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="t.onnx.data", size_threshold=100)
+    graph_bytes, before = file_sha256(path), onnx_sha256(path)
+    logits = OnnxTeacherModule(path, input_shape=(1, 8, 8), num_classes=3)(torch.ones(1, 1, 8, 8))
+    data = bytearray((tmp_path / "t.onnx.data").read_bytes())
+    data[:4] = bytes(4) if data[:4] != bytes(4) else b"\x00\x00\x80\x3f"  # one weight changed (0.0 or 1.0 in float32)
+    (tmp_path / "t.onnx.data").write_bytes(bytes(data))
+    teacher = OnnxTeacherModule(path, input_shape=(1, 8, 8), num_classes=3)
+    assert file_sha256(path) == graph_bytes and onnx_sha256(path) != before  # the .onnx is the same file; its weights are not
+    assert bytes(teacher.onnx_sha256.numpy()).hex() == onnx_sha256(path)
+    assert not torch.equal(teacher(torch.ones(1, 1, 8, 8)), logits)

@@ -2,8 +2,9 @@
 
 :class:`OnnxTeacherModule` is an ``nn.Module`` (no parameters, no gradients) so everything that
 takes a teacher — :class:`~kdedge.distill.teacher.FrozenTeacher`, the logit cache, ``evaluate`` —
-works unchanged. The file's sha256 is registered as a buffer, so the logit-cache key changes
-whenever the ONNX file does. A graph exported with a fixed batch size gets its inputs in chunks of
+works unchanged. The sha256 of the file and of every external-data file it names
+(``torch.onnx.export`` writes the weights to ``NAME.onnx.data`` beside it) is registered as a buffer,
+so the logit-cache key changes whenever the graph or its weights do. A graph exported with a fixed batch size gets its inputs in chunks of
 exactly that size (the last one padded), so any batch the loop, the cache or evaluation uses works.
 """
 
@@ -15,11 +16,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdedge._fs import file_sha256
+import hashlib
+
 from kdedge.errors import DataError
 from kdedge.ort import fixed_batch, ort_predict, ort_session
 
-__all__ = ["OnnxTeacherModule"]
+__all__ = ["OnnxTeacherModule", "onnx_sha256"]
+
+
+def onnx_sha256(path: Path) -> str:
+    """sha256 over an ONNX file's bytes and those of each external-data file it names (sorted by name).
+
+    A graph re-exported with new weights can keep its ``.onnx`` bytes and change only its
+    ``.onnx.data``: hashing the ``.onnx`` alone would serve the old weights' cached logits.
+    """
+    import onnx
+
+    def tensors(graph: onnx.GraphProto):  # initializers, sparse ones, and those of subgraphs (If/Loop bodies)
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = sorted({entry.value for t in tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                    for entry in t.external_data if entry.key == "location"})
+    h = hashlib.sha256()
+    for file in [path, *(path.parent / name for name in names)]:
+        h.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class OnnxTeacherModule(nn.Module):
@@ -72,7 +104,7 @@ class OnnxTeacherModule(nn.Module):
         if probe.ndim != 2 or probe.shape != (1, num_classes):
             raise DataError(f"{self.path.name}: output {outputs[0].name!r} has shape {tuple(probe.shape)} for one sample, "
                             f"but the data has {num_classes} classes; expected (batch, {num_classes}) logits")
-        digest = bytes.fromhex(file_sha256(self.path))
+        digest = bytes.fromhex(onnx_sha256(self.path))
         self.register_buffer("onnx_sha256", torch.frombuffer(bytearray(digest), dtype=torch.uint8))  # identifies it in cache keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
