@@ -263,6 +263,8 @@ def fit(
         finally:
             for h in run.hooks:
                 h.remove()
+            if config.channels_last:  # the caller gets its model back in the usual layout: safetensors' save_file refuses
+                model.to(memory_format=torch.contiguous_format)  # channels-last weights (non-contiguous), and exporters expect NCHW
     return history, run.cached if run.cached is not None else run.views
 
 
