@@ -21,8 +21,10 @@ STAMP  := $(VENV)/.kdedge-installed$(if $(strip $(EXTRAS)),-$(subst $(space),-,$
 
 # What the demo needs, and nothing more: torch and kdedge with its core dependencies (ONNX, onnxruntime).
 DEMO_STAMP := $(VENV)/.kdedge-installed-core
+# What the documentation site needs: kdedge (the CLI reference imports its click commands) and MkDocs.
+DOCS_STAMP := $(VENV)/.kdedge-installed-docs
 
-.PHONY: install install-core data data-core demo test test-durations test-fast bench bench-deploy teacher clean
+.PHONY: install install-core data data-core browser docs demo test test-durations test-fast bench bench-deploy teacher clean
 
 install: $(STAMP)
 install-core: $(DEMO_STAMP)
@@ -46,6 +48,10 @@ $(DEMO_STAMP): pyproject.toml
 	$(call pip_install,)
 	@touch $(DEMO_STAMP)
 
+$(DOCS_STAMP): pyproject.toml
+	$(call pip_install,docs)
+	@touch $(DOCS_STAMP)
+
 # Fashion-MNIST: found locally ($$KDEDGE_DATA, ~/.cache/kdedge, /usr/share/datasets), else Debian's
 # package when we may install it, else the official files (sha256-checked) via `kdedge data`.
 define fetch_data
@@ -62,6 +68,17 @@ data: $(STAMP)
 data-core: $(DEMO_STAMP)
 	$(fetch_data)
 
+# Headless Chromium for tests/test_docs_site.py: Debian's package, installed when make runs as root with apt (as the data
+# is; about 30 s); elsewhere install it yourself, or the browser test skips.
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; } || true
+
+# The documentation site, docs/ + mkdocs.yml -> site/. --strict: a broken link, a page left out of the nav or an API
+# reference that names nothing fails the build (tests/test_docs_site.py builds it the same way, then opens it in Chromium).
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # The embedded default: shipped teacher -> tiny_cnn -> ONNX FP32/INT8 -> CPU benchmark -> gates -> runs/bundle-<time>.
 # It runs no edge runtime and no test, so it installs neither (`make test` adds them to the same venv).
 demo: data-core
@@ -75,14 +92,15 @@ TEST_WORKERS ?= 2
 # --no-loadscope-reorder: files go to the workers longest first, as tests/conftest.py orders them (tests/durations.json).
 PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) --durations=15
 
-test: data
-	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST)
+# KDEDGE_REQUIRE_BROWSER=1 where Chromium is installed: the site's browser test then fails rather than skips.
+test: data browser
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) KDEDGE_REQUIRE_BROWSER=$$(command -v chromium >/dev/null && echo 1 || echo 0) $(PYTEST)
 
 # Re-record tests/durations.json (seconds per test file) from a whole run: commit it when files grew or shrank.
 test-durations: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) KDEDGE_RECORD_DURATIONS=1 $(PYTEST)
 
-# The inner loop: the suite without the end-to-end runs marked slow (whole bundles, searches, DDP, the README's notebook).
+# The inner loop: the suite without the end-to-end runs marked slow (whole bundles, searches, DDP, the docs notebook, the tutorials).
 test-fast: data
 	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) $(PYTEST) -m "not slow"
 
@@ -99,4 +117,4 @@ teacher: data
 		--out kdedge/models/weights/resnet-fashion-mnist.safetensors  # the shipped teacher (v1)
 
 clean:
-	rm -rf runs .pytest_cache build *.egg-info
+	rm -rf runs .pytest_cache build site *.egg-info

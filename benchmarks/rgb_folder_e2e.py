@@ -12,7 +12,7 @@ lossy and not the model's input size. Then, each step a ``kdedge`` command with
 3. ``kdedge export`` the student (ONNX FP32 + INT8, parity-checked on the folder's images);
 4. ``kdedge bench`` the student against the teacher;
 5. ``kdedge compress-and-export`` (teacher → student → bundle) and ``kdedge verify``;
-6. the README's consumer example (Pillow + numpy + onnxruntime, no kdedge) on the test JPEG
+6. the consumer example (docs/bundle.md, the bundle's predict.py) (Pillow + numpy + onnxruntime, no kdedge) on the test JPEG
    files, whose accuracy must equal the bundle's recommended artifact's.
 
 Prints one line per step with its wall time and the accuracies, and a final table.
@@ -68,7 +68,7 @@ def kdedge(*args: str) -> tuple[str, float]:
 
 
 def consumer_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "bundle.md").read_text()
     after = text.split("<!-- consumer-example -->", 1)[1]
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)  # type: ignore[union-attr]
 
@@ -79,7 +79,13 @@ def main() -> int:
     ap.add_argument("--train-per-class", type=int, default=500)
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--photos-only", type=Path, metavar="DIR",
+                    help="write the photo folder to DIR and stop (the image-folder tutorial's data, for readers without photos of their own)")
     args = ap.parse_args()
+    if args.photos_only:
+        build_photos(args.photos_only, args.train_per_class, args.test_per_class)
+        print(f"wrote {args.photos_only}/train and {args.photos_only}/test: 10 classes of tinted 36x36 JPEGs from Fashion-MNIST")
+        return 0
     w = args.work
     photos = build_photos(w / "photos", args.train_per_class, args.test_per_class)
     common = ["--data", str(photos), "--image-size", "32", "--epochs", str(args.epochs)]

@@ -7,14 +7,14 @@ gate keeps its candidate under ``<out>.rejected`` for inspection and publishes n
 Layout::
 
     BUNDLE/
-      manifest.json        what a deployment pipeline verifies (see README for every key)
+      manifest.json        what a deployment pipeline verifies (docs/bundle.md lists every key)
       models/              model.onnx, model.int8.onnx[, model.fp16.onnx, model.<p>.plan], export.json
       student.safetensors  the distilled student (weights + model and dataset specs)
       [student-qat.safetensors]  with --int8 qat|auto: the quantization-aware student the INT8 artifacts were built from
       config.yaml          the resolved config; `kdedge build --config` repeats the run
       report.json, report.md, plots/   the benchmark
       predict.py           `python BUNDLE/predict.py IMAGE...`: the recommended CPU model on image files, with only
-                           Pillow, numpy and onnxruntime (kdedge/bundle_files/predict.py, the README's consumer example)
+                           Pillow, numpy and onnxruntime (kdedge/bundle_files/predict.py, the consumer example of docs/bundle.md)
 """
 
 from __future__ import annotations
@@ -801,7 +801,7 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
 
 def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, report: dict[str, Any], student_bm: BenchModel,
               recommended: dict[str, Any], gates: dict[str, Any], timings: dict[str, float], tuned: list[dict[str, Any]]) -> dict[str, Any]:
-    """``manifest.json`` without its file list (see the README for every key)."""
+    """``manifest.json`` without its file list (docs/bundle.md lists every key)."""
     config, data, teacher = plan.config, plan.data, plan.teacher
     artifacts = exported.manifest["artifacts"]
     return {

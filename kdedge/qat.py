@@ -55,7 +55,8 @@ def qat_distill(
         teacher: The teacher; None: the FP32 student itself (its logits are the soft targets).
         config: The QAT recipe (every ``kdedge distill`` field, with a fine-tune's defaults).
         student_spec: The student's spec: the run's checkpoint then reloads by name (scheme recorded).
-        Others: as :func:`kdedge.distill`.
+        train_data: As in :func:`kdedge.distill`, as are ``test_data``, ``val_data``, ``teacher_name``,
+            ``teacher_input``, ``out``, ``progress`` and ``on_epoch``.
 
     Returns:
         The run: test and validation accuracy of the fake-quantized model (what its INT8 artifacts

@@ -1,6 +1,6 @@
-"""The README's bad-input table, row by row: each input gives its one line and its exit code.
+"""The bad-input table of docs/troubleshooting.md, row by row: each input gives its one line and its exit code.
 
-The table in README.md (between the ``bad-input-table`` markers) and ``CASES`` below must list
+The table in docs/troubleshooting.md (between the ``bad-input-table`` markers) and ``CASES`` below must list
 the same rows; a test checks that, so a row cannot be documented without being tested.
 """
 
@@ -19,7 +19,7 @@ import torch
 from conftest import make_idx_dir
 from kdedge.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"  # the page that holds the table
 
 
 def _tiny(tmp: Path) -> str:
@@ -173,7 +173,7 @@ def _unexportable_student(tmp: Path) -> list[str]:
     return ["compress-and-export", "--student", f"{tmp}/nets.py:make", "--train-limit", "200", "--test-limit", "100", "--quiet", "--out", str(tmp / "r")]
 
 
-#: README row input -> (build argv in tmp, fragment of the one-line message, exit code)
+#: table row input -> (build argv in tmp, fragment of the one-line message, exit code)
 def _folder(problem: str) -> Callable[[Path], list[str]]:
     """An image folder (2 classes, 8×8 PNGs) with one ``problem``, trained on from the command line."""
     def make(tmp: Path) -> list[str]:
@@ -316,9 +316,9 @@ def test_bad_input_row(name, tmp_path, capsys):
 
 
 def _readme_rows() -> list[tuple[str, str, int]]:
-    text = README.read_text()
+    text = PAGE.read_text()
     block = re.search(r"<!-- bad-input-table -->(.*?)<!-- /bad-input-table -->", text, re.S)
-    assert block, "README.md lacks the bad-input table markers"
+    assert block, "docs/troubleshooting.md lacks the bad-input table markers"
     rows = []
     for line in block.group(1).strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -326,7 +326,7 @@ def _readme_rows() -> list[tuple[str, str, int]]:
     return rows
 
 
-def test_readme_table_lists_exactly_the_tested_rows():
+def test_docs_table_lists_exactly_the_tested_rows():
     rows = _readme_rows()
     assert [r[0] for r in rows] == list(CASES)
     for name, message, code in rows:

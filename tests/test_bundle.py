@@ -17,7 +17,7 @@ from kdedge.cli import main
 
 from conftest import SMALL_BUNDLE
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+BUNDLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "bundle.md"  # the consumer example lives here
 
 SMALL = SMALL_BUNDLE | {"archive": True, "keep_float": 1}  # the most sensitive layer stays float in the INT8 file
 
@@ -296,9 +296,9 @@ def test_sigkill_during_bundle_writing_leaves_no_bundle(tmp_path):
 
 
 def _consumer_example() -> str:
-    text = README.read_text()
+    text = BUNDLE_DOC.read_text()
     match = re.search(r"<!-- consumer-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its consumer example"
+    assert match, "docs/bundle.md lost its consumer example"
     return match.group(1)
 
 
@@ -363,7 +363,7 @@ def _agree(predicted, logits) -> None:
 
 
 def test_bundle_predict_py_runs_without_kdedge(bundle, bare_python, tmp_path):
-    """The bundle's predict.py (the README's consumer example, word for word), run by a Python that has only Pillow, numpy and
+    """The bundle's predict.py (docs/bundle.md's consumer example, word for word), run by a Python that has only Pillow, numpy and
     onnxruntime, classifies PNG files of all 10,000 test images as the bundled student does in PyTorch (differing only where
     PyTorch's top two logits are within 1e-3 of each other, and on at most 0.1 % of the images). Its resize branch, which a
     Fashion-MNIST bundle does not use, is run on a manifest declaring kdedge's image-folder rule, with images of other sizes

@@ -1,18 +1,24 @@
-"""The README's Python is the API: every ```python block of README.md runs, on a small slice of the real data.
+"""The documentation's Python is the API: every ```python block of the docs' guide pages runs, in order, on a small slice of the real data.
 
-The blocks run top to bottom in one namespace, as a reader pastes them into one notebook: a later
-block uses what an earlier one defined (``kdedge``, ``data``, ``teacher``, ``student``). They run
-in a temporary directory, so the paths they write (``runs/notebook``, ``bundles/nb``, ``export/``,
-``bench/``) land there and never in the repository.
+The blocks of ``PAGES`` run top to bottom in one namespace, as a reader pastes them into one
+notebook: a later block uses what an earlier one defined (``kdedge``, ``data``, ``teacher``,
+``student``, from Getting started). They run in a temporary directory, so the paths they write
+(``runs/notebook``, ``bundles/nb``, ``export/``, ``bench/``) land there and never in the repository.
+The README's one example is Getting started's first block, word for word (checked here), so it runs too.
+The tutorials' code runs in ``tests/test_tutorials.py``, each tutorial on its own.
 
-The README shows the real calls (the full dataset, 15 epochs); the test makes them cheap with the
-textual substitutions in ``CHEAP``. Each must match exactly once: a README edit that changes one of
+The pages show the real calls (the full dataset, 15 epochs); the test makes them cheap with the
+textual substitutions in ``CHEAP``. Each must match exactly once: an edit that changes one of
 these calls fails here, loudly, instead of silently running the full-size job (or nothing).
 
 One block is a script of its own, not a notebook cell: the consumer example (after
-``<!-- consumer-example -->``) reads ``sys.argv`` and must run without kdedge installed.
+``<!-- consumer-example -->`` in docs/bundle.md) reads ``sys.argv`` and must run without kdedge installed.
 ``tests/test_bundle.py::test_bundle_predict_py_runs_without_kdedge`` runs it (the bundle's predict.py) as a separate
 process on a real bundle; this test skips it and checks that it is the only one skipped.
+
+Every other code block of every page (and of the README) either runs in a test or carries a
+``<!-- not-run: REASON -->`` line right above it saying why it cannot run here;
+``test_every_code_block_runs_or_says_why_not`` holds that. ``text`` blocks (a file tree, an output) are not code.
 """
 
 from __future__ import annotations
@@ -26,16 +32,23 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+# The notebook: these pages' Python blocks, in this order (the site's reading order).
+PAGES = ["getting-started.md", "guide/compress-and-export.md", "bundle.md", "guide/export.md", "guide/edge.md", "guide/bench.md",
+         "guide/search.md", "guide/prune.md", "guide/qat.md", "design.md"]
+TUTORIALS = "tutorials"  # their blocks: tests/test_tutorials.py
+NOT_RUN = re.compile(r"^<!-- not-run: (.{20,}) -->$")
 
-# How many ```python blocks the README holds, and how many of them this test runs. A new block
+# How many ```python blocks PAGES hold, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
 EXPECTED_BLOCKS = 11
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
 
-# (as the README shows it, what the test runs instead): the full-size calls made small.
+# (as the page shows it, what the test runs instead): the full-size calls made small.
 CHEAP = [
     # 2,000 training and 500 test images instead of 60,000 / 10,000.
     ('kdedge.load_dataset("fashion-mnist")', 'kdedge.load_dataset("fashion-mnist", train_limit=2000, test_limit=500)'),
@@ -67,61 +80,98 @@ CHEAP = [
 ]
 
 
-def _python_blocks() -> list[tuple[int, str, bool]]:
-    """``(line of the first code line, code, is_script)`` for every ```python block, in order."""
-    text = README.read_text()
+def _python_blocks() -> list[tuple[Path, int, str, bool]]:
+    """``(page, line of the first code line, code, is_script)`` for every ```python block of PAGES, in order."""
     blocks = []
-    for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
-        line = text.count("\n", 0, m.start(1)) + 1
-        before = text[: m.start()].rstrip()
-        blocks.append((line, m.group(1), before.endswith(SCRIPT_MARKER)))
+    for name in PAGES:
+        text = (DOCS / name).read_text()
+        for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            line = text.count("\n", 0, m.start(1)) + 1
+            before = text[: m.start()].rstrip()
+            blocks.append((DOCS / name, line, m.group(1), before.endswith(SCRIPT_MARKER)))
     return blocks
 
 
-def _cheap(blocks: list[tuple[int, str, bool]]) -> list[tuple[int, str, bool]]:
+def _code_blocks(path: Path) -> list[tuple[int, str, str, str]]:
+    """``(line of the fence, language, code, the line above the fence)`` for every fenced block of a Markdown page."""
+    lines, blocks, i = path.read_text().splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            blocks.append((i + 1, lines[i][3:].strip(), "\n".join(lines[i + 1 : end]), lines[i - 1] if i else ""))
+            i = end
+        i += 1
+    return blocks
+
+
+def _cheap(blocks: list[tuple[Path, int, str, bool]]) -> list[tuple[Path, int, str, bool]]:
     """The blocks with every CHEAP substitution applied; each must match exactly once in all of them."""
     out = list(blocks)
     for old, new in CHEAP:
-        hits = [i for i, (_, code, _) in enumerate(out) if old in code]
-        count = sum(code.count(old) for _, code, _ in out)
-        assert count == 1, f"README substitution {old!r} matched {count} times (expected once): update CHEAP in {Path(__file__).name} with the README"
-        line, code, script = out[hits[0]]
-        out[hits[0]] = (line, code.replace(old, new), script)
+        hits = [i for i, (_, _, code, _) in enumerate(out) if old in code]
+        count = sum(code.count(old) for _, _, code, _ in out)
+        assert count == 1, f"docs substitution {old!r} matched {count} times (expected once): update CHEAP in {Path(__file__).name} with the page"
+        page, line, code, script = out[hits[0]]
+        out[hits[0]] = (page, line, code.replace(old, new), script)
     return out
+
+
+def test_every_code_block_runs_or_says_why_not():
+    pages = sorted(DOCS.rglob("*.md")) + [README]
+    notebook = {DOCS / name for name in PAGES}
+    unaccounted = []
+    for page in pages:
+        tutorial = page.parent.name == TUTORIALS
+        for line, language, code, above in _code_blocks(page):
+            marked = bool(NOT_RUN.match(above))
+            if tutorial and language in ("bash", "python"):
+                continue  # tests/test_tutorials.py runs every one not marked, and checks that it ran them all
+            runs = language == "python" and (page in notebook or page == README)  # the README's: test_readme_example_is_...
+            if language == "text" or runs:
+                assert not marked, f"{page.relative_to(ROOT)}:{line}: runs in a test, yet is marked not-run"
+            elif not marked:
+                unaccounted.append(f"{page.relative_to(ROOT)}:{line} ({language or 'no language'})")
+    assert not unaccounted, "code blocks that no test runs and no '<!-- not-run: REASON -->' line explains: " + ", ".join(unaccounted)
+
+
+def test_readme_example_is_getting_started_s_first_block():
+    readme = [code for _, language, code, _ in _code_blocks(README) if language == "python"]
+    first = [code for _, language, code, _ in _code_blocks(DOCS / "getting-started.md") if language == "python"][0]
+    assert readme == [first], "the README's Python example must be Getting started's first block, word for word (so the notebook runs it)"
 
 
 def test_every_python_block_is_run_or_named_as_a_script():
     blocks = _python_blocks()
-    scripts = [code for _, code, script in blocks if script]
-    assert (len(blocks), len(scripts)) == (EXPECTED_BLOCKS, EXPECTED_SCRIPTS), "a README Python block was added or removed: update this test"
+    scripts = [code for _, _, code, script in blocks if script]
+    assert (len(blocks), len(scripts)) == (EXPECTED_BLOCKS, EXPECTED_SCRIPTS), "a Python block was added to or removed from PAGES: update this test"
     assert "sys.argv" in scripts[0]
     # The skipped script is run elsewhere, by the test that reads it after the same marker.
     test_bundle = (Path(__file__).parent / "test_bundle.py").read_text()
     assert "def test_bundle_predict_py_runs_without_kdedge(" in test_bundle and SCRIPT_MARKER in test_bundle
     # Only the marked script may read the command line; every other block is a notebook cell.
-    assert not [line for line, code, script in blocks if not script and "sys.argv" in code]
+    assert not [line for _, line, code, script in blocks if not script and "sys.argv" in code]
     _cheap(blocks)  # every substitution still applies
 
 
 @pytest.mark.edge("executorch", "litert", "openvino", "ort")  # the "Edge runtimes" block runs each artifact in its runtime
 @pytest.mark.slow
-def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
+def test_docs_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__readme__"}
+    namespace: dict = {"__name__": "__docs__"}
     ran, skipped = [], []
-    for line, code, script in _cheap(_python_blocks()):
+    for page, line, code, script in _cheap(_python_blocks()):
         if script:
             skipped.append(line)
             continue
-        # Blank lines in front make a traceback name the README's own line numbers.
-        compiled = compile("\n" * (line - 1) + code, str(README), "exec")
+        # Blank lines in front make a traceback name the page's own line numbers.
+        compiled = compile("\n" * (line - 1) + code, str(page), "exec")
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             exec(compiled, namespace)
         ran.append((line, stdout.getvalue()))
     assert (len(ran), len(skipped)) == (EXPECTED_BLOCKS - EXPECTED_SCRIPTS, EXPECTED_SCRIPTS)
 
-    # What the blocks print and write is what the README says they do (a run may log progress
+    # What the blocks print and write is what the pages say they do (a run may log progress
     # lines first; a block's own print is its last line).
     api, bundle, export, edge, bench, searched, pruned, qat, kept, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     # Sensitivity: every convolution and linear layer of the student ranked, and the most sensitive one float in the INT8 file.
@@ -145,7 +195,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert all(gate["passed"] for gate in manifest["gates"].values()) and "'ort-cpu'" in bundle
     int8 = ast.literal_eval(export)
     assert 0.5 < int8["accuracy"] <= 1 and "drop_vs_fp32_pt" in int8 and (tmp_path / "export/model.int8.onnx").is_file()
-    # Each artifact run by its runtime alone gives onnxruntime's FP32 logits (the README's claim: below 1e-4).
+    # Each artifact run by its runtime alone gives onnxruntime's FP32 logits (the edge page's claim: below 1e-4).
     alone = ast.literal_eval(edge)
     assert set(alone) == {"executorch", "litert", "openvino", "ort", "litert-pixels"} and max(alone.values()) < 1e-4
     assert {p.name for p in (tmp_path / "export-edge").iterdir()} >= {"model.pte", "model.tflite", "model.xml", "model.bin", "model.ort"}
