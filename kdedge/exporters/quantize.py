@@ -233,9 +233,15 @@ def fold_pixel_quantization(proto: Any) -> str:
     if not (np.ptp(gain) <= 1e-6 * abs(gain.flat[0]) and np.ptp(bias) <= 1e-6 * max(abs(bias.flat[0]), 1e-12)):
         return keep_float + " (per-channel normalization: one input scale cannot hold it)"
     g, b = float(gain.flat[0]), float(bias.flat[0])
-    zero = round(-b / g)
-    if g <= 0 or not 0 <= zero <= 255:
+    if g <= 0 or not 0 <= round(-b / g) <= 255:
         return keep_float
+    zero = round(-b / g)
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    scale, point = (consts.get(n) for n in (quant.input[1], quant.input[2] if len(quant.input) > 2 else ""))
+    # The first layers' int32 biases were quantized at the calibrated input scale: fold only where it is the pixels' own (minmax
+    # calibration over images that span 0..255), and only into uint8 activations.
+    if scale is None or point is None or point.dtype != np.uint8 or abs(float(scale) / g - 1) > 1e-3:
+        return keep_float + " (the calibrated input scale is not the pixels' own, or activations are not uint8)"
     # Rewire: each DequantizeLinear reads the pixels with (gain, zero); the chain's Transpose (if any) follows it, on floats:
     # OpenVINO ran the layout change before the dequantization 15 % slower (66 vs 57 us), onnxruntime the same either way.
     scale_name, zero_name = f"{graph_input.name}_pixel_scale", f"{graph_input.name}_pixel_zero_point"
