@@ -10,14 +10,14 @@ exactly that size (the last one padded), so any batch the loop, the cache or eva
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-import hashlib
-
+from kdedge._fs import file_sha256
 from kdedge.errors import DataError
 from kdedge.ort import fixed_batch, ort_predict, ort_session
 
@@ -45,13 +45,10 @@ def onnx_sha256(path: Path) -> str:
     model = onnx.load(str(path), load_external_data=False)
     names = sorted({entry.value for t in tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
                     for entry in t.external_data if entry.key == "location"})
-    h = hashlib.sha256()
-    for file in [path, *(path.parent / name for name in names)]:
-        h.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    files = [path, *(path.parent / name for name in names)]
+    if len(files) == 1:
+        return file_sha256(path)  # a self-contained file: its plain sha256, as before
+    return hashlib.sha256("".join(f"{f.name}\0{file_sha256(f)}\n" for f in files).encode()).hexdigest()
 
 
 class OnnxTeacherModule(nn.Module):
