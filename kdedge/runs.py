@@ -269,24 +269,23 @@ def _distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataL
     device = resolve_device(config.device)
     data_spec = spec_of(train_data)
     input_map = teacher_input_map(config, teacher_input, data_spec)
-    frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last, input_map=input_map)
-    checked = _teacher_before_training(frozen, val_data if val_data is not None else test_data, device=device, config=config, progress=progress,
-                                       data_spec=data_spec, split="validation" if val_data is not None else "test")
-    teacher_val = checked if val_data is not None else None
-    teacher_test = checked if val_data is None else (evaluate(frozen.module, test_data, device=device) if test_data is not None else None)
-    teacher_info = {
-        "name": teacher_name or type(teacher).__name__,
-        "sha256": frozen.fingerprint(),
-        "input_map": {"a": list(input_map.a), "b": list(input_map.b)} if input_map else None,
-        "test": teacher_test.to_dict() if teacher_test else None,
-        **({"val": teacher_val.to_dict()} if teacher_val else {}),
-    } | {k: v for k, v in model_summary(frozen.model, None, data_spec).items() if k != "name"}
-    loss = make_loss(config)
-    result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress,
-                  extra_metrics=extra_metrics | {"teacher": teacher_info}, on_epoch=on_epoch, val_data=val_data)
-    result.teacher_test, result.teacher_val = teacher_test, teacher_val
-    frozen.model.cpu()
-    return result
+    with FrozenTeacher(teacher, device=device, channels_last=config.channels_last, input_map=input_map) as frozen:
+        checked = _teacher_before_training(frozen, val_data if val_data is not None else test_data, device=device, config=config, progress=progress,
+                                           data_spec=data_spec, split="validation" if val_data is not None else "test")
+        teacher_val = checked if val_data is not None else None
+        teacher_test = checked if val_data is None else (evaluate(frozen.module, test_data, device=device) if test_data is not None else None)
+        teacher_info = {
+            "name": teacher_name or type(teacher).__name__,
+            "sha256": frozen.fingerprint(),
+            "input_map": {"a": list(input_map.a), "b": list(input_map.b)} if input_map else None,
+            "test": teacher_test.to_dict() if teacher_test else None,
+            **({"val": teacher_val.to_dict()} if teacher_val else {}),
+        } | {k: v for k, v in model_summary(frozen.model, None, data_spec).items() if k != "name"}
+        loss = make_loss(config)
+        result = _run("distill", student, train_data, test_data, config=config, loss=loss, teacher=frozen, spec=student_spec, out=out, progress=progress,
+                      extra_metrics=extra_metrics | {"teacher": teacher_info}, on_epoch=on_epoch, val_data=val_data)
+        result.teacher_test, result.teacher_val = teacher_test, teacher_val
+        return result
 
 
 def _teacher_before_training(frozen: FrozenTeacher, test: Dataset | DataLoader | None, *, device: torch.device, config: DistillConfig,

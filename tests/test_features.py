@@ -72,8 +72,10 @@ def test_distill_with_feature_loss(tmp_path, capsys, loss):
     assert evaluate(load_checkpoint(out).model, load_dataset(str(data_dir)).test).accuracy == metrics["test"]["accuracy"]
 
 
-def test_python_api_removes_hooks(tmp_path):
+def test_python_api_gives_the_models_back_as_they_came(tmp_path):
+    """Hooks removed, and the contiguous layout: training runs channels-last, and safetensors refuses a channels-last state_dict."""
     import kdedge
+    from safetensors.torch import save_file
 
     data = load_dataset(str(make_idx_dir(tmp_path / "data", n_train=60, n_test=20, size=8)))
     torch.manual_seed(0)
@@ -82,6 +84,10 @@ def test_python_api_removes_hooks(tmp_path):
     result = kdedge.distill(student, teacher, data.train, data.test, config=config, progress=False)
     assert "train_feature_loss" in result.history[0]
     assert not any(m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
+    assert config.channels_last
+    for name, model in (("student", student), ("teacher", teacher)):
+        assert all(p.is_contiguous() for p in model.state_dict().values()), name
+        save_file(model.state_dict(), str(tmp_path / f"{name}.safetensors"))
 
 
 def test_feature_loss_bad_layers_are_one_line(tmp_path, capsys):

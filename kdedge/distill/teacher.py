@@ -70,7 +70,9 @@ class FrozenTeacher:
     """A teacher model in eval mode with gradients off; calling it returns logits.
 
     Deliberately not an ``nn.Module``: it can't be registered inside the student, wrapped by
-    DDP or switched back to train mode by ``student.train()``.
+    DDP or switched back to train mode by ``student.train()``. As a context manager it gives the
+    caller's module back on the CPU in the memory format it came in (channels-last weights would
+    make ``safetensors.torch.save_file`` refuse its ``state_dict``).
 
     Args:
         model: The teacher; ``model`` stays the unwrapped module (feature hooks find its layers by name).
@@ -83,6 +85,7 @@ class FrozenTeacher:
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._was_channels_last = _is_channels_last(model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.device = torch.device(device)
@@ -91,6 +94,18 @@ class FrozenTeacher:
         #: The teacher as one module taking the *data's* inputs (its input map included), for evaluation and benchmarks.
         self.module: nn.Module = self.model if input_map is None else _Mapped(input_map, self.model)
         self._sha: str | None = None
+
+    def __enter__(self) -> FrozenTeacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Move the teacher to the CPU and, if it was converted to channels-last here, back to the contiguous format."""
+        self.model.cpu()
+        if self.channels_last and not self._was_channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +123,11 @@ class FrozenTeacher:
         if self._sha is None:
             self._sha = state_dict_sha256(self.model)
         return self._sha
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
 
 
 def _code_digest(fn: object, h: hashlib._Hash) -> None:  # type: ignore[name-defined]

@@ -148,46 +148,46 @@ def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: 
     if data.val is None:  # the same hold-out as --val-split (permutation seed 0), so the CLI and Python see one split
         data = hold_out(data, config.val_split or 0.1)
     device = resolve_device(config.device)  # everything that can fail on bad input fails before OUT is written
-    frozen = FrozenTeacher(teacher, device=device, channels_last=config.channels_last,
-                           input_map=teacher_input_map(config, teacher_input, data.spec))
-    inputs = data.test.batch_of(config.target_batch)
-    saved = _open_out(out, resume=config.resume)
-    record, names, specs = _start(config, data, out, saved, teacher_sha256=frozen.fingerprint())
+    with FrozenTeacher(teacher, device=device, channels_last=config.channels_last,
+                       input_map=teacher_input_map(config, teacher_input, data.spec)) as frozen:
+        inputs = data.test.batch_of(config.target_batch)
+        saved = _open_out(out, resume=config.resume)
+        record, names, specs = _start(config, data, out, saved, teacher_sha256=frozen.fingerprint())
 
-    # 1. Latency of every candidate and of the teacher, on the target.
-    cache = LatencyCache.open(config.target, config.target_threads, config.target_batch, enabled=config.latency_cache)
-    meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads, batch=config.target_batch,
-                         cache=cache, log=log)
-    record.data["timing_seconds"] = record.data["timing_cache_hits"] = 0
-    if "teacher" not in record.data:
-        record.data["teacher"] = _teacher_entry(frozen, teacher, teacher_name, data, meter, device)
-    survivors = _time_and_mark([n for n, _ in names], specs, record, meter, config)
-    log(f"search: {len(survivors)} of {len(names)} candidates within {budget:.4f} ms ({record.data['timing_seconds']:.0f} s timing, "
-        f"{record.data['timing_cache_hits']} from the latency cache)")
-    if not survivors:
-        if saved is None:
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: the latencies are in the cache
-        raise _nothing_fits(record, config)
+        # 1. Latency of every candidate and of the teacher, on the target.
+        cache = LatencyCache.open(config.target, config.target_threads, config.target_batch, enabled=config.latency_cache)
+        meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads, batch=config.target_batch,
+                             cache=cache, log=log)
+        record.data["timing_seconds"] = record.data["timing_cache_hits"] = 0
+        if "teacher" not in record.data:
+            record.data["teacher"] = _teacher_entry(frozen, teacher, teacher_name, data, meter, device)
+        survivors = _time_and_mark([n for n, _ in names], specs, record, meter, config)
+        log(f"search: {len(survivors)} of {len(names)} candidates within {budget:.4f} ms ({record.data['timing_seconds']:.0f} s timing, "
+            f"{record.data['timing_cache_hits']} from the latency cache)")
+        if not survivors:
+            if saved is None:
+                shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: the latencies are in the cache
+            raise _nothing_fits(record, config)
 
-    # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop;
-    #    then the zoo's students over budget, so the searched front can be compared with them.
-    proxy = Proxy(frozen, data, config, record, log)
-    references = [n for n, origin in names if origin == "zoo" and n not in survivors]
-    proxy.rank(sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]) + references, specs)
+        # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop;
+        #    then the zoo's students over budget, so the searched front can be compared with them.
+        proxy = Proxy(frozen, data, config, record, log)
+        references = [n for n, origin in names if origin == "zoo" and n not in survivors]
+        proxy.rank(sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]) + references, specs)
 
-    # 2b. Evolution: neighbours of the best-ranked searched students, timed and ranked like the rest, while time allows.
-    survivors += _evolve(specs, record, proxy, meter, config, data, log)
+        # 2b. Evolution: neighbours of the best-ranked searched students, timed and ranked like the rest, while time allows.
+        survivors += _evolve(specs, record, proxy, meter, config, data, log)
 
-    # 3. Finalists: the full recipe for the best proxies; the best on validation wins.
-    ranked = sorted((n for n in survivors if "proxy_val_accuracy" in record.candidates[n]),
-                    key=lambda n: (-record.candidates[n]["proxy_val_accuracy"], record.candidates[n]["p50_ms"]))
-    finalists = ranked[: config.finalists]
-    if not finalists:
-        raise ConfigError(f"no candidate within budget was ranked in --time-budget {config.time_budget:g} minutes (timing took "
-                          f"{record.data['timing_seconds']:.0f} s); raise --time-budget and --resume")
-    results = _train_finalists(finalists, specs, record, teacher, data, config, out, teacher_name, teacher_input, progress, log)
-    winner = _finish(record, finalists, out, log)
-    return SearchResult(out=out, winner=winner, student=results.get(winner), record=record.data)
+        # 3. Finalists: the full recipe for the best proxies; the best on validation wins.
+        ranked = sorted((n for n in survivors if "proxy_val_accuracy" in record.candidates[n]),
+                        key=lambda n: (-record.candidates[n]["proxy_val_accuracy"], record.candidates[n]["p50_ms"]))
+        finalists = ranked[: config.finalists]
+        if not finalists:
+            raise ConfigError(f"no candidate within budget was ranked in --time-budget {config.time_budget:g} minutes (timing took "
+                              f"{record.data['timing_seconds']:.0f} s); raise --time-budget and --resume")
+        results = _train_finalists(finalists, specs, record, teacher, data, config, out, teacher_name, teacher_input, progress, log)
+        winner = _finish(record, finalists, out, log)
+        return SearchResult(out=out, winner=winner, student=results.get(winner), record=record.data)
 
 
 def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, Any] | None, *,
