@@ -163,3 +163,63 @@ def test_uint8_input_is_refused_where_it_is_not_built(capsys, tmp_path):
     assert main(["export", "resnet", "--format", "onnx,tensorrt", "--input-format", "uint8-nhwc", "--out", str(tmp_path / "x")]) == 2
     assert "input_format uint8-nhwc is not built for TensorRT engines yet" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _qdq_pixel_graph(*, gain: float, bias: float, input_scale: float, square: bool = False, transposes: int = 0):
+    """A hand-made uint8-input QDQ graph as onnxruntime's quantizer leaves a PixelInput export: cast, layout, x * gain + bias in
+    float, QuantizeLinear/DequantizeLinear at ``input_scale``, then a convolution on the dequantized image."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
+             [("gain", gain, np.float32), ("bias", bias, np.float32), ("s", input_scale, np.float32), ("zp", 128, np.uint8)]]
+    inits.append(numpy_helper.from_array(rng.normal(size=(2, 1, 3, 3)).astype(np.float32), "w"))
+    nodes = [helper.make_node("Cast", ["pixels"], ["c"], name="cast", to=TensorProto.FLOAT)]
+    last = "c"
+    for i in range(transposes):  # NHWC -> NCHW, then (a second, needless one) back and forth
+        perm = [0, 3, 1, 2] if i % 2 == 0 else [0, 2, 3, 1]
+        nodes.append(helper.make_node("Transpose", [last], [f"t{i}"], name=f"transpose{i}", perm=perm))
+        last = f"t{i}"
+    if square:
+        nodes.append(helper.make_node("Mul", [last, last], ["sq"], name="square"))
+        last = "sq"
+    nodes += [helper.make_node("Mul", [last, "gain"], ["m"], name="mul"), helper.make_node("Add", ["m", "bias"], ["x"], name="add"),
+              helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"), helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dq"),
+              helper.make_node("Conv", ["dq", "w"], ["y"], name="conv")]
+    shape = [1, 6, 6, 1] if transposes % 2 else [1, 1, 6, 6]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_pixel_fold_computes_the_same_and_refuses_what_it_cannot_fold():
+    """Folded: the convolution reads the pixels through one DequantizeLinear and computes what the float preprocessing + QDQ
+    computed, to float32 rounding (255 mean is a whole pixel level here). Refused, with the graph untouched: a chain that is
+    not affine, two layout changes, an input scale that is not the pixels' own."""
+    import onnx
+    import onnxruntime as ort
+
+    from kdedge.exporters.quantize import fold_pixel_quantization
+
+    std, mean = 0.35, 128 / 255
+    ok = dict(gain=1 / (255 * std), bias=-mean / std, input_scale=1 / (255 * std))
+    pixels = np.random.default_rng(1).integers(0, 256, size=(1, 6, 6, 1), dtype=np.uint8)
+
+    def run(model, x):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+
+    proto = _qdq_pixel_graph(**ok, transposes=1)
+    before = run(proto, pixels)
+    assert fold_pixel_quantization(proto).startswith("folded: the uint8 pixels are the first layer's quantized input (scale")
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node] == ["DequantizeLinear", "Transpose", "Conv"]
+    np.testing.assert_allclose(run(proto, pixels), before, rtol=1e-5, atol=1e-5)
+    for kwargs, why in [(dict(ok, square=True), "not one affine map"), (dict(ok, transposes=2), "one layout change"),
+                        (dict(ok, input_scale=2 / (255 * std)), "not the pixels' own"),
+                        (dict(ok, bias=1.0), "maps no pixel value to zero")]:
+        proto = _qdq_pixel_graph(**kwargs)
+        nodes = [n.op_type for n in proto.graph.node]
+        result = fold_pixel_quantization(proto)
+        assert result.startswith("float preprocessing") and why in result, (kwargs, result)
+        assert [n.op_type for n in proto.graph.node] == nodes
