@@ -71,7 +71,7 @@ data-core: $(DEMO_STAMP)
 # Headless Chromium for tests/test_docs_site.py: Debian's package, installed when make runs as root with apt (as the data
 # is; about 30 s); elsewhere install it yourself, or the browser test skips.
 browser:
-	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	@chromium --version >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; } || true
 
 # The documentation site, docs/ + mkdocs.yml -> site/. --strict: a broken link, a page left out of the nav or an API
@@ -94,7 +94,7 @@ PYTEST := $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WO
 
 # KDEDGE_REQUIRE_BROWSER=1 where Chromium is installed: the site's browser test then fails rather than skips.
 test: data browser
-	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) KDEDGE_REQUIRE_BROWSER=$$(command -v chromium >/dev/null && echo 1 || echo 0) $(PYTEST)
+	$(if $(filter edge,$(EXTRAS)),KDEDGE_REQUIRE_EDGE=1) KDEDGE_REQUIRE_BROWSER=$$(chromium --version >/dev/null 2>&1 && echo 1 || echo 0) $(PYTEST)
 
 # Re-record tests/durations.json (seconds per test file) from a whole run: commit it when files grew or shrank.
 test-durations: data

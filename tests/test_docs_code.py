@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 
 import pytest
+from markdown_blocks import apply_once, code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -92,28 +93,10 @@ def _python_blocks() -> list[tuple[Path, int, str, bool]]:
     return blocks
 
 
-def _code_blocks(path: Path) -> list[tuple[int, str, str, str]]:
-    """``(line of the fence, language, code, the line above the fence)`` for every fenced block of a Markdown page."""
-    lines, blocks, i = path.read_text().splitlines(), [], 0
-    while i < len(lines):
-        if lines[i].startswith("```"):
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            blocks.append((i + 1, lines[i][3:].strip(), "\n".join(lines[i + 1 : end]), lines[i - 1] if i else ""))
-            i = end
-        i += 1
-    return blocks
-
-
 def _cheap(blocks: list[tuple[Path, int, str, bool]]) -> list[tuple[Path, int, str, bool]]:
     """The blocks with every CHEAP substitution applied; each must match exactly once in all of them."""
-    out = list(blocks)
-    for old, new in CHEAP:
-        hits = [i for i, (_, _, code, _) in enumerate(out) if old in code]
-        count = sum(code.count(old) for _, _, code, _ in out)
-        assert count == 1, f"docs substitution {old!r} matched {count} times (expected once): update CHEAP in {Path(__file__).name} with the page"
-        page, line, code, script = out[hits[0]]
-        out[hits[0]] = (page, line, code.replace(old, new), script)
-    return out
+    codes = apply_once([code for _, _, code, _ in blocks], CHEAP, f"CHEAP in {Path(__file__).name}")
+    return [(page, line, code, script) for (page, line, _, script), code in zip(blocks, codes)]
 
 
 def test_every_code_block_runs_or_says_why_not():
@@ -122,7 +105,7 @@ def test_every_code_block_runs_or_says_why_not():
     unaccounted = []
     for page in pages:
         tutorial = page.parent.name == TUTORIALS
-        for line, language, code, above in _code_blocks(page):
+        for line, language, code, above in code_blocks(page):
             marked = bool(NOT_RUN.match(above))
             if tutorial and language in ("bash", "python"):
                 continue  # tests/test_tutorials.py runs every one not marked, and checks that it ran them all
@@ -135,8 +118,8 @@ def test_every_code_block_runs_or_says_why_not():
 
 
 def test_readme_example_is_getting_started_s_first_block():
-    readme = [code for _, language, code, _ in _code_blocks(README) if language == "python"]
-    first = [code for _, language, code, _ in _code_blocks(DOCS / "getting-started.md") if language == "python"][0]
+    readme = [code for _, language, code, _ in code_blocks(README) if language == "python"]
+    first = [code for _, language, code, _ in code_blocks(DOCS / "getting-started.md") if language == "python"][0]
     assert readme == [first], "the README's Python example must be Getting started's first block, word for word (so the notebook runs it)"
 
 

@@ -22,11 +22,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from markdown_blocks import apply_once, code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "docs" / "tutorials"
@@ -87,24 +89,16 @@ CHEAP: dict[str, list[tuple[str, str]]] = {
 
 def _steps(name: str) -> list[tuple[int, str, str, str | None]]:
     """``(line, kind, code, file)`` for each block of the tutorial that runs: kind ``bash`` or ``python``; ``file`` for a file to write."""
-    text = (TUTORIALS / f"{name}.md").read_text()
-    for old, new in CHEAP[name]:
-        assert text.count(old) == 1, f"{name}.md: substitution {old!r} matched {text.count(old)} times (expected once): update CHEAP with the page"
-        text = text.replace(old, new)
-    text = text.replace("python benchmarks/", f"python {ROOT}/benchmarks/")  # run from the clone's root, as the page says
-    lines, steps, i = text.splitlines(), [], 0
-    while i < len(lines):
-        if lines[i].startswith("```"):
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            language, above, code = lines[i][3:].strip(), lines[i - 1], "\n".join(lines[i + 1 : end]) + "\n"
-            if not above.startswith("<!-- not-run:") and language in ("bash", "python"):
-                file = re.match(r"<!-- file: (\S+) -->", above)
-                steps.append((i + 2, language, code, file.group(1) if file else None))
-            else:
-                assert above.startswith("<!-- not-run:") or language == "text", f"{name}.md:{i + 1}: a {language or 'bare'} block must be marked not-run"
-            i = end
-        i += 1
-    return steps
+    steps = []
+    for fence, language, code, above in code_blocks(TUTORIALS / f"{name}.md"):
+        if above.startswith("<!-- not-run:") or language not in ("bash", "python"):
+            assert above.startswith("<!-- not-run:") or language == "text", f"{name}.md:{fence}: a {language or 'bare'} block must be marked not-run"
+            continue
+        file = re.match(r"<!-- file: (\S+) -->", above)
+        steps.append((fence + 1, language, code + "\n", file.group(1) if file else None))
+    codes = apply_once([code for _, _, code, _ in steps], CHEAP[name], f"CHEAP[{name!r}] in {Path(__file__).name}")
+    codes = [code.replace("python benchmarks/", f"python {ROOT}/benchmarks/") for code in codes]  # run from the clone's root, as the page says
+    return [(line, kind, code, file) for (line, kind, _, file), code in zip(steps, codes)]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +117,10 @@ def _follow(name: str, clone) -> Path:
         if code in done:  # the same step in an earlier tutorial: its output is here
             continue
         argv = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
+        start = time.perf_counter()
         run = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        with open(work / ".seconds", "a") as log:  # what each step costs the suite: `pytest --basetemp DIR`, then DIR/clone*/.seconds
+            log.write(f"{time.perf_counter() - start:7.1f} s  {name}.md:{line}  {code.strip().splitlines()[0][:100]}\n")
         assert run.returncode == 0, f"docs/tutorials/{name}.md:{line}: exit {run.returncode}\n{code}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
         done.add(code)
         (work / f".out-{name}-{line}").write_text(run.stdout)
