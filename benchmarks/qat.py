@@ -2,6 +2,7 @@
 
     python benchmarks/qat.py                       # tiny_cnn distilled from the shipped teacher, then PTQ and QAD INT8 in every runtime
     python benchmarks/qat.py --student dw_cnn --epochs 15 --qat-epochs 4 --seed 1
+    python benchmarks/qat.py --student dw_cnn --per-tensor --keep runs/dw0   # one weight scale per tensor, PTQ and QAD alike
 
 Distills ``--student`` from the shipped teacher (the distill recipe, ``--epochs``) on Fashion-MNIST
 with a 10 % validation split, exports it (FP32 ONNX; PTQ INT8 in ONNX Runtime, ExecuTorch, LiteRT
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--qat-epochs", type=int, default=4)
     ap.add_argument("--qat-lr", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-tensor", action="store_true", help="INT8 weights with one scale per tensor (PTQ in every runtime and the QAT "
+                                                                "scheme xnnpack-per-tensor), as accelerators without per-channel scales need.")
     ap.add_argument("--keep", type=Path, help="Keep the distilled FP32 student (DIR/fp32) and the QAT student (DIR/qat) as run directories; "
                                               "an FP32 student already in DIR/fp32 is reused.")
     args = ap.parse_args()
@@ -75,12 +78,13 @@ def main() -> int:
     t_fp32 = time.perf_counter() - t0
     print(f"fp32 student: test {fp32_test:.4f} ({t_fp32:.0f} s)", flush=True)
     # Every artifact is kept and scored even when it disagrees with its reference: a broken INT8 conversion is a result here.
-    export_cfg = ExportConfig(formats=FORMATS, allow_mismatch=True)
+    export_cfg = ExportConfig(formats=FORMATS, allow_mismatch=True, per_channel=not args.per_tensor)
     with tempfile.TemporaryDirectory() as work:
         ptq = kdedge.export_model(fp32_model, Path(work) / "ptq", data=data, config=dataclasses.replace(export_cfg, formats=("onnx", *FORMATS)))
         t1 = time.perf_counter()
         qat = kdedge.qat_distill(fp32_model, teacher.model, data.train, data.test, val_data=data.val,
-                                 config=QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed), student_spec=spec, progress=False,
+                                 config=QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed,
+                                                  qat_scheme="xnnpack-per-tensor" if args.per_tensor else "xnnpack"), student_spec=spec, progress=False,
                                  out=args.keep / "qat" if args.keep else None)
         t_qat = time.perf_counter() - t1
         print(f"qat: fake-quant test {qat.test.accuracy:.4f} ({t_qat:.0f} s)", flush=True)
@@ -89,7 +93,8 @@ def main() -> int:
     # PTQ: against the FP32 model; QAD: against the QAT model's INT8 graph (the check), and against its fake quantization (recorded)
     agreement = {kind: {f"{a.format}-{a.precision}": a.parity["outputs"][0]["argmax_agreement"] for a in res.artifacts} for kind, res in (("ptq", ptq), ("qad", qad))}
     agreement["qad_vs_fake_quant"] = {f"{a.format}-{a.precision}": a.parity["fake_quant"] for a in qad.artifacts if "fake_quant" in a.parity}
-    row = {"student": args.student, "seed": args.seed, "epochs": args.epochs, "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
+    row = {"student": args.student, "weights": "per tensor" if args.per_tensor else "per channel", "seed": args.seed, "epochs": args.epochs,
+           "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
            "fp32_test": fp32_test, "qat_fake_quant_test": qat.test.accuracy, "ptq": p, "qad": q, "argmax_agreement": agreement,
            "fp32_epoch_s": fp32_epoch_s, "qat_epoch_s": [e["seconds"] for e in qat.history], "seconds": {"fp32": t_fp32, "qat": t_qat},
            "env": _flags()}
@@ -97,7 +102,7 @@ def main() -> int:
     rec["runs"].append(row)
     RESULTS.mkdir(exist_ok=True)
     RECORD.write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"\n{args.student}, seed {args.seed}: FP32 (PyTorch) {fp32_test:.4f}; QAT fake-quant (PyTorch) {qat.test.accuracy:.4f}\n")
+    print(f"\n{args.student} ({row['weights']} INT8 weights), seed {args.seed}: FP32 (PyTorch) {fp32_test:.4f}; QAT fake-quant (PyTorch) {qat.test.accuracy:.4f}\n")
     print("| runtime | FP32 ONNX | PTQ INT8 | QAD INT8 | PTQ − FP32 (pt) | QAD − FP32 (pt) | argmax agreement: PTQ vs FP32 / QAD vs its INT8 graph / "
           "QAD vs fake-quant (max steps) |")
     print("|---|---:|---:|---:|---:|---:|---|")

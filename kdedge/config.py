@@ -614,7 +614,9 @@ class PruneConfig(DistillConfig):
         return p
 
 
-QAT_SCHEMES = ("xnnpack", "litert")
+#: The quantizer a quantization-aware model trains for: its runtime's, with int8 weight scales per output channel, or (``-per-tensor``)
+#: one per weight tensor, for accelerators that take only that.
+QAT_SCHEMES = ("xnnpack", "litert", "xnnpack-per-tensor", "litert-per-tensor")
 
 
 @dataclass
@@ -622,7 +624,8 @@ class QATConfig(DistillConfig):
     """``kdedge distill --qat``: quantization-aware distillation of a trained FP32 student.
 
     The student (``student``: a run directory or checkpoint) is fine-tuned with fake quantization
-    for ``qat_scheme``'s quantizer (``xnnpack``: ExecuTorch; ``litert``: LiteRT) and the
+    for ``qat_scheme``'s quantizer (``xnnpack``: ExecuTorch; ``litert``: LiteRT; ``-per-tensor``: one
+    weight scale per tensor instead of per output channel) and the
     distillation loss, from ``teacher`` — or, when none is given, from the FP32 student itself.
     The observers are calibrated on ``qat_calibration`` training images first; BatchNorm statistics
     freeze after half the epochs and the scales after two thirds. A fine-tune of trained weights:

@@ -370,3 +370,42 @@ def test_int8_of_a_qat_model_is_held_to_steps_of_its_int8_graph_which_a_recalibr
     out = ort_predict(ort_session(path), x.numpy())
     tight = Tolerance(atol=2 * step, min_agreement=0.99)
     assert compare_outputs([out], [reference], [out[:0]], ["logits"], tight)[0].failures(tight)
+
+
+def _weight_scales(path: Path) -> list[int]:
+    """The number of scales of each weight's DequantizeLinear in a QDQ ONNX file (1: per tensor)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return [consts[n.input[1]].size for n in graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].dtype == np.int8 and consts[n.input[0]].ndim >= 2]
+
+
+def test_per_tensor_int8_has_one_weight_scale_per_tensor_in_every_runtime(tiny, tmp_path):
+    """--per-tensor (accelerators without per-channel scales): every INT8 artifact, PTQ or QAT, has one scale per weight tensor and
+    still passes parity in its runtime; the default has one per output channel, so the counts below can fail."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    data, student, _ = tiny
+    formats = ("onnx", "onnx-int8", "executorch-int8", "litert-int8", "openvino-int8")
+    per_tensor = kdedge.export_model(student, tmp_path / "t", data=data, config=ExportConfig(formats=formats, per_channel=False, evaluate=False,
+                                                                                             parity_samples=60, calibration_samples=128))
+    default = kdedge.export_model(student, tmp_path / "c", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), evaluate=False, parity_samples=60,
+                                                                                          calibration_samples=128))
+    assert all(a.parity["passed"] for a in per_tensor.artifacts), [(a.path, a.parity) for a in per_tensor.artifacts]
+    assert set(_weight_scales(tmp_path / "t" / "model.int8.onnx")) == {1} and max(_weight_scales(tmp_path / "c" / "model.int8.onnx")) > 1
+    for name in ("model.int8.pte", "model.int8.tflite"):
+        assert per_tensor.artifact(name).details["quantization"]["weights"] == "int8 symmetric per tensor", name
+    tensors = Interpreter(model_path=str(tmp_path / "t" / "model.int8.tflite")).get_tensor_details()
+    weights = [t for t in tensors if t["dtype"] == np.int8 and len(t["shape"]) == 4 and t["quantization_parameters"]["scales"].size]
+    assert weights and all(t["quantization_parameters"]["scales"].size == 1 for t in weights), [(t["name"], t["shape"]) for t in weights]
+    # Quantization-aware: the scheme's converted graph dequantizes its weights per tensor; the default scheme's per channel.
+    for scheme, op in (("xnnpack-per-tensor", "dequantize_per_tensor"), ("xnnpack", "dequantize_per_channel")):
+        model = QATModel(student, (1, 12, 12), scheme=scheme)
+        assert model.per_channel == (scheme == "xnnpack") and model.quantization()["weights"].endswith("tensor" if "tensor" in scheme else "channel")
+        ops = {str(n.target) for n in model.converted().graph.nodes if n.op == "call_function"}
+        assert any(op in o for o in ops), (scheme, sorted(ops))
+        if scheme == "xnnpack-per-tensor":
+            assert not any("per_channel" in o for o in ops), sorted(ops)

@@ -166,6 +166,7 @@ def export_edge(
     metadata: dict[str, str],
     max_batch: int = 256,
     keep_float: tuple[str, ...] = (),
+    per_channel: bool = True,
 ) -> dict[str, Any]:
     """Write one edge artifact to ``out`` (its full file name, with the format's suffix); returns its ``details``.
 
@@ -183,6 +184,8 @@ def export_edge(
         max_batch: The largest batch the artifact must take (formats whose batch is bounded at export).
         keep_float: For a quantizer's INT8 (formats whose ``source`` is ``torch``), layers left in float
             (:mod:`kdedge.sensitivity`); an ONNX-sourced format converts a QDQ file that already has them float.
+        per_channel: For a quantizer's INT8, one weight scale per output channel (True) or per tensor (for accelerators that
+            take only that); an ONNX-sourced format converts a QDQ file quantized either way.
 
     The arguments are checked here, for every backend: the model or ONNX file its ``source``
     needs, calibration inputs for a quantizer's INT8, a batch bound of at least 1.
@@ -210,7 +213,8 @@ def export_edge(
     backend = _backend(fmt, "export")
     try:
         return backend.export(out=out, precision=precision, model=model, onnx=onnx, input_shape=input_shape, calibration=calibration,
-                              metadata=metadata, max_batch=max_batch, keep_float=tuple(keep_float) if precision == "int8" and not learned else ())
+                              metadata=metadata, max_batch=max_batch, keep_float=tuple(keep_float) if precision == "int8" and not learned else (),
+                              per_channel=per_channel)
     except KdedgeError:
         raise
     except Exception as exc:  # a converter failing where its backend did not expect it: still one line
@@ -274,6 +278,12 @@ def artifact_bytes(name: str, path: Path) -> int:
 def sidecar_path(path: Path) -> Path:
     """``model.pte`` -> ``model.pte.json``: the input contract of a format with no metadata of its own."""
     return path.with_name(path.name + ".json")
+
+
+def int8_scheme(quantizer: str, per_channel: bool) -> dict[str, str]:
+    """How a PT2E quantizer's static INT8 artifact is quantized, for its ``details``."""
+    return {"quantizer": quantizer, "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
+            "activations": "int8 per tensor, static (histogram observer)"}
 
 
 def write_sidecar(path: Path, metadata: dict[str, str], **details: Any) -> Path:

@@ -446,7 +446,7 @@ class _ArtifactWriter:
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch, keep_float=c.keep_float))
+            max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.per_channel))
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)
         details["runtime"] = session.runtime

@@ -98,10 +98,11 @@ def _config(threads: int | None) -> dict[str, str]:
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = (),
+           per_channel: bool = True) -> dict[str, Any]:
     """Convert ``onnx`` (``model.onnx``, or the QDQ ``model.int8.onnx``) to the IR ``out`` and ``out.with_suffix('.bin')``.
 
-    ``model``, ``calibration`` and ``max_batch`` are not used: the IR is the ONNX artifact's graph,
+    ``model``, ``calibration``, ``max_batch`` and ``per_channel`` are not used: the IR is the ONNX artifact's graph,
     INT8 comes from its Q/DQ scales and its batch stays dynamic.
 
     Returns:
@@ -111,7 +112,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     Raises:
         ExportError: OpenVINO cannot read, convert or compile it (the arguments are checked by ``export_edge``).
     """
-    del model, calibration, max_batch, keep_float  # layers kept float are float in the QDQ file already
+    del model, calibration, max_batch, keep_float, per_channel  # the QDQ file has its float layers and weight scales already
     ov = _openvino()
     out, onnx = Path(out), Path(onnx)
     start = time.perf_counter()

@@ -51,7 +51,8 @@ def config_path(path: Path) -> Path:
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = (),
+           per_channel: bool = True) -> dict[str, Any]:
     """Convert ``onnx`` (``model.onnx``, or the QDQ ``model.int8.onnx``) to ``out`` and :func:`config_path` of it.
 
     Only ``out``, ``onnx`` and ``metadata`` are used: the ORT file is the ONNX artifact's graph
@@ -64,7 +65,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     Raises:
         ExportError: onnxruntime's converter fails on it (the arguments are checked by ``export_edge``).
     """
-    del precision, model, input_shape, calibration, max_batch, keep_float  # layers kept float are float in the QDQ file already
+    del precision, model, input_shape, calibration, max_batch, keep_float, per_channel  # the QDQ file has them already
     from kdedge.ort import onnxruntime
 
     version = onnxruntime().__version__

@@ -33,7 +33,7 @@ from kdedge._fs import atomic_write_bytes
 from kdedge.data.pixels import PixelInput, artifact_input, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import attach_native_log, cause, last_native_line, quiet, version_of
-from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
+from kdedge.exporters.edge import int8_scheme, read_sidecar, sidecar_batch, write_sidecar
 from kdedge.models.qat import QATModel
 
 __all__ = ["Session", "export", "read_metadata"]
@@ -48,7 +48,8 @@ _NOISY = ("torchao", "torch.utils._pytree", "torch.export", "torch._export", "to
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = (),
+           per_channel: bool = True) -> dict[str, Any]:
     """Lower ``model`` (eval, CPU) to an ExecuTorch program at ``out``; see :func:`kdedge.exporters.edge.export_edge`.
 
     Returns:
@@ -65,7 +66,7 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
 
-            program = _exported(model, tuple(input_shape), precision, calibration, max_batch, keep_float)
+            program = _exported(model, tuple(input_shape), precision, calibration, max_batch, keep_float, per_channel)
             with _without_bilinear_patterns(program):
                 lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
             buffer = lowered.buffer
@@ -80,7 +81,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     details: dict[str, Any] = {
         "converter": f"executorch {version_of('executorch')}", "delegate": "XnnpackPartitioner", "outside_delegate": outside, "batch": batch,
         "quantization": (inner_model(model).quantization() if hasattr(inner_model(model), "quantization") else
-                         _INT8_SCHEME | {"calibration_samples": len(calibration)} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
+                         int8_scheme("XNNPACKQuantizer (torchao pt2e)", per_channel) | {"calibration_samples": len(calibration)}  # type: ignore[arg-type]
+                         | ({"float_layers": list(keep_float)} if keep_float else {}))
         if precision == "int8" and (calibration is not None or hasattr(inner_model(model), "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -90,12 +92,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     return details
 
 
-_INT8_SCHEME = {"quantizer": "XNNPACKQuantizer (torchao pt2e)", "weights": "int8 symmetric per output channel",
-                "activations": "int8 per tensor, static (histogram observer)"}
-
-
 def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None,
-              max_batch: int, keep_float: tuple[str, ...] = ()) -> torch.export.ExportedProgram:
+              max_batch: int, keep_float: tuple[str, ...] = (), per_channel: bool = True) -> torch.export.ExportedProgram:
     """``model`` as an ExportedProgram with a dynamic batch (static when ``max_batch`` is 1), quantized for INT8."""
     example = (example_input(model, min(_EXAMPLE_BATCH, max_batch), input_shape),)  # uint8 for a model with its preprocessing in the graph
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
@@ -107,7 +105,7 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...], precision: str, ca
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         if precision == "int8":
             assert calibration is not None
-            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch), keep_float=keep_float,
+            quantized = _quantized(program.module(), calibration, batch=min(64, max_batch), keep_float=keep_float, per_channel=per_channel,
                                    inside="model" if isinstance(model, PixelInput) else None)  # in-graph preprocessing stays float
             program = torch.export.export(quantized, example, dynamic_shapes=dynamic)
     return program
@@ -139,7 +137,7 @@ def _without_bilinear_patterns(program: torch.export.ExportedProgram) -> Iterato
 
 
 def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: int, keep_float: tuple[str, ...] = (),
-               inside: str | None = None) -> torch.fx.GraphModule:
+               inside: str | None = None, per_channel: bool = True) -> torch.fx.GraphModule:
     """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ; ``keep_float`` layers
     (and with ``inside``, every operation outside that submodule: see :func:`~kdedge.models.float_layers.keep_float_quantizer`) stay float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
@@ -149,7 +147,7 @@ def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: i
     from kdedge.models.qat import _export_conv_bn_patterns_once
 
     _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
     prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float, inside=inside))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     for chunk in inputs.split(batch):

@@ -40,7 +40,7 @@ from kdedge._fs import atomic_write_bytes
 from kdedge.data.pixels import PixelInput, artifact_input, example_input, inner_model
 from kdedge.errors import ExportError
 from kdedge.exporters._native import cause, last_native_line, quiet, version_of
-from kdedge.exporters.edge import read_sidecar, sidecar_batch, write_sidecar
+from kdedge.exporters.edge import int8_scheme, read_sidecar, sidecar_batch, write_sidecar
 from kdedge.models.qat import QATModel
 
 __all__ = ["Session", "export", "read_metadata"]
@@ -53,7 +53,8 @@ _NOISY = ("torchao", "torch.utils._pytree", "torch.export", "torch._export", "to
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
-           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
+           calibration: np.ndarray | None, metadata: dict[str, str], max_batch: int, keep_float: tuple[str, ...] = (),
+           per_channel: bool = True) -> dict[str, Any]:
     """Convert ``model`` (eval, CPU) to a LiteRT model at ``out``; see :func:`kdedge.exporters.edge.export_edge`.
 
     Returns:
@@ -67,19 +68,21 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     meta = metadata | {"kdedge.precision": precision}
     shape = tuple(input_shape)
     io = "uint8 pixels in, int8 out" if isinstance(model, PixelInput) else "int8"  # the flatbuffer's input and output tensors
-    flat = _finished(_convert(model, shape, precision, calibration, batch=_EXPORT_BATCH if max_batch > 1 else 1, keep_float=keep_float), meta,
+    flat = _finished(_convert(model, shape, precision, calibration, batch=_EXPORT_BATCH if max_batch > 1 else 1, keep_float=keep_float,
+                              per_channel=per_channel), meta,
                      export_batch=_EXPORT_BATCH if max_batch > 1 else None)
     batch: dict[str, int] = {"min": 1, "max": max_batch}
     if max_batch == 1:
         batch = {"fixed": 1}
     elif not _batch_free(flat, shape, calibration):
-        flat = _finished(_convert(model, shape, precision, calibration, batch=1, keep_float=keep_float), meta, export_batch=None)
+        flat = _finished(_convert(model, shape, precision, calibration, batch=1, keep_float=keep_float, per_channel=per_channel), meta, export_batch=None)
         batch = {"fixed": 1}
     details: dict[str, Any] = {
         "converter": f"litert-torch {version_of('litert-torch')}", "runtime": f"ai-edge-litert {version_of('ai-edge-litert')}",
         "batch": batch, "resize": "Interpreter.resize_tensor_input" if "max" in batch else None, "ops": _op_counts(flat),
         "quantization": (inner_model(model).quantization() | {"io": io} if hasattr(inner_model(model), "quantization") else
-                         _INT8_SCHEME | {"calibration_samples": len(calibration), "io": io} | ({"float_layers": list(keep_float)} if keep_float else {}))  # type: ignore[arg-type]
+                         int8_scheme("litert_torch PT2EQuantizer (static)", per_channel) | {"calibration_samples": len(calibration), "io": io}  # type: ignore[arg-type]
+                         | ({"float_layers": list(keep_float)} if keep_float else {}))
         if precision == "int8" and (calibration is not None or hasattr(inner_model(model), "quantization")) else None,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +92,8 @@ def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | N
     return details
 
 
-_INT8_SCHEME = {"quantizer": "litert_torch PT2EQuantizer (static)", "weights": "int8 symmetric per output channel",
-                "activations": "int8 per tensor, static (histogram observer)"}
-
-
 def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, calibration: np.ndarray | None, *, batch: int,
-             keep_float: tuple[str, ...] = ()) -> bytes:
+             keep_float: tuple[str, ...] = (), per_channel: bool = True) -> bytes:
     """The flatbuffer ``litert_torch`` makes of ``model`` at the static ``batch``."""
     native: list[str] = []
     try:
@@ -111,10 +110,10 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
 
                     graph = inner.converted(fold_quantize=False)
                     graph = model.around(graph) if isinstance(model, PixelInput) else graph  # its preprocessing in front
-                    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+                    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=inner.per_channel, is_dynamic=False))
                 else:
                     assert calibration is not None
-                    graph, quantizer = _quantized(model, input_shape, calibration, keep_float)
+                    graph, quantizer = _quantized(model, input_shape, calibration, keep_float, per_channel)
                 converted = litert_torch.convert(graph, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
             else:
                 converted = litert_torch.convert(model, example)
@@ -126,7 +125,8 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
                           "torch.export with ops litert_torch lowers (kdedge --debug shows where it failed)") from exc
 
 
-def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray, keep_float: tuple[str, ...] = ()) -> tuple[torch.fx.GraphModule, Any]:
+def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray, keep_float: tuple[str, ...] = (),
+               per_channel: bool = True) -> tuple[torch.fx.GraphModule, Any]:
     """PT2E static INT8 of ``model``: observers from ``PT2EQuantizer``, fed ``calibration`` ``(N, C, H, W)``, converted to Q/DQ;
     ``keep_float`` layers stay float. Returns the graph and the quantizer (the converter is told its scheme)."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
@@ -136,7 +136,7 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
     from kdedge.models.qat import _export_conv_bn_patterns_once
 
     _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     # Calibrated at any batch: exported with a dynamic one (32 as the example; see pte._EXAMPLE_BATCH).
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max(2, len(inputs)))},)

@@ -138,22 +138,30 @@ def _patch_quantizer_annotators(export_pattern: Any, export_once: Any) -> None:
             module._get_aten_graph_module_for_pattern = export_once
 
 
+def _scheme_parts(scheme: str) -> tuple[str, bool]:
+    """``("xnnpack" | "litert", per-channel weights?)`` of a scheme name."""
+    return scheme.removesuffix("-per-tensor"), not scheme.endswith("-per-tensor")
+
+
 def _quantizer(scheme: str, *, qat: bool = True) -> Any:
+    if scheme not in SCHEMES:
+        raise ModelError(f"unknown QAT scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    base, per_channel = _scheme_parts(scheme)
     try:
-        if scheme == "xnnpack":
+        if base == "xnnpack":
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
             _export_conv_bn_patterns_once()  # its annotator is imported now
-            return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
-        if scheme == "litert":
+            return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
+        if base == "litert":
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
             _export_conv_bn_patterns_once()
-            return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+            return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
     except ImportError:
-        extra = "executorch" if scheme == "xnnpack" else "litert"
+        extra = "executorch" if base == "xnnpack" else "litert"
         raise BackendUnavailable(f"quantization-aware training for {scheme} needs its quantizer: pip install 'kdedge-distill[{extra}]'") from None
-    raise ModelError(f"unknown QAT scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    raise AssertionError(scheme)  # every scheme's base is one of the two above
 
 
 class QATModel(nn.Module):
@@ -208,6 +216,11 @@ class QATModel(nn.Module):
         self.register_state_dict_post_hook(_drop_aliases)
         self.register_load_state_dict_pre_hook(_before_load)
         self.train(False)
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether its weights have one scale per output channel (else one per tensor)."""
+        return _scheme_parts(self.scheme)[1]
 
     def set_schedule(self, epochs: int) -> None:
         """Freeze BatchNorm statistics after ``ceil(epochs / 2)`` epochs and the observers after ``ceil(2 * epochs / 3)``."""
@@ -306,8 +319,9 @@ class QATModel(nn.Module):
 
     def quantization(self) -> dict[str, Any]:
         """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
-        return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if self.scheme == "xnnpack"
-                else "litert_torch PT2EQuantizer (QAT)", "weights": "int8 symmetric per output channel",
+        base, per_channel = _scheme_parts(self.scheme)
+        return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if base == "xnnpack"
+                else "litert_torch PT2EQuantizer (QAT)", "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
                 "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs",
                 **({"float_layers": list(self.keep_float)} if self.keep_float else {})}
 
