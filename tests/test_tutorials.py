@@ -103,18 +103,21 @@ def _steps(name: str) -> list[tuple[int, str, str, str | None]]:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    """The reader's working directory, shared by the tutorials, and the blocks already run in it."""
-    return tmp_path_factory.mktemp("clone"), set()
+    """The reader's working directory, shared by the tutorials; the steps already run in it; the files saved in it (name: text)."""
+    return tmp_path_factory.mktemp("clone"), set(), {}
 
 
 def _follow(name: str, clone) -> Path:
-    work, done = clone
+    work, done, saved = clone
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     for line, kind, code, file in _steps(name):
         if file:
             (work / file).write_text(code)
+            saved[file] = code
             continue
-        if code in done:  # the same step in an earlier tutorial: its output is here
+        # The same step, with the same saved files around it, already ran in an earlier tutorial: its output is here.
+        key = (code, frozenset(saved.items()))
+        if key in done:
             continue
         argv = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
         start = time.perf_counter()
@@ -122,7 +125,7 @@ def _follow(name: str, clone) -> Path:
         with open(work / ".seconds", "a") as log:  # what each step costs the suite: `pytest --basetemp DIR`, then DIR/clone*/.seconds
             log.write(f"{time.perf_counter() - start:7.1f} s  {name}.md:{line}  {code.strip().splitlines()[0][:100]}\n")
         assert run.returncode == 0, f"docs/tutorials/{name}.md:{line}: exit {run.returncode}\n{code}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-        done.add(code)
+        done.add(key)
         (work / f".out-{name}-{line}").write_text(run.stdout)
     return work
 

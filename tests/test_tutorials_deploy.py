@@ -12,7 +12,7 @@ from test_tutorials import DEPLOY, follow_and_check
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    return tmp_path_factory.mktemp("clone"), set()
+    return tmp_path_factory.mktemp("clone"), set(), {}
 
 
 #: the edge runtimes each tutorial exports to (QAD's distill --qat uses torchao, which comes with ExecuTorch); pruning needs none
