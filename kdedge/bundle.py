@@ -574,7 +574,8 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     start = time.perf_counter()
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                               parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),
-                              input_format=config.input_format, skip_failed_int8=True)  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
+                              input_format=config.input_format, skip_failed_int8=True,  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
+                              per_channel=not config.qat_scheme.endswith("-per-tensor"))  # PTQ and QAD alike: one weight granularity
     sensitivity = None
     if config.keep_float_layers is not None:
         from kdedge.sensitivity import plan_float_layers

@@ -122,7 +122,7 @@ _HELP = {
                         "(compress-and-export always does this).",
     "qat_scheme": "With --qat (distill) or --int8 qat|auto (compress-and-export): the quantizer, as the runtime's INT8 export uses it: "
                   "xnnpack (ExecuTorch) or litert (LiteRT); with -per-tensor (xnnpack-per-tensor), one weight scale per tensor "
-                  "instead of per output channel (its INT8 artifacts keep the granularity it trained with).",
+                  "instead of per output channel (its INT8 artifacts keep the granularity it trained with; in compress-and-export PTQ's too).",
     "int8": "compress-and-export: how INT8 is made: ptq (calibrated after training), qat (quantization-aware distillation of the "
             "distilled student, every INT8 artifact built with the scales it trained), auto (PTQ; QAD where PTQ loses more than --max-quant-drop).",
     "qat_epochs": "With --int8 qat|auto: epochs of quantization-aware distillation (a fine-tune).",

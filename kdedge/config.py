@@ -413,7 +413,8 @@ class CompressConfig(DistillConfig):
     fake quantization and the teacher (``qat_epochs`` at ``qat_lr``, ``qat_scheme``'s quantizer;
     :func:`kdedge.qat_distill`) and builds every INT8 artifact from it; ``auto`` exports PTQ first
     and runs QAD only when PTQ's worst INT8 drop exceeds ``max_quant_drop``, shipping whichever INT8
-    loses less (the manifest's ``quantization`` records both and why).
+    loses less (the manifest's ``quantization`` records both and why). A ``-per-tensor`` ``qat_scheme``
+    makes every INT8 artifact per-tensor, PTQ's too, so the two are compared at one granularity.
     """
 
     epochs: int = 6

@@ -97,6 +97,7 @@ def test_site_renders_offline_in_chromium(served, tmp_path):
     assert all(url.startswith(served) or url.startswith("data:") for url in requests), [u for u in requests if not u.startswith(served)]
 
 
+@functools.cache
 def _chromium_runs() -> bool:
     """Ubuntu's apt ``chromium`` is a stub that asks for the snap: present on PATH, but it does not run."""
     try:

@@ -215,7 +215,10 @@ def test_pixel_fold_computes_the_same_and_refuses_what_it_cannot_fold():
     onnx.checker.check_model(proto)
     assert [n.op_type for n in proto.graph.node] == ["DequantizeLinear", "Transpose", "Conv"]
     np.testing.assert_allclose(run(proto, pixels), before, rtol=1e-5, atol=1e-5)
-    for kwargs, why in [(dict(ok, square=True), "not one affine map"), (dict(ok, transposes=2), "one layout change"),
+    # A bright data set (mean 0.86): the chain's float32 rounding must not read as a non-affine map
+    bright = _qdq_pixel_graph(gain=1 / (255 * 0.3395), bias=-0.8632 / 0.3395, input_scale=1 / (255 * 0.3395))
+    assert fold_pixel_quantization(bright).startswith("folded"), fold_pixel_quantization(bright)
+    for kwargs, why in [(dict(ok, square=True), "not one affine map"), (dict(ok, transposes=2), "more than the one layout change"),
                         (dict(ok, input_scale=2 / (255 * std)), "not the pixels' own"),
                         (dict(ok, bias=1.0), "maps no pixel value to zero")]:
         proto = _qdq_pixel_graph(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -384,8 +385,8 @@ def _weight_scales(path: Path) -> list[int]:
 
 
 def test_per_tensor_int8_has_one_weight_scale_per_tensor_in_every_runtime(tiny, tmp_path):
-    """--per-tensor (accelerators without per-channel scales): every INT8 artifact, PTQ or QAT, has one scale per weight tensor and
-    still passes parity in its runtime; the default has one per output channel, so the counts below can fail."""
+    """--per-tensor (accelerators without per-channel scales): every PTQ INT8 artifact has one scale per weight tensor and still passes
+    parity in its runtime, and a per-tensor QAT scheme's graph dequantizes its weights per tensor; the per-channel default fails each check."""
     from ai_edge_litert.interpreter import Interpreter
 
     data, student, _ = tiny
@@ -398,14 +399,24 @@ def test_per_tensor_int8_has_one_weight_scale_per_tensor_in_every_runtime(tiny, 
     assert set(_weight_scales(tmp_path / "t" / "model.int8.onnx")) == {1} and max(_weight_scales(tmp_path / "c" / "model.int8.onnx")) > 1
     for name in ("model.int8.pte", "model.int8.tflite"):
         assert per_tensor.artifact(name).details["quantization"]["weights"] == "int8 symmetric per tensor", name
-    tensors = Interpreter(model_path=str(tmp_path / "t" / "model.int8.tflite")).get_tensor_details()
-    weights = [t for t in tensors if t["dtype"] == np.int8 and len(t["shape"]) == 4 and t["quantization_parameters"]["scales"].size]
-    assert weights and all(t["quantization_parameters"]["scales"].size == 1 for t in weights), [(t["name"], t["shape"]) for t in weights]
+    # LiteRT: the weights of every convolution and fully connected op carry one scale
+    interpreter = Interpreter(model_path=str(tmp_path / "t" / "model.int8.tflite"))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    weights = [tensors[op["inputs"][1]] for op in ops]
+    assert len(weights) >= 3 and all(w["dtype"] == np.int8 for w in weights), [(w["name"], w["dtype"]) for w in weights]
+    assert all(w["quantization_parameters"]["scales"].size == 1 for w in weights), [(w["name"], w["quantization_parameters"]["scales"].size) for w in weights]
+    # ExecuTorch: the program it lowers dequantizes its weights per tensor (per channel by default)
+    from kdedge.exporters import pte
+
+    calibration = data.train.inputs(torch.arange(64)).numpy()
+    for per_channel in (False, True):
+        program = pte._exported(copy.deepcopy(student).eval(), (1, 12, 12), "int8", calibration, 64, per_channel=per_channel)
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("dequantize_per_channel" in t for t in targets) == per_channel, sorted(targets)
     # Quantization-aware: the scheme's converted graph dequantizes its weights per tensor; the default scheme's per channel.
-    for scheme, op in (("xnnpack-per-tensor", "dequantize_per_tensor"), ("xnnpack", "dequantize_per_channel")):
+    for scheme in ("xnnpack-per-tensor", "xnnpack"):
         model = QATModel(student, (1, 12, 12), scheme=scheme)
-        assert model.per_channel == (scheme == "xnnpack") and model.quantization()["weights"].endswith("tensor" if "tensor" in scheme else "channel")
-        ops = {str(n.target) for n in model.converted().graph.nodes if n.op == "call_function"}
-        assert any(op in o for o in ops), (scheme, sorted(ops))
-        if scheme == "xnnpack-per-tensor":
-            assert not any("per_channel" in o for o in ops), sorted(ops)
+        assert model.per_channel == (scheme == "xnnpack") and model.quantization()["weights"].endswith("channel" if model.per_channel else "tensor")
+        targets = {str(n.target) for n in model.converted().graph.nodes if n.op == "call_function"}
+        assert any("dequantize_per_channel" in t for t in targets) == model.per_channel, (scheme, sorted(targets))

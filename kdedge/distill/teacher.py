@@ -126,8 +126,9 @@ class FrozenTeacher:
 
 
 def _is_channels_last(model: nn.Module) -> bool:
-    weights = [p for p in model.parameters() if p.dim() == 4]
-    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
+    """Whether the 4-D weights are channels-last, judged on those whose two layouts differ (a 1x1 or single-input-channel kernel is both)."""
+    telling = [p for p in model.parameters() if p.dim() == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)]
+    return bool(telling) and all(p.is_contiguous(memory_format=torch.channels_last) for p in telling)
 
 
 def _code_digest(fn: object, h: hashlib._Hash) -> None:  # type: ignore[name-defined]

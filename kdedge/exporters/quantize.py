@@ -218,11 +218,13 @@ def fold_pixel_quantization(proto: Any) -> str:
     quant = consumers(ends[0])[0]
     dequants = consumers(quant.output[0])
     transposes = [n for n in chain if n.op_type == "Transpose"]
-    if not dequants or any(d.op_type != "DequantizeLinear" for d in dequants) or len(transposes) > 1:
-        return keep_float + " (not the cast, one layout change and per-channel arithmetic kdedge's pixel input writes)"
+    if not dequants or any(d.op_type != "DequantizeLinear" for d in dequants):
+        return keep_float + " (its QuantizeLinear feeds more than the first layer's DequantizeLinear)"
+    if len(transposes) > 1:
+        return keep_float + " (more than the one layout change kdedge's pixel input writes)"
     affine = _pixel_affine(proto, chain, ends[0])
     if affine is None:
-        return keep_float + " (the preprocessing is not one affine map of the pixels)"
+        return keep_float + " (the preprocessing is not one affine map of the pixels, or could not be evaluated alone)"
     gain, bias = affine
     if not (np.ptp(gain) <= 1e-6 * abs(gain.flat[0]) and np.ptp(bias) <= 1e-6 * max(abs(bias.flat[0]), 1e-12)):
         return keep_float + " (per-channel normalization: one input scale cannot hold it)"
@@ -244,8 +246,9 @@ def fold_pixel_quantization(proto: Any) -> str:
 
 def _pixel_affine(proto: Any, chain: list[Any], end: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(gain, bias)`` with ``chain(pixels) == pixels * gain + bias`` (per element of one image, in the chain's output layout),
-    read off by running the chain alone on all-0 and all-1 images and confirmed on all-255; None when it is not affine or
-    onnx's reference evaluator cannot run it."""
+    read off by running the chain alone on all-0 and all-255 images and confirmed on all-1; None when it is not affine or
+    onnx's reference evaluator cannot run it. (The gain from 0 and 255 is 255 times more precise than from 0 and 1, which the
+    chain's float32 rounding would put outside any tight check.)"""
     import onnx
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
@@ -259,10 +262,10 @@ def _pixel_affine(proto: Any, chain: list[Any], end: str) -> tuple[np.ndarray, n
     try:
         run = ReferenceEvaluator(sub)
         at = {v: run.run(None, {graph_input.name: np.full(dims, v, np.uint8)})[0].astype(np.float64) for v in (0, 1, 255)}
-    except Exception:  # noqa: BLE001  # an operator the reference evaluator lacks: keep the float preprocessing, which is always right
-        return None
-    bias, gain = at[0], at[1] - at[0]
-    if not np.allclose(at[255], 255 * gain + bias, rtol=1e-5, atol=1e-5 * float(np.abs(at[255]).max(initial=1.0))):
+    except Exception:  # noqa: BLE001  # an operator the reference evaluator lacks, a constant made outside the chain: keep the float
+        return None  # preprocessing, which is always right
+    bias, gain = at[0], (at[255] - at[0]) / 255
+    if not np.allclose(at[1], gain + bias, rtol=1e-5, atol=1e-5 * float(np.abs(at[255]).max(initial=1.0))):
         return None
     return gain, bias
 

@@ -37,8 +37,8 @@ from kdedge.errors import BackendUnavailable, ModelError
 __all__ = ["SCHEMES", "QATModel", "calibrate"]
 
 #: Quantizers (each the one its runtime's INT8 export uses): int8 weights symmetric per output
-#: channel, int8 activations per tensor. ``xnnpack``: ExecuTorch's XNNPACKQuantizer (``.pte``);
-#: ``litert``: litert_torch's PT2EQuantizer (``.tflite``).
+#: channel (``-per-tensor``: one scale per weight tensor), int8 activations per tensor. ``xnnpack``:
+#: ExecuTorch's XNNPACKQuantizer (``.pte``); ``litert``: litert_torch's PT2EQuantizer (``.tflite``).
 SCHEMES = QAT_SCHEMES
 
 _BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
