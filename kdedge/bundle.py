@@ -57,6 +57,7 @@ from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, export_edge
 from kdedge.exporters.export import onnx_metadata
 from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.exporters.quantize import quantize_int8
+from kdedge.models.qat import scheme_parts
 from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_checkpoint, save_checkpoint, state_dict_sha256
 from kdedge.resolve import ResolvedTeacher, resolve_student, resolve_teacher
 from kdedge.runs import RunResult, distill
@@ -575,7 +576,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
     export_cfg = ExportConfig(formats=plan.formats, calibration_samples=config.calibration_samples, calibration_method=config.calibration_method,
                               parity_samples=config.parity_samples, edge_max_batch=_edge_max_batch(config.batch_sizes),
                               input_format=config.input_format, skip_failed_int8=True,  # a runtime whose INT8 fails is named under skipped; the bundle keeps the rest
-                              per_channel=not config.qat_scheme.endswith("-per-tensor"))  # PTQ and QAD alike: one weight granularity
+                              per_channel=scheme_parts(config.qat_scheme)[1])  # PTQ and QAD alike: one weight granularity
     sensitivity = None
     if config.keep_float_layers is not None:
         from kdedge.sensitivity import plan_float_layers

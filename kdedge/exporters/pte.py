@@ -140,14 +140,12 @@ def _quantized(graph: torch.fx.GraphModule, calibration: np.ndarray, *, batch: i
                inside: str | None = None, per_channel: bool = True) -> torch.fx.GraphModule:
     """PT2E static INT8: observers from ``XNNPACKQuantizer``, fed ``calibration`` ``(N, C, H, W)``, folded to Q/DQ; ``keep_float`` layers
     (and with ``inside``, every operation outside that submodule: see :func:`~kdedge.models.float_layers.keep_float_quantizer`) stay float."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from kdedge.models.float_layers import keep_float_quantizer
-    from kdedge.models.qat import _export_conv_bn_patterns_once
+    from kdedge.models.qat import pt2e_quantizer
 
-    _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
+    quantizer = pt2e_quantizer("xnnpack", per_channel=per_channel)
     prepared = prepare_pt2e(graph, keep_float_quantizer(quantizer, keep_float, inside=inside))
     inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     for chunk in inputs.split(batch):

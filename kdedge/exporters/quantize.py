@@ -71,8 +71,7 @@ def _input_info(path: Path) -> tuple[str, tuple, bool]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    initializers = {i.name for i in proto.graph.initializer}
-    graph_input = next(i for i in proto.graph.input if i.name not in initializers)
+    graph_input = _graph_input(proto.graph)
     dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in graph_input.type.tensor_type.shape.dim)
     return graph_input.name, dims, graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
@@ -160,6 +159,12 @@ def quantize_int8(
 _PREPROCESSING_OPS = frozenset({"Transpose", "Cast", "Mul", "Add", "Sub", "Div"})
 
 
+def _graph_input(graph: Any) -> Any:
+    """The graph's first real input (not an initializer listed among the inputs, as older exporters did), or None."""
+    initializers = {t.name for t in graph.initializer}
+    return next((i for i in graph.input if i.name not in initializers), None)
+
+
 def pixel_preprocessing_nodes(proto: Any) -> list[str]:
     """The names of the nodes that preprocess a uint8 graph input (cast, layout, per-channel scale and shift) before the first layer.
 
@@ -170,14 +175,14 @@ def pixel_preprocessing_nodes(proto: Any) -> list[str]:
     """
     import onnx
 
-    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    if not inputs or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+    graph_input = _graph_input(proto.graph)
+    if graph_input is None or graph_input.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
         return []
-    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
     channels = max([d for d in (dims[1:2] + dims[-1:]) if d > 0] or [4])  # NCHW or NHWC: the larger bound is safe for the walk
     small = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) <= channels}
     small |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
-    reached, names = {inputs[0].name}, []
+    reached, names = {graph_input.name}, []
     for node in proto.graph.node:  # topologically sorted, as ONNX requires
         if node.op_type == "DequantizeLinear" and all(i in small for i in node.input):  # a constant quantized by an earlier pass
             small.add(node.output[0])
@@ -254,7 +259,7 @@ def _pixel_affine(proto: Any, chain: list[Any], end: str) -> tuple[np.ndarray, n
     from onnx.reference import ReferenceEvaluator
 
     graph = proto.graph
-    graph_input = next(i for i in graph.input if i.name not in {t.name for t in graph.initializer})
+    graph_input = _graph_input(graph)
     dims = [d.dim_value if d.dim_value > 0 else 1 for d in graph_input.type.tensor_type.shape.dim]
     used = {i for n in chain for i in n.input}
     sub = helper.make_model(helper.make_graph(chain, "pre", [graph_input], [helper.make_tensor_value_info(end, onnx.TensorProto.FLOAT, None)],
@@ -276,7 +281,7 @@ def _read_pixels_quantized(graph: Any, chain: list[Any], quant: Any, dequants: l
     layout change before the dequantization 15 % slower (66 vs 57 µs), onnxruntime the same either way."""
     from onnx import helper, numpy_helper
 
-    graph_input = next(i for i in graph.input if i.name not in {t.name for t in graph.initializer})
+    graph_input = _graph_input(graph)
     scale_name, zero_name = f"{graph_input.name}_pixel_scale", f"{graph_input.name}_pixel_zero_point"
     graph.initializer.extend([numpy_helper.from_array(np.array(gain, np.float32), scale_name),
                               numpy_helper.from_array(np.array(zero, np.uint8), zero_name)])

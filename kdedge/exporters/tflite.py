@@ -106,11 +106,11 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...], precision: str, cal
 
                 inner = inner_model(model)
                 if isinstance(inner, QATModel):  # quantization-aware: its own Q/DQ graph with the scales training used (the quantizer only says "static")
-                    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+                    from kdedge.models.qat import pt2e_quantizer
 
                     graph = inner.converted(fold_quantize=False)
                     graph = model.around(graph) if isinstance(model, PixelInput) else graph  # its preprocessing in front
-                    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=inner.per_channel, is_dynamic=False))
+                    quantizer = pt2e_quantizer("litert", per_channel=inner.per_channel)
                 else:
                     assert calibration is not None
                     graph, quantizer = _quantized(model, input_shape, calibration, keep_float, per_channel)
@@ -129,14 +129,12 @@ def _quantized(model: nn.Module, input_shape: tuple[int, ...], calibration: np.n
                per_channel: bool = True) -> tuple[torch.fx.GraphModule, Any]:
     """PT2E static INT8 of ``model``: observers from ``PT2EQuantizer``, fed ``calibration`` ``(N, C, H, W)``, converted to Q/DQ;
     ``keep_float`` layers stay float. Returns the graph and the quantizer (the converter is told its scheme)."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from kdedge.models.float_layers import keep_float_quantizer
-    from kdedge.models.qat import _export_conv_bn_patterns_once
+    from kdedge.models.qat import pt2e_quantizer
 
-    _export_conv_bn_patterns_once()  # the quantizer's pattern exports, once per process
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
+    quantizer = pt2e_quantizer("litert", per_channel=per_channel)
     inputs = torch.from_numpy(np.ascontiguousarray(calibration))  # float32, or uint8 pixels for a model that takes them
     # Calibrated at any batch: exported with a dynamic one (32 as the example; see pte._EXAMPLE_BATCH).
     dynamic = ({0: torch.export.Dim("batch", min=1, max=max(2, len(inputs)))},)

@@ -34,7 +34,7 @@ from torch import nn
 from kdedge.config import QAT_SCHEMES
 from kdedge.errors import BackendUnavailable, ModelError
 
-__all__ = ["SCHEMES", "QATModel", "calibrate"]
+__all__ = ["SCHEMES", "QATModel", "calibrate", "pt2e_quantizer", "scheme_parts"]
 
 #: Quantizers (each the one its runtime's INT8 export uses): int8 weights symmetric per output
 #: channel (``-per-tensor``: one scale per weight tensor), int8 activations per tensor. ``xnnpack``:
@@ -138,30 +138,32 @@ def _patch_quantizer_annotators(export_pattern: Any, export_once: Any) -> None:
             module._get_aten_graph_module_for_pattern = export_once
 
 
-def _scheme_parts(scheme: str) -> tuple[str, bool]:
+def scheme_parts(scheme: str) -> tuple[str, bool]:
     """``("xnnpack" | "litert", per-channel weights?)`` of a scheme name."""
     return scheme.removesuffix("-per-tensor"), not scheme.endswith("-per-tensor")
+
+
+def pt2e_quantizer(base: str, *, per_channel: bool = True, qat: bool = False) -> Any:
+    """The PT2E quantizer the ``base`` runtime's INT8 uses, symmetric int8: ``xnnpack`` (ExecuTorch's ``XNNPACKQuantizer``) or
+    ``litert`` (litert_torch's ``PT2EQuantizer``); weight scales per output channel or per tensor; for QAT or static PTQ.
+    Its conv+BatchNorm pattern exports are paid once per process."""
+    if base == "xnnpack":
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer as quantizer, get_symmetric_quantization_config
+    else:
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer as quantizer, get_symmetric_quantization_config
+    _export_conv_bn_patterns_once()  # its annotator is imported now
+    return quantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
 
 
 def _quantizer(scheme: str, *, qat: bool = True) -> Any:
     if scheme not in SCHEMES:
         raise ModelError(f"unknown QAT scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    base, per_channel = _scheme_parts(scheme)
+    base, per_channel = scheme_parts(scheme)
     try:
-        if base == "xnnpack":
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-
-            _export_conv_bn_patterns_once()  # its annotator is imported now
-            return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
-        if base == "litert":
-            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-
-            _export_conv_bn_patterns_once()
-            return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
+        return pt2e_quantizer(base, per_channel=per_channel, qat=qat)
     except ImportError:
         extra = "executorch" if base == "xnnpack" else "litert"
         raise BackendUnavailable(f"quantization-aware training for {scheme} needs its quantizer: pip install 'kdedge-distill[{extra}]'") from None
-    raise AssertionError(scheme)  # every scheme's base is one of the two above
 
 
 class QATModel(nn.Module):
@@ -220,7 +222,7 @@ class QATModel(nn.Module):
     @property
     def per_channel(self) -> bool:
         """Whether its weights have one scale per output channel (else one per tensor)."""
-        return _scheme_parts(self.scheme)[1]
+        return scheme_parts(self.scheme)[1]
 
     def set_schedule(self, epochs: int) -> None:
         """Freeze BatchNorm statistics after ``ceil(epochs / 2)`` epochs and the observers after ``ceil(2 * epochs / 3)``."""
@@ -319,7 +321,7 @@ class QATModel(nn.Module):
 
     def quantization(self) -> dict[str, Any]:
         """How the artifacts built from it are quantized (recorded in export.json and the manifest)."""
-        base, per_channel = _scheme_parts(self.scheme)
+        base, per_channel = scheme_parts(self.scheme)
         return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if base == "xnnpack"
                 else "litert_torch PT2EQuantizer (QAT)", "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
                 "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs",
