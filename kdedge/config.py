@@ -261,6 +261,9 @@ class ExportConfig(_Config):
     ``edge_max_batch``. ``input_format``: ``float`` (normalized NCHW, the caller preprocesses) or
     ``uint8-nhwc``/``uint8-nchw`` (every artifact takes 8-bit pixels and does scale, mean/std and
     layout in its graph, :mod:`kdedge.data.pixels`; checked against the float model on the same images).
+    ``per_channel``: INT8 weight scales per output channel (True) or per tensor (False); unset (None): per
+    channel, or the granularity a quantization-aware model was trained with, which its INT8 ships (set
+    to the other one, the export refuses).
     """
 
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
@@ -272,7 +275,7 @@ class ExportConfig(_Config):
     calibration_samples: int = 512
     calibration_method: str = "minmax"
     quantization: str = "static"
-    per_channel: bool = True
+    per_channel: bool | None = None
     reduce_range: bool = True
     keep_float: tuple[str, ...] = ()
     input_format: str = "float"

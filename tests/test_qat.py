@@ -227,11 +227,15 @@ def test_qat_bad_input_is_one_line(qat_run, tiny, tmp_path, capsys):
         (["distill", "--qat", "--data", str(root / "data")], "fine-tunes a trained FP32 student: give its run directory"),
         (["distill", "--qat-scheme", "litert"], "--qat-scheme applies to quantization-aware training: add --qat"),
         (["distill", "--qat", "--student", str(root / "fp32"), "--qat-scheme", "tflite", "--data", str(root / "data")], "qat_scheme"),
+        (["export", str(root / "qat"), "--format", "onnx-int8", "--per-tensor", "--out", str(tmp_path / "x")],
+         "--per-tensor: the quantization-aware model was trained with per-channel weight scales (scheme xnnpack) and its INT8 ships them; "
+         "drop --per-tensor, or train it with --qat-scheme xnnpack-per-tensor"),
     ]
     for argv, expected in cases:
         assert main(argv) != 0
         err = capsys.readouterr().err.strip()
         assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_qat_int8_takes_pixels_in_every_runtime_with_the_scales_it_trained(qat_run, tiny, tmp_path):

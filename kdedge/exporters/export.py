@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ from kdedge.exporters.onnx import cpu_eval, export_onnx
 from kdedge.ort import ort_predict, ort_session
 from kdedge.exporters.parity import ParityReport, Tolerance, check_outputs, check_parity, compare_outputs
 from kdedge.exporters.quantize import quantize_int8
+from kdedge.models.dead_channels import silence_dead_channels
 from kdedge.models.qat import QATModel
 from kdedge.models.zoo import Checkpoint, load_checkpoint, parse_model_name, pretrained_path
 
@@ -205,6 +207,7 @@ def export_model(
 def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConfig, model_name: str, source_sha256: str | None,
             log: Callable[[str], None] | None, int8_model: QATModel | None = None) -> ExportResult:
     _check_float_layers(model, int8_model, config)
+    _check_granularity(model, int8_model, config)
     fmt = input_format(config.input_format, data.spec)
     quantized = cpu_eval(int8_model) if int8_model is not None else contextlib.nullcontext(None)
     with cpu_eval(model) as cpu_model, quantized as cpu_int8, publish_dir(out) as tmp:
@@ -276,6 +279,17 @@ def _export(model: nn.Module, out: Path, *, data: DataSplits, config: ExportConf
     return ExportResult(out=out, artifacts=writer.artifacts, skipped=writer.skipped, manifest=manifest)
 
 
+def _check_granularity(model: nn.Module, int8_model: QATModel | None, config: ExportConfig) -> None:
+    """A quantization-aware model ships the weight granularity it was trained with: asking for the other one is refused."""
+    trained = int8_model if int8_model is not None else model if isinstance(model, QATModel) else None
+    if trained is None or config.per_channel is None or config.per_channel == trained.per_channel:
+        return
+    have, want = ("per-channel", "per-tensor") if trained.per_channel else ("per-tensor", "per-channel")
+    other = trained.scheme.removesuffix("-per-tensor") + ("-per-tensor" if trained.per_channel else "")
+    raise ConfigError(f"--{want}: the quantization-aware model was trained with {have} weight scales (scheme {trained.scheme}) and its INT8 "
+                      f"ships them; drop --{want}, or train it with --qat-scheme {other}")
+
+
 def _check_float_layers(model: nn.Module, int8_model: QATModel | None, config: ExportConfig) -> None:
     """``config.keep_float`` names layers of ``model``; a quantization-aware model ships the float layers it was trained with."""
     if not config.keep_float:
@@ -330,6 +344,8 @@ class _ArtifactWriter:
                 self.tol = self.tol | {"int8": Tolerance(atol=config.qat_max_steps * self.int8_step, min_agreement=config.qat_min_agreement)}
             else:
                 log("parity: the quantization-aware model's output is not quantized; its INT8 artifacts are judged by argmax agreement only")
+        self._silenced: tuple[nn.Module, dict[str, list[int]]] | None = None  # what PTQ quantizes: see _ptq_source
+        self._silenced_onnx: Path | None = None
         self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
         self.skipped: dict[str, str] = {}
@@ -340,6 +356,28 @@ class _ArtifactWriter:
         other = _ArtifactWriter(model, self.tmp, data=self.data, config=self.config, log=self.log, meta=self.meta, fmt=self.fmt)
         other.artifacts, other.skipped, other.timings, other._sources = self.artifacts, self.skipped, self.timings, self._sources
         return other
+
+    def _ptq_source(self) -> tuple[nn.Module, dict[str, list[int]]]:
+        """The model post-training quantization calibrates and converts: the exported one, with its dead BatchNorm channels
+        silenced (:mod:`kdedge.models.dead_channels`: the same function on the data, no outlier in the folded weights), and
+        ``{BatchNorm: [channel, ...]}`` silenced (empty: the exported model itself)."""
+        if self._silenced is None:
+            model, silenced = silence_dead_channels(self.model, tuple(self.data.spec.input_shape))
+            self._silenced = (self.fmt.wrap(model).eval() if silenced else self.exported, silenced)
+            if silenced:
+                self.log(f"int8: {sum(map(len, silenced.values()))} BatchNorm channel(s) with zero running variance silenced before "
+                         f"quantization ({', '.join(silenced)})")
+        return self._silenced
+
+    def _ptq_onnx(self, fp32: Artifact, work: Path) -> Path:
+        """The FP32 ONNX file the ONNX INT8 files quantize: the shipped one, or the silenced model's, exported into ``work``."""
+        model, silenced = self._ptq_source()
+        if not silenced:
+            return self.tmp / fp32.path
+        if self._silenced_onnx is None or not self._silenced_onnx.is_file():
+            self._silenced_onnx = export_onnx(model, work / "silenced.onnx", input_shape=self.input_shape, opset=self.config.opset,
+                                              metadata=self.meta, slim=self.config.slim).path
+        return self._silenced_onnx
 
     def discard(self, name: str, precision: str) -> None:
         """Remove whatever a failed edge export of ``name`` at ``precision`` left in the export directory."""
@@ -410,11 +448,17 @@ class _ArtifactWriter:
         self.log(f"int8: {'calibrating on %d training images (%s)' % (min(c.calibration_samples, len(self.data.train)), c.calibration_method) if static else 'dynamic quantization'}")
         calibration = self.fmt.feed(_calibration(self.data, c.calibration_samples)) if static else None
         path = self.tmp / "model.int8.onnx"
-        info = self._timed("quantize_int8", lambda: quantize_int8(self.tmp / fp32.path, path, calibration=calibration, mode=c.quantization,
-                                                                   method=c.calibration_method, per_channel=c.per_channel, reduce_range=c.reduce_range,
-                                                                   keep_float=self.onnx_keep_float))
+        with tempfile.TemporaryDirectory(prefix="kdedge-ptq-") as work:
+            source = self._ptq_onnx(fp32, Path(work))
+            info = self._timed("quantize_int8", lambda: quantize_int8(source, path, calibration=calibration, mode=c.quantization,
+                                                                       method=c.calibration_method, per_channel=c.per_channel is not False,
+                                                                       reduce_range=c.reduce_range, keep_float=self.onnx_keep_float))
         info.float_layers = list(c.keep_float) or None  # as the user named them
-        return self._checked(path, "int8", "onnx", {"quantization": asdict(info)}, fp32_accuracy=fp32.accuracy)
+        return self._checked(path, "int8", "onnx", {"quantization": asdict(info) | self._silenced_record()}, fp32_accuracy=fp32.accuracy)
+
+    def _silenced_record(self) -> dict[str, Any]:
+        silenced = self._silenced[1] if self._silenced else {}
+        return {"dead_channels_silenced": silenced} if silenced else {}
 
     def qat_int8(self, fp32: Artifact | None = None) -> Artifact:
         """The QDQ ONNX file of a quantization-aware model: its converted graph exported as it is, with the scales it was trained with."""
@@ -443,10 +487,13 @@ class _ArtifactWriter:
         qat = isinstance(self.model, QATModel)  # its scales come from training: no calibration
         calibration = (self.fmt.feed(_calibration(self.data, c.calibration_samples)) if precision == "int8" and fmt.source == "torch" and not qat
                        else None)
+        ptq = precision == "int8" and fmt.source == "torch" and not qat
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
-            name, out=path, precision=precision, model=self.exported, onnx=self.tmp / source.path if source else None,
+            name, out=path, precision=precision, model=self._ptq_source()[0] if ptq else self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.per_channel))
+            max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.per_channel is not False))
+        if ptq:
+            details |= self._silenced_record()
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)
         details["runtime"] = session.runtime
@@ -468,9 +515,10 @@ class _ArtifactWriter:
         if c.trt_precision == "int8":
             self.log(f"int8 (TensorRT): symmetric Q/DQ, calibrating on {min(c.calibration_samples, len(self.data.train))} training images")
             path = self.tmp / "model.int8-trt.onnx"
-            info = quantize_int8(self.tmp / fp32.path, path, calibration=_calibration(self.data, c.calibration_samples),
-                                 method=c.calibration_method, per_channel=c.per_channel, target="tensorrt", keep_float=c.keep_float)
-            self._checked(path, "int8", "onnx", {"quantization": asdict(info), "for": "tensorrt"})
+            with tempfile.TemporaryDirectory(prefix="kdedge-ptq-") as work:
+                info = quantize_int8(self._ptq_onnx(fp32, Path(work)), path, calibration=_calibration(self.data, c.calibration_samples),
+                                     method=c.calibration_method, per_channel=c.per_channel is not False, target="tensorrt", keep_float=c.keep_float)
+            self._checked(path, "int8", "onnx", {"quantization": asdict(info) | self._silenced_record(), "for": "tensorrt"})
         self.log(f"export: TensorRT {c.trt_precision} engine (batch {','.join(map(str, c.trt_batch))})")
         a = self._timed("tensorrt", lambda: _tensorrt_artifact(self.tmp, c, self.data.spec, self.parity_inputs, self.reference, self.tol, self.data))
         self.artifacts.append(a)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kdedge.config import QAT_SCHEMES
+from kdedge.models.dead_channels import silence_dead_channels
 from kdedge.errors import BackendUnavailable, ModelError
 
 __all__ = ["SCHEMES", "QATModel", "calibrate", "pt2e_quantizer", "scheme_parts"]
@@ -199,7 +200,10 @@ class QATModel(nn.Module):
         quantizer = keep_float_quantizer(_quantizer(scheme), self.keep_float)
         self.scheme, self.input_shape = scheme, tuple(input_shape)
         self.set_schedule(epochs)
-        source = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).train()
+        # Dead BatchNorm channels are silenced first (kdedge.models.dead_channels): their folded weights would otherwise set a
+        # per-tensor scale that rounds every other channel to 0 or ±1, for training and the artifacts alike
+        source, self.silenced = silence_dead_channels(copy.deepcopy(model).cpu().eval(), self.input_shape)
+        source = source.to(memory_format=torch.contiguous_format).train()
         for p in source.parameters():
             p.requires_grad_(True)
         example = (torch.zeros(4, *self.input_shape),)  # BatchNorm in training mode needs more than one sample
@@ -332,7 +336,8 @@ class QATModel(nn.Module):
         return {"method": "qat", "scheme": self.scheme, "quantizer": "XNNPACKQuantizer (torchao pt2e, QAT)" if base == "xnnpack"
                 else "litert_torch PT2EQuantizer (QAT)", "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
                 "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs",
-                **({"float_layers": list(self.keep_float)} if self.keep_float else {})}
+                **({"float_layers": list(self.keep_float)} if self.keep_float else {}),
+                **({"dead_channels_silenced": self.silenced} if self.silenced else {})}
 
     def schedule(self) -> dict[str, int]:
         """The freezes of the run that trains it (epochs after which BatchNorm statistics and observers stop moving)."""
