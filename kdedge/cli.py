@@ -313,7 +313,7 @@ def _num(value: float | None, unit: str = "") -> str:
 @click.option("--calibration-samples", type=int, help="Training inputs that calibrate static INT8. [default: 512]")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), help="Static INT8 calibration. [default: minmax]")
 @click.option("--quantization", type=click.Choice(["static", "dynamic"]), help="INT8 mode: static QDQ (calibrated) or dynamic. [default: static]")
-@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Per-channel INT8 weight scales. [default: per-channel]")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Per-channel INT8 weight scales. [default: per-channel; a quantization-aware run: its own]")
 @click.option("--reduce-range/--full-range", "reduce_range", default=None, help="7-bit INT8 weights for CPU (avoids x86 U8S8 saturation; measured +0.6 pt on the teacher). [default: reduce-range]")
 @click.option("--keep-float", "keep_float", help="Layers every INT8 artifact keeps in float: module names, comma-separated (kdedge sensitivity ranks them).")
 @click.option("--input-format", type=click.Choice(["float", "uint8-nhwc", "uint8-nchw"]),
@@ -448,9 +448,12 @@ def _run_bundle(config: Any, quiet: bool, *, trust_code: bool) -> None:
                            "training images held out as --val-split 0.1 holds them out.")
 @click.option("--image-size", type=int, help="Image folders: the shorter-side resize and crop [default: the one recorded in the checkpoint].")
 @click.option("--calibration-samples", type=int, default=512, show_default=True, help="Training images that calibrate the activation ranges.")
+@click.option("--per-channel/--per-tensor", "per_channel", default=True, help="INT8 weight scales per output channel, or one per tensor as "
+                                                                               "export --per-tensor and the -per-tensor QAT schemes. [default: per-channel]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
 @_trust_code_option
-def sensitivity(source: str, data: str | None, image_size: int | None, calibration_samples: int, json_path: str | None, trust_code: bool) -> None:
+def sensitivity(source: str, data: str | None, image_size: int | None, calibration_samples: int, per_channel: bool, json_path: str | None,
+                trust_code: bool) -> None:
     """Per-layer INT8 sensitivity of SOURCE (run directory, checkpoint or shipped name): validation accuracy with only that
     layer quantized (ExecuTorch's XNNPACK quantizer, in PyTorch), most sensitive first; the names go to --keep-float.
     """
@@ -467,7 +470,8 @@ def sensitivity(source: str, data: str | None, image_size: int | None, calibrati
         from kdedge.data.sources import hold_out
 
         splits = hold_out(splits, 0.1)
-    result = layer_sensitivity(ckpt.model, splits.val, splits.train.sample(calibration_samples, seed=0).numpy(), log=click.echo)  # type: ignore[arg-type]
+    result = layer_sensitivity(ckpt.model, splits.val, splits.train.sample(calibration_samples, seed=0).numpy(), log=click.echo,  # type: ignore[arg-type]
+                               per_channel=per_channel)
     click.echo(f"{ckpt.spec.name} on {result.images} {scored} images: FP32 {result.fp32_accuracy:.4f}, "
                f"all INT8 {result.int8_accuracy:.4f} ({result.int8_drop_pt:+.2f} pt)")
     click.echo(f"{'layer':<24} {'only it INT8':>12} {'drop (pt)':>9}")

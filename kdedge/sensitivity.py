@@ -8,8 +8,10 @@ the layers to leave in float: the ``n`` most sensitive, or (``auto``) the fewest
 sensitivity, after which the whole model's simulated INT8 drop is within a budget.
 
 The measurement runs in PyTorch with the quantizer ExecuTorch's INT8 export uses (torchao PT2E,
-``XNNPACKQuantizer``: int8 per-output-channel weights, int8 per-tensor activations), so it is one
-scheme standing for all runtimes; each runtime's own artifact is then measured as always. How every
+``XNNPACKQuantizer``: int8 weights per output channel, or per tensor with ``per_channel=False``, int8
+per-tensor activations), on the model with its dead BatchNorm channels silenced as every INT8 export
+does (:mod:`kdedge.models.dead_channels`), so it is one scheme standing for all runtimes; each
+runtime's own artifact is then measured as always. How every
 INT8 export keeps the chosen layers float is :mod:`kdedge.models.float_layers`.
 """
 
@@ -41,6 +43,9 @@ class LayerSensitivity:
     drop_pt: float
 
 
+_SCHEME = "XNNPACKQuantizer (torchao pt2e): int8 {} weights, int8 per-tensor activations, evaluated in PyTorch"
+
+
 @dataclass
 class Sensitivity:
     """:func:`layer_sensitivity`'s result; ``layers`` sorted from the most sensitive."""
@@ -50,7 +55,11 @@ class Sensitivity:
     layers: list[LayerSensitivity]
     images: int
     calibration_images: int
-    scheme: str = "XNNPACKQuantizer (torchao pt2e): int8 per-channel weights, int8 per-tensor activations, evaluated in PyTorch"
+    scheme: str = _SCHEME.format("per-channel")
+
+    @property
+    def per_channel(self) -> bool:
+        return "per-tensor weights" not in self.scheme
     steps: list[dict[str, Any]] = field(default_factory=list)  # choose_float_layers' auto search
 
     @property
@@ -69,13 +78,13 @@ class Sensitivity:
 
 
 def _quantized_accuracy(model: nn.Module, data: Dataset | DataLoader, calibration: torch.Tensor, *, float_layers: Sequence[str] = (),
-                        only: str | None = None, batch: int = 64) -> float:
+                        only: str | None = None, batch: int = 64, per_channel: bool = True) -> float:
     """Accuracy of ``model`` quantized by XNNPACK's PT2E quantizer (``float_layers`` kept float; ``only``: that layer alone INT8)."""
     from kdedge.metrics import evaluate
     from kdedge.models.qat import _quantizer, _torchao
 
     pt2e, quantize_pt2e = _torchao()
-    quantizer = keep_float_quantizer(_quantizer("xnnpack", qat=False), float_layers, only=only)
+    quantizer = keep_float_quantizer(_quantizer("xnnpack" if per_channel else "xnnpack-per-tensor", qat=False), float_layers, only=only)
     example = (torch.zeros(2, *calibration.shape[1:]),)  # a batch of 2: torch.export would fix a batch of 1 as a constant
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
@@ -92,8 +101,10 @@ def _quantized_accuracy(model: nn.Module, data: Dataset | DataLoader, calibratio
     return evaluate(converted, data).accuracy
 
 
-def _cpu_float(model: nn.Module) -> nn.Module:
+def _cpu_float(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     import copy
+
+    from kdedge.models.dead_channels import silence_dead_channels
 
     from kdedge.models.zoo import runs_outside_torch
 
@@ -103,11 +114,12 @@ def _cpu_float(model: nn.Module) -> nn.Module:
         raise ConfigError("per-layer INT8 sensitivity needs the PyTorch model; an ONNX model's layers are quantized by onnxruntime as a whole")
     if isinstance(model, QATModel):
         raise ModelError("the model is already quantization-aware (a --qat run); measure the FP32 student it was trained from")
-    return copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    return silence_dead_channels(model, input_shape)[0]  # as every INT8 export quantizes it
 
 
 def layer_sensitivity(model: nn.Module, data: Dataset | DataLoader, calibration: np.ndarray | torch.Tensor, *,
-                      layers: Sequence[str] | None = None, log: Any = None) -> Sensitivity:
+                      layers: Sequence[str] | None = None, log: Any = None, per_channel: bool = True) -> Sensitivity:
     """Each layer's INT8 sensitivity: ``model`` with only that layer quantized, scored on ``data`` (validation images).
 
     Args:
@@ -116,26 +128,28 @@ def layer_sensitivity(model: nn.Module, data: Dataset | DataLoader, calibration:
         calibration: Preprocessed training inputs ``(N, C, H, W)`` for the activation ranges (the exports use the same).
         layers: Module names to measure (default: every convolution and linear layer, :func:`quantizable_layers`).
         log: Called with one line per layer.
+        per_channel: INT8 weights with one scale per output channel (the exports' default), or per tensor (``--per-tensor``).
 
     Returns:
         FP32 and all-INT8 accuracy, and each layer's accuracy and drop in points, most sensitive first.
     """
     from kdedge.metrics import evaluate
 
-    model = _cpu_float(model)
-    names = check_float_layers(model, layers) if layers is not None else tuple(quantizable_layers(model))
     inputs = torch.as_tensor(np.ascontiguousarray(calibration, dtype=np.float32))
+    model = _cpu_float(model, tuple(inputs.shape[1:]))
+    names = check_float_layers(model, layers) if layers is not None else tuple(quantizable_layers(model))
     fp32 = evaluate(model, data).accuracy
-    int8 = _quantized_accuracy(model, data, inputs)
+    int8 = _quantized_accuracy(model, data, inputs, per_channel=per_channel)
     rows = []
     for name in names:
-        acc = _quantized_accuracy(model, data, inputs, only=name)
+        acc = _quantized_accuracy(model, data, inputs, only=name, per_channel=per_channel)
         rows.append(LayerSensitivity(name, acc, round(100 * (fp32 - acc), 4)))
         if log:
             log(f"sensitivity: {name} alone INT8 {acc:.4f} (drop {rows[-1].drop_pt:+.2f} pt)")
     rows.sort(key=lambda s: -s.drop_pt)
     n = len(data.dataset) if isinstance(data, DataLoader) else len(data)  # type: ignore[arg-type]
-    return Sensitivity(fp32_accuracy=fp32, int8_accuracy=int8, layers=rows, images=n, calibration_images=len(inputs))
+    return Sensitivity(fp32_accuracy=fp32, int8_accuracy=int8, layers=rows, images=n, calibration_images=len(inputs),
+                       scheme=_SCHEME.format("per-channel" if per_channel else "per-tensor"))
 
 
 def choose_float_layers(model: nn.Module, data: Dataset | DataLoader, calibration: np.ndarray | torch.Tensor, sensitivity: Sensitivity,
@@ -148,8 +162,8 @@ def choose_float_layers(model: nn.Module, data: Dataset | DataLoader, calibratio
     """
     if keep != "auto":
         return sensitivity.most_sensitive(int(keep))
-    model = _cpu_float(model)
     inputs = torch.as_tensor(np.ascontiguousarray(calibration, dtype=np.float32))
+    model = _cpu_float(model, tuple(inputs.shape[1:]))
     order = sensitivity.most_sensitive(len(sensitivity.layers))  # every layer: the whole model's loss may come from several together
     limit = min(len(order), max(1, math.ceil(len(sensitivity.layers) / 2)))
     kept: list[str] = []
@@ -158,7 +172,7 @@ def choose_float_layers(model: nn.Module, data: Dataset | DataLoader, calibratio
     best = (drop, 0)
     while drop > max_drop and len(kept) < limit:
         kept.append(order[len(kept)])
-        acc = _quantized_accuracy(model, data, inputs, float_layers=kept)
+        acc = _quantized_accuracy(model, data, inputs, float_layers=kept, per_channel=sensitivity.per_channel)
         drop = round(100 * (sensitivity.fp32_accuracy - acc), 4)
         sensitivity.steps.append({"float_layers": list(kept), "int8_accuracy": acc, "drop_pt": drop})
         if log:
@@ -168,7 +182,7 @@ def choose_float_layers(model: nn.Module, data: Dataset | DataLoader, calibratio
 
 
 def plan_float_layers(model: nn.Module, data: Any, calibration: np.ndarray, keep: int | str, *, max_drop: float,
-                      log: Any = None) -> tuple[tuple[str, ...], dict[str, Any]]:
+                      log: Any = None, per_channel: bool = True) -> tuple[tuple[str, ...], dict[str, Any]]:
     """``compress-and-export --keep-float N|auto``: measure sensitivity, choose the float layers; returns them and the manifest record.
 
     ``data`` is the run's :class:`~kdedge.data.DataSplits`: sensitivity is scored on its validation split, or, without one,
@@ -177,7 +191,7 @@ def plan_float_layers(model: nn.Module, data: Any, calibration: np.ndarray, keep
     scored, split = (data.val, "validation") if data.val is not None else (data.train.take(min(5000, len(data.train)), seed=1), "train (no validation split)")
     if log:
         log(f"sensitivity: each layer alone INT8 on {len(scored)} {split} images")
-    sensitivity = layer_sensitivity(model, scored, calibration, log=log)
+    sensitivity = layer_sensitivity(model, scored, calibration, log=log, per_channel=per_channel)
     kept = choose_float_layers(model, scored, calibration, sensitivity, keep, max_drop=max_drop, log=log)
     why = (f"the {len(kept)} most sensitive" if keep != "auto" else
            f"auto: fewest most-sensitive layers after which the simulated INT8 drop is within --max-quant-drop {max_drop:g} pt"

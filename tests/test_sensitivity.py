@@ -102,6 +102,23 @@ def test_sensitivity_ranks_the_outlier_layer_and_auto_keeps_only_it(case):
     assert [st["float_layers"] for st in steps] == [[], ["fc1"]] and steps[0]["drop_pt"] > 40 and steps[1]["drop_pt"] <= 3.0
 
 
+def test_per_tensor_sensitivity_sees_the_outlier_that_per_channel_scales_absorb(case):
+    """The outlier on one row of fc1 only: per channel, that row has its own scale and INT8 keeps nearly everything; per tensor
+    (--per-tensor), the row sets fc1's one scale and fc1 collapses, so the ranking and the record follow the granularity."""
+    import copy
+
+    model, val, calibration, _, _ = case
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.fc1.weight[:, 15] = 0.0
+        model.fc1.weight[-1, 15] = 1000.0  # a row whose output is always 0: the pixel is always 0
+    per_channel = layer_sensitivity(model, val, calibration)
+    per_tensor = layer_sensitivity(model, val, calibration, per_channel=False)
+    assert per_channel.per_channel and per_channel.int8_drop_pt < 3, per_channel.layers
+    assert not per_tensor.per_channel and "int8 per-tensor weights" in per_tensor.scheme
+    assert per_tensor.layers[0].layer == "fc1" and per_tensor.layers[0].drop_pt > 40 and per_tensor.int8_drop_pt > 40, per_tensor.layers
+
+
 def test_onnx_int8_keeps_the_layer_float_in_onnxruntime(case, tmp_path):
     model, _, calibration, x, y = case
     export_onnx(model, tmp_path / "m.onnx", input_shape=SHAPE)
