@@ -9,9 +9,9 @@ sensitivity, after which the whole model's simulated INT8 drop is within a budge
 
 The measurement runs in PyTorch with the quantizer ExecuTorch's INT8 export uses (torchao PT2E,
 ``XNNPACKQuantizer``: int8 weights per output channel, or per tensor with ``per_channel=False``, int8
-per-tensor activations), on the model with its dead BatchNorm channels silenced as every INT8 export
-does (:mod:`kdedge.models.dead_channels`), so it is one scheme standing for all runtimes; each
-runtime's own artifact is then measured as always. How every
+per-tensor activations; per tensor, on the model with its dead BatchNorm channels silenced as the
+per-tensor exports quantize it, :mod:`kdedge.models.dead_channels`, FP32 accuracy included), so it is
+one scheme standing for all runtimes; each runtime's own artifact is then measured as always. How every
 INT8 export keeps the chosen layers float is :mod:`kdedge.models.float_layers`.
 """
 
@@ -101,7 +101,7 @@ def _quantized_accuracy(model: nn.Module, data: Dataset | DataLoader, calibratio
     return evaluate(converted, data).accuracy
 
 
-def _cpu_float(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+def _cpu_float(model: nn.Module, input_shape: tuple[int, ...], per_channel: bool) -> nn.Module:
     import copy
 
     from kdedge.models.dead_channels import silence_dead_channels
@@ -115,7 +115,7 @@ def _cpu_float(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     if isinstance(model, QATModel):
         raise ModelError("the model is already quantization-aware (a --qat run); measure the FP32 student it was trained from")
     model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
-    return silence_dead_channels(model, input_shape)[0]  # as every INT8 export quantizes it
+    return model if per_channel else silence_dead_channels(model, input_shape)[0]  # as the per-tensor INT8 exports quantize it
 
 
 def layer_sensitivity(model: nn.Module, data: Dataset | DataLoader, calibration: np.ndarray | torch.Tensor, *,
@@ -136,7 +136,7 @@ def layer_sensitivity(model: nn.Module, data: Dataset | DataLoader, calibration:
     from kdedge.metrics import evaluate
 
     inputs = torch.as_tensor(np.ascontiguousarray(calibration, dtype=np.float32))
-    model = _cpu_float(model, tuple(inputs.shape[1:]))
+    model = _cpu_float(model, tuple(inputs.shape[1:]), per_channel)
     names = check_float_layers(model, layers) if layers is not None else tuple(quantizable_layers(model))
     fp32 = evaluate(model, data).accuracy
     int8 = _quantized_accuracy(model, data, inputs, per_channel=per_channel)
@@ -163,7 +163,7 @@ def choose_float_layers(model: nn.Module, data: Dataset | DataLoader, calibratio
     if keep != "auto":
         return sensitivity.most_sensitive(int(keep))
     inputs = torch.as_tensor(np.ascontiguousarray(calibration, dtype=np.float32))
-    model = _cpu_float(model, tuple(inputs.shape[1:]))
+    model = _cpu_float(model, tuple(inputs.shape[1:]), sensitivity.per_channel)
     order = sensitivity.most_sensitive(len(sensitivity.layers))  # every layer: the whole model's loss may come from several together
     limit = min(len(order), max(1, math.ceil(len(sensitivity.layers) / 2)))
     kept: list[str] = []

@@ -103,6 +103,9 @@ def test_per_tensor_ptq_scales_the_depthwise_weights_by_the_channels_that_comput
                                                              "model.int8.tflite.json"}  # the silenced FP32 file quantized was not shipped
     depthwise = _onnx_weight_scales(tmp_path / "x" / "model.int8.onnx")[(4, 1, 3, 3)]
     assert depthwise == pytest.approx(live * 127 / 63.5, rel=0.02)  # 7-bit weights (reduce_range, onnxruntime's default on x86 here)
+    per_channel = kdedge.export_model(model, tmp_path / "c", data=data, config=ExportConfig(formats=("onnx", "onnx-int8"), parity_samples=60,
+                                                                                           calibration_samples=128, evaluate=False))
+    assert "dead_channels_silenced" not in per_channel.artifact("model.int8.onnx").details["quantization"]  # its own scale per channel
     interpreter = Interpreter(model_path=str(tmp_path / "x" / "model.int8.tflite"))
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     op = [op for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D"][-1]  # the 1-channel first convolution is one too
@@ -117,6 +120,7 @@ def test_quantization_aware_training_starts_from_the_silenced_model(dead):
     data, model = dead
     qat = QATModel(model, SHAPE, scheme="xnnpack-per-tensor", epochs=2)
     assert qat.silenced == {"1": [1], "4": [1]} and qat.quantization()["dead_channels_silenced"] == {"1": [1], "4": [1]}
+    assert QATModel(model, SHAPE, scheme="xnnpack").silenced == {"1": [1]}  # per channel: only γ = 0, which PT2E's QAT turns into NaN
     x = data.train.inputs(torch.arange(64))
     calibrate(qat, [x])
     qat.start_epoch(1)

@@ -345,7 +345,6 @@ class _ArtifactWriter:
             else:
                 log("parity: the quantization-aware model's output is not quantized; its INT8 artifacts are judged by argmax agreement only")
         self._silenced: tuple[nn.Module, dict[str, list[int]]] | None = None  # what PTQ quantizes: see _ptq_source
-        self._silenced_onnx: Path | None = None
         self._sources: dict[str, Callable[[], Iterator[np.ndarray]]] = {}  # split -> its normalized inputs, built once per export
         self.artifacts: list[Artifact] = []
         self.skipped: dict[str, str] = {}
@@ -359,14 +358,14 @@ class _ArtifactWriter:
 
     def _ptq_source(self) -> tuple[nn.Module, dict[str, list[int]]]:
         """The model post-training quantization calibrates and converts: the exported one, with its dead BatchNorm channels
-        silenced (:mod:`kdedge.models.dead_channels`: the same function on the data, no outlier in the folded weights), and
-        ``{BatchNorm: [channel, ...]}`` silenced (empty: the exported model itself)."""
+        silenced for per-tensor weights (:mod:`kdedge.models.dead_channels`: the same function on the data, no outlier in the
+        folded weights), and ``{BatchNorm: [channel, ...]}`` silenced (empty: the exported model itself)."""
         if self._silenced is None:
-            model, silenced = silence_dead_channels(self.model, tuple(self.data.spec.input_shape))
+            model, silenced = (self.model, {}) if self.config.per_channel is not False else silence_dead_channels(self.model, tuple(self.data.spec.input_shape))
             self._silenced = (self.fmt.wrap(model).eval() if silenced else self.exported, silenced)
             if silenced:
-                self.log(f"int8: {sum(map(len, silenced.values()))} BatchNorm channel(s) with zero running variance silenced before "
-                         f"quantization ({', '.join(silenced)})")
+                self.log(f"int8: {sum(map(len, silenced.values()))} constant BatchNorm channel(s) (running variance or γ 0) silenced before "
+                         f"per-tensor quantization ({', '.join(silenced)})")
         return self._silenced
 
     def _ptq_onnx(self, fp32: Artifact, work: Path) -> Path:
@@ -374,10 +373,8 @@ class _ArtifactWriter:
         model, silenced = self._ptq_source()
         if not silenced:
             return self.tmp / fp32.path
-        if self._silenced_onnx is None or not self._silenced_onnx.is_file():
-            self._silenced_onnx = export_onnx(model, work / "silenced.onnx", input_shape=self.input_shape, opset=self.config.opset,
-                                              metadata=self.meta, slim=self.config.slim).path
-        return self._silenced_onnx
+        return export_onnx(model, work / "silenced.onnx", input_shape=self.input_shape, opset=self.config.opset, metadata=self.meta,
+                           slim=self.config.slim).path
 
     def discard(self, name: str, precision: str) -> None:
         """Remove whatever a failed edge export of ``name`` at ``precision`` left in the export directory."""
@@ -492,7 +489,7 @@ class _ArtifactWriter:
             name, out=path, precision=precision, model=self._ptq_source()[0] if ptq else self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
             max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.per_channel is not False))
-        if ptq:
+        if ptq or (precision == "int8" and source is not None and not qat):  # OpenVINO and the ORT format convert the PTQ QDQ file
             details |= self._silenced_record()
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
         session = load_edge(name, path)

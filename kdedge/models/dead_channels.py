@@ -38,13 +38,13 @@ SILENT_SCALE = 1e-12
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def dead_channels(model: nn.Module) -> dict[str, list[int]]:
+def dead_channels(model: nn.Module, *, variance: bool = True) -> dict[str, list[int]]:
     """``{BatchNorm module name: [channel, ...]}`` for each channel whose output is constant: its running variance is ~0
-    (``DEAD_VARIANCE · ε``), or its scale γ is 0."""
+    (``DEAD_VARIANCE · ε``; only with ``variance``), or its scale γ is 0."""
     found: dict[str, list[int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-            dead = module.running_var <= DEAD_VARIANCE * module.eps
+            dead = module.running_var <= DEAD_VARIANCE * module.eps if variance else torch.zeros_like(module.running_var, dtype=torch.bool)
             if module.weight is not None:
                 dead |= module.weight.detach() == 0
             if dead.any():
@@ -60,8 +60,9 @@ def _producers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]
     """
     was = {m: m.training for m in model.modules()}
     model.eval()
+    device = next(iter(model.parameters()), torch.zeros(())).device
     try:
-        program = torch.export.export(model, (torch.zeros(2, *input_shape),))
+        program = torch.export.export(model, (torch.zeros(2, *input_shape, device=device),))
     except Exception:  # noqa: BLE001 - torch.export raises many types; an untraceable model is quantized as it is
         return {}
     finally:
@@ -80,20 +81,24 @@ def _producers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]
         source = node.args[0]
         if not (isinstance(source, torch.fx.Node) and "conv" in str(source.target) and len(source.users) == 1):
             continue
+        if any(isinstance(a, torch.fx.Node) and len(a.users) != 1 for a in (*source.args[1:3], node.args[4])):
+            continue  # a convolution or BatchNorm called at more than one place: changing it would change the others
         bn, conv = owner(node.args[4]), owner(source.args[1])  # running_var; the convolution's weight
         if bn is not None and conv is not None:
             pairs[bn] = conv
     return pairs
 
 
-def silence_dead_channels(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, list[int]]]:
+def silence_dead_channels(model: nn.Module, input_shape: tuple[int, ...], *, variance: bool = True) -> tuple[nn.Module, dict[str, list[int]]]:
     """A copy of ``model`` whose dead BatchNorm channels output exactly ``β`` (see the module's docstring), and what was changed.
 
     Returns ``(model, {})`` — the model itself, not a copy — when no channel can be silenced, and leaves out a dead channel whose
     BatchNorm does not follow a convolution alone (its folded weights are not a convolution's). ``input_shape``: one sample's
-    ``(C, H, W)``, to trace which convolution feeds which BatchNorm.
+    ``(C, H, W)``, to trace which convolution feeds which BatchNorm. ``variance=False``: only the channels whose γ is 0 —
+    with per-channel weight scales a dead channel's folded weights set only their own scale, and silencing them would only
+    leave a zero channel whose scale the quantizers clamp to float32's ε.
     """
-    dead = dead_channels(model)
+    dead = dead_channels(model, variance=variance)
     if not dead:
         return model, {}
     pairs = _producers(model, input_shape)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kdedge.config import QAT_SCHEMES
-from kdedge.models.dead_channels import silence_dead_channels
+from kdedge.models.dead_channels import SILENT_SCALE, silence_dead_channels
 from kdedge.errors import BackendUnavailable, ModelError
 
 __all__ = ["SCHEMES", "QATModel", "calibrate", "pt2e_quantizer", "scheme_parts"]
@@ -200,9 +200,9 @@ class QATModel(nn.Module):
         quantizer = keep_float_quantizer(_quantizer(scheme), self.keep_float)
         self.scheme, self.input_shape = scheme, tuple(input_shape)
         self.set_schedule(epochs)
-        # Dead BatchNorm channels are silenced first (kdedge.models.dead_channels): their folded weights would otherwise set a
-        # per-tensor scale that rounds every other channel to 0 or ±1, for training and the artifacts alike
-        source, self.silenced = silence_dead_channels(copy.deepcopy(model).cpu().eval(), self.input_shape)
+        # Dead BatchNorm channels are silenced first (kdedge.models.dead_channels): per tensor, their folded weights would set the
+        # scale that rounds every other channel to 0 or ±1, for training and the artifacts alike; γ = 0 would be NaN in any scheme
+        source, _ = silence_dead_channels(copy.deepcopy(model).cpu().eval(), self.input_shape, variance=not self.per_channel)
         source = source.to(memory_format=torch.contiguous_format).train()
         for p in source.parameters():
             p.requires_grad_(True)
@@ -338,6 +338,19 @@ class QATModel(nn.Module):
                 "activations": "int8 per tensor; scales from the moving-average observers of quantization-aware training, frozen before its last epochs",
                 **({"float_layers": list(self.keep_float)} if self.keep_float else {}),
                 **({"dead_channels_silenced": self.silenced} if self.silenced else {})}
+
+    @property
+    def silenced(self) -> dict[str, list[int]]:
+        """``{BatchNorm: [channel, ...]}`` silenced before training (:mod:`kdedge.models.dead_channels`), read from the graph's
+        γ, so a reloaded checkpoint reports them too."""
+        found: dict[str, list[int]] = {}
+        for node in self.graph.graph.nodes:
+            if node.op == "call_function" and str(node.target) in _BATCH_NORMS and isinstance(node.args[1], torch.fx.Node):
+                gamma = self.graph.get_parameter(str(node.args[1].target))
+                channels = (gamma.detach() == torch.tensor(SILENT_SCALE, dtype=gamma.dtype)).nonzero().flatten().tolist()
+                if channels:
+                    found[str(node.args[1].target).removesuffix(".weight")] = channels
+        return found
 
     def schedule(self) -> dict[str, int]:
         """The freezes of the run that trains it (epochs after which BatchNorm statistics and observers stop moving)."""
