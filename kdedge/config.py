@@ -284,7 +284,7 @@ class ExportConfig(_Config):
     fp16_atol: float = 1e-2
     fp16_rtol: float = 1e-2
     int8_min_agreement: float = 0.95
-    qat_max_steps: float = 2.0
+    qat_max_steps: float = 4.0
     qat_min_agreement: float = 0.99
     skip_failed_int8: bool = False
     evaluate: bool = True

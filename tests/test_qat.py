@@ -356,12 +356,13 @@ def test_int8_of_a_qat_model_is_held_to_steps_of_its_int8_graph_which_a_recalibr
     assert step is not None and step > 0
     res = kdedge.export_model(model, tmp_path / "exp", data=data, config=ExportConfig(formats=("onnx-int8",), parity_samples=60))
     parity = res.artifacts[0].parity
-    assert parity["passed"] and parity["tolerance"]["atol"] == pytest.approx(2 * step) and parity["tolerance"]["min_agreement"] == 0.99
+    assert parity["passed"] and parity["tolerance"]["atol"] == pytest.approx(4 * step) and parity["tolerance"]["min_agreement"] == 0.99
     assert parity["output_step"] == step and parity["max_abs_diff_steps"] <= 2
     # and its agreement with the fake-quantized model training evaluated is measured beside it
     assert 0.9 <= parity["fake_quant"]["argmax_agreement"] <= 1 and parity["fake_quant"]["samples"] == 60
     # The same weights with the activation ranges a calibration on fewer, darker images could pick (half the trained ones,
-    # so the brightest activations clip): the QAT check refuses the file.
+    # so the brightest activations clip): the QAT check refuses the file (measured: 77 steps from the graph; faithful
+    # runtimes of per-tensor dw_cnn@0.5 students, up to 3 on 1,000 images, hence the default 4).
     other = copy.deepcopy(model)
     ranges = [m for m in other.graph.modules() if hasattr(m, "min_val") and m.min_val.numel() == 1]  # per-tensor: activations
     assert len(ranges) >= 3
@@ -373,7 +374,7 @@ def test_int8_of_a_qat_model_is_held_to_steps_of_its_int8_graph_which_a_recalibr
     with torch.no_grad():
         reference = model.eval().converted()(x).numpy()
     out = ort_predict(ort_session(path), x.numpy())
-    tight = Tolerance(atol=2 * step, min_agreement=0.99)
+    tight = Tolerance(atol=ExportConfig().qat_max_steps * step, min_agreement=0.99)
     assert compare_outputs([out], [reference], [out[:0]], ["logits"], tight)[0].failures(tight)
 
 
