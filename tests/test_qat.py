@@ -466,3 +466,11 @@ def test_the_converted_graph_quantizes_weights_with_the_scales_training_used(tin
     with torch.no_grad():
         fake, converted = model(x), graph(x)
     assert (fake - converted).abs().max() <= 1.01 * model.output_scale(graph)  # one step of the INT8 logits at most
+    if model.per_channel:  # a channel whose weights all have one sign: the kernel's zero point 127 ships as the observer's 0
+        quantizer = next(m for m in model.graph.modules() if isinstance(m, FusedMovingAvgObsFakeQuantize) and m.is_per_channel)
+        quantizer.activation_post_process.min_val[0], quantizer.activation_post_process.max_val[0] = -0.5, 0.0
+        graph = model.converted()
+        zero_points = [getattr(graph, n.args[2].target) for n in graph.graph.nodes
+                       if n.op == "call_function" and "dequantize_per_channel" in str(n.target) and n.args[0].op == "get_attr"]
+        assert zero_points and all(int(z.abs().max()) == 0 for z in zero_points)
+        assert any(abs(s - 0.5 / 127) < 1e-9 for s in _converted_weight_scales(graph))

@@ -418,7 +418,9 @@ def _convert_with_trained_qparams(graph: torch.fx.GraphModule) -> None:
     differs (``max(-min, max) / 127``): every symmetric weight scale moved by up to 0.4 % between training and the artifact,
     enough to re-round a share of the weights (measured: 1.4-2.5 % of argmaxes changed on a per-tensor ``dw_cnn@0.5``). torchao
     fixed it after 0.18 (pytorch/ao#4824, ``use_kernel_params``). Here each fake-quantizer's buffers are recomputed by the kernel
-    from its frozen range (fake quantization on, observation off: the range does not move) and handed to the conversion.
+    from its frozen range (fake quantization on, observation off: the range does not move) and handed to the conversion, except
+    where the kernel's symmetric zero point is not 0 (a channel whose weights all have one sign; measured on one of three
+    default-student seeds), which keeps the observer's.
     """
     from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
 
@@ -434,8 +436,16 @@ def _convert_with_trained_qparams(graph: torch.fx.GraphModule) -> None:
             torch.fused_moving_avg_obs_fake_quant(probe, torch.zeros_like(module.observer_enabled), torch.ones_like(module.fake_quant_enabled),
                                                   lo, hi, module.scale, module.zero_point, observer.averaging_constant, observer.quant_min,
                                                   observer.quant_max, 0, module.is_per_channel, module.is_symmetric_quant)
-        trained = (module.scale.detach().clone(), module.zero_point.detach().clone())
-        module.calculate_qparams = lambda trained=trained: trained  # type: ignore[method-assign]
+        scale, zero_point = module.scale.detach().clone(), module.zero_point.detach().clone()
+        if module.is_symmetric_quant and bool((zero_point != 0).any()):
+            # The kernel gives a channel whose weights all have one sign an offset zero point (127 or -127), which no runtime's
+            # symmetric weights take (XNNPACK refuses to load it): those channels keep the observer's zero-point-0 scale,
+            # twice the step training used on them.
+            observed_scale, observed_zp = observer.calculate_qparams()
+            offset = zero_point != 0
+            scale = torch.where(offset, observed_scale.to(scale.dtype).reshape(scale.shape), scale)
+            zero_point = torch.where(offset, observed_zp.to(zero_point.dtype).reshape(zero_point.shape), zero_point)
+        module.calculate_qparams = lambda trained=(scale, zero_point): trained  # type: ignore[method-assign]
 
 
 def _fork_rng() -> Any:
