@@ -12,7 +12,8 @@ Layout::
       student.safetensors  the distilled student (weights + model and dataset specs)
       [student-qat.safetensors]  with --int8 qat|auto: the quantization-aware student the INT8 artifacts were built from
       config.yaml          the resolved config; `kdedge build --config` repeats the run
-      report.json, report.md, plots/   the benchmark
+      report.json, report.md, report.html, plots/   the benchmark (report.html: tables and plots in one self-contained page;
+                           plots/frontier.png: accuracy vs p50 on one target, the teacher, the budget line)
       predict.py           `python BUNDLE/predict.py IMAGE...`: the recommended CPU model on image files, with only
                            Pillow, numpy and onnxruntime (kdedge/bundle_files/predict.py, the consumer example of docs/bundle.md)
 """
@@ -182,7 +183,7 @@ def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[di
 
 
 #: Files whose bytes carry timings or timestamps; every other file is reproducible bit for bit, but for :data:`_UNSTABLE_SUFFIXES`.
-_TIMING_FILES = ("models/export.json", "report.json", "report.md", "plots/", "search/")
+_TIMING_FILES = ("models/export.json", "report.json", "report.md", "report.html", "plots/", "search/")
 #: Artifacts whose converter lays out the same model differently on every run: onnxruntime's ORT-format serializer
 #: (measured: three conversions of one ONNX file, three sha256s, the same operators and weights).
 _UNSTABLE_SUFFIXES = (".ort",)
@@ -601,7 +602,9 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
     log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
     report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
-    write_report_files(report, tmp)
+    # frontier.png on the target the search measured the budget on (ort-cpu), or without one the fastest student's target
+    write_report_files(report, tmp, frontier=True, target="ort-cpu" if config.latency_budget else None, budget_ms=config.latency_budget,
+                       title="kdedge bundle")
     if config.log_dir:  # the latency and accuracy tables beside the training curves
         from kdedge.tblog import write_text
 

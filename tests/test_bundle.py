@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -55,7 +56,8 @@ def test_bundle_layout_and_manifest(bundle):
     assert m["recommended"]["ort-cpu"]["artifact"] in {"models/model.onnx", "models/model.int8.onnx"}
     assert m["gates"]["min_retention"]["passed"] and m["gates"]["min_retention"]["limit"] == 0.5
     _check_tuned(m)
-    for name in ("student.safetensors", "config.yaml", "predict.py", "report.json", "report.md", "plots/accuracy_vs_latency.png", "models/export.json"):
+    for name in ("student.safetensors", "config.yaml", "predict.py", "report.json", "report.md", "report.html", "plots/accuracy_vs_latency.png",
+                 "plots/frontier.png", "models/export.json"):
         assert (bundle / name).is_file() and name in {f["path"] for f in m["files"]}
     assert (bundle.parent / "b1.tar.gz").is_file()
     # --keep-float 1: every layer's sensitivity measured (never on the test set), the most sensitive one float in the INT8 file.
@@ -544,3 +546,33 @@ def test_compress_with_a_latency_budget_bundles_the_searched_student(tmp_path):
     rec = json.loads((result.out / "search" / "search.json").read_text())
     assert m["student"]["model"]["arch"] == rec["winner"] and rec["config"]["epochs"] == 1  # the bundle's recipe trained the finalist
     assert {"search/search.json", "search/accuracy_vs_latency.png"} <= {f["path"] for f in m["files"]}
+
+
+def test_report_html_renders_offline_in_chromium(bundle, tmp_path):
+    """report.html opens from the bundle folder in headless Chromium with nothing fetched but itself: its tables and its plots
+    (frontier.png among them, embedded) render."""
+    from test_docs_site import CHROMIUM, FLAGS, _chromium_runs, _has_playwright
+
+    html = (bundle / "report.html").read_text()
+    assert 'src="plots/' not in html and html.count('src="data:image/png;base64,') == len(list((bundle / "plots").glob("*.png"))) >= 3
+    if not _chromium_runs() or not _has_playwright():
+        if os.environ.get("KDEDGE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"KDEDGE_REQUIRE_BROWSER=1 but chromium ({CHROMIUM}) or playwright is missing")
+        pytest.skip("needs a chromium that runs and the playwright package (make test installs both on Debian)")
+    from playwright.sync_api import sync_playwright
+
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((bundle / "report.html").as_uri())
+        assert page.title().startswith("kdedge bundle")
+        assert page.locator("table").count() >= 3 and page.locator("td").count() > 50
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+        assert len(widths) >= 3 and min(widths) > 300, widths  # every plot decoded
+        assert page.locator("img[alt=frontier]").count() == 1
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+    assert all(u.startswith(("file://", "data:")) for u in requests) and sum(u.startswith("file://") for u in requests) == 1, requests

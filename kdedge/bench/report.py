@@ -1,4 +1,5 @@
-"""Benchmark reports: ``report.json`` (the data), ``report.md`` (tables), ``plots/`` and comparisons."""
+"""Benchmark reports: ``report.json`` (the data), ``report.md`` (tables), ``plots/``, ``report.html`` (both in one
+self-contained page) and comparisons."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 from kdedge._fs import Claim, claimed, publish_dir
 from kdedge.errors import ConfigError
 
-__all__ = ["REPORT_SCHEMA", "write_report", "write_report_files", "render_markdown", "load_report", "compare_reports", "render_comparison", "pareto_front", "write_plots"]
+__all__ = ["REPORT_SCHEMA", "write_report", "write_report_files", "render_markdown", "render_html", "load_report", "compare_reports", "render_comparison",
+           "pareto_front", "write_plots", "write_frontier", "frontier_target"]
 
 #: Version of ``report.json``'s layout; :func:`load_report` refuses others.
 REPORT_SCHEMA = 1
@@ -33,46 +35,94 @@ def _env_lines(env: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report's tables: accuracy and size per variant, latency per batch, teacher vs student."""
+def _tables(report: dict[str, Any]) -> list[tuple[str | None, list[str], list[list[str]]]]:
+    """The report's tables as ``(section title or None, header, rows)``: what report.md and report.html both render."""
     rows = report["rows"]
-    out = [f"# kdedge benchmark ({report['created']})", "", f"Data: {report['data']['name']}, {report['data']['test_samples']} test images.", ""]
-    out += _env_lines(report["env"]) + [""]
-    cfg = report["config"]
-    out.append(f"Timing: warm-up {cfg['warmup_iters']} calls and {cfg['warmup_s']} s, then single calls until {cfg['min_iters']} samples and {cfg['min_s']} s; "
-               "CPU and onnxruntime by the host clock around each call, CUDA by CUDA events.")
-    out += ["", "## Accuracy and size (measured through each runner)", "",
-            "| model | role | variant | target | top-1 | macro F1 | params | FLOPs/sample | bytes | peak RSS |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    seen = set()
+    tables: list[tuple[str | None, list[str], list[list[str]]]] = []
+    seen, sizes = set(), []
     for r in rows:
         key = (r["model"], r["variant"], r["target"])
         if key in seen:
             continue
         seen.add(key)
         acc = r.get("accuracy") or {}
-        out.append(f"| {r['model']} | {r['role']} | {r['variant']} | {r['target']} | {acc.get('top1', float('nan')):.4f} | {acc.get('macro_f1', float('nan')):.4f} | "
-                   f"{'unknown' if r['params'] is None else format(r['params'], ',')} | "
-                   f"{'unknown' if r['flops'] is None else format(r['flops'] / 1e6, '.2f') + ' M'} | {_fmt_bytes(r['bytes'])} | {_fmt_bytes(r['memory']['peak_rss_bytes'])} |")
-    out += ["", "## Latency and throughput", "", "| model | variant | target | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | drift | samples/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        sizes.append([r["model"], r["role"], r["variant"], r["target"], f"{acc.get('top1', float('nan')):.4f}", f"{acc.get('macro_f1', float('nan')):.4f}",
+                      "unknown" if r["params"] is None else format(r["params"], ","),
+                      "unknown" if r["flops"] is None else format(r["flops"] / 1e6, ".2f") + " M", _fmt_bytes(r["bytes"]),
+                      _fmt_bytes(r["memory"]["peak_rss_bytes"])])
+    tables.append(("Accuracy and size (measured through each runner)",
+                   ["model", "role", "variant", "target", "top-1", "macro F1", "params", "FLOPs/sample", "bytes", "peak RSS"], sizes))
+    latency = []
     for r in rows:
         lat = r["latency_ms"]
-        out.append(f"| {r['model']} | {r['variant']} | {r['target']} | {r['batch']} | {lat['p50_ms']:.4f} | {lat['p90_ms']:.4f} | {lat['p99_ms']:.4f} | "
-                   f"{lat['mean_ms']:.4f} ± {lat['std_ms']:.4f} | {lat.get('drift', 0.0):.0%} | {r['throughput_per_s']:,.0f} |")
+        latency.append([r["model"], r["variant"], r["target"], str(r["batch"]), f"{lat['p50_ms']:.4f}", f"{lat['p90_ms']:.4f}", f"{lat['p99_ms']:.4f}",
+                        f"{lat['mean_ms']:.4f} ± {lat['std_ms']:.4f}", f"{lat.get('drift', 0.0):.0%}", f"{r['throughput_per_s']:,.0f}"])
+    tables.append(("Latency and throughput", ["model", "variant", "target", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "drift", "samples/s"],
+                   latency))
     if any("multi_stream" in r for r in rows):
-        out += ["", "| model | variant | target | batch | streams | samples/s under load |", "|---|---|---|---:|---:|---:|"]
-        for r in rows:
-            if "multi_stream" in r:
-                ms = r["multi_stream"]
-                out.append(f"| {r['model']} | {r['variant']} | {r['target']} | {r['batch']} | {ms['streams']} | {ms['throughput_per_s']:,.0f} |")
+        tables.append((None, ["model", "variant", "target", "batch", "streams", "samples/s under load"],
+                       [[r["model"], r["variant"], r["target"], str(r["batch"]), str(r["multi_stream"]["streams"]),
+                         f"{r['multi_stream']['throughput_per_s']:,.0f}"] for r in rows if "multi_stream" in r]))
     comp = report.get("comparison") or []
     if comp:
-        out += ["", "## Teacher vs student", "",
-                "| student variant @ target | vs teacher variant @ target | batch | latency speedup (p50) | throughput speedup | params ÷ | FLOPs ÷ | bytes ÷ | Δ accuracy (pt) | retention |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for c in comp:
-            out.append(f"| {c['student_variant']} @ {c['student_target']} | {c['teacher_variant']} @ {c['teacher_target']} | {c['batch']} | "
-                       f"{c['latency_speedup']:.1f}× | {c['throughput_speedup']:.1f}× | {_ratio(c, 'params_ratio')} | {_ratio(c, 'flops_ratio')} | "
-                       f"{_ratio(c, 'bytes_ratio')} | {c.get('accuracy_delta_pt', float('nan')):+.2f} | {c.get('accuracy_retention', float('nan')):.4f} |")
+        tables.append(("Teacher vs student", ["student variant @ target", "vs teacher variant @ target", "batch", "latency speedup (p50)",
+                                              "throughput speedup", "params ÷", "FLOPs ÷", "bytes ÷", "Δ accuracy (pt)", "retention"],
+                       [[f"{c['student_variant']} @ {c['student_target']}", f"{c['teacher_variant']} @ {c['teacher_target']}", str(c["batch"]),
+                         f"{c['latency_speedup']:.1f}×", f"{c['throughput_speedup']:.1f}×", _ratio(c, "params_ratio"), _ratio(c, "flops_ratio"),
+                         _ratio(c, "bytes_ratio"), f"{c.get('accuracy_delta_pt', float('nan')):+.2f}", f"{c.get('accuracy_retention', float('nan')):.4f}"]
+                        for c in comp]))
+    return tables
+
+
+def _numeric(header: str) -> bool:
+    return header not in ("model", "role", "variant", "target", "student variant @ target", "vs teacher variant @ target")
+
+
+def _timing_line(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    return (f"Timing: warm-up {cfg['warmup_iters']} calls and {cfg['warmup_s']} s, then single calls until {cfg['min_iters']} samples and {cfg['min_s']} s; "
+            "CPU and onnxruntime by the host clock around each call, CUDA by CUDA events.")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report's tables: accuracy and size per variant, latency per batch, teacher vs student."""
+    out = [f"# kdedge benchmark ({report['created']})", "", f"Data: {report['data']['name']}, {report['data']['test_samples']} test images.", ""]
+    out += _env_lines(report["env"]) + [""]
+    out.append(_timing_line(report))
+    for title, header, rows in _tables(report):
+        out += ["", f"## {title}", ""] if title else [""]
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if _numeric(h) else "---" for h in header) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px}"
+        "th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"
+        "figure{margin:0 0 1.5em}figcaption{font-size:13px;color:#555}")
+
+
+def render_html(report: dict[str, Any], plots: list[Path] = (), *, title: str = "kdedge benchmark") -> str:  # type: ignore[assignment]
+    """report.md's content as one self-contained page: the tables, and ``plots`` embedded as data URIs (no file or network fetch)."""
+    import base64
+    import html
+
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)} ({e(report['created'])})</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)} ({e(report['created'])})</h1>",
+           f"<p>Data: {e(str(report['data']['name']))}, {report['data']['test_samples']} test images.</p>",
+           "<ul>" + "".join(f"<li>{e(line.removeprefix('- '))}</li>" for line in _env_lines(report["env"])) + "</ul>", f"<p>{e(_timing_line(report))}</p>"]
+    for path in plots:
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(Path(path).stem)}"><figcaption>{e(Path(path).name)}</figcaption></figure>')
+    for section, header, rows in _tables(report):
+        if section:
+            out.append(f"<h2>{e(section)}</h2>")
+        cls = ["n" if _numeric(h) else "" for h in header]
+        out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f'<td class="{c}">{e(v)}</td>' if c else f"<td>{e(v)}</td>" for c, v in zip(cls, row)) + "</tr>" for row in rows]
+        out.append("</tbody></table>")
+    out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
@@ -145,6 +195,56 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
+def frontier_target(report: dict[str, Any]) -> str | None:
+    """The target of the report's fastest student row at its smallest batch (the one a deployment would pick), or None."""
+    students = [r for r in report["rows"] if r["role"] != "teacher" and r.get("accuracy")]
+    if not students:
+        return None
+    smallest = min(r["batch"] for r in students)
+    return min((r for r in students if r["batch"] == smallest), key=lambda r: r["latency_ms"]["p50_ms"])["target"]
+
+
+def write_frontier(report: dict[str, Any], out_dir: Path, *, target: str | None = None, budget_ms: float | None = None) -> Path | None:
+    """``frontier.png``: test accuracy vs p50 at the smallest batch on one ``target`` (default :func:`frontier_target`), every
+    model and variant timed there, the teacher as squares, the Pareto front, and ``budget_ms`` as a vertical line. None when
+    no row on that target has an accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    target = target or frontier_target(report)
+    rows = [r for r in report["rows"] if r["target"] == target and r.get("accuracy")]
+    if not rows:
+        return None
+    smallest = min(r["batch"] for r in rows)
+    rows = [r for r in rows if r["batch"] == smallest]
+    xy = [(r["latency_ms"]["p50_ms"], 100 * r["accuracy"]["top1"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r, (x, y) in zip(rows, xy):
+        teacher = r["role"] == "teacher"
+        ax.scatter(x, y, s=50, marker="s" if teacher else "o", color="tab:red" if teacher else "tab:blue", zorder=3)
+        ax.annotate(f"{r['model']} {r['variant']}" + (" (teacher)" if teacher else ""), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front(xy)
+    ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="tab:green", label="Pareto front")
+    if budget_ms is not None:
+        ax.axvline(budget_ms, color="tab:orange", linestyle=":", label=f"latency budget {budget_ms:g} ms")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log range overlap
+    ax.set_xlabel(f"p50 latency on {target} at batch {smallest} (ms, log scale)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(f"Accuracy vs latency on {target}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "frontier.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict[str, Any], out: str | Path | Claim | None, *, plots: bool = True) -> Path:
     """Write ``report.json``, ``report.md`` and ``plots/`` into a new directory ``out`` (atomically; None: ``runs/bench-<time>``)."""
     with claimed(out, "bench") as claim, publish_dir(claim.path) as tmp:
@@ -152,14 +252,20 @@ def write_report(report: dict[str, Any], out: str | Path | Claim | None, *, plot
     return claim.path
 
 
-def write_report_files(report: dict[str, Any], directory: Path, *, plots: bool = True) -> list[Path]:
-    """``report.json``, ``report.md`` and ``plots/*.png`` inside an existing ``directory``."""
+def write_report_files(report: dict[str, Any], directory: Path, *, plots: bool = True, frontier: bool = False, target: str | None = None,
+                       budget_ms: float | None = None, title: str = "kdedge benchmark") -> list[Path]:
+    """``report.json``, ``report.md``, ``plots/*.png`` and ``report.html`` (the tables and plots in one self-contained page)
+    inside an existing ``directory``; with ``frontier``, ``plots/frontier.png`` too (:func:`write_frontier`)."""
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(report))
     written = [directory / "report.json", directory / "report.md"]
+    images: list[Path] = []
     if plots:
-        written += write_plots(report, directory / "plots")
-    return written
+        if frontier and (path := write_frontier(report, directory / "plots", target=target, budget_ms=budget_ms)) is not None:
+            images.append(path)
+        images += write_plots(report, directory / "plots")
+    (directory / "report.html").write_text(render_html(report, images, title=title))
+    return written + images + [directory / "report.html"]
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
