@@ -136,6 +136,8 @@ _HELP = {
     "input_format": "What every artifact takes: float (normalized NCHW, the caller preprocesses), or uint8-nhwc / uint8-nchw (8-bit "
                     "pixels as decoded; scale, mean/std and layout in the artifact's graph).",
     "latency_cache": "search: reuse latencies measured before on this machine and software (~/.cache/kdedge/latency).",
+    "block_kinds": "search: block kinds after the first (dense) one, of c (dense), d (depthwise-separable), r (residual), i (inverted residual).",
+    "squeeze_excite": "search: the probability that a sampled or added block gets squeeze-excitation (q in its name).",
 }
 
 

@@ -525,7 +525,8 @@ class SearchConfig(DistillConfig):
     ``latency_budget`` ms are dropped; the rest are ranked by a short distillation
     (``proxy_epochs`` on ``proxy_samples`` training images, scored on the validation split);
     ``generations`` rounds of ``children`` mutations of the best ranked ones are timed and ranked
-    the same way; the best ``finalists`` get the full recipe (the inherited distillation fields: 15 epochs, α 0.5,
+    the same way (blocks of ``block_kinds``, each with squeeze-excitation at probability
+    ``squeeze_excite``: :mod:`kdedge.models.genome`); the best ``finalists`` get the full recipe (the inherited distillation fields: 15 epochs, α 0.5,
     T 2) and the one most accurate on validation is the student. The search stops ranking when
     ``time_budget`` minutes would be exceeded by what is left. Data without a validation split
     gets one: ``val_split`` of the training images (0.1 when unset), held out with ``seed``.
@@ -544,9 +545,16 @@ class SearchConfig(DistillConfig):
     children: int = 8
     include_zoo: bool = True
     latency_cache: bool = True
+    block_kinds: tuple[str, ...] = ("c", "d")
+    squeeze_excite: float = 0.0
 
     def _problems(self) -> list[str]:
         p = super()._problems()
+        if not self.block_kinds or any(k not in ("c", "d", "r", "i") for k in self.block_kinds):
+            p.append(f"block_kinds must be some of c (dense), d (depthwise-separable), r (residual), i (inverted residual), "
+                     f"got {','.join(self.block_kinds) or 'none'}")
+        if not 0 <= self.squeeze_excite <= 1:
+            p.append(f"squeeze_excite must be a probability in [0, 1], got {self.squeeze_excite}")
         if self.latency_budget is None or not self.latency_budget > 0:
             p.append(f"latency_budget must be a positive number of milliseconds (e.g. --latency-budget 0.02), got {self.latency_budget}")
         p += _choices(self, ("target", SEARCH_TARGETS))

@@ -21,6 +21,62 @@ from kdedge.search.space import mutate
 
 # --- the grammar -----------------------------------------------------------------------------
 
+def test_residual_inverted_residual_and_squeeze_excitation_blocks():
+    """r, i and q: the names round-trip, the networks are what the names say (identity shortcuts where the shape holds, a
+    projection where it changes; an inverted residual's expansion; one gate per q), and they export to ONNX with parity."""
+    from kdedge.exporters.onnx import export_onnx
+    from kdedge.models.genome import InvertedResidual, Residual, SqueezeExcite
+    from kdedge.ort import ort_predict, ort_session
+
+    name = "net:c16k3s2-r16k3s1-r24k3s2q-i24k3s1e4q-i32k5s2e2-d32k3s1qp-gap"
+    assert str(parse_genome(name)) == name
+    torch.manual_seed(0)
+    m = create_model(ModelSpec(name, 1.0, 10, (1, 28, 28))).eval()
+    res = [b for b in m.modules() if isinstance(b, Residual)]
+    inv = [b for b in m.modules() if isinstance(b, InvertedResidual)]
+    assert [isinstance(r.shortcut, nn.Identity) for r in res] == [True, False]  # 16 -> 16 at stride 1; 16 -> 24 at stride 2
+    assert [i.residual for i in inv] == [True, False] and inv[0].block[0][0].out_channels == 96  # 24 x e4; the stride-2 block adds nothing
+    assert sum(isinstance(b, SqueezeExcite) for b in m.modules()) == 3
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        m.features[1].relu = nn.Identity()  # without the last ReLU the block is body + input: the identity shortcut
+        x0 = m.features[0](x)
+        torch.testing.assert_close(m.features[1](x0) - m.features[1].body(x0), x0)
+        m.features[1].relu = nn.ReLU(inplace=True)
+        ref = m(x).numpy()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = export_onnx(m, Path(d) / "m.onnx", input_shape=(1, 28, 28)).path
+        np.testing.assert_allclose(ort_predict(ort_session(path), x.numpy()), ref, atol=1e-4)
+    assert count_parameters(create_model(ModelSpec("net:c8k3s2-r8k3s1-fc", 1.0, 10, (1, 28, 28)))) == 72 + 16 + 2 * (576 + 16) + 1568 * 10 + 10
+
+
+def test_the_search_space_draws_the_richer_blocks_only_when_asked():
+    import random
+
+    from kdedge.models.genome import KINDS
+    from kdedge.search.space import SearchSpace
+
+    # The default space draws dense and depthwise blocks only, the same candidates as every recorded search (golden: seed 3)
+    assert [str(g) for g in sample_genomes(3, (1, 28, 28), seed=3)] == ["net:c32k3s2p-c64k5s1p-fc", "net:c32k3s2p-c32k5s2-fc", "net:c8k5s2p-d12k5s2-fc64"]
+    rich = SearchSpace(kinds=KINDS, se=0.5)
+    genomes = sample_genomes(40, (1, 28, 28), seed=0, space=rich)
+    names = " ".join(map(str, genomes))
+    assert all(k in names for k in ("-r", "-i", "q-", "-d", "-c")), names
+    rng = random.Random(0)
+    children = [mutate(g, rng, (1, 28, 28), rich) for g in genomes]
+    for g in genomes[:8] + [c for c in children if c is not None][:8]:
+        assert str(parse_genome(str(g))) == str(g)
+        assert create_model(ModelSpec(str(g), 1.0, 10, (1, 28, 28)))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="kinds must be some of c, d, r, i"):
+        SearchSpace(kinds=("x",))
+    with pytest.raises(ConfigError, match="block_kinds must be some of c"):
+        SearchConfig(latency_budget=1.0, block_kinds=("c", "x"))
+    with pytest.raises(ConfigError, match="squeeze_excite must be a probability"):
+        SearchConfig(latency_budget=1.0, squeeze_excite=2.0)
+
 def test_genome_round_trip_and_golden_parameter_count():
     g = parse_genome("net:c16k3s2-d32k3s2-fc")
     assert g == Genome((Block("c", 16, 3, 2), Block("d", 32, 3, 2)), "fc")
@@ -46,6 +102,8 @@ def test_genome_heads_pools_and_width():
     ("net:c16k3s2-fcx", "head 'fcx'"),
     ("net:gap", "at least one block"),
     ("net:c16k3s3-fc", "stride 1 or 2"),
+    ("net:i24k3s1-fc", r"an inverted residual \(i\) takes an expansion e1\.\.e8"),
+    ("net:r24k3s1e2-fc", "and only it does"),
 ])
 def test_bad_genomes_are_one_clear_error(name, fragment):
     with pytest.raises(ModelError, match=fragment):

@@ -44,7 +44,7 @@ from kdedge.runs import RunResult, distill
 from kdedge.search.latency import ANCHOR, LatencyCache, LatencyMeter
 from kdedge.search.proxy import Proxy
 from kdedge.search.record import SearchRecord, plot, summarize
-from kdedge.search.space import mutate, sample_genomes
+from kdedge.search.space import SearchSpace, mutate, sample_genomes
 
 __all__ = ["ZOO_STUDENTS", "SearchResult", "run_search", "search"]
 
@@ -79,7 +79,8 @@ def _spec(name: str, data: DataSplits) -> ModelSpec:
 
 def _candidate_names(config: SearchConfig, data: DataSplits) -> list[tuple[str, str]]:
     """(name, origin) for every candidate: sampled genomes, then the zoo's students (searched first)."""
-    names = [(str(g), "searched") for g in sample_genomes(config.candidates, tuple(data.spec.input_shape), seed=config.seed)]  # type: ignore[arg-type]
+    space = SearchSpace(kinds=tuple(config.block_kinds), se=config.squeeze_excite)
+    names = [(str(g), "searched") for g in sample_genomes(config.candidates, tuple(data.spec.input_shape), seed=config.seed, space=space)]  # type: ignore[arg-type]
     if config.include_zoo:
         zoo = [n for n in ZOO_STUDENTS if n.partition("@")[0] in MODELS.keys() - TEACHERS]
         names += [(n, "zoo") for n in zoo]
@@ -325,7 +326,7 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
                 if len(children) >= config.children:
                     break
                 parent = rng.choice(parents)
-                child = mutate(parse_genome(parent), rng, shape)  # type: ignore[arg-type]
+                child = mutate(parse_genome(parent), rng, shape, SearchSpace(kinds=tuple(config.block_kinds), se=config.squeeze_excite))  # type: ignore[arg-type]
                 if child is not None and str(child) not in cands and str(child) not in children:
                     children.append(str(child))
                     cands[str(child)] = {"name": str(child), "origin": "evolved", "parent": parent, "generation": g + 1}

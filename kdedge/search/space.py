@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from kdedge.models.genome import Block, Genome
+from kdedge.models.genome import KINDS, Block, Genome
 
 __all__ = ["SearchSpace", "mutate", "sample_genomes"]
 
@@ -32,6 +32,10 @@ class SearchSpace:
         heads: ``fc``, ``gap`` or ``fc{H}``.
         max_flatten: Largest flattened feature count a flatten head may take (bigger uses ``gap``).
         target_side: Downsample until the feature map's shorter side is at most this (or one more halving).
+        kinds: Block kinds after the first (which is always dense): of :data:`~kdedge.models.genome.KINDS` — dense,
+            depthwise-separable, residual, inverted residual. The default draws the first two, as every recorded search did.
+        expansions: An inverted residual's expansion ratios.
+        se: The probability that a block gets squeeze-excitation (0: never, drawing nothing).
     """
 
     min_blocks: int = 2
@@ -43,6 +47,19 @@ class SearchSpace:
     heads: tuple[str, ...] = ("fc", "fc", "gap", "fc32", "fc64")
     max_flatten: int = 4096
     target_side: int = 7
+    kinds: tuple[str, ...] = ("c", "d")
+    expansions: tuple[int, ...] = (2, 4, 6)
+    se: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be some of {', '.join(KINDS)}, got {self.kinds}")
+
+    def block(self, rng: random.Random, kind: str, channels: int, kernel: int, stride: int, pool: bool) -> Block:
+        """A block of ``kind``, its expansion (inverted residual) and squeeze-excitation drawn from the space."""
+        expand = rng.choice(self.expansions) if kind == "i" else 0
+        se = self.se > 0 and rng.random() < self.se
+        return Block(kind, channels, kernel, stride, pool, expand, se)
 
     def sample(self, rng: random.Random, input_shape: tuple[int, int, int]) -> Genome:
         """One random genome for inputs of ``input_shape`` (C, H, W)."""
@@ -58,7 +75,7 @@ class SearchSpace:
         for i in range(n):
             if i:
                 channels = min(self.max_channels, _round4(channels * rng.choice(self.growth)))
-            kind = "c" if i == 0 else rng.choice(("c", "d"))
+            kind = "c" if i == 0 else rng.choice(self.kinds)
             kernel = rng.choice(self.kernels) if i == 0 else rng.choice((3, 3, *self.kernels))
             stride, pool = 1, False
             if i in down_at and extra > 0:  # two halvings in one block
@@ -66,7 +83,7 @@ class SearchSpace:
             elif i in down_at:  # a stride-2 conv, or a full-resolution conv and a max-pool
                 pool = rng.random() < 0.3
                 stride = 1 if pool else 2
-            blocks.append(Block(kind, channels, kernel, stride, pool))
+            blocks.append(self.block(rng, kind, channels, kernel, stride, pool))
         genome = Genome(tuple(blocks), "fc")
         fh, fw = genome.feature_size(h, w)
         head = rng.choice(self.heads)
@@ -88,21 +105,26 @@ def mutate(genome: Genome, rng: random.Random, input_shape: tuple[int, int, int]
         blocks, head = list(genome.blocks), genome.head
         i = rng.randrange(len(blocks))
         b = blocks[i]
-        op = rng.choice(("width", "width", "kernel", "kind", "head", "add", "remove", "downsample"))
+        ops = ("width", "width", "kernel", "kind", "head", "add", "remove", "downsample") + (("se",) if space.se > 0 else ())
+        op = rng.choice(ops)
         if op == "width":
-            blocks[i] = Block(b.kind, min(space.max_channels, _round4(b.channels * rng.choice((0.5, 0.75, 1.5, 2.0)))), b.kernel, b.stride, b.pool)
+            blocks[i] = replace(b, channels=min(space.max_channels, _round4(b.channels * rng.choice((0.5, 0.75, 1.5, 2.0)))))
         elif op == "kernel":
-            blocks[i] = Block(b.kind, b.channels, rng.choice([k for k in space.kernels if k != b.kernel] or [b.kernel]), b.stride, b.pool)
-        elif op == "kind" and i > 0:
-            blocks[i] = Block("d" if b.kind == "c" else "c", b.channels, b.kernel, b.stride, b.pool)
+            blocks[i] = replace(b, kernel=rng.choice([k for k in space.kernels if k != b.kernel] or [b.kernel]))
+        elif op == "kind" and i > 0 and len(space.kinds) > 1:
+            others = [k for k in space.kinds if k != b.kind]
+            kind = others[0] if len(others) == 1 else rng.choice(others)
+            blocks[i] = replace(b, kind=kind, expand=(b.expand or rng.choice(space.expansions)) if kind == "i" else 0)
         elif op == "head":
             head = rng.choice([x for x in space.heads if x != head] or [head])
         elif op == "add" and len(blocks) < space.max_blocks:
-            blocks.insert(i + 1, Block(rng.choice("cd"), b.channels, 3, 1, False))
+            blocks.insert(i + 1, space.block(rng, rng.choice(space.kinds), b.channels, 3, 1, False))
         elif op == "remove" and len(blocks) > space.min_blocks and i > 0 and b.stride == 1 and not b.pool:
             del blocks[i]  # a full-resolution block: the feature map's size is unchanged
         elif op == "downsample" and (b.stride == 2) != b.pool:
-            blocks[i] = Block(b.kind, b.channels, b.kernel, 1 if b.stride == 2 else 2, b.stride == 2)
+            blocks[i] = replace(b, stride=1 if b.stride == 2 else 2, pool=b.stride == 2)
+        elif op == "se":
+            blocks[i] = replace(b, se=not b.se)
         else:
             continue
         child = Genome(tuple(blocks), head)
