@@ -602,9 +602,10 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
     log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
     report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
-    # frontier.png on the target the search measured the budget on (ort-cpu), or without one the fastest student's target
-    write_report_files(report, tmp, frontier=True, target="ort-cpu" if config.latency_budget else None, budget_ms=config.latency_budget,
-                       title="kdedge bundle")
+    # frontier.png on the target the search measured the budget on (ort-cpu) when it was timed, else the fastest student's target
+    on_search_target = config.latency_budget is not None and any(r["target"] == "ort-cpu" and r.get("accuracy") for r in report["rows"])
+    write_report_files(report, tmp, frontier=True, target="ort-cpu" if on_search_target else None,
+                       budget_ms=config.latency_budget if on_search_target else None, title="kdedge bundle")
     if config.log_dir:  # the latency and accuracy tables beside the training curves
         from kdedge.tblog import write_text
 

@@ -61,6 +61,11 @@ def test_the_search_space_draws_the_richer_blocks_only_when_asked():
 
     # The default space draws dense and depthwise blocks only, the same candidates as every recorded search (golden: seed 3)
     assert [str(g) for g in sample_genomes(3, (1, 28, 28), seed=3)] == ["net:c32k3s2p-c64k5s1p-fc", "net:c32k3s2p-c32k5s2-fc", "net:c8k5s2p-d12k5s2-fc64"]
+    rng = random.Random(5)  # and the same mutations (golden: the commit before the richer blocks)
+    assert [str(mutate(g, rng, (1, 28, 28))) for g in sample_genomes(3, (1, 28, 28), seed=3)] == [
+        "net:c32k3s2p-c64k5s1p-c64k3s1-fc", "net:c32k3s2p-d32k5s2-fc", "net:c8k3s2p-d12k5s2-fc64"]
+    with pytest.raises(ModelError, match="takes an expansion 1..8"):
+        Block("i", 16, 3, 1)
     rich = SearchSpace(kinds=KINDS, se=0.5)
     genomes = sample_genomes(40, (1, 28, 28), seed=0, space=rich)
     names = " ".join(map(str, genomes))
@@ -266,6 +271,10 @@ def test_search_end_to_end_and_resume(small, tmp_path, shared_latency_cache):
             assert not (cands[n]["p50_ms"] < cands[f]["p50_ms"] and cands[n]["proxy_val_accuracy"] > cands[f]["proxy_val_accuracy"])
 
     # Resumed: everything comes from search.json and the cache; nothing is trained again.
+    record = json.loads((tmp_path / "s" / "search.json").read_text())
+    for key in ("block_kinds", "squeeze_excite"):  # as a search recorded before the richer blocks existed: it resumes the same
+        del record["config"][key]
+    (tmp_path / "s" / "search.json").write_text(json.dumps(record))
     again = search(teacher.model, small, config=_config(resume=True), out=tmp_path / "s")
     assert again.winner == result.winner and again.student is None
     assert json.loads((tmp_path / "s" / "search.json").read_text())["timing_cache_hits"] == 9

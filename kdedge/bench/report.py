@@ -4,6 +4,7 @@ self-contained page) and comparisons."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;
         "figure{margin:0 0 1.5em}figcaption{font-size:13px;color:#555}")
 
 
-def render_html(report: dict[str, Any], plots: list[Path] = (), *, title: str = "kdedge benchmark") -> str:  # type: ignore[assignment]
+def render_html(report: dict[str, Any], plots: Sequence[Path] = (), *, title: str = "kdedge benchmark") -> str:
     """report.md's content as one self-contained page: the tables, and ``plots`` embedded as data URIs (no file or network fetch)."""
     import base64
     import html
@@ -246,7 +247,7 @@ def write_frontier(report: dict[str, Any], out_dir: Path, *, target: str | None 
 
 
 def write_report(report: dict[str, Any], out: str | Path | Claim | None, *, plots: bool = True) -> Path:
-    """Write ``report.json``, ``report.md`` and ``plots/`` into a new directory ``out`` (atomically; None: ``runs/bench-<time>``)."""
+    """Write ``report.json``, ``report.md``, ``plots/`` and ``report.html`` into a new directory ``out`` (atomically; None: ``runs/bench-<time>``)."""
     with claimed(out, "bench") as claim, publish_dir(claim.path) as tmp:
         write_report_files(report, tmp, plots=plots)
     return claim.path
@@ -256,15 +257,15 @@ def write_report_files(report: dict[str, Any], directory: Path, *, plots: bool =
                        budget_ms: float | None = None, title: str = "kdedge benchmark") -> list[Path]:
     """``report.json``, ``report.md``, ``plots/*.png`` and ``report.html`` (the tables and plots in one self-contained page)
     inside an existing ``directory``; with ``frontier``, ``plots/frontier.png`` too (:func:`write_frontier`)."""
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (directory / "report.md").write_text(render_markdown(report))
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (directory / "report.md").write_text(render_markdown(report), encoding="utf-8")
     written = [directory / "report.json", directory / "report.md"]
     images: list[Path] = []
     if plots:
         if frontier and (path := write_frontier(report, directory / "plots", target=target, budget_ms=budget_ms)) is not None:
             images.append(path)
         images += write_plots(report, directory / "plots")
-    (directory / "report.html").write_text(render_html(report, images, title=title))
+    (directory / "report.html").write_text(render_html(report, images, title=title), encoding="utf-8")
     return written + images + [directory / "report.html"]
 
 

@@ -60,6 +60,11 @@ class Block:
     expand: int = 0
     se: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or (self.kind == "i") != (1 <= self.expand <= 8):
+            raise ModelError(f"block kind {self.kind!r} with expansion {self.expand}: kinds are {', '.join(KINDS)}, and an inverted "
+                             "residual (i), and only it, takes an expansion 1..8")
+
     def __str__(self) -> str:
         expand = f"e{self.expand}" if self.kind == "i" else ""
         return f"{self.kind}{self.channels}k{self.kernel}s{self.stride}{expand}{'q' if self.se else ''}{'p' if self.pool else ''}"

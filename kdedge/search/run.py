@@ -201,7 +201,9 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
         "target": {"name": config.target, "threads": config.target_threads, "batch": config.target_batch, "latency_budget_ms": config.latency_budget},
     }
     if saved is not None:
-        changed = config_differences(saved["config"], json.loads(json.dumps(header["config"])), resumable=_RESUMABLE)
+        # a search recorded before the richer blocks existed searched the dense and depthwise ones, without squeeze-excitation
+        changed = config_differences(saved["config"], json.loads(json.dumps(header["config"])), {"block_kinds": ["c", "d"], "squeeze_excite": 0.0},
+                                     resumable=_RESUMABLE)
         if saved.get("target") != header["target"]:
             changed.insert(0, f"target: {saved.get('target')} -> {header['target']}")
         for key, what in (("teacher_sha256", "the teacher's weights"), ("val_fingerprint", "the validation split")):
