@@ -583,7 +583,7 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
         from kdedge.sensitivity import plan_float_layers
 
         kept, sensitivity = plan_float_layers(result.model, data, data.train.sample(config.calibration_samples, seed=0).numpy(), config.keep_float_layers,
-                                              max_drop=config.max_quant_drop, log=log, per_channel=export_cfg.per_channel is not False)
+                                              max_drop=config.max_quant_drop, log=log, per_channel=export_cfg.weights_per_channel)
         export_cfg = dataclasses.replace(export_cfg, keep_float=kept)
     exported, quantization = _export_student(tmp, plan, result, export_cfg, timings, log, progress=progress)
     if sensitivity is not None:

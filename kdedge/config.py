@@ -295,6 +295,11 @@ class ExportConfig(_Config):
     edge_max_batch: int = 256
     out: str | None = None
 
+    @property
+    def weights_per_channel(self) -> bool:
+        """Whether PTQ's INT8 weights get one scale per output channel: ``per_channel`` unless it says per tensor."""
+        return self.per_channel is not False
+
     def _problems(self) -> list[str]:
         p = _data_problems(self)
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
@@ -514,6 +519,8 @@ class CompressConfig(DistillConfig):
 
 
 SEARCH_TARGETS = ("ort-cpu", "torch-cpu")
+#: Genome block kinds (:mod:`kdedge.models.genome`): dense, depthwise-separable, residual, inverted residual.
+BLOCK_KINDS = ("c", "d", "r", "i")
 
 
 @dataclass
@@ -550,7 +557,7 @@ class SearchConfig(DistillConfig):
 
     def _problems(self) -> list[str]:
         p = super()._problems()
-        if not self.block_kinds or any(k not in ("c", "d", "r", "i") for k in self.block_kinds):
+        if not self.block_kinds or any(k not in BLOCK_KINDS for k in self.block_kinds):
             p.append(f"block_kinds must be some of c (dense), d (depthwise-separable), r (residual), i (inverted residual), "
                      f"got {','.join(self.block_kinds) or 'none'}")
         if not 0 <= self.squeeze_excite <= 1:

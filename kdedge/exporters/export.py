@@ -361,7 +361,7 @@ class _ArtifactWriter:
         silenced for per-tensor weights (:mod:`kdedge.models.dead_channels`: the same function on the data, no outlier in the
         folded weights), and ``{BatchNorm: [channel, ...]}`` silenced (empty: the exported model itself)."""
         if self._silenced is None:
-            model, silenced = (self.model, {}) if self.config.per_channel is not False else silence_dead_channels(self.model, tuple(self.data.spec.input_shape))
+            model, silenced = (self.model, {}) if self.config.weights_per_channel else silence_dead_channels(self.model, tuple(self.data.spec.input_shape))
             self._silenced = (self.fmt.wrap(model).eval() if silenced else self.exported, silenced)
             if silenced:
                 self.log(f"int8: {sum(map(len, silenced.values()))} constant BatchNorm channel(s) (running variance or γ 0) silenced before "
@@ -448,7 +448,7 @@ class _ArtifactWriter:
         with tempfile.TemporaryDirectory(prefix="kdedge-ptq-") as work:
             source = self._ptq_onnx(fp32, Path(work))
             info = self._timed("quantize_int8", lambda: quantize_int8(source, path, calibration=calibration, mode=c.quantization,
-                                                                       method=c.calibration_method, per_channel=c.per_channel is not False,
+                                                                       method=c.calibration_method, per_channel=c.weights_per_channel,
                                                                        reduce_range=c.reduce_range, keep_float=self.onnx_keep_float))
         info.float_layers = list(c.keep_float) or None  # as the user named them
         return self._checked(path, "int8", "onnx", {"quantization": asdict(info) | self._silenced_record()}, fp32_accuracy=fp32.accuracy)
@@ -482,13 +482,12 @@ class _ArtifactWriter:
         source = onnx.get(precision) if fmt.source == "onnx" else None
         self.log(f"export: {fmt.title} {precision.upper()}" + (f" from {source.path}" if source else ""))
         qat = isinstance(self.model, QATModel)  # its scales come from training: no calibration
-        calibration = (self.fmt.feed(_calibration(self.data, c.calibration_samples)) if precision == "int8" and fmt.source == "torch" and not qat
-                       else None)
         ptq = precision == "int8" and fmt.source == "torch" and not qat
+        calibration = self.fmt.feed(_calibration(self.data, c.calibration_samples)) if ptq else None
         details = self._timed(f"export_{name}_{precision}", lambda: export_edge(
             name, out=path, precision=precision, model=self._ptq_source()[0] if ptq else self.exported, onnx=self.tmp / source.path if source else None,
             input_shape=self.input_shape, calibration=calibration, metadata=self.meta | {"kdedge.precision": precision},
-            max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.per_channel is not False))
+            max_batch=c.edge_max_batch, keep_float=c.keep_float, per_channel=c.weights_per_channel))
         if ptq or (precision == "int8" and source is not None and not qat):  # OpenVINO and the ORT format convert the PTQ QDQ file
             details |= self._silenced_record()
         details["files"] = {p.name: file_sha256(p) for p in artifact_files(name, path)[1:]}  # companions: OpenVINO's .bin, a sidecar
@@ -514,7 +513,7 @@ class _ArtifactWriter:
             path = self.tmp / "model.int8-trt.onnx"
             with tempfile.TemporaryDirectory(prefix="kdedge-ptq-") as work:
                 info = quantize_int8(self._ptq_onnx(fp32, Path(work)), path, calibration=_calibration(self.data, c.calibration_samples),
-                                     method=c.calibration_method, per_channel=c.per_channel is not False, target="tensorrt", keep_float=c.keep_float)
+                                     method=c.calibration_method, per_channel=c.weights_per_channel, target="tensorrt", keep_float=c.keep_float)
             self._checked(path, "int8", "onnx", {"quantization": asdict(info) | self._silenced_record(), "for": "tensorrt"})
         self.log(f"export: TensorRT {c.trt_precision} engine (batch {','.join(map(str, c.trt_batch))})")
         a = self._timed("tensorrt", lambda: _tensorrt_artifact(self.tmp, c, self.data.spec, self.parity_inputs, self.reference, self.tol, self.data))

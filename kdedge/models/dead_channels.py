@@ -25,6 +25,8 @@ import copy
 import torch
 from torch import nn
 
+from kdedge._modes import evaluating
+
 __all__ = ["DEAD_VARIANCE", "SILENT_SCALE", "dead_channels", "silence_dead_channels"]
 
 #: A channel is dead when its running variance is at most this fraction of its BatchNorm's ε: its output then varied on the
@@ -58,16 +60,12 @@ def _producers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]
     Read from ``torch.export``'s graph (weights named by the graph signature), not from the order modules were registered in;
     empty when the model cannot be exported (its INT8 export then reports why).
     """
-    was = {m: m.training for m in model.modules()}
-    model.eval()
     device = next(iter(model.parameters()), torch.zeros(())).device
     try:
-        program = torch.export.export(model, (torch.zeros(2, *input_shape, device=device),))
+        with evaluating(model):
+            program = torch.export.export(model, (torch.zeros(2, *input_shape, device=device),))
     except Exception:  # noqa: BLE001 - torch.export raises many types; an untraceable model is quantized as it is
         return {}
-    finally:
-        for m, mode in was.items():
-            m.training = mode
     names = program.graph_signature.inputs_to_parameters | program.graph_signature.inputs_to_buffers
 
     def owner(node: object) -> str | None:

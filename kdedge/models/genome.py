@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from kdedge.config import BLOCK_KINDS
 from kdedge.errors import ModelError
 from kdedge.models.architectures import _conv_bn, scaled
 
@@ -43,7 +44,7 @@ __all__ = ["KINDS", "PREFIX", "Block", "Genome", "GenomeNet", "InvertedResidual"
 PREFIX = "net:"
 _BLOCK = re.compile(r"^(?P<kind>[cdri])(?P<ch>[1-9]\d{0,3})k(?P<k>\d)s(?P<s>\d)(?:e(?P<e>[1-9]))?(?P<se>q?)(?P<pool>p?)$")  # no leading zeros: one name per network
 #: Block kinds: dense, depthwise-separable, residual, inverted residual.
-KINDS = ("c", "d", "r", "i")
+KINDS = BLOCK_KINDS
 _HEAD = re.compile(r"^(?P<kind>gap|fc)(?P<hidden>[1-9]\d{0,3})?$")
 
 

@@ -72,6 +72,11 @@ class SearchResult:
     record: dict[str, Any]
 
 
+def _space(config: SearchConfig) -> SearchSpace:
+    """The space candidates are sampled from and mutated in: the config's block kinds and squeeze-excitation."""
+    return SearchSpace(kinds=tuple(config.block_kinds), se=config.squeeze_excite)
+
+
 def _spec(name: str, data: DataSplits) -> ModelSpec:
     arch, width = parse_model_name(name)
     return ModelSpec(arch, width, data.spec.num_classes, tuple(data.spec.input_shape))  # type: ignore[arg-type]
@@ -79,8 +84,7 @@ def _spec(name: str, data: DataSplits) -> ModelSpec:
 
 def _candidate_names(config: SearchConfig, data: DataSplits) -> list[tuple[str, str]]:
     """(name, origin) for every candidate: sampled genomes, then the zoo's students (searched first)."""
-    space = SearchSpace(kinds=tuple(config.block_kinds), se=config.squeeze_excite)
-    names = [(str(g), "searched") for g in sample_genomes(config.candidates, tuple(data.spec.input_shape), seed=config.seed, space=space)]  # type: ignore[arg-type]
+    names = [(str(g), "searched") for g in sample_genomes(config.candidates, tuple(data.spec.input_shape), seed=config.seed, space=_space(config))]  # type: ignore[arg-type]
     if config.include_zoo:
         zoo = [n for n in ZOO_STUDENTS if n.partition("@")[0] in MODELS.keys() - TEACHERS]
         names += [(n, "zoo") for n in zoo]
@@ -309,7 +313,7 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
     search re-creates the same ones. Stops early when the time budget says so.
     """
     budget = float(config.latency_budget)  # type: ignore[arg-type]
-    shape = tuple(data.spec.input_shape)
+    shape, space = tuple(data.spec.input_shape), _space(config)
     done: list[list[str]] = record.data.setdefault("generations", [])
     found: list[str] = []
     for g in range(config.generations):
@@ -328,7 +332,7 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
                 if len(children) >= config.children:
                     break
                 parent = rng.choice(parents)
-                child = mutate(parse_genome(parent), rng, shape, SearchSpace(kinds=tuple(config.block_kinds), se=config.squeeze_excite))  # type: ignore[arg-type]
+                child = mutate(parse_genome(parent), rng, shape, space)  # type: ignore[arg-type]
                 if child is not None and str(child) not in cands and str(child) not in children:
                     children.append(str(child))
                     cands[str(child)] = {"name": str(child), "origin": "evolved", "parent": parent, "generation": g + 1}
