@@ -301,10 +301,10 @@ class ImageDataset(Dataset):
         no copy of the whole set is ever made.
         """
         if len(self) * math.prod(self.spec.input_shape) * 4 <= max_bytes:
-            whole = self.inputs().numpy()
+            whole = self.inputs().cpu().numpy()
             return lambda: iter([whole])
         self.prepare()  # an image folder decodes once, not on every pass
-        return lambda: (x.numpy() for x, _y in self.chunks(batch_size))
+        return lambda: (x.cpu().numpy() for x, _y in self.chunks(batch_size))
 
     def sample(self, n: int, *, seed: int = 0) -> torch.Tensor:
         """Normalized inputs ``(min(n, N), C, H, W)`` of a seeded, class-stratified subset (:func:`stratified_rows`), in the split's order."""
@@ -312,7 +312,7 @@ class ImageDataset(Dataset):
 
     def batch_of(self, n: int) -> np.ndarray:
         """``n`` normalized inputs ``(n, C, H, W)`` as float32 from every class (:meth:`sample`), repeated when the split is smaller: a timing batch of real images."""
-        first = self.sample(n).numpy()
+        first = self.sample(n).cpu().numpy()
         return np.ascontiguousarray(np.concatenate([first] * (n // len(first) + 1))[:n] if len(first) < n else first, dtype=np.float32)
 
     def take(self, n: int | None, *, seed: int = 0) -> ImageDataset:
