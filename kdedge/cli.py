@@ -103,7 +103,10 @@ _HELP = {
     "prune_lr": "With --prune: the recovery's peak learning rate (a fine-tune of the teacher's weights).",
     "prune_round_to": 'With --prune: keep channel counts multiples of this.',
     "prune_ignore_layers": 'With --prune: teacher layers to keep whole (module names, comma-separated).',
-    "target": "search, prune: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch).",
+    "target": "search, prune: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch); search also "
+              "executorch-cpu, litert-cpu, openvino-cpu, ort-mobile-cpu (each candidate exported to that runtime) and, with a GPU, torch-cuda, ort-cuda.",
+    "target_precision": "search: what the target runs: fp32, int8 (ort-cpu and the edge runtimes: the candidate quantized as kdedge export does) "
+                        "or fp16 (CUDA targets).",
     "target_threads": "search, prune: intra-op threads of the deployment, used for every latency measurement.",
     "target_batch": "search, prune: batch size of the deployment, used for every latency measurement.",
     "time_budget": "search: minutes the whole search may take; ranking stops early to leave time for the finalists' full recipe.",

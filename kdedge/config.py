@@ -518,7 +518,16 @@ class CompressConfig(DistillConfig):
         return p
 
 
-SEARCH_TARGETS = ("ort-cpu", "torch-cpu")
+#: Where ``kdedge search`` times candidates: every bench target that runs one exported model (the edge runtimes' too, each
+#: candidate exported to its format), and the CUDA ones where a GPU exists; TensorRT's engines are not built per candidate.
+SEARCH_TARGETS = ("ort-cpu", "torch-cpu", "executorch-cpu", "litert-cpu", "openvino-cpu", "ort-mobile-cpu", "torch-cuda", "ort-cuda")
+#: What each search target times (``--target-precision``): INT8 where the runtime runs quantized artifacts, FP16 on a GPU.
+TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "ort-cpu": ("fp32", "int8"), "torch-cpu": ("fp32",), "executorch-cpu": ("fp32", "int8"), "litert-cpu": ("fp32", "int8"),
+    "openvino-cpu": ("fp32", "int8"), "ort-mobile-cpu": ("fp32", "int8"), "torch-cuda": ("fp32", "fp16"), "ort-cuda": ("fp32", "fp16"),
+}
+#: Where ``kdedge prune`` times its trials (it times dozens of variants of one model per step).
+PRUNE_TARGETS = ("ort-cpu", "torch-cpu")
 #: Genome block kinds (:mod:`kdedge.models.genome`): dense, depthwise-separable, residual, inverted residual.
 BLOCK_KINDS = ("c", "d", "r", "i")
 
@@ -541,6 +550,7 @@ class SearchConfig(DistillConfig):
 
     latency_budget: float | None = None
     target: str = "ort-cpu"
+    target_precision: str = "fp32"
     target_threads: int = 1
     target_batch: int = 1
     time_budget: float = 20.0
@@ -565,6 +575,11 @@ class SearchConfig(DistillConfig):
         if self.latency_budget is None or not self.latency_budget > 0:
             p.append(f"latency_budget must be a positive number of milliseconds (e.g. --latency-budget 0.02), got {self.latency_budget}")
         p += _choices(self, ("target", SEARCH_TARGETS))
+        allowed = TARGET_PRECISIONS.get(self.target, TARGET_PRECISIONS["ort-cpu"])
+        if self.target_precision not in allowed:
+            int8 = ", ".join(t for t, ps in TARGET_PRECISIONS.items() if self.target_precision in ps)
+            p.append(f"target_precision {self.target_precision} is not timed on {self.target}, which times {' or '.join(allowed)}"
+                     + (f"; {self.target_precision} is timed on {int8}" if int8 else ""))
         for name in ("target_threads", "target_batch", "candidates", "proxy_epochs", "proxy_samples", "finalists", "children"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -624,7 +639,7 @@ class PruneConfig(DistillConfig):
             p.append(f"latency_budget must be a positive number of milliseconds, got {self.latency_budget}")
         if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
             p.append(f"flops_ratio must be in (0, 1) (the pruned model's FLOPs ÷ the original's, e.g. 0.25), got {self.flops_ratio}")
-        p += _choices(self, ("target", SEARCH_TARGETS), ("criterion", PRUNE_CRITERIA), ("allocation", PRUNE_ALLOCATIONS))
+        p += _choices(self, ("target", PRUNE_TARGETS), ("criterion", PRUNE_CRITERIA), ("allocation", PRUNE_ALLOCATIONS))
         for name in ("target_threads", "target_batch", "steps", "criterion_epochs", "criterion_samples", "round_to"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -68,3 +68,20 @@ def test_resume_with_fp16_and_grad_scaler_is_exact_on_cuda(tmp_path, determinist
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_search_times_candidates_on_torch_cuda(precision):
+    """Issue 27, item 1: the GPU targets are search targets where a GPU exists. Each call is timed to the end of the GPU's work
+    (the meter synchronizes), so a model with more work takes longer: resnet's 52 MFLOPs against mlp@0.5's 0.1 at batch 256."""
+    import numpy as np
+
+    from kdedge.models import ModelSpec
+    from kdedge.models.zoo import parse_model_name
+    from kdedge.search.latency import LatencyMeter
+
+    x = np.random.default_rng(0).standard_normal((256, 1, 28, 28)).astype(np.float32)
+    specs = {n: ModelSpec(*parse_model_name(n), 10, (1, 28, 28)) for n in ("mlp@0.5", "resnet")}
+    meter = LatencyMeter(x, num_classes=10, target="torch-cuda", precision=precision, batch=256, rounds=3)
+    lat = meter.measure(specs)
+    assert 0 < lat["mlp@0.5"]["p50_ms"] < lat["resnet"]["p50_ms"]

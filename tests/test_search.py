@@ -16,6 +16,7 @@ from kdedge.models import ModelSpec, count_parameters, create_model, load_checkp
 from kdedge.models.genome import Block, Genome, parse_genome
 from kdedge.models.zoo import parse_model_name
 from kdedge.search import LatencyCache, sample_genomes, search, spearman, time_candidates
+from kdedge.search.latency import LatencyMeter, environment_key
 from kdedge.search.space import mutate
 
 
@@ -338,7 +339,7 @@ def test_search_with_an_onnx_teacher_reports_what_it_cannot_measure(fmnist, tmp_
             "--test-limit", "300", "--quiet", "--out", str(tmp_path / "s")]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "teacher p50 unknown (an ONNX teacher does not run on torch-cpu)" in out
+    assert "teacher p50 unknown (an ONNX teacher is timed as it is, on ort-cpu at fp32; not on torch-cpu at fp32)" in out
     rec = json.loads((tmp_path / "s" / "search.json").read_text())
     assert rec["teacher"]["p50_ms"] is None and rec["teacher"]["params"] is None and rec["teacher"]["val_accuracy"] > 0.8
     teacher = json.loads((tmp_path / "s" / "student" / "metrics.json").read_text())["teacher"]
@@ -388,3 +389,61 @@ def test_a_model_the_trial_exporter_refuses_is_timed_on_the_shipped_export_and_d
     assert meter.measure({"tiny_cnn": spec})["tiny_cnn"]["cached"]  # read back on the trial exporter only
     with pytest.raises(ValueError, match="exporter must be"):
         meter.measure({"tiny_cnn": spec}, exporter="onnx")
+
+
+# --- every runtime is a search target (issue 27, item 1) -----------------------------------------
+
+@pytest.mark.edge("executorch", "litert", "openvino", "ort")
+@pytest.mark.parametrize("target, precision", [("ort-cpu", "int8"), ("executorch-cpu", "int8"), ("litert-cpu", "int8"), ("openvino-cpu", "int8"),
+                                               ("ort-mobile-cpu", "int8"), ("litert-cpu", "fp32")])
+def test_the_meter_times_the_file_the_target_runs_at_its_precision(tmp_path, target, precision):
+    """The latency meter exports each candidate to its target's own format (ExecuTorch and LiteRT from the module; OpenVINO and the
+    ORT format from the ONNX file, quantized first for INT8) and times it in that runtime. The file computes the model: FP32 to
+    float rounding, INT8 to the argmax on most inputs; and an INT8 file is the quantized one: its weights take a quarter of the bytes."""
+    from kdedge.bench.runners import make_runner
+    from kdedge.exporters.edge import artifact_bytes, edge_format
+
+    torch.manual_seed(0)
+    spec = ModelSpec(*parse_model_name("mlp"), 10, (1, 28, 28))  # 0.2 M weights: the file's size is its weights'
+    model = create_model(spec).eval()
+    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    meter = LatencyMeter(x, num_classes=10, target=target, precision=precision, batch=1)
+    path = meter.artifact(model, spec, tmp_path / "m")
+    runner = make_runner(target, path=path, precision=precision, threads=1)
+    got = runner.predict(x, batch_size=1)
+    fp32 = LatencyMeter(x, num_classes=10, target=target, batch=1).artifact(model, spec, tmp_path / "f")
+    runtime = target.split("-")[0] if target != "ort-mobile-cpu" else "ort"
+    size = (lambda p: p.stat().st_size) if target == "ort-cpu" else (lambda p: artifact_bytes(runtime, p))
+    if target != "ort-cpu":
+        assert path.suffix == edge_format(runtime).suffix
+    if precision == "fp32":
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+        return
+    assert (got.argmax(1) == reference.argmax(1)).mean() >= 0.9
+    assert np.abs(got - reference).max() < 0.1 * np.abs(reference).max()
+    assert size(path) < 0.4 * size(fp32), (size(path), size(fp32))
+
+
+def test_search_targets_and_precisions_are_checked_up_front():
+    with pytest.raises(ConfigError, match="target_precision int8 is not timed on torch-cpu, which times fp32; int8 is timed on ort-cpu, executorch-cpu"):
+        SearchConfig(latency_budget=1.0, target="torch-cpu", target_precision="int8")
+    with pytest.raises(ConfigError, match="litert-cpu does not time fp16; it times fp32 or int8"):
+        LatencyMeter(np.zeros((1, 1, 28, 28), np.float32), num_classes=10, target="litert-cpu", precision="fp16")
+    assert SearchConfig(latency_budget=1.0, target="litert-cpu", target_precision="int8").target_precision == "int8"
+    # Another precision, or another edge runtime's version, is another measurement.
+    keys = {environment_key(t, 1, 1, p)[0] for t, p in (("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("litert-cpu", "int8"), ("executorch-cpu", "int8"))}
+    assert len(keys) == 4
+    assert environment_key("litert-cpu", 1, 1, "int8")[1]["versions"]["litert"].startswith("ai-edge-litert ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: torch-cuda is a target here")
+def test_a_cuda_target_without_a_gpu_is_one_line_and_no_directory(tmp_path, capsys):
+    """Found on CPU: the search wrote OUT/search.json, then failed on the first timing; the target is checked before OUT is written."""
+    from kdedge.cli import main
+
+    assert main(["search", "--latency-budget", "0.5", "--target", "torch-cuda", "--target-precision", "fp16", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kdedge: error: --target torch-cuda needs a CUDA GPU and torch built with CUDA; none is visible here"]
+    assert not (tmp_path / "s").exists()

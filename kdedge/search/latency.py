@@ -1,7 +1,9 @@
 """Measured latency of candidate students on the deployment target, and its cache.
 
-Every candidate is exported to ONNX and timed by the bench harness's runner for the target, at
-the deployment's thread count and batch size. Candidates are timed in groups, interleaved block by
+Every candidate is exported to the file its target runs (:meth:`LatencyMeter.artifact`: ONNX for
+onnxruntime, its QDQ quantization for INT8, the edge runtime's own format for ExecuTorch, LiteRT,
+OpenVINO and the ORT format) and timed by the bench harness's runner for the target, at the
+deployment's precision, thread count and batch size. Candidates are timed in groups, interleaved block by
 block (:func:`~kdedge.bench.timing.measure_interleaved`), so drift on a shared machine is spread
 over the group instead of deciding which of two candidates looks faster.
 
@@ -13,13 +15,15 @@ both are the same convolutions and GEMMs (only a ``GlobalAveragePool`` for a ``R
 agree to 1-2 % (median ts/dynamo ratio over 5 interleaved sets: resnet 0.986, mobilenet_v2 0.995,
 tiny_cnn 1.022; ``benchmarks/timing_export.py``). A model TorchScript cannot trace faithfully (a
 tracer warning, or a file that does not run at the timed batch) is timed on torch.export's file.
-A search's p50s and budget check are these TorchScript-timed estimates; a pruning run re-times its
-reported speedup on the exporter that ships (``exporter="dynamo"``), and a bundle benchmarks the
-shipped artifacts themselves.
+OpenVINO and the ORT format convert that ONNX file; ExecuTorch and LiteRT export the module
+themselves (3-8 s a candidate, which the cache pays once). A search's p50s and budget check are
+these estimates; a pruning run re-times its reported speedup on the exporter that ships
+(``exporter="dynamo"``), and a bundle benchmarks the shipped artifacts themselves.
 
 Latency depends on the architecture, not on the weights, so a measurement (a ratio to the
-anchor, see :class:`LatencyMeter`) is cached under the architecture's name and the environment's fingerprint (CPU model and ISA flags, runtime and
-exporter versions, target, threads, batch). A second search on the same machine re-times only
+anchor, see :class:`LatencyMeter`) is cached under the architecture's name and the environment's
+fingerprint (CPU model and ISA flags, runtime and exporter versions, target, precision, threads,
+batch). A second search on the same machine re-times only
 what it has not seen.
 """
 
@@ -41,31 +45,51 @@ from kdedge._dynamo import torchscript_export
 from kdedge._fs import atomic_file, cache_dir, file_lock
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
-from kdedge.bench.runners import make_runner
+from kdedge.bench.runners import TARGETS, make_runner
 from kdedge.bench.timing import measure_interleaved
+from kdedge.config import TARGET_PRECISIONS
 from kdedge.errors import ConfigError
+from kdedge.exporters.edge import EDGE_FORMATS
 from kdedge.models import ModelSpec, create_model
 
 __all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "time_candidates"]
 
-CACHE_FORMAT = 4  # 2: ratios to the anchor; 3: blocks start with untimed calls, kdedge's version in the key; 4: TorchScript's export timed
+CACHE_FORMAT = 5  # 2: ratios to the anchor; 3: blocks start with untimed calls, kdedge's version in the key; 4: TorchScript's export timed;
+#                  5: the precision and the edge runtimes' versions in the key
 
 
-def environment_key(target: str, threads: int, batch: int) -> tuple[str, dict[str, Any]]:
+def environment_key(target: str, threads: int, batch: int, precision: str = "fp32") -> tuple[str, dict[str, Any]]:
     """A short key for "the same machine and software", and what it was made from."""
     env = capture_environment(threads)
+    runtime = TARGETS[target][0] if target in TARGETS else None
+    edge = {runtime: _edge_version(runtime)} if runtime in EDGE_FORMATS else {}
     facts = {
         "format": CACHE_FORMAT,
         "cpu": env["cpu"].get("model"),
         "flags": env["cpu"].get("flags"),
         "cores": env["cpu"].get("usable_cores") or env["cpu"].get("logical_cores"),
-        "versions": {k: env["versions"].get(k) for k in ("torch", "onnx", "onnxruntime")} | {"kdedge": __version__},  # kdedge: the exporter, the anchor
+        "versions": {k: env["versions"].get(k) for k in ("torch", "onnx", "onnxruntime")} | edge | {"kdedge": __version__},  # kdedge: the exporter, the anchor
         "gpu": (env["gpu"] or {}).get("name"),
         "target": target,
         "threads": threads,
         "batch": batch,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16], facts
+
+
+def _edge_version(runtime: str) -> str | None:
+    """The version of the package that runs (and, for ExecuTorch and LiteRT, converts) an edge format: its kernels time the candidates."""
+    from importlib import metadata
+
+    dists = {"executorch": ("executorch",), "litert": ("ai-edge-litert", "litert-torch"), "openvino": ("openvino",), "ort": ("onnxruntime",)}[runtime]
+    found = []
+    for dist in dists:
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} -")
+    return ", ".join(found)
 
 
 class LatencyCache:
@@ -90,8 +114,8 @@ class LatencyCache:
             return {}  # a corrupt cache is re-measured, not trusted
 
     @classmethod
-    def open(cls, target: str, threads: int, batch: int, *, enabled: bool = True) -> LatencyCache:
-        key, facts = environment_key(target, threads, batch)
+    def open(cls, target: str, threads: int, batch: int, *, precision: str = "fp32", enabled: bool = True) -> LatencyCache:
+        key, facts = environment_key(target, threads, batch, precision)
         return cls(cache_dir() / "latency" / f"{key}.json" if enabled else None, facts)
 
     @staticmethod
@@ -132,8 +156,15 @@ class LatencyMeter:
     entries are ratios too, so a second run scales them by its own anchor measurement.
 
     Args:
-        inputs: Real, normalized inputs ``(N, C, H, W)``, N >= ``batch``.
-        target: ``ort-cpu`` (exported ONNX in onnxruntime) or ``torch-cpu`` (eager PyTorch).
+        inputs: Real, normalized inputs ``(N, C, H, W)``, N >= ``batch``; an INT8 precision also calibrates on them
+            (up to :attr:`CALIBRATION` of them).
+        target: A bench target (:data:`kdedge.config.SEARCH_TARGETS`): ``ort-cpu`` (exported ONNX in onnxruntime),
+            ``torch-cpu`` (eager PyTorch), an edge runtime (``executorch-cpu``, ``litert-cpu``, ``openvino-cpu``,
+            ``ort-mobile-cpu``: each model exported to that runtime's format, as ``kdedge export`` does), or a
+            CUDA target where a GPU exists (host-timed to the end of the GPU's work).
+        precision: What the target runs (:data:`kdedge.config.TARGET_PRECISIONS`): ``fp32``; ``int8``
+            (onnxruntime's QDQ, per-channel, calibrated on ``inputs``; the edge runtime's INT8 of it, or ExecuTorch's
+            and LiteRT's quantizer); ``fp16`` on CUDA.
         threads: Intra-op threads, as the deployment will use.
         batch: Batch size, as the deployment will use.
         cache: Where ratios are looked up and stored; None measures everything.
@@ -146,11 +177,14 @@ class LatencyMeter:
 
     def __init__(self, inputs: np.ndarray, *, num_classes: int, target: str = "ort-cpu", threads: int = 1, batch: int = 1,
                  cache: LatencyCache | None = None, group: int = 8, rounds: int = 7, log: Callable[[str], None] | None = None,
-                 exporter: str = "torchscript") -> None:
+                 exporter: str = "torchscript", precision: str = "fp32") -> None:
         if exporter not in ("dynamo", "torchscript"):
             raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
-        self.exporter = exporter
+        if precision not in TARGET_PRECISIONS.get(target, ()):
+            raise ConfigError(f"{target} does not time {precision}; it times {' or '.join(TARGET_PRECISIONS.get(target, ('nothing',)))}")
+        self.exporter, self.precision = exporter, precision
         self.x = np.ascontiguousarray(inputs[:batch], dtype=np.float32)
+        self.calibration = np.ascontiguousarray(inputs[: self.CALIBRATION], dtype=np.float32)
         self.target, self.threads, self.batch, self.cache = target, threads, batch, cache
         self.group, self.rounds = max(2, group), rounds
         self.log = log or (lambda _line: None)
@@ -158,6 +192,9 @@ class LatencyMeter:
         self.anchor_samples: list[float] = []
         self._work = tempfile.TemporaryDirectory(prefix="kdedge-search-")  # removed with the meter
         self._anchor: Callable[[], Any] | None = None
+
+    #: Inputs an INT8 timing calibrates on: the kernels timed are the same whatever the scales, so a few suffice.
+    CALIBRATION = 32
 
     #: The anchor's p50 is a median over at least this many groups, even when every candidate came from the cache.
     MIN_ANCHOR_GROUPS = 3
@@ -182,8 +219,8 @@ class LatencyMeter:
             raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
         modules = modules or {}
         files = files or {}
-        if files and self.target != "ort-cpu":
-            raise ConfigError(f"an ONNX file can only be timed on ort-cpu, not {self.target}")
+        if files and (self.target != "ort-cpu" or self.precision != "fp32"):
+            raise ConfigError(f"an ONNX file can only be timed on ort-cpu at fp32, not {self.target} at {self.precision}")
         given = modules.keys() | files.keys()
         ratios: dict[str, dict[str, Any]] = {}
         todo = []
@@ -208,17 +245,76 @@ class LatencyMeter:
         if module is None:
             torch.manual_seed(0)
             module = create_model(spec).eval()
-        if self.target == "torch-cpu":
-            return make_runner(self.target, module=module, threads=self.threads).prepare(self.x)
-        if exporter == "torchscript" and torchscript_export(module, path, tuple(spec.input_shape)):
-            try:
-                return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
-            except Exception:  # noqa: BLE001 - a trace that does not run at this batch: time the shipped export instead
-                pass
-        from kdedge.exporters.onnx import export_onnx
+        if TARGETS[self.target][0] == "torch":
+            return self._synced(make_runner(self.target, module=module, precision=self.precision, threads=self.threads).prepare(self.x))
+        work = path.parent / path.stem
+        try:
+            return self._synced(self._prepare(self.artifact(module, spec, work / "trial", exporter=exporter)))
+        except Exception:  # noqa: BLE001 - a trace that does not run at this batch, or that a converter refuses: time the shipped export instead
+            if exporter != "torchscript" or not self._from_onnx:
+                raise
+        return self._synced(self._prepare(self.artifact(module, spec, work / "shipped", exporter="dynamo")))
 
-        export_onnx(module, path, input_shape=tuple(spec.input_shape))
-        return make_runner(self.target, path=path, threads=self.threads).prepare(self.x)
+    @property
+    def _from_onnx(self) -> bool:
+        """Whether the target's file is made from an ONNX export (onnxruntime, OpenVINO, ORT format), not from the module (ExecuTorch, LiteRT)."""
+        fmt = EDGE_FORMATS.get(TARGETS[self.target][0])
+        return fmt is None or fmt.source == "onnx"
+
+    def artifact(self, module: nn.Module, spec: ModelSpec, work: Path, *, exporter: str | None = None) -> Path:
+        """The file this meter times for ``module``, written into ``work``: its ONNX export (TorchScript's with ``exporter="torchscript"``,
+        else torch.export's, which ships) for onnxruntime; at ``int8`` that file quantized to QDQ (per-channel, calibrated on the meter's
+        inputs, as ``kdedge export`` does); for OpenVINO and the ORT format, that file converted; for ExecuTorch and LiteRT, the
+        runtime's own export of ``module`` (the quantizer's INT8). The weights are those given (a candidate's are random): the
+        kernels timed, and so the latency, are the architecture's.
+
+        Raises:
+            ValueError: The target runs PyTorch modules, not files.
+        """
+        from kdedge.exporters.edge import export_edge
+        from kdedge.exporters.onnx import export_onnx
+        from kdedge.exporters.quantize import quantize_int8
+
+        runtime = TARGETS[self.target][0]
+        if runtime == "torch":
+            raise ValueError(f"{self.target} times the module itself; it has no file")
+        exporter = exporter or self.exporter
+        work.mkdir(parents=True, exist_ok=True)
+        shape = tuple(spec.input_shape)
+        fmt = EDGE_FORMATS.get(runtime)
+        if fmt is not None and fmt.source == "torch":
+            out = work / f"model{fmt.suffix}"
+            export_edge(fmt.name, out=out, precision=self.precision, model=module, input_shape=shape,
+                        calibration=self.calibration if self.precision == "int8" else None, metadata={}, max_batch=self.batch)
+            return out
+        onnx = work / "model.onnx"
+        if not (exporter == "torchscript" and self.precision != "fp16" and torchscript_export(module, onnx, shape)):
+            export_onnx(module, onnx, input_shape=shape, precision="fp16" if self.precision == "fp16" else "fp32")
+        if self.precision == "int8":
+            quantize_int8(onnx, work / "model.int8.onnx", calibration=self.calibration)
+            onnx = work / "model.int8.onnx"
+        if fmt is None:
+            return onnx
+        out = work / f"model{fmt.suffix}"
+        export_edge(fmt.name, out=out, precision=self.precision, onnx=onnx, input_shape=shape, metadata={}, max_batch=self.batch)
+        return out
+
+    def _prepare(self, artifact: Path) -> Callable[[], Any]:
+        runner = make_runner(self.target, path=artifact, precision=self.precision, threads=self.threads)
+        runner.check_batch(self.batch)
+        return runner.prepare(self.x)
+
+    def _synced(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """On a CUDA target, one call that returns when the GPU has finished: the host clock then times the deployment's latency."""
+        if TARGETS[self.target][1] == "cpu":
+            return fn
+
+        def run() -> Any:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
 
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
                        files: dict[str, Path], exporter: str | None = None) -> dict[str, dict[str, Any]]:
@@ -247,15 +343,16 @@ class LatencyMeter:
         if self.cache is not None and names:
             self.cache.save()  # after every group: a killed search keeps what it measured
         if names:
-            self.log(f"search: timed {len(names)} models + the anchor on {self.target} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
+            self.log(f"search: timed {len(names)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
                      f"batch {self.batch}) in {time.perf_counter() - t0:.1f} s")
         return out
 
 
 def time_candidates(specs: dict[str, ModelSpec], inputs: np.ndarray, *, target: str = "ort-cpu", threads: int = 1, batch: int = 1,
                     cache: LatencyCache | None = None, modules: dict[str, nn.Module] | None = None, group: int = 8, rounds: int = 7,
-                    log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """p50/p90 latency (ms) of each model at ``batch`` on ``target``, from the cache or measured (see :class:`LatencyMeter`)."""
+                    log: Callable[[str], None] | None = None, precision: str = "fp32") -> dict[str, dict[str, Any]]:
+    """p50/p90 latency (ms) of each model at ``batch`` on ``target`` at ``precision``, from the cache or measured (see :class:`LatencyMeter`)."""
     num_classes = next(iter(specs.values())).num_classes if specs else 10
-    meter = LatencyMeter(inputs, num_classes=num_classes, target=target, threads=threads, batch=batch, cache=cache, group=group, rounds=rounds, log=log)
+    meter = LatencyMeter(inputs, num_classes=num_classes, target=target, threads=threads, batch=batch, cache=cache, group=group, rounds=rounds, log=log,
+                         precision=precision)
     return meter.measure(specs, modules=modules)

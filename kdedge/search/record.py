@@ -124,7 +124,7 @@ def plot(record: SearchRecord, path: Path, budget: float) -> None:
     ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=6)
     target = record.data["target"]
-    ax.set_xlabel(f"p50 latency on {target['name']}, {target['threads']} thread(s), batch {target['batch']} (µs, log scale)")
+    ax.set_xlabel(f"p50 latency on {target['name']} {target.get('precision', 'fp32')}, {target['threads']} thread(s), batch {target['batch']} (µs, log scale)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"kdedge search: accuracy vs measured latency (winner {record.data['winner']})", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)

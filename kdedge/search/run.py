@@ -27,6 +27,7 @@ from torch import nn
 from kdedge._fs import Claim, claim_workdir
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
+from kdedge.bench.runners import target_available
 from kdedge.config import DistillConfig, SearchConfig
 from kdedge.data.normalization import Normalization
 from kdedge.data.sources import hold_out
@@ -35,7 +36,7 @@ from kdedge.distill.checkpoint import config_differences
 from kdedge.distill.loop import resolve_device
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
 from kdedge.tblog import sub_dir
-from kdedge.errors import ConfigError, KdedgeError, TrainingDiverged
+from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError, TrainingDiverged
 from kdedge.metrics import evaluate
 from kdedge.models import ModelSpec, count_parameters, create_model, load_checkpoint
 from kdedge.models.genome import parse_genome
@@ -153,16 +154,19 @@ def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: 
     if data.val is None:  # the same hold-out as --val-split (permutation seed 0), so the CLI and Python see one split
         data = hold_out(data, config.val_split or 0.1)
     device = resolve_device(config.device)  # everything that can fail on bad input fails before OUT is written
+    if why := target_available(config.target):  # a CUDA target without a GPU, an edge runtime not installed
+        raise BackendUnavailable(f"--target {why}")
     with FrozenTeacher(teacher, device=device, channels_last=config.channels_last,
                        input_map=teacher_input_map(config, teacher_input, data.spec)) as frozen:
-        inputs = data.test.batch_of(config.target_batch)
+        inputs = data.test.batch_of(max(config.target_batch, LatencyMeter.CALIBRATION if config.target_precision == "int8" else 1))
         saved = _open_out(out, resume=config.resume)
         record, names, specs = _start(config, data, out, saved, teacher_sha256=frozen.fingerprint())
 
         # 1. Latency of every candidate and of the teacher, on the target.
-        cache = LatencyCache.open(config.target, config.target_threads, config.target_batch, enabled=config.latency_cache)
+        cache = LatencyCache.open(config.target, config.target_threads, config.target_batch, precision=config.target_precision,
+                                  enabled=config.latency_cache)
         meter = LatencyMeter(inputs, num_classes=data.spec.num_classes, target=config.target, threads=config.target_threads, batch=config.target_batch,
-                             cache=cache, log=log)
+                             cache=cache, log=log, precision=config.target_precision)
         record.data["timing_seconds"] = record.data["timing_cache_hits"] = 0
         if "teacher" not in record.data:
             record.data["teacher"] = _teacher_entry(frozen, teacher, teacher_name, data, meter, device)
@@ -202,13 +206,15 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
         "format": SEARCH_FORMAT, "kdedge_version": __version__, "env": capture_environment(config.target_threads),
         "config": config.to_dict(), "data": data.spec.to_dict(), "teacher_sha256": teacher_sha256,
         "val_fingerprint": data.val.fingerprint(),  # type: ignore[union-attr]
-        "target": {"name": config.target, "threads": config.target_threads, "batch": config.target_batch, "latency_budget_ms": config.latency_budget},
+        "target": {"name": config.target, "precision": config.target_precision, "threads": config.target_threads, "batch": config.target_batch,
+                   "latency_budget_ms": config.latency_budget},
     }
     if saved is not None:
         # a search recorded before the richer blocks existed searched the dense and depthwise ones, without squeeze-excitation
-        changed = config_differences(saved["config"], json.loads(json.dumps(header["config"])), {"block_kinds": ["c", "d"], "squeeze_excite": 0.0},
-                                     resumable=_RESUMABLE)
-        if saved.get("target") != header["target"]:
+        # (and timed FP32: the precision came with the edge targets)
+        changed = config_differences(saved["config"], json.loads(json.dumps(header["config"])),
+                                     {"block_kinds": ["c", "d"], "squeeze_excite": 0.0, "target_precision": "fp32"}, resumable=_RESUMABLE)
+        if {"precision": "fp32"} | (saved.get("target") or {}) != header["target"]:
             changed.insert(0, f"target: {saved.get('target')} -> {header['target']}")
         for key, what in (("teacher_sha256", "the teacher's weights"), ("val_fingerprint", "the validation split")):
             if saved.get(key) != header[key]:
@@ -228,7 +234,7 @@ def _start(config: SearchConfig, data: DataSplits, out: Path, saved: dict[str, A
 
 def _nothing_fits(record: SearchRecord, config: SearchConfig) -> ConfigError:
     fastest = min((c for c in record.candidates.values() if "p50_ms" in c), key=lambda c: c["p50_ms"])
-    return ConfigError(f"no candidate meets {config.latency_budget:.4f} ms on {config.target} ({config.target_threads} threads, batch {config.target_batch}); "
+    return ConfigError(f"no candidate meets {config.latency_budget:.4f} ms on {config.target} {config.target_precision} ({config.target_threads} threads, batch {config.target_batch}); "
                        f"the fastest measured, {fastest['name']}, takes {fastest['p50_ms']:.4f} ms: raise --latency-budget")
 
 
@@ -270,8 +276,8 @@ def _teacher_entry(frozen: FrozenTeacher, teacher: nn.Module, name: str | None, 
     lat: dict[str, Any] = {"p50_ms": None, "p90_ms": None, "ratio": None, "p90_ratio": None}
     onnx_file = onnx_file_of(teacher)
     unknown = None
-    if onnx_file is not None and meter.target != "ort-cpu":
-        unknown = f"an ONNX teacher does not run on {meter.target}"
+    if onnx_file is not None and (meter.target != "ort-cpu" or meter.precision != "fp32"):
+        unknown = f"an ONNX teacher is timed as it is, on ort-cpu at fp32; not on {meter.target} at {meter.precision}"
     else:
         try:  # an ONNX teacher is timed as its own file (the input map, one multiply-add, is left out)
             lat = meter.measure({"teacher": spec}, modules={} if onnx_file else {"teacher": frozen.module.cpu().eval()},
