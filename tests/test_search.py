@@ -262,6 +262,12 @@ def test_search_end_to_end_and_resume(small, tmp_path, shared_latency_cache):
     best = max(rec["finalists"], key=lambda n: rec["finalists"][n]["val_accuracy"])
     assert rec["finalists"][best]["val_accuracy"] == rec["finalists"][result.winner]["val_accuracy"]
     assert rec["teacher"]["p50_ms"] > 0 and rec["teacher"]["val_accuracy"] > 0.8
+    # The finalists were re-timed head to head before the pick: the winner's recorded p50 is that measurement.
+    h2h = rec["head_to_head"]
+    assert set(h2h["models"]) == set(rec["finalists"]) and h2h["rounds"] == 15 and h2h["pick_by_validation"] == result.winner
+    assert rec["winner_p50_ms"] == h2h["models"][result.winner]["p50_ms"] and rec["within_budget"]
+    for c in cands.values():
+        assert c["latency_spread"] >= 0
     student = load_checkpoint(tmp_path / "s" / "student")
     assert student.spec.name == result.winner
     assert (tmp_path / "s" / "accuracy_vs_latency.png").stat().st_size > 10_000
@@ -447,3 +453,55 @@ def test_a_cuda_target_without_a_gpu_is_one_line_and_no_directory(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kdedge: error: --target torch-cuda needs a CUDA GPU and torch built with CUDA; none is visible here"]
     assert not (tmp_path / "s").exists()
+
+
+# --- trustworthy latencies (issue 27, item 3) ----------------------------------------------------
+
+def test_spread_and_pooling_golden():
+    from kdedge.search.latency import _pooled, _spread
+
+    assert _spread([1.0, 1.0, 1.0]) == 0.0
+    assert _spread([0.9, 1.0, 1.1, 1.0, 1.0]) == pytest.approx((1.06 - 0.94) / 1.0)  # numpy's linear p10/p90
+    pooled = _pooled({"rounds": [1.0, 1.4, 1.0], "ratio": 1.0, "p90_ratio": 1.5, "spread": 0.32},
+                     {"rounds": [1.1, 1.1, 1.2], "ratio": 1.1, "p90_ratio": 1.3, "spread": 0.08})
+    assert pooled["ratio"] == pytest.approx(1.1) and pooled["rounds"] == [1.0, 1.4, 1.0, 1.1, 1.1, 1.2]
+    assert pooled["remeasured"] and pooled["first_spread"] == 0.32 and pooled["p90_ratio"] == pytest.approx(1.4)
+
+
+class _SlowForAWhile(nn.Module):
+    """Eager PyTorch whose calls take 1 ms longer from 0.15 s to 0.3 s after its first: a model timed while the machine slowed
+    under it and not under the anchor's blocks. Its per-round ratios spread; the meter must time it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+        self.start = None
+
+    def forward(self, x):
+        import time as _time
+
+        now = _time.perf_counter()
+        self.start = self.start or now
+        if 0.15 <= now - self.start < 0.3:
+            _time.sleep(0.001)
+        return self.fc(x.flatten(1))
+
+
+def test_an_unsteady_measurement_is_timed_again_and_carries_its_spread():
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    lines = []
+    meter = LatencyMeter(x, num_classes=10, target="torch-cpu", rounds=5, log=lines.append)
+    lat = meter.measure({"slow": ModelSpec("linear", 1.0, 10, (1, 28, 28))}, modules={"slow": _SlowForAWhile()})["slow"]
+    assert lat["remeasured"] and any("unsteady measurement(s) timed again (slow: per-round spread" in line for line in lines), lines
+    # The second measurement (after the slow stretch) outvotes the first's slow rounds: a 784x10 linear layer is far faster than
+    # the anchor (tiny_cnn), and a slow round's ratio is at least 1 ms over the anchor's ~0.1 ms.
+    assert lat["ratio"] < 1.0 and lat["p50_range_ms"][0] <= lat["p50_ms"] <= lat["p50_range_ms"][1]
+
+
+def test_the_pick_is_the_most_accurate_finalist_within_budget_on_its_retiming():
+    from kdedge.search.run import pick
+
+    acc, searched = {"a": 0.93, "b": 0.92, "c": 0.92}, {"a": 0.009, "b": 0.008, "c": 0.007}
+    assert pick(["a", "b", "c"], acc, searched, {}, 0.01) == "a"
+    assert pick(["a", "b", "c"], acc, searched, {"a": 0.011, "b": 0.0095, "c": 0.0099}, 0.01) == "c"  # a is over; b and c tie: the faster searched
+    assert pick(["a", "b", "c"], acc, searched, {"a": 0.012, "b": 0.013, "c": 0.011}, 0.01) == "c"  # none within: the fastest re-timed

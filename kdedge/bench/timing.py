@@ -53,6 +53,8 @@ class LatencyStats:
     p99_ms: float
     max_ms: float
     drift: float = 0.0
+    #: :func:`measure_interleaved`'s per-block medians, in round order (its other stats pool the blocks); not in :meth:`to_dict`.
+    blocks_ms: tuple[float, ...] = ()
 
     @classmethod
     def from_samples(cls, samples_ms: np.ndarray | list[float]) -> LatencyStats:
@@ -78,7 +80,9 @@ class LatencyStats:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["blocks_ms"]
+        return d
 
 
 def _warm_up(fn: Callable[[], Any], policy: TimingPolicy, sync: Callable[[], None] | None) -> None:
@@ -169,5 +173,5 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, b
     out = {}
     for name in names:
         stats = LatencyStats.from_samples(np.asarray(samples[name], dtype=np.float64) / 1e6)
-        out[name] = replace(stats, p50_ms=float(np.median(block_medians[name])))
+        out[name] = replace(stats, p50_ms=float(np.median(block_medians[name])), blocks_ms=tuple(block_medians[name]))
     return out

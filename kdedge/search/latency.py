@@ -206,13 +206,24 @@ class LatencyMeter:
             self._measure_group([], {}, {}, {})
         return float(np.median(self.anchor_samples))
 
-    def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
-                files: dict[str, Path] | None = None, exporter: str | None = None) -> dict[str, dict[str, Any]]:
-        """Name -> ``{"p50_ms", "p90_ms", "ratio", "cached"}`` (``ratio``: p50 ÷ the anchor's, in the same group).
+    #: A model whose per-round ratios to the anchor spread by more than this (p90 − p10 of the rounds, over their median) was
+    #: timed while something else moved the machine's speed under it and not under the anchor's neighbouring blocks: it is
+    #: timed again in another group, and its ratio is the median of both measurements' rounds.
+    UNSTEADY = 0.15
 
-        ``modules`` times already built modules (a teacher) instead of building ``specs[name]``;
-        ``files`` times ONNX files as they are (an ONNX teacher, ``ort-cpu`` only). Neither is cached.
-        ``exporter`` overrides the meter's for these models (the anchor keeps the meter's).
+    def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
+                files: dict[str, Path] | None = None, exporter: str | None = None, fresh: bool = False,
+                rounds: int | None = None) -> dict[str, dict[str, Any]]:
+        """Name -> ``{"p50_ms", "p90_ms", "ratio", "p90_ratio", "spread", "p50_range_ms", "remeasured", "cached"}``.
+
+        ``ratio`` is the median over the rounds of the model's block p50 ÷ the anchor's in the same round (the
+        same group); ``spread`` is how much those per-round ratios vary (p90 − p10 over the median) and
+        ``p50_range_ms`` their p10 and p90 on the run's scale. A model measured with a spread over :attr:`UNSTEADY` is
+        measured again (``remeasured``). ``modules`` times already built modules (a teacher) instead of building
+        ``specs[name]``; ``files`` times ONNX files as they are (an ONNX teacher, ``ort-cpu`` only). Neither is cached.
+        ``exporter`` overrides the meter's for these models (the anchor keeps the meter's). ``fresh`` ignores the cache
+        (a head-to-head re-timing: models that fit one group are timed together; what it measures replaces the cached
+        entries), and ``rounds`` overrides the meter's blocks per model.
         """
         exporter = exporter or self.exporter
         if exporter not in ("dynamo", "torchscript"):
@@ -222,20 +233,44 @@ class LatencyMeter:
         if files and (self.target != "ort-cpu" or self.precision != "fp32"):
             raise ConfigError(f"an ONNX file can only be timed on ort-cpu at fp32, not {self.target} at {self.precision}")
         given = modules.keys() | files.keys()
+        cacheable = {n for n in specs if self.cache is not None and n not in given and exporter == "torchscript"}
         ratios: dict[str, dict[str, Any]] = {}
         todo = []
         for name, spec in specs.items():
-            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if self.cache is not None and name not in given and exporter == "torchscript" else None
+            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if name in cacheable and not fresh else None  # type: ignore[union-attr]
             if hit is not None and "ratio" in hit:
                 ratios[name] = hit | {"cached": True}
             else:
                 todo.append(name)
-        step = self.group - 1
-        for start in range(0, len(todo), step):
-            ratios |= self._measure_group(todo[start : start + step], specs, modules, files, exporter)
+        measured = self._measure_groups(todo, specs, modules, files, exporter, rounds)
+        unsteady = [n for n in todo if measured[n]["spread"] > self.UNSTEADY]
+        if unsteady:
+            self.log(f"search: {len(unsteady)} unsteady measurement(s) timed again ({', '.join(unsteady)}: per-round spread "
+                     f"{', '.join(format(measured[n]['spread'], '.0%') for n in unsteady)})")
+            again = self._measure_groups(unsteady, specs, modules, files, exporter, rounds)
+            for n in unsteady:
+                measured[n] = _pooled(measured[n], again[n])
+        for n in todo:
+            if n in cacheable:
+                self.cache.put(LatencyCache.key(n, specs[n].num_classes, specs[n].input_shape), measured[n])  # type: ignore[union-attr]
+            ratios[n] = measured[n] | {"cached": False}
+        if self.cache is not None and unsteady:
+            self.cache.save()
         anchor = self.anchor_p50_ms
-        return {n: {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
-                    "cached": r["cached"]} for n, r in ratios.items()}
+        out = {}
+        for n, r in ratios.items():
+            per_round = r.get("rounds") or [r["ratio"]]  # an entry cached without its rounds counts as steady
+            out[n] = {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
+                      "spread": r.get("spread", 0.0), "p50_range_ms": [float(q) * anchor for q in np.percentile(per_round, [10, 90])],
+                      "remeasured": bool(r.get("remeasured")), "cached": r["cached"]}
+        return out
+
+    def _measure_groups(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module], files: dict[str, Path],
+                        exporter: str, rounds: int | None) -> dict[str, dict[str, Any]]:
+        step, out = self.group - 1, {}
+        for start in range(0, len(names), step):
+            out |= self._measure_group(names[start : start + step], specs, modules, files, exporter, rounds)
+        return out
 
     def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None, exporter: str) -> Callable[[], Any]:
         if file is not None:
@@ -317,7 +352,7 @@ class LatencyMeter:
         return run
 
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
-                       files: dict[str, Path], exporter: str | None = None) -> dict[str, dict[str, Any]]:
+                       files: dict[str, Path], exporter: str | None = None, rounds: int | None = None) -> dict[str, dict[str, Any]]:
         exporter = exporter or self.exporter
         t0 = time.perf_counter()
         torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
@@ -328,24 +363,38 @@ class LatencyMeter:
                 fns = {"0": self._anchor}
                 for i, name in enumerate(names, start=1):
                     fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name), exporter)
-                stats = measure_interleaved(fns, rounds=self.rounds)
+                stats = measure_interleaved(fns, rounds=rounds or self.rounds)
         finally:
             torch.set_num_threads(torch_threads)
         anchor = stats["0"].p50_ms
         self.anchor_samples.append(anchor)
         out = {}
         for i, name in enumerate(names, start=1):
-            entry = {"ratio": stats[str(i)].p50_ms / anchor, "p90_ratio": stats[str(i)].p90_ms / anchor, "raw_p50_ms": stats[str(i)].p50_ms,
-                     "anchor_p50_ms": anchor, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            out[name] = entry | {"cached": False}
+            per_round = np.asarray(stats[str(i)].blocks_ms) / np.asarray(stats["0"].blocks_ms)  # paired: the same round, the same drift
+            out[name] = {"ratio": float(np.median(per_round)), "p90_ratio": stats[str(i)].p90_ms / anchor, "rounds": [round(float(r), 5) for r in per_round],
+                         "spread": _spread(per_round), "raw_p50_ms": stats[str(i)].p50_ms, "anchor_p50_ms": anchor,
+                         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             if self.cache is not None and name not in modules and name not in files and exporter == "torchscript":
-                self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), entry)
+                self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), out[name])
         if self.cache is not None and names:
             self.cache.save()  # after every group: a killed search keeps what it measured
         if names:
             self.log(f"search: timed {len(names)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
                      f"batch {self.batch}) in {time.perf_counter() - t0:.1f} s")
         return out
+
+
+def _spread(per_round: np.ndarray | list[float]) -> float:
+    """How much a model's per-round ratios to the anchor vary: (p90 − p10) ÷ median."""
+    p10, p50, p90 = np.percentile(np.asarray(per_round, dtype=np.float64), [10, 50, 90])
+    return float((p90 - p10) / p50) if p50 > 0 else 0.0
+
+
+def _pooled(first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """One entry from two measurements of a model: the median and spread of all their rounds."""
+    rounds = first["rounds"] + again["rounds"]
+    return again | {"ratio": float(np.median(rounds)), "p90_ratio": float(np.median([first["p90_ratio"], again["p90_ratio"]])), "rounds": rounds,
+                    "spread": _spread(rounds), "remeasured": True, "first_spread": first["spread"]}
 
 
 def time_candidates(specs: dict[str, ModelSpec], inputs: np.ndarray, *, target: str = "ort-cpu", threads: int = 1, batch: int = 1,

@@ -84,10 +84,12 @@ def summarize(record: SearchRecord, winner: str, budget: float) -> None:
     for z in (n for n in ranked if cands[n]["origin"] == "zoo"):
         better = [s for s in searched if cands[s]["p50_ms"] <= cands[z]["p50_ms"] and cands[s]["proxy_val_accuracy"] >= cands[z]["proxy_val_accuracy"]]
         dominance[z] = max(better, key=lambda s: cands[s]["proxy_val_accuracy"]) if better else None
+    retimed = record.data.get("head_to_head", {}).get("models", {}).get(winner)  # the pick's p50 re-timed head to head, when it was
+    p50 = retimed["p50_ms"] if retimed else cands[winner]["p50_ms"]
     record.data.update({
         "winner": winner,
-        "winner_p50_ms": cands[winner]["p50_ms"],
-        "within_budget": cands[winner]["p50_ms"] <= budget,
+        "winner_p50_ms": p50,
+        "within_budget": p50 <= budget,
         "proxy_rank_correlation": {"spearman": rho, "n": len(names), "over": "finalists (proxy val accuracy vs full-recipe val accuracy)"},
         "zoo_dominated_by": dominance,
     })
