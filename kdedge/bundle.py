@@ -136,19 +136,28 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
 def fastest_target(recommended: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Among the CPU targets' recommended artifacts, the one with the lowest batch-1 p50: the runtime to deploy on a CPU.
 
-    The targets were measured one after another on the same machine; on a machine whose speed
-    drifts, a margin of a few percent between two runtimes is not a ranking. Each runs with
-    ``--bench-threads``, or without it its own default (recorded as ``threads``: LiteRT's is 1,
-    the others use every core), so pass ``--bench-threads`` to rank at the deployment's count.
+    With runtime tuning, the artifacts were timed head to head at their tuned settings, threads up
+    to ``deploy_threads`` (``deploy_p50_ms``): that one interleaved measurement ranks them
+    (``ranked_by: "head-to-head at tuned settings"``). Without it the targets were benchmarked one
+    after another — on a machine whose speed drifts a margin of a few percent is not a ranking —
+    each with ``--bench-threads`` or its runtime's default (recorded as ``threads``).
     """
-    cpu = [(rec["p50_ms"], target) for target, rec in recommended.items() if TARGETS[target][1] == "cpu"]
+    cpu = [target for target in recommended if TARGETS[target][1] == "cpu"]
     if not cpu:
         return None
-    p50, target = min(cpu)
+    head = [t for t in cpu if "deploy_p50_ms" in recommended[t]]
+    key = "deploy_p50_ms" if len(head) >= 2 else "p50_ms"
+    ranked = sorted((recommended[t][key], t) for t in (head if key == "deploy_p50_ms" else cpu))
+    p50, target = ranked[0]
     rec = recommended[target]
-    runners_up = sorted((p / p50, t) for p, t in cpu if t != target)
-    return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50, "threads": rec.get("threads"),
-            "others": {t: {"variant": recommended[t]["variant"], "p50_ratio": ratio, "threads": recommended[t].get("threads")} for ratio, t in runners_up}}
+
+    def threads(r: dict[str, Any]) -> Any:
+        s = r.get("settings") or {}
+        return s.get("threads", s.get("intra_op_threads", r.get("threads")))
+
+    return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50, "threads": threads(rec),
+            "settings": rec.get("settings"), "ranked_by": "head-to-head at tuned settings" if key == "deploy_p50_ms" else "benchmark p50",
+            "others": {t: {"variant": recommended[t]["variant"], "p50_ratio": p / p50, "threads": threads(recommended[t])} for p, t in ranked[1:]}}
 
 
 def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[dict[str, Any]], recommended: dict[str, dict[str, Any]],
@@ -766,43 +775,88 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
 
     ort-cpu tunes the recommended artifact (its entry gains ``settings``, ``tuned_p50_ms``,
     ``tuning`` and ``vs_teacher_tuned``) against the teacher's ONNX FP32; torch-cpu tunes the
-    student and the teacher in eager PyTorch. GPU targets have no thread settings to tune; edge targets are not tuned. The
-    ratio comes from one interleaved measurement of both at their best settings, so machine drift
-    between the two tunings cannot tilt it.
+    student and the teacher in eager PyTorch; an edge target tunes its recommended artifact against
+    the teacher's FP32 artifact of that runtime (:func:`~kdedge.bench.tuning.tune_edge`). Thread
+    counts go up to ``deploy_threads``. GPU targets have no thread settings to tune. The ratio comes
+    from one interleaved measurement of both at their best settings, so machine drift between the
+    two tunings cannot tilt it. Each entry records the seconds its tuning took (``seconds``).
     """
+    from kdedge.bench.tuning import default_threads
+
     config, teacher = plan.config, plan.teacher_bench
     budget = max(0.5, 4 * config.bench_min_s)  # per model: a few benchmark measurements' worth
+    threads = [t for t in default_threads() if t <= config.deploy_threads] or [1]
     entries = []
     for target in plan.targets:
+        t0 = time.perf_counter()
         runtime, device = TARGETS[target]
         rec = recommended.get(target)
-        if device != "cpu" or runtime not in ("torch", "onnxruntime") or (runtime == "onnxruntime" and rec is None):
-            continue  # edge runtimes: their thread count is the benchmark's (tuning them is not built yet)
+        if device != "cpu" or (runtime != "torch" and rec is None):
+            continue  # nothing to tune: a GPU target, or no artifact passed the accuracy gate
         batch = rec["batch"] if rec else min(config.batch_sizes)
         x = plan.data.test.batch_of(batch)
-        if runtime == "onnxruntime":
-            assert rec is not None  # skipped above: no artifact passed the accuracy gate
-            models = {"student": (rec["variant"], tmp / rec["artifact"]), "teacher": ("onnx-fp32", teacher.artifacts.get("onnx-fp32"))}
-        else:
+        if runtime == "torch":
             models = {"student": ("torch-fp32", student), "teacher": ("torch-fp32", teacher.module)}
-        inputs = {"student": feed(x) if feed is not None and runtime == "onnxruntime" else x,  # its file may take uint8 pixels
+        else:
+            assert rec is not None
+            fp32 = "onnx-fp32" if runtime == "onnxruntime" else f"{runtime}-fp32"
+            models = {"student": (rec["variant"], tmp / rec["artifact"]), "teacher": (fp32, teacher.artifacts.get(fp32))}
+        inputs = {"student": feed(x) if feed is not None and runtime != "torch" else x,  # its file may take uint8 pixels
                   "teacher": teacher.preprocess(x) if teacher.preprocess else x}  # an ONNX teacher's own normalization
-        results = {role: tune(model, inputs[role], budget_s=budget) for role, (_, model) in models.items() if model is not None}
+        results = {role: _tune_one(runtime, model, inputs[role], threads, budget) for role, (_, model) in models.items() if model is not None}
         entry: dict[str, Any] = {"target": target, "batch": batch}
         for role, r in results.items():
             entry[role] = {"variant": models[role][0], "settings": r.best, "p50_ms": r.p50_ms}
         if len(results) == 2:
-            head = time_within({role: settings_call(models[role][1], inputs[role], results[role].best) for role in results}, budget_s=budget / 2)  # type: ignore[arg-type]
+            head = time_within({role: _settings_call(runtime, models[role][1], inputs[role], results[role].best) for role in results},  # type: ignore[arg-type]
+                               budget_s=budget / 2)
             entry["head_to_head_p50_ms"] = {role: head[role].p50_ms for role in results}
             entry["latency_speedup"] = head["teacher"].p50_ms / head["student"].p50_ms
         if rec is not None:
             rec.update(settings=results["student"].best, tuned_p50_ms=results["student"].p50_ms, tuning=results["student"].to_dict())
             if "latency_speedup" in entry:
                 rec["vs_teacher_tuned"] = entry["latency_speedup"]
+        entry["seconds"] = time.perf_counter() - t0
         log(f"tune: {target} at batch {batch}: " + "; ".join(f"{role} {models[role][0]} {r.best} p50 {r.p50_ms:.4f} ms" for role, r in results.items())
-            + (f"; teacher/student {entry['latency_speedup']:.2f}x, each at its best" if "latency_speedup" in entry else ""))
+            + (f"; teacher/student {entry['latency_speedup']:.2f}x, each at its best" if "latency_speedup" in entry else "") + f" ({entry['seconds']:.1f} s)")
         entries.append(entry)
+    _rank_deployments(tmp, plan, recommended, feed, budget, log)
     return entries
+
+
+def _tune_one(runtime: str, model: Any, x: np.ndarray, threads: list[int], budget: float) -> Any:
+    from kdedge.bench.tuning import tune_edge
+
+    if runtime in EDGE_FORMATS:
+        return tune_edge(runtime, model, x, threads=threads, budget_s=budget)
+    return tune(model, x, threads=threads, budget_s=budget)
+
+
+def _settings_call(runtime: str, model: Any, x: np.ndarray, settings: dict[str, Any]) -> Callable[[], Any]:
+    if runtime in EDGE_FORMATS:
+        from kdedge.exporters.edge import load_edge
+
+        return load_edge(runtime, model, settings=settings).prepare(x)
+    return settings_call(model, x, settings)
+
+
+def _rank_deployments(tmp: Path, plan: BundlePlan, recommended: dict[str, dict[str, Any]], feed: Callable[[np.ndarray], np.ndarray] | None,
+                      budget: float, log: Callable[[str], None]) -> None:
+    """Every tuned CPU target's recommended artifact, at its tuned settings, timed in one interleaved set: ``deploy_p50_ms``.
+
+    Targets tuned one after another are minutes apart on a machine whose speed drifts; `fastest`
+    ranks the runtimes on this one measurement instead, every one at the deployment's threads.
+    """
+    tuned = {t: rec for t, rec in recommended.items() if "settings" in rec and TARGETS[t][1] == "cpu" and TARGETS[t][0] != "torch"}
+    if len(tuned) < 2:
+        return
+    x = plan.data.test.batch_of(min(rec["batch"] for rec in tuned.values()))
+    calls = {t: _settings_call(TARGETS[t][0], tmp / rec["artifact"], feed(x) if feed is not None else x, rec["settings"])
+             for t, rec in tuned.items()}
+    head = time_within(calls, budget_s=budget * len(calls) / 2, rounds=7)
+    for t, rec in tuned.items():
+        rec["deploy_p50_ms"] = head[t].p50_ms
+    log("tune: the runtimes head to head at their tuned settings: " + ", ".join(f"{t} {head[t].p50_ms:.4f} ms" for t in sorted(tuned, key=lambda t: head[t].p50_ms)))
 
 
 def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, report: dict[str, Any], student_bm: BenchModel,
@@ -996,16 +1050,22 @@ def _unlisted(bundle: Path, listed: set[str]) -> list[str]:
 
 
 def _settings_problems(bundle: Path, manifest: dict[str, Any], *, skip: set[str]) -> list[str]:
-    """Every tuned ``recommended[target]["settings"]`` must open its ONNX artifact, as a consumer applying them would."""
+    """Every tuned ``recommended[target]["settings"]`` must open its artifact in its runtime, as a consumer applying them would
+    (an edge runtime not installed here is left to the smoke run's report)."""
+    from kdedge.exporters.edge import load_edge
     from kdedge.ort import ort_session, session_kwargs
 
     problems = []
     for target, rec in (manifest.get("recommended") or {}).items():
         settings, rel = rec.get("settings"), rec.get("artifact", "")
-        if settings is None or not rel.endswith(".onnx") or rel in skip or not (bundle / rel).is_file():
+        runtime = TARGETS.get(target, ("", ""))[0]
+        if settings is None or rel in skip or not (bundle / rel).is_file():
             continue
         try:
-            ort_session(bundle / rel, **session_kwargs(settings))
+            if rel.endswith(".onnx"):
+                ort_session(bundle / rel, **session_kwargs(settings))
+            elif runtime in EDGE_FORMATS and edge_unavailable(runtime, purpose="run") is None:
+                load_edge(runtime, bundle / rel, settings=settings)
         except KdedgeError as exc:
             problems.append(f"recommended.{target}.settings: {exc}")
     return problems

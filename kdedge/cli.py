@@ -80,7 +80,11 @@ _HELP = {
     "archive": "Also write BUNDLE.tar.gz.",
     "edge": "formats/targets auto also take every installed edge runtime (ExecuTorch, LiteRT, OpenVINO, ORT format): FP32 and INT8 artifacts, "
             "parity-checked and benchmarked against the teacher on each.",
-    "tune_runtime": "Tune each CPU target's runtime settings (threads; onnxruntime graph optimization and execution mode) for the recommended artifact and the teacher, and record the best in the manifest.",
+    "tune_runtime": "Tune each CPU target's runtime settings (threads up to --deploy-threads; onnxruntime's graph optimization and execution mode, "
+                    "OpenVINO's performance hint) for the recommended artifact and the teacher, record the best in the manifest, and rank the "
+                    "runtimes for `fastest` head to head at those settings.",
+    "deploy_threads": "Threads the deployment gives the model: runtime tuning tries thread counts up to it, so `fastest` compares runtimes as they "
+                      "will run.",
     "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs): kdedge search finds the most accurate student within it "
                       "(compress-and-export: measured in onnxruntime on the CPU with --bench-threads, default 1, at batch 1; --student is then ignored).",
     "speedup": "prune: the pruned model's p50 on --target must be this many times faster than the original's (e.g. 4).",

@@ -417,6 +417,11 @@ class CompressConfig(DistillConfig):
     points, and (optionally) the recommended artifact is ``min_speedup``× faster than the teacher
     in eager PyTorch at batch 1.
 
+    ``tune_runtime``: each CPU target's settings (threads up to ``deploy_threads``, the threads the
+    deployment gives the model; onnxruntime's graph optimization and execution mode, OpenVINO's
+    performance hint) are tuned for the recommended artifact and the teacher, and the targets'
+    recommended artifacts are then timed head to head at those settings: ``fastest`` is that ranking.
+
     ``int8``: ``ptq`` calibrates INT8 after training; ``qat`` fine-tunes the distilled student with
     fake quantization and the teacher (``qat_epochs`` at ``qat_lr``, ``qat_scheme``'s quantizer;
     :func:`kdedge.qat_distill`) and builds every INT8 artifact from it; ``auto`` exports PTQ first
@@ -440,6 +445,7 @@ class CompressConfig(DistillConfig):
     archive: bool = False
     edge: bool = False
     tune_runtime: bool = True
+    deploy_threads: int = 1
     latency_budget: float | None = None
     prune: float | None = None
     prune_criterion: str = "auto"
@@ -507,6 +513,8 @@ class CompressConfig(DistillConfig):
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.bench_min_s >= 0:
             p.append(f"bench_min_s must be >= 0, got {self.bench_min_s}")
+        if isinstance(self.deploy_threads, bool) or not isinstance(self.deploy_threads, int) or self.deploy_threads < 1:
+            p.append(f"deploy_threads must be an integer >= 1 (the threads the deployment gives the model), got {self.deploy_threads!r}")
         if not 0 <= self.min_retention <= 2:
             p.append(f"min_retention must be in [0, 2] (student accuracy / teacher accuracy), got {self.min_retention}")
         if not self.max_quant_drop >= 0:

@@ -21,11 +21,12 @@ from conftest import SMALL_BUNDLE
 
 EDGE = tuple(EDGE_FORMATS)
 pytestmark = pytest.mark.edge(*EDGE)
-# One batch size and no runtime tuning: what is checked here is each runtime's artifact, benchmark row and recommendation
-# (tests/test_tuning.py tunes; tests/test_bundle.py times two batch sizes). Every artifact takes the decoded pixels (uint8,
+# One batch size, runtime tuning at the default --deploy-threads 1 (every runtime's settings, then the runtimes head to head):
+# what is checked here is each runtime's artifact, benchmark row, recommendation and tuned settings (tests/test_tuning.py
+# covers the tuning grids; tests/test_bundle.py times two batch sizes). Every artifact takes the decoded pixels (uint8,
 # NHWC) and does the preprocessing in its graph, as edge deployments feed a camera frame: each runtime's parity against the
 # float student on the same images is the export's, below; the float input of each format is tests/test_edge_<format>.py's.
-SMALL = SMALL_BUNDLE | {"edge": True, "batch_sizes": [1], "tune_runtime": False, "input_format": "uint8-nhwc"}
+SMALL = SMALL_BUNDLE | {"edge": True, "batch_sizes": [1], "tune_runtime": True, "input_format": "uint8-nhwc"}
 
 
 def _run(capsys, *args):
@@ -85,8 +86,21 @@ def test_edge_bundle_recommends_per_runtime_and_compares_with_the_teacher_there(
         assert rec["variant"] in (f"{f}-fp32", f"{f}-int8") and rec["p50_ms"] > 0
         same_runtime = [c for c in m["performance"]["comparison"] if c["student_target"] == EDGE_FORMATS[f].target and c["teacher_variant"] == f"{f}-fp32"]
         assert same_runtime and all(c["latency_speedup"] > 1 for c in same_runtime)  # a 1/20-FLOPs student is faster on every runtime
+    # Tuned at the deployment's thread count (--deploy-threads, default 1), each runtime's settings in its own terms; then the
+    # runtimes timed head to head at those settings rank them for `fastest` (issue 27, item 2).
+    tuned = {t["target"]: t for t in m["performance"]["tuned"]}
+    for f in EDGE:
+        target = EDGE_FORMATS[f].target
+        rec = m["recommended"][target]
+        assert rec["settings"] in [r["settings"] for r in rec["tuning"]["rows"]] and rec["tuning"]["runtime"] == f
+        assert {r["settings"].get("threads", r["settings"].get("intra_op_threads")) for r in rec["tuning"]["rows"]} == {1}
+        assert tuned[target]["teacher"]["variant"] == f"{f}-fp32" and tuned[target]["latency_speedup"] > 1 and tuned[target]["seconds"] > 0
+    assert {r["settings"]["performance_hint"] for r in m["recommended"]["openvino-cpu"]["tuning"]["rows"]} == {"LATENCY", "THROUGHPUT"}
     fastest = m["fastest"]
-    assert fastest["target"] in m["recommended"] and fastest["p50_ms"] == min(r["p50_ms"] for r in m["recommended"].values())
+    ranked = {t: r["deploy_p50_ms"] for t, r in m["recommended"].items() if "deploy_p50_ms" in r}
+    assert set(ranked) == {"ort-cpu", *(EDGE_FORMATS[f].target for f in EDGE)}
+    assert fastest["ranked_by"] == "head-to-head at tuned settings" and fastest["p50_ms"] == min(ranked.values()) == ranked[fastest["target"]]
+    assert fastest["threads"] == 1 and all(o["p50_ratio"] >= 1 for o in fastest["others"].values())
     rows = json.loads((edge_bundle / "report.json").read_text())["rows"]
     edge_rows = [r for r in rows if r["target"] in {EDGE_FORMATS[f].target for f in EDGE}]
     assert {r["runtime_version"].split()[0] for r in edge_rows} >= {"executorch", "openvino", "onnxruntime"}

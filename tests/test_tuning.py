@@ -30,6 +30,7 @@ from kdedge.bench.tuning import (
 from kdedge.errors import ConfigError
 from kdedge.exporters.onnx import export_onnx
 from kdedge.ort import EXECUTION_MODES, OPTIMIZATION_LEVELS, ort_session, session_kwargs
+from kdedge.models import ModelSpec, create_model
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,33 @@ def test_bundle_without_tuning(tmp_path, monkeypatch):
     m = json.loads((out / "manifest.json").read_text())
     assert "settings" not in m["recommended"]["ort-cpu"] and "tuned" not in m["performance"] and "tune" not in m["timings_s"]
     assert "tune_runtime: false" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.edge("executorch", "litert", "openvino", "ort")
+@pytest.mark.parametrize("name, keys, size", [("executorch", {"threads"}, 2), ("litert", {"threads"}, 2),
+                                              ("openvino", {"threads", "performance_hint"}, 4),
+                                              ("ort", {"intra_op_threads", "graph_optimization_level", "execution_mode"}, 4)])
+def test_tune_edge_covers_each_runtimes_settings_and_they_reach_its_session(tmp_path, name, keys, size):
+    """Issue 27, item 2: each edge runtime tuned in its own terms, timed interleaved; the chosen settings open the artifact."""
+    from kdedge.bench.tuning import tune_edge
+    from kdedge.exporters.edge import EDGE_FORMATS, load_edge
+    from kdedge.search.latency import LatencyMeter
+
+    torch.manual_seed(0)
+    spec = ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28))
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    path = LatencyMeter(x, num_classes=10, target=EDGE_FORMATS[name].target).artifact(create_model(spec).eval(), spec, tmp_path)
+    r = tune_edge(name, path, x[:1], threads=[1, 2], budget_s=0.3, rounds=2)
+    assert r.runtime == name and len(r.rows) == size and all(set(row["settings"]) == keys for row in r.rows)
+    assert r.best in [row["settings"] for row in r.rows] and r.p50_ms > 0
+    session = load_edge(name, path, settings=r.best)
+    assert session.threads == r.best.get("threads", r.best.get("intra_op_threads"))
+    np.testing.assert_allclose(session.run(x[:1]), load_edge(name, path).run(x[:1]), rtol=1e-5, atol=1e-5)  # timed at batch 1: its artifact's batch
+
+
+def test_edge_settings_a_runtime_does_not_take_are_one_clear_error(tmp_path):
+    from kdedge.exporters.edge import edge_session_kwargs
+
+    with pytest.raises(ConfigError, match="LiteRT \\(TFLite\\) settings take threads; not performance_hint"):
+        edge_session_kwargs("litert", {"threads": 1, "performance_hint": "LATENCY"})
+    assert edge_session_kwargs("ort", {"intra_op_threads": 1, "execution_mode": "parallel"}) == {"threads": 1, "execution_mode": "parallel"}

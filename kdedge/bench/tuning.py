@@ -34,7 +34,7 @@ from kdedge.bench.runners import OrtRunner, TorchRunner
 from kdedge.bench.timing import LatencyStats, measure_interleaved
 from kdedge.errors import ConfigError
 
-__all__ = ["TuneResult", "available_cores", "default_threads", "settings_call", "time_within", "tune", "tune_onnx", "tune_torch"]
+__all__ = ["TuneResult", "available_cores", "default_threads", "settings_call", "time_within", "tune", "tune_edge", "tune_onnx", "tune_torch"]
 
 _LEVELS = ("basic", "extended", "all")
 _SCREEN = 2.0  # a first block this many times the fastest one's is out: drift on a shared machine stays well inside it
@@ -46,7 +46,7 @@ class TuneResult:
     """The settings tried on one model at one batch size, and the one chosen.
 
     Attributes:
-        runtime: ``onnxruntime`` or ``torch``.
+        runtime: ``onnxruntime``, ``torch``, or an edge format (``executorch``, ``litert``, ``openvino``, ``ort``).
         best: The chosen settings (``ort_session`` via ``kdedge.ort.session_kwargs``, or ``{"threads": n}`` for torch).
         p50_ms: The chosen settings' p50 (the median of its per-block medians).
         p90_ms: The chosen settings' p90 over all its samples.
@@ -169,6 +169,37 @@ def tune_torch(module: nn.Module, inputs: np.ndarray, *, threads: Sequence[int] 
     return _choose("torch", grid, _screened(calls, budget_s, rounds), len(inputs), tie)
 
 
+def tune_edge(name: str, path: str | Path, inputs: np.ndarray, *, threads: Sequence[int] | None = None, budget_s: float = 2.0, rounds: int = 5,
+              tie: float = 0.03) -> TuneResult:
+    """The fastest settings of an edge artifact in its own runtime (:func:`kdedge.exporters.edge.load_edge`) on ``inputs``.
+
+    The grid: ExecuTorch's XNNPACK and LiteRT, the thread count; OpenVINO, the thread count and the
+    performance hint (LATENCY: one stream; THROUGHPUT: the plugin's streams); the ORT format,
+    onnxruntime's thread count and execution mode (its graph was optimized when it was written).
+    Every session of the grid is opened at once and timed interleaved, like :func:`tune_onnx`
+    (ExecuTorch's one thread pool is switched at the start of each block, in its untimed calls).
+    Arguments as :func:`tune_onnx`; the tie rule also prefers OpenVINO's LATENCY hint.
+    """
+    from kdedge.exporters.edge import edge_format, load_edge
+
+    fmt = edge_format(name)
+    counts = _thread_counts(threads)
+    _check_knobs(budget_s, rounds, tie)
+    if fmt.name == "openvino":
+        grid = [{"threads": t, "performance_hint": h} for t in counts for h in ("LATENCY", "THROUGHPUT")]
+    elif fmt.name == "ort":
+        grid = [{"intra_op_threads": t, "graph_optimization_level": "all", "execution_mode": m} for t in counts for m in _MODES]
+    else:
+        grid = [{"threads": t} for t in counts]
+    calls = {}
+    for s in grid:
+        session = load_edge(fmt.name, path, settings=s)
+        if session.fixed_batch is not None and session.fixed_batch != len(inputs):
+            raise ConfigError(f"{Path(path).name} takes a fixed batch of {session.fixed_batch}; tune it at that batch, not {len(inputs)}")
+        calls[_name(s)] = session.prepare(inputs)
+    return _choose(fmt.name, grid, _screened(calls, budget_s, rounds), len(inputs), tie)
+
+
 def tune(model: str | Path | nn.Module, inputs: np.ndarray, **kwargs: Any) -> TuneResult:
     """:func:`tune_onnx` for an ONNX file path, :func:`tune_torch` for a torch module."""
     if isinstance(model, nn.Module):
@@ -193,7 +224,8 @@ def _choose(runtime: str, grid: list[dict[str, Any]], timed: dict[str, tuple[Lat
     full = [r for r in rows if r["rounds"] == max(r["rounds"] for r in rows)]
     fastest = min(r["p50_ms"] for r in full)
     within = [r for r in full if r["p50_ms"] <= fastest * (1 + tie)]
-    best = min(within, key=lambda r: (r["settings"].get("execution_mode", "sequential") != "sequential", _threads_of(r["settings"]), r["p50_ms"]))
+    best = min(within, key=lambda r: (r["settings"].get("execution_mode", "sequential") != "sequential",
+                                      r["settings"].get("performance_hint", "LATENCY") != "LATENCY", _threads_of(r["settings"]), r["p50_ms"]))
     return TuneResult(runtime=runtime, best=dict(best["settings"]), p50_ms=best["p50_ms"], p90_ms=best["p90_ms"], rows=rows, batch=batch,
                       cores=available_cores(), tie=tie)
 

@@ -32,8 +32,8 @@ from kdedge.exporters.onnx import plain_strides
 from kdedge.data.pixels import inner_model
 from kdedge.models.qat import QATModel
 
-__all__ = ["EDGE_FORMATS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict", "edge_unavailable", "export_edge", "load_edge",
-           "read_sidecar", "sidecar_batch", "sidecar_path", "write_sidecar"]
+__all__ = ["EDGE_FORMATS", "EDGE_SETTINGS", "EdgeFormat", "EdgeSession", "artifact_bytes", "artifact_files", "edge_format", "edge_predict",
+           "edge_session_kwargs", "edge_unavailable", "export_edge", "load_edge", "read_sidecar", "sidecar_batch", "sidecar_path", "write_sidecar"]
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,28 @@ def export_edge(
         raise ExportError(f"{fmt.title} export of {out.name} failed ({cause(exc)}); kdedge --debug shows where") from exc
 
 
-def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> EdgeSession:
-    """Open ``path`` in format ``name``'s runtime, with ``threads`` threads (None: the runtime's default).
+#: The settings each runtime's sessions take (a bundle's ``recommended[target]["settings"]``, found by
+#: :func:`kdedge.bench.tuning.tune_edge`): ORT format's are onnxruntime's (:func:`kdedge.ort.session_kwargs`).
+EDGE_SETTINGS: dict[str, tuple[str, ...]] = {"executorch": ("threads",), "litert": ("threads",), "openvino": ("threads", "performance_hint"),
+                                             "ort": ("intra_op_threads", "graph_optimization_level", "execution_mode")}
+
+
+def edge_session_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of format ``name``'s session for a settings dict (:data:`EDGE_SETTINGS`); ConfigError for a key it does not take."""
+    allowed = EDGE_SETTINGS[edge_format(name).name]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{edge_format(name).title} settings take {', '.join(allowed)}; not {', '.join(unknown)}")
+    if name == "ort":
+        from kdedge.ort import session_kwargs
+
+        return session_kwargs(settings)
+    return dict(settings)
+
+
+def load_edge(name: str, path: str | Path, *, threads: int | None = None, settings: dict[str, Any] | None = None) -> EdgeSession:
+    """Open ``path`` in format ``name``'s runtime, with ``threads`` threads (None: the runtime's default), or with ``settings``
+    (:data:`EDGE_SETTINGS`: a tuned thread count, OpenVINO's performance hint, the ORT format's session options), which win.
 
     ExecuTorch has one thread pool per process: a session opened with ``threads`` replaces it
     (through ExecuTorch's private ``_unsafe_reset_threadpool``), and methods loaded before by code
@@ -234,9 +254,10 @@ def load_edge(name: str, path: str | Path, *, threads: int | None = None) -> Edg
         ExportError: The file cannot be loaded (truncated, corrupt, another format).
     """
     fmt = edge_format(name)
+    kwargs = {"threads": threads} | (edge_session_kwargs(name, settings) if settings else {})
     backend = _backend(fmt, "run")
     try:
-        return backend.Session(Path(path), threads=threads)
+        return backend.Session(Path(path), **kwargs)
     except KdedgeError:
         raise
     except Exception as exc:  # a runtime refusing a file in a way its backend did not expect: still one line

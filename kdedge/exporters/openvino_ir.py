@@ -91,10 +91,20 @@ def _first_line(exc: BaseException) -> str:
     return ((reasons or lines or [type(exc).__name__])[-1 if reasons else 0])[:300]
 
 
-def _config(threads: int | None) -> dict[str, str]:
+#: ``PERFORMANCE_HINT`` values a session may ask for: LATENCY (one stream: one request uses all its threads, kdedge's default)
+#: or THROUGHPUT (the plugin picks the streams: several requests at once; a batch-1 caller waits on one of them).
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+def _config(threads: int | None, performance_hint: str = "LATENCY") -> dict[str, str]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise ConfigError(f"OpenVINO: threads {threads!r} is not a thread count; pass an integer >= 1 (0 or None: OpenVINO's choice)")
-    return COMPILE_CONFIG | ({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})
+    if performance_hint not in PERFORMANCE_HINTS:
+        raise ConfigError(f"OpenVINO: performance_hint {performance_hint!r} is not one of {', '.join(PERFORMANCE_HINTS)}")
+    config = COMPILE_CONFIG | ({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})
+    if performance_hint != "LATENCY":
+        config = {k: v for k, v in config.items() if k != "NUM_STREAMS"} | {"PERFORMANCE_HINT": performance_hint}
+    return config
 
 
 def export(*, out: Path, precision: str, model: nn.Module | None, onnx: Path | None, input_shape: tuple[int, ...],
@@ -188,9 +198,9 @@ def _save(ov, ir, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile(core, path: Path, *, threads: int | None):
+def _compile(core, path: Path, *, threads: int | None, performance_hint: str = "LATENCY"):
     """``path`` read and compiled for the CPU with :data:`COMPILE_CONFIG`; ExportError naming the file when it cannot be."""
-    config = _config(threads)
+    config = _config(threads, performance_hint)
     ir = _read_ir(core, path)
     try:
         return core.compile_model(ir, "CPU", config)
@@ -240,10 +250,10 @@ class Session:
 
     max_batch: int | None = None
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, performance_hint: str = "LATENCY") -> None:
         ov = _openvino()
-        self.path, self.threads = Path(path), threads or None
-        self._compiled = _compile(ov.Core(), self.path, threads=threads)
+        self.path, self.threads, self.performance_hint = Path(path), threads or None, performance_hint
+        self._compiled = _compile(ov.Core(), self.path, threads=threads, performance_hint=performance_hint)
         shape = self._compiled.inputs[0].get_partial_shape()
         self.fixed_batch: int | None = shape[0].get_length() if shape[0].is_static else None
         self._sample = tuple(d.get_length() if d.is_static else None for d in list(shape)[1:])

@@ -153,7 +153,7 @@ def _write_config(produced: Path, dest: Path, artifact: str) -> dict[str, dict[s
     return {domain: dict(sorted(ops.items())) for domain, ops in sorted(operators.items())}
 
 
-def _load(path: Path, threads: int | None):
+def _load(path: Path, threads: int | None, **options: str):
     """An ``InferenceSession`` on an ORT format file; ExportError naming the file when it is not one onnxruntime can load."""
     from kdedge.ort import ort_session, ort_version
 
@@ -162,7 +162,7 @@ def _load(path: Path, threads: int | None):
     if not path.is_file():
         raise ExportError(f"{path}: no such ORT format file; export it first (kdedge export --format ort)")
     try:
-        return ort_session(path, threads=threads)
+        return ort_session(path, threads=threads, **options)
     except ExportError as exc:
         raise ExportError(f"{path}: onnxruntime {ort_version()} cannot load it as an ORT format model ({first_line(exc.__cause__ or exc)}); "
                           "is it truncated or corrupt, or written by a newer onnxruntime? export it again") from exc
@@ -173,11 +173,11 @@ class Session:
 
     max_batch: int | None = None
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, optimization: str = "all", execution_mode: str = "sequential") -> None:
         from kdedge.ort import fixed_batch, input_dtype, ort_version
 
         self.path, self.threads = Path(path), threads or None
-        self.session = _load(self.path, threads)
+        self.session = _load(self.path, threads, optimization=optimization, execution_mode=execution_mode)
         self.runtime = f"onnxruntime {ort_version()} ORT format"
         self.fixed_batch: int | None = fixed_batch(self.session)
         inp = self.session.get_inputs()[0]
