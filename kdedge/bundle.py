@@ -151,8 +151,8 @@ def fastest_target(recommended: dict[str, dict[str, Any]]) -> dict[str, Any] | N
     p50, target = ranked[0]
     rec = recommended[target]
 
-    def threads(r: dict[str, Any]) -> Any:
-        s = r.get("settings") or {}
+    def threads(r: dict[str, Any]) -> Any:  # the threads its p50 was measured at: the tuned settings' head to head, else the benchmark's
+        s = (r.get("settings") or {}) if key == "deploy_p50_ms" else {}
         return s.get("threads", s.get("intra_op_threads", r.get("threads")))
 
     return {"target": target, "variant": rec["variant"], "artifact": rec["artifact"], "p50_ms": p50, "threads": threads(rec),
@@ -781,11 +781,11 @@ def _tune_targets(tmp: Path, plan: BundlePlan, student: nn.Module, recommended: 
     from one interleaved measurement of both at their best settings, so machine drift between the
     two tunings cannot tilt it. Each entry records the seconds its tuning took (``seconds``).
     """
-    from kdedge.bench.tuning import default_threads
+    from kdedge.bench.tuning import available_cores, default_threads
 
     config, teacher = plan.config, plan.teacher_bench
     budget = max(0.5, 4 * config.bench_min_s)  # per model: a few benchmark measurements' worth
-    threads = [t for t in default_threads() if t <= config.deploy_threads] or [1]
+    threads = sorted({t for t in default_threads() if t <= config.deploy_threads} | {min(config.deploy_threads, available_cores())})
     entries = []
     for target in plan.targets:
         t0 = time.perf_counter()

@@ -105,7 +105,8 @@ class _Cost:
         if todo and self.meter is None:
             measured = {n: float(count_flops(m, self.shape)) for n, m in todo.items()}
         elif todo:
-            timed = self.meter.measure({n: self._spec for n in todo}, modules=todo, exporter="dynamo" if shipped else "torchscript")
+            timed = self.meter.measure({n: self._spec for n in todo}, modules=todo, exporter="dynamo" if shipped else "torchscript",
+                                       remeasure=False)  # the models of one set are compared with each other: keep them together
             measured = {n: float(r["ratio"]) for n, r in timed.items()}
         else:
             measured = {}

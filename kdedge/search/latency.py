@@ -213,17 +213,19 @@ class LatencyMeter:
 
     def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
                 files: dict[str, Path] | None = None, exporter: str | None = None, fresh: bool = False,
-                rounds: int | None = None) -> dict[str, dict[str, Any]]:
+                rounds: int | None = None, remeasure: bool = True) -> dict[str, dict[str, Any]]:
         """Name -> ``{"p50_ms", "p90_ms", "ratio", "p90_ratio", "spread", "p50_range_ms", "remeasured", "cached"}``.
 
         ``ratio`` is the median over the rounds of the model's block p50 ÷ the anchor's in the same round (the
         same group); ``spread`` is how much those per-round ratios vary (p90 − p10 over the median) and
         ``p50_range_ms`` their p10 and p90 on the run's scale. A model measured with a spread over :attr:`UNSTEADY` is
-        measured again (``remeasured``). ``modules`` times already built modules (a teacher) instead of building
+        measured again (``remeasured``; ``remeasure=False`` leaves it, for callers that compare the models of one group with
+        each other, as pruning does). ``modules`` times already built modules (a teacher) instead of building
         ``specs[name]``; ``files`` times ONNX files as they are (an ONNX teacher, ``ort-cpu`` only). Neither is cached.
         ``exporter`` overrides the meter's for these models (the anchor keeps the meter's). ``fresh`` ignores the cache
-        (a head-to-head re-timing: models that fit one group are timed together; what it measures replaces the cached
-        entries), and ``rounds`` overrides the meter's blocks per model.
+        (a head-to-head re-timing: models that fit one group are timed together; a decision-time measurement, not
+        stored), and ``rounds`` overrides the meter's blocks per model. A cached entry that was unsteady and never
+        measured again (a run killed between the two) is measured again, not trusted.
         """
         exporter = exporter or self.exporter
         if exporter not in ("dynamo", "torchscript"):
@@ -233,21 +235,21 @@ class LatencyMeter:
         if files and (self.target != "ort-cpu" or self.precision != "fp32"):
             raise ConfigError(f"an ONNX file can only be timed on ort-cpu at fp32, not {self.target} at {self.precision}")
         given = modules.keys() | files.keys()
-        cacheable = {n for n in specs if self.cache is not None and n not in given and exporter == "torchscript"}
+        cacheable = {n for n in specs if self.cache is not None and n not in given and exporter == "torchscript" and not fresh}
         ratios: dict[str, dict[str, Any]] = {}
         todo = []
         for name, spec in specs.items():
-            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if name in cacheable and not fresh else None  # type: ignore[union-attr]
-            if hit is not None and "ratio" in hit:
+            hit = self.cache.get(LatencyCache.key(name, spec.num_classes, spec.input_shape)) if name in cacheable else None  # type: ignore[union-attr]
+            if hit is not None and "ratio" in hit and not (hit.get("spread", 0.0) > self.UNSTEADY and not hit.get("remeasured")):
                 ratios[name] = hit | {"cached": True}
             else:
                 todo.append(name)
-        measured = self._measure_groups(todo, specs, modules, files, exporter, rounds)
-        unsteady = [n for n in todo if measured[n]["spread"] > self.UNSTEADY]
+        measured = self._measure_groups(todo, specs, modules, files, exporter, rounds, cacheable)
+        unsteady = [n for n in todo if measured[n]["spread"] > self.UNSTEADY] if remeasure else []
         if unsteady:
             self.log(f"search: {len(unsteady)} unsteady measurement(s) timed again ({', '.join(unsteady)}: per-round spread "
                      f"{', '.join(format(measured[n]['spread'], '.0%') for n in unsteady)})")
-            again = self._measure_groups(unsteady, specs, modules, files, exporter, rounds)
+            again = self._measure_groups(unsteady, specs, modules, files, exporter, rounds, cacheable)
             for n in unsteady:
                 measured[n] = _pooled(measured[n], again[n])
         for n in todo:
@@ -266,10 +268,10 @@ class LatencyMeter:
         return out
 
     def _measure_groups(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module], files: dict[str, Path],
-                        exporter: str, rounds: int | None) -> dict[str, dict[str, Any]]:
+                        exporter: str, rounds: int | None, cacheable: set[str]) -> dict[str, dict[str, Any]]:
         step, out = self.group - 1, {}
         for start in range(0, len(names), step):
-            out |= self._measure_group(names[start : start + step], specs, modules, files, exporter, rounds)
+            out |= self._measure_group(names[start : start + step], specs, modules, files, exporter, rounds, cacheable)
         return out
 
     def _runner(self, spec: ModelSpec, module: nn.Module | None, path: Path, file: Path | None, exporter: str) -> Callable[[], Any]:
@@ -352,7 +354,8 @@ class LatencyMeter:
         return run
 
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
-                       files: dict[str, Path], exporter: str | None = None, rounds: int | None = None) -> dict[str, dict[str, Any]]:
+                       files: dict[str, Path], exporter: str | None = None, rounds: int | None = None,
+                       cacheable: set[str] = frozenset()) -> dict[str, dict[str, Any]]:  # type: ignore[assignment]
         exporter = exporter or self.exporter
         t0 = time.perf_counter()
         torch_threads = torch.get_num_threads()  # a torch-cpu runner sets the deployment's; training must get its own back
@@ -374,9 +377,9 @@ class LatencyMeter:
             out[name] = {"ratio": float(np.median(per_round)), "p90_ratio": stats[str(i)].p90_ms / anchor, "rounds": [round(float(r), 5) for r in per_round],
                          "spread": _spread(per_round), "raw_p50_ms": stats[str(i)].p50_ms, "anchor_p50_ms": anchor,
                          "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            if self.cache is not None and name not in modules and name not in files and exporter == "torchscript":
+            if self.cache is not None and name in cacheable:
                 self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), out[name])
-        if self.cache is not None and names:
+        if self.cache is not None and cacheable & set(names):
             self.cache.save()  # after every group: a killed search keeps what it measured
         if names:
             self.log(f"search: timed {len(names)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "

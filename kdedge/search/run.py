@@ -27,7 +27,8 @@ from torch import nn
 from kdedge._fs import Claim, claim_workdir
 from kdedge._version import __version__
 from kdedge.bench.env import capture_environment
-from kdedge.bench.runners import target_available
+from kdedge.bench.runners import TARGETS, target_available
+from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable
 from kdedge.config import DistillConfig, SearchConfig
 from kdedge.data.normalization import Normalization
 from kdedge.data.sources import hold_out
@@ -156,6 +157,9 @@ def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: 
     device = resolve_device(config.device)  # everything that can fail on bad input fails before OUT is written
     if why := target_available(config.target):  # a CUDA target without a GPU, an edge runtime not installed
         raise BackendUnavailable(f"--target {why}")
+    runtime = TARGETS[config.target][0]
+    if runtime in EDGE_FORMATS and (why := edge_unavailable(runtime, purpose="export")):  # every candidate is exported to it
+        raise BackendUnavailable(f"--target {config.target}: {why}")
     with FrozenTeacher(teacher, device=device, channels_last=config.channels_last,
                        input_map=teacher_input_map(config, teacher_input, data.spec)) as frozen:
         inputs = data.test.batch_of(max(config.target_batch, LatencyMeter.CALIBRATION if config.target_precision == "int8" else 1))
@@ -261,7 +265,7 @@ def _finish(record: SearchRecord, finalists: list[str], out: Path, log: Callable
     record.save()
     plot(record, out / "accuracy_vs_latency.png", budget)
     log(f"search: {winner} — val {fin[winner]['val_accuracy']:.4f}, test {fin[winner]['test_accuracy']:.4f}, "
-        f"p50 {record.candidates[winner]['p50_ms']:.4f} ms (budget {budget:.4f} ms); wrote {out}")
+        f"p50 {record.data['winner_p50_ms']:.4f} ms (budget {budget:.4f} ms); wrote {out}")
     return winner
 
 
