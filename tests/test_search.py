@@ -500,3 +500,34 @@ def test_the_pick_is_the_most_accurate_finalist_within_budget_on_its_retiming():
     assert pick(["a", "b", "c"], acc, searched, {}, 0.01) == "a"
     assert pick(["a", "b", "c"], acc, searched, {"a": 0.011, "b": 0.0095, "c": 0.0099}, 0.01) == "c"  # a is over; b and c tie: the faster searched
     assert pick(["a", "b", "c"], acc, searched, {"a": 0.012, "b": 0.013, "c": 0.011}, 0.01) == "c"  # none within: the fastest re-timed
+
+
+class _DataDependent(nn.Module):
+    """A branch on the input's values: torch.export (and so ExecuTorch's lowering) refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y if float(y.sum()) > 0 else -y
+
+
+@pytest.mark.edge("executorch")
+def test_a_candidate_the_converter_refuses_is_recorded_not_fatal(tmp_path):
+    """Found in review: on ExecuTorch or LiteRT one candidate the converter refused stopped the whole search (and its --resume).
+    With failures="record" (what a search asks for) it comes back with the converter's reason, and the others are timed."""
+    from kdedge.errors import KdedgeError
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    specs = {n: ModelSpec("mlp", 0.5, 10, (1, 28, 28)) for n in ("ok", "bad")}
+    torch.manual_seed(0)
+    modules = {"ok": create_model(specs["ok"]).eval(), "bad": _DataDependent().eval()}
+    lines = []
+    meter = LatencyMeter(x, num_classes=10, target="executorch-cpu", rounds=2, log=lines.append)
+    lat = meter.measure(specs, modules=modules, failures="record")
+    assert lat["ok"]["p50_ms"] > 0 and set(lat["bad"]) == {"error", "cached"} and "ExecuTorch" in lat["bad"]["error"]
+    assert any(line.startswith("search: bad cannot be timed on executorch-cpu fp32") for line in lines)
+    with pytest.raises(KdedgeError):  # the default: a caller that needs every number (pruning) is told
+        meter.measure({"bad": specs["bad"]}, modules={"bad": modules["bad"]})

@@ -48,7 +48,7 @@ from kdedge.bench.env import capture_environment
 from kdedge.bench.runners import TARGETS, make_runner
 from kdedge.bench.timing import measure_interleaved
 from kdedge.config import TARGET_PRECISIONS
-from kdedge.errors import ConfigError
+from kdedge.errors import ConfigError, KdedgeError
 from kdedge.exporters.edge import EDGE_FORMATS
 from kdedge.models import ModelSpec, create_model
 
@@ -192,6 +192,8 @@ class LatencyMeter:
         self.anchor_samples: list[float] = []
         self._work = tempfile.TemporaryDirectory(prefix="kdedge-search-")  # removed with the meter
         self._anchor: Callable[[], Any] | None = None
+        self._failed: dict[str, str] = {}  # models measure(failures="record") could not time, and why
+        self._record_failures = False
 
     #: Inputs an INT8 timing calibrates on: the kernels timed are the same whatever the scales, so a few suffice.
     CALIBRATION = 32
@@ -213,7 +215,7 @@ class LatencyMeter:
 
     def measure(self, specs: dict[str, ModelSpec], *, modules: dict[str, nn.Module] | None = None,
                 files: dict[str, Path] | None = None, exporter: str | None = None, fresh: bool = False,
-                rounds: int | None = None, remeasure: bool = True) -> dict[str, dict[str, Any]]:
+                rounds: int | None = None, remeasure: bool = True, failures: str = "raise") -> dict[str, dict[str, Any]]:
         """Name -> ``{"p50_ms", "p90_ms", "ratio", "p90_ratio", "spread", "p50_range_ms", "remeasured", "cached"}``.
 
         ``ratio`` is the median over the rounds of the model's block p50 ÷ the anchor's in the same round (the
@@ -225,8 +227,13 @@ class LatencyMeter:
         ``exporter`` overrides the meter's for these models (the anchor keeps the meter's). ``fresh`` ignores the cache
         (a head-to-head re-timing: models that fit one group are timed together; a decision-time measurement, not
         stored), and ``rounds`` overrides the meter's blocks per model. A cached entry that was unsteady and never
-        measured again (a run killed between the two) is measured again, not trusted.
+        measured again (a run killed between the two) is measured again, not trusted. A model that cannot be made into the
+        target's file (a converter refusing it) raises its KdedgeError with ``failures="raise"``; with ``failures="record"``
+        its entry is ``{"error": why, "cached": False}`` and the others are timed (a search drops that candidate instead of
+        stopping).
         """
+        if failures not in ("raise", "record"):
+            raise ValueError(f"failures must be 'raise' or 'record', got {failures!r}")
         exporter = exporter or self.exporter
         if exporter not in ("dynamo", "torchscript"):
             raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
@@ -244,7 +251,13 @@ class LatencyMeter:
                 ratios[name] = hit | {"cached": True}
             else:
                 todo.append(name)
-        measured = self._measure_groups(todo, specs, modules, files, exporter, rounds, cacheable)
+        self._failed, self._record_failures = {}, failures == "record"
+        try:
+            measured = self._measure_groups(todo, specs, modules, files, exporter, rounds, cacheable)
+        finally:
+            self._record_failures = False
+        failed, self._failed = self._failed, {}
+        todo = [n for n in todo if n not in failed]
         unsteady = [n for n in todo if measured[n]["spread"] > self.UNSTEADY] if remeasure else []
         if unsteady:
             self.log(f"search: {len(unsteady)} unsteady measurement(s) timed again ({', '.join(unsteady)}: per-round spread "
@@ -265,7 +278,7 @@ class LatencyMeter:
             out[n] = {"p50_ms": r["ratio"] * anchor, "p90_ms": r["p90_ratio"] * anchor, "ratio": r["ratio"], "p90_ratio": r["p90_ratio"],
                       "spread": r.get("spread", 0.0), "p50_range_ms": [float(q) * anchor for q in np.percentile(per_round, [10, 90])],
                       "remeasured": bool(r.get("remeasured")), "cached": r["cached"]}
-        return out
+        return out | {n: {"error": why, "cached": False} for n, why in failed.items()}
 
     def _measure_groups(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module], files: dict[str, Path],
                         exporter: str, rounds: int | None, cacheable: set[str]) -> dict[str, dict[str, Any]]:
@@ -364,15 +377,23 @@ class LatencyMeter:
                 if self._anchor is None:
                     self._anchor = self._runner(self.anchor_spec, None, Path(self._work.name) / "anchor.onnx", None, self.exporter)
                 fns = {"0": self._anchor}
+                timed = []
                 for i, name in enumerate(names, start=1):
-                    fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name), exporter)
+                    try:
+                        fns[f"{i}"] = self._runner(specs[name], modules.get(name), Path(work) / f"{i}.onnx", files.get(name), exporter)
+                        timed.append((i, name))
+                    except KdedgeError as exc:
+                        if not self._record_failures:
+                            raise
+                        self._failed[name] = str(exc)
+                        self.log(f"search: {name} cannot be timed on {self.target} {self.precision}: {exc}")
                 stats = measure_interleaved(fns, rounds=rounds or self.rounds)
         finally:
             torch.set_num_threads(torch_threads)
         anchor = stats["0"].p50_ms
         self.anchor_samples.append(anchor)
         out = {}
-        for i, name in enumerate(names, start=1):
+        for i, name in timed:
             per_round = np.asarray(stats[str(i)].blocks_ms) / np.asarray(stats["0"].blocks_ms)  # paired: the same round, the same drift
             out[name] = {"ratio": float(np.median(per_round)), "p90_ratio": stats[str(i)].p90_ms / anchor, "rounds": [round(float(r), 5) for r in per_round],
                          "spread": _spread(per_round), "raw_p50_ms": stats[str(i)].p50_ms, "anchor_p50_ms": anchor,
@@ -381,8 +402,8 @@ class LatencyMeter:
                 self.cache.put(LatencyCache.key(name, specs[name].num_classes, specs[name].input_shape), out[name])
         if self.cache is not None and cacheable & set(names):
             self.cache.save()  # after every group: a killed search keeps what it measured
-        if names:
-            self.log(f"search: timed {len(names)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
+        if timed:
+            self.log(f"search: timed {len(timed)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
                      f"batch {self.batch}) in {time.perf_counter() - t0:.1f} s")
         return out
 

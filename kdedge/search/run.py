@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import time
@@ -185,7 +186,7 @@ def _search(teacher: nn.Module, data: DataSplits, *, config: SearchConfig, out: 
         # 2. Proxy: a short distillation of each survivor, slowest (most capacity) first, until the time budget says stop;
         #    then the zoo's students over budget, so the searched front can be compared with them.
         proxy = Proxy(frozen, data, config, record, log)
-        references = [n for n, origin in names if origin == "zoo" and n not in survivors]
+        references = [n for n, origin in names if origin == "zoo" and n not in survivors and "p50_ms" in record.candidates[n]]
         proxy.rank(sorted(survivors, key=lambda nm: -record.candidates[nm]["p50_ms"]) + references, specs)
 
         # 2b. Evolution: neighbours of the best-ranked searched students, timed and ranked like the rest, while time allows.
@@ -344,13 +345,18 @@ def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: Search
     """Time ``names`` (cache first), record p50/p90 and the over-budget ones; returns those within budget."""
     budget = float(config.latency_budget)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    latencies = meter.measure({n: specs[n] for n in names})
+    latencies = meter.measure({n: specs[n] for n in names}, failures="record")  # one the converter refuses is dropped, not fatal
     record.data["timing_seconds"] += time.perf_counter() - t0
     record.data["anchor"] = {"name": ANCHOR, "p50_ms": meter.anchor_p50_ms, "groups": len(meter.anchor_samples),
                              "spread": [min(meter.anchor_samples), max(meter.anchor_samples)]}
     record.data["timing_cache_hits"] += sum(v["cached"] for v in latencies.values())
     for n, lat in latencies.items():
         c = record.candidates[n]
+        if "error" in lat:
+            for key in ("p50_ms", "p90_ms", "vs_anchor", "vs_anchor_p90", "latency_spread", "latency_cached"):
+                c.pop(key, None)
+            c["dropped"] = f"cannot be timed on {config.target} {config.target_precision}: {lat['error']}"
+            continue
         c.update({"p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "vs_anchor": lat["ratio"], "vs_anchor_p90": lat["p90_ratio"],
                   "latency_spread": lat["spread"], "latency_cached": lat["cached"]})
         if lat["remeasured"]:
@@ -359,7 +365,7 @@ def _time_and_mark(names: list[str], specs: dict[str, ModelSpec], record: Search
         if lat["p50_ms"] > budget:
             c["dropped"] = f"over budget: p50 {lat['p50_ms']:.4f} ms > {budget:.4f} ms"
     record.save()
-    return [n for n in names if record.candidates[n]["p50_ms"] <= budget]
+    return [n for n in names if record.candidates[n].get("p50_ms", math.inf) <= budget]
 
 
 def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, meter: LatencyMeter, config: SearchConfig,
@@ -379,7 +385,7 @@ def _evolve(specs: dict[str, ModelSpec], record: SearchRecord, proxy: Proxy, met
             if not proxy.time_left(extra=config.children):
                 log(f"search: evolution stops after {g} generation(s): the time budget is spent")
                 break
-            parents = sorted((n for n in cands if cands[n]["origin"] != "zoo" and cands[n]["p50_ms"] <= budget and "proxy_val_accuracy" in cands[n]),
+            parents = sorted((n for n in cands if cands[n]["origin"] != "zoo" and "proxy_val_accuracy" in cands[n] and cands[n]["p50_ms"] <= budget),
                              key=lambda n: -cands[n]["proxy_val_accuracy"])[:5]
             if not parents:
                 break
