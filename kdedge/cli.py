@@ -81,7 +81,7 @@ _HELP = {
     "edge": "formats/targets auto also take every installed edge runtime (ExecuTorch, LiteRT, OpenVINO, ORT format): FP32 and INT8 artifacts, "
             "parity-checked and benchmarked against the teacher on each.",
     "tune_runtime": "Tune each CPU target's runtime settings (threads up to --deploy-threads; onnxruntime's graph optimization and execution mode, "
-                    "OpenVINO's performance hint) for the recommended artifact and the teacher, record the best in the manifest, and rank the "
+                    "OpenVINO's threads at its LATENCY hint) for the recommended artifact and the teacher, record the best in the manifest, and rank the "
                     "runtimes for `fastest` head to head at those settings.",
     "deploy_threads": "Threads the deployment gives the model: runtime tuning tries thread counts up to it, so `fastest` compares runtimes as they "
                       "will run.",

@@ -418,8 +418,7 @@ class CompressConfig(DistillConfig):
     in eager PyTorch at batch 1.
 
     ``tune_runtime``: each CPU target's settings (threads up to ``deploy_threads``, the threads the
-    deployment gives the model; onnxruntime's graph optimization and execution mode, OpenVINO's
-    performance hint) are tuned for the recommended artifact and the teacher, and the targets'
+    deployment gives the model; onnxruntime's graph optimization and execution mode) are tuned for the recommended artifact and the teacher, and the targets'
     recommended artifacts are then timed head to head at those settings: ``fastest`` is that ranking.
 
     ``int8``: ``ptq`` calibrates INT8 after training; ``qat`` fine-tunes the distilled student with

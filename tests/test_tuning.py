@@ -240,7 +240,7 @@ def test_bundle_without_tuning(tmp_path, monkeypatch):
 
 @pytest.mark.edge("executorch", "litert", "openvino", "ort")
 @pytest.mark.parametrize("name, keys, size", [("executorch", {"threads"}, 2), ("litert", {"threads"}, 2),
-                                              ("openvino", {"threads", "performance_hint"}, 4),
+                                              ("openvino", {"threads", "performance_hint"}, 2),
                                               ("ort", {"intra_op_threads", "graph_optimization_level", "execution_mode"}, 4)])
 def test_tune_edge_covers_each_runtimes_settings_and_they_reach_its_session(tmp_path, name, keys, size):
     """Issue 27, item 2: each edge runtime tuned in its own terms, timed interleaved; the chosen settings open the artifact."""
