@@ -338,8 +338,10 @@ class FolderDataset(ImageDataset):
                 idx = torch.tensor(b, dtype=torch.int64)
                 yield idx, self.raw(idx)
             return
+        # forkserver, not fork: a process that has run a native runtime with its own thread pools (OpenVINO's TBB arenas,
+        # measured) can die of SIGSEGV when forked; the workers start from a clean server process instead.
         loader = DataLoader(_Decode(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, prefetch_factor=4,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, multiprocessing_context="forkserver")
         for index, x, error in loader:
             if error is not None:
                 raise DataError(error)
