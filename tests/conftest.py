@@ -155,6 +155,18 @@ def edge_teacher(tmp_path_factory, fmnist):
                            int8_reference=ort_predict(ort_session(root / "model.int8.onnx"), x))
 
 
+class _DataDependent(nn.Module):
+    """A branch on the input's values (Python control flow on a tensor): torch.export, and so every exporter, refuses it."""
+
+    def __init__(self, in_features: int = 784, classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, classes)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y if float(y.sum()) > 0 else -y
+
+
 class TinyNet(nn.Module):
     """A 1x8x8 -> K classifier small enough to train in milliseconds."""
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import _DataDependent
 from kdedge.bench.timing import measure_interleaved
 from kdedge.config import SearchConfig
 from kdedge.errors import ConfigError, ModelError
@@ -500,18 +501,6 @@ def test_the_pick_is_the_most_accurate_finalist_within_budget_on_its_retiming():
     assert pick(["a", "b", "c"], acc, searched, {}, 0.01) == "a"
     assert pick(["a", "b", "c"], acc, searched, {"a": 0.011, "b": 0.0095, "c": 0.0099}, 0.01) == "c"  # a is over; b and c tie: the faster searched
     assert pick(["a", "b", "c"], acc, searched, {"a": 0.012, "b": 0.013, "c": 0.011}, 0.01) == "c"  # none within: the fastest re-timed
-
-
-class _DataDependent(nn.Module):
-    """A branch on the input's values: torch.export (and so ExecuTorch's lowering) refuses it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(784, 10)
-
-    def forward(self, x):
-        y = self.fc(x.flatten(1))
-        return y if float(y.sum()) > 0 else -y
 
 
 @pytest.mark.edge("executorch")
