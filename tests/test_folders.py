@@ -82,6 +82,16 @@ def test_worker_processes_decode_the_same_batches(png_folder):
         assert torch.equal(i1, i2) and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+
+def test_worker_batches_leave_the_processs_sigchld_handler_as_it_was(png_folder):
+    """torch's DataLoader installs a Python SIGCHLD handler for good; with it, a process that tuned OpenVINO dies at its next child."""
+    import signal
+
+    root, _, _ = png_folder
+    before = signal.getsignal(signal.SIGCHLD)
+    got = list(load_folder(root, workers=2).train.batches([torch.tensor([5, 3]), torch.tensor([0])]))
+    assert len(got) == 2 and signal.getsignal(signal.SIGCHLD) is before
+
 def test_mean_std_are_measured_on_training_images_and_recorded(png_folder):
     root, (xtr, _), _ = png_folder
     spec = load_folder(root, workers=0).spec

@@ -8,6 +8,8 @@ the rule given whatever was measured.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -259,6 +261,42 @@ def test_tune_edge_covers_each_runtimes_settings_and_they_reach_its_session(tmp_
     assert session.threads == r.best.get("threads", r.best.get("intra_op_threads"))
     np.testing.assert_allclose(session.run(x[:1]), load_edge(name, path).run(x[:1]), rtol=1e-5, atol=1e-5)  # timed at batch 1: its artifact's batch
 
+
+
+_TUNE_THEN_FORK = """
+import subprocess, sys
+import numpy as np, torch
+from pathlib import Path
+from kdedge.bench.tuning import tune_edge
+from kdedge.data.folders import load_folder, write_image_folder
+from kdedge.models import ModelSpec, create_model
+from kdedge.search.latency import LatencyMeter
+
+def main(tmp):
+    spec = ModelSpec("tiny_cnn", 1.0, 10, (1, 28, 28))
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    path = LatencyMeter(x, num_classes=10, target="openvino-cpu").artifact(create_model(spec).eval(), spec, tmp)
+    tune_edge("openvino", path, x[:1], threads=[1, 2], budget_s=0.1, rounds=2)  # two thread counts compiled, then released
+    images = np.random.default_rng(1).integers(0, 255, (8, 28, 28), dtype=np.uint8)
+    for split in ("train", "test"):
+        write_image_folder(tmp / "photos", split, images, np.arange(8) % 2, ("a", "b"))
+    list(load_folder(tmp / "photos", workers=2).train.batches([torch.tensor([0, 1]), torch.tensor([2])]))
+    for _ in range(3):  # each child's exit is a SIGCHLD
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    print("survived")
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.edge("openvino")
+def test_a_process_that_tuned_openvino_and_read_a_folder_survives_its_next_child(tmp_path):
+    """The suite's worker died of SIGSEGV here: OpenVINO sessions at two thread counts, a worker DataLoader, then subprocess.run."""
+    script = tmp_path / "tune_then_fork.py"
+    script.write_text(_TUNE_THEN_FORK)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 def test_edge_settings_a_runtime_does_not_take_are_one_clear_error(tmp_path):
     from kdedge.exporters.edge import edge_session_kwargs

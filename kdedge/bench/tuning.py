@@ -174,7 +174,7 @@ def tune_edge(name: str, path: str | Path, inputs: np.ndarray, *, threads: Seque
     """The fastest settings of an edge artifact in its own runtime (:func:`kdedge.exporters.edge.load_edge`) on ``inputs``.
 
     The grid: ExecuTorch's XNNPACK and LiteRT, the thread count; OpenVINO, the thread count at the
-    LATENCY hint (one stream; see the grid's comment for THROUGHPUT); the ORT format,
+    LATENCY hint (one stream: a single request at a time, as timed here); the ORT format,
     onnxruntime's thread count and execution mode (its graph was optimized when it was written).
     Every session of the grid is opened at once and timed interleaved, like :func:`tune_onnx`
     (ExecuTorch's one thread pool is switched at the start of each block, in its untimed calls).
@@ -186,9 +186,8 @@ def tune_edge(name: str, path: str | Path, inputs: np.ndarray, *, threads: Seque
     counts = _thread_counts(threads)
     _check_knobs(budget_s, rounds, tie)
     if fmt.name == "openvino":
-        # LATENCY only: a THROUGHPUT-compiled model (several streams, each its own TBB arena) left a process that later forks
-        # (a DataLoader's workers) to die of SIGSEGV (tests/test_tuning.py then test_search.py then test_folders.py, in one
-        # process); a batch-1 caller waits on one request anyway. The hint stays a setting a deployment can pass.
+        # LATENCY only: the tuned call is one batch-1 request, which waits on one stream whatever the hint; THROUGHPUT's
+        # streams serve concurrent requests, which this timing does not make. The hint stays a setting a deployment can pass.
         grid = [{"threads": t, "performance_hint": "LATENCY"} for t in counts]
     elif fmt.name == "ort":
         grid = [{"intra_op_threads": t, "graph_optimization_level": "all", "execution_mode": m} for t in counts for m in _MODES]

@@ -20,6 +20,8 @@ import hashlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -338,14 +340,13 @@ class FolderDataset(ImageDataset):
                 idx = torch.tensor(b, dtype=torch.int64)
                 yield idx, self.raw(idx)
             return
-        # forkserver, not fork: a process that has run a native runtime with its own thread pools (OpenVINO's TBB arenas,
-        # measured) can die of SIGSEGV when forked; the workers start from a clean server process instead.
         loader = DataLoader(_Decode(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, prefetch_factor=4,
-                            pin_memory=pin_memory, multiprocessing_context="forkserver")
-        for index, x, error in loader:
-            if error is not None:
-                raise DataError(error)
-            yield index, x
+                            pin_memory=pin_memory)
+        with _sigchld_restored():
+            for index, x, error in loader:
+                if error is not None:
+                    raise DataError(error)
+                yield index, x
 
     def batches(self, index_batches: Iterable[torch.Tensor], *, device: torch.device | str | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -359,6 +360,26 @@ class FolderDataset(ImageDataset):
     def listing_sha256(self) -> str:
         """sha256 of the relative paths, sizes and modification times: this split's files, wherever the folder lies."""
         return _listing_sha256(self.files, self.stats)
+
+
+@contextlib.contextmanager
+def _sigchld_restored() -> Iterator[None]:
+    """The process's SIGCHLD handler as it was before, once the DataLoader's workers are done.
+
+    torch installs a Python SIGCHLD handler for its first worker DataLoader and leaves it for the
+    life of the process. With it installed, a process that has opened and closed OpenVINO models
+    compiled for different thread counts (runtime tuning does) dies of SIGSEGV at the next child
+    that exits (a ``subprocess.run``): measured with openvino 2026.4.1, any Python-level SIGCHLD
+    handler, even a no-op, does it; the default disposition does not. Worker deaths are still
+    reported by torch's own liveness check while the loader runs.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
+    try:
+        yield
+    finally:
+        if saved is not None and signal.getsignal(signal.SIGCHLD) is not saved:
+            signal.signal(signal.SIGCHLD, saved)
 
 
 def _listing_sha256(files: np.ndarray, stats: np.ndarray) -> str:
