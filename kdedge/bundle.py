@@ -46,12 +46,23 @@ from kdedge.bench.harness import BenchModel, artifact_variant, benchmark
 from kdedge.bench.report import write_report_files
 from kdedge.bench.runners import TARGETS, target_available
 from kdedge.bench.tuning import settings_call, time_within, tune
-from kdedge.config import BenchConfig, CompressConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig, SearchConfig, config_to_yaml
+from kdedge.config import (
+    PRUNE_TARGETS,
+    TARGET_PRECISIONS,
+    BenchConfig,
+    CompressConfig,
+    DistillConfig,
+    ExportConfig,
+    PruneConfig,
+    QATConfig,
+    SearchConfig,
+    config_to_yaml,
+)
 from kdedge.data import DataSplits, hold_out, load_data_for
 from kdedge.data.normalization import InputMap
 from kdedge.data.pixels import InputFormat, input_format, recorded_input_format
 from kdedge.distill.teacher import FrozenTeacher, teacher_input_map
-from kdedge.errors import BackendUnavailable, ConfigError, KdedgeError
+from kdedge.errors import BackendUnavailable, ConfigError, ExportError, KdedgeError
 from kdedge.exporters import ExportResult, export_model
 from kdedge.tblog import sub_dir
 from kdedge.exporters.edge import EDGE_FORMATS, edge_unavailable, export_edge
@@ -88,11 +99,13 @@ class BundleResult:
 
 
 
-def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, max_quant_drop: float) -> dict[str, dict[str, Any]]:
+def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, max_quant_drop: float,
+              decided: tuple[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per target, the fastest student artifact (batch-1 p50) whose accuracy is within the gate of FP32.
 
     INT8 is not always faster — on a ~100 k-parameter CNN it can be slower — so this is decided
-    by the measured rows, never by precision alone.
+    by the measured rows, never by precision alone. ``decided`` (target, precision): a latency
+    budget's decision chose that precision on that target; its artifact is recommended there.
     """
     fp32_acc = next((a["accuracy"]["accuracy"] for a in artifacts if a["format"] == "onnx" and a["precision"] == "fp32" and a.get("accuracy")), None)
     by_variant = {artifact_variant(a): a for a in artifacts if a.get("details", {}).get("for") != "tensorrt"}
@@ -116,6 +129,9 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             ok = drop is None or drop <= max_quant_drop
             candidates.append((r["latency_ms"]["p50_ms"], r["variant"], acc, drop, ok, r))
         candidates.sort(key=lambda c: c[:2])  # by p50, then name: one row per variant at this batch
+        chosen = decided is not None and decided[0] == target and any(by_variant[c[1]]["precision"] == decided[1] for c in candidates)
+        if chosen:
+            candidates = [c for c in candidates if by_variant[c[1]]["precision"] == decided[1]]  # type: ignore[index]
         passing = [c for c in candidates if c[4]]
         if not passing:
             continue
@@ -127,7 +143,8 @@ def recommend(rows: list[dict[str, Any]], artifacts: list[dict[str, Any]], *, ma
             "p50_ms": p50,
             "threads": row.get("threads_used"),
             "accuracy": acc,
-            "why": "fastest at batch %d among variants within %.2g pt of FP32%s: %s" % (
+            "why": ("the latency budget's decision (manifest decision): %s; " % decided[1] if chosen else "")  # type: ignore[index]
+            + "fastest at batch %d among variants within %.2g pt of FP32%s: %s" % (
                 smallest, max_quant_drop, " on validation" if val_drop else "", ", ".join(f"{v} {t:.4f} ms{'' if ok else ' (fails accuracy)'}" for t, v, _, _, ok, _ in candidates)),
         }
     return out
@@ -191,6 +208,19 @@ def evaluate_gates(*, student_acc: float, teacher_acc: float, artifacts: list[di
     return gates
 
 
+def _budget_gate(decision: dict[str, Any]) -> dict[str, Any]:
+    """The decision's gate: the shipped file's p50 on the target against the budget (all contenders timed interleaved with it)."""
+    winner = decision["winner"]
+    timed = [r for r in decision["rows"] if "p50_ms" in r]
+    fastest = min(timed, key=lambda r: r["p50_ms"]) if timed else None
+    row = winner or fastest
+    where = f"on {decision['target']} at {decision['threads']} thread{'s' if decision['threads'] > 1 else ''}, batch 1"
+    detail = (f"{row['contender']} {row['precision']} ({row['architecture']}) {where}, timed interleaved with every contender" if winner else
+              f"no contender meets the budget {where}; the fastest, {row['contender']} {row['precision']} ({row['architecture']}), is kept "
+              "for the record: raise --latency-budget" if row else f"no contender ran {where}")
+    return {"value": row["p50_ms"] if row else None, "limit": decision["budget_ms"], "passed": winner is not None, "detail": detail}
+
+
 #: Files whose bytes carry timings or timestamps; every other file is reproducible bit for bit, but for :data:`_UNSTABLE_SUFFIXES`.
 _TIMING_FILES = ("models/export.json", "report.json", "report.md", "report.html", "plots/", "search/")
 #: Artifacts whose converter lays out the same model differently on every run: onnxruntime's ORT-format serializer
@@ -250,7 +280,8 @@ def _write_archive(bundle: Path) -> Path:
 
 
 def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The formats and targets ``auto`` means on this machine (see :class:`CompressConfig`)."""
+    """The formats and targets ``auto`` means on this machine (see :class:`CompressConfig`); with ``latency_budget``, ``auto`` also takes
+    ``target`` and its edge format (FP32 and INT8), so the decided file ships and is benchmarked where it was chosen."""
     import importlib.util
 
     cuda = torch.cuda.is_available()
@@ -265,6 +296,12 @@ def resolve_auto(config: CompressConfig) -> tuple[tuple[str, ...], tuple[str, ..
     if targets == ("auto",):
         targets = ("torch-cpu", "ort-cpu") + (("torch-cuda",) if cuda else ()) + (("trt",) if trt else ())
         targets += tuple(EDGE_FORMATS[name].target for name in edge)
+    if config.latency_budget is not None:  # the budget's target ships its own files and is benchmarked, whatever auto took
+        runtime = TARGETS[config.target][0]
+        if runtime in EDGE_FORMATS and config.formats == ("auto",):
+            formats += tuple(f for f in (runtime, f"{runtime}-int8") if f not in formats)
+        if config.targets == ("auto",) and config.target not in targets:
+            targets += (config.target,)
     return formats, targets
 
 
@@ -294,6 +331,7 @@ class BundlePlan:
     teacher_bench: BenchModel
     search: Path | None = None  # with --latency-budget: the search directory that chose the student
     pruning: dict[str, Any] | None = None  # with --prune: how the teacher was pruned into the student (kdedge.prune's record)
+    decision: dict[str, Any] | None = None  # with --latency-budget: every contender as measured on the target, and the one shipped
 
 
 def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False, log: Callable[[str], None] | None = None) -> BundlePlan:
@@ -313,6 +351,12 @@ def plan_bundle(config: CompressConfig, *, work: Path, trust_code: bool = False,
         why = target_available(target)
         if why:
             raise BackendUnavailable(why)
+    if config.latency_budget is not None:  # the decision's target: every contender is exported to it and run there
+        if why := target_available(config.target):
+            raise BackendUnavailable(f"--target {why}")
+        runtime = TARGETS[config.target][0]
+        if runtime in EDGE_FORMATS and (why := edge_unavailable(runtime, purpose="export")):
+            raise BackendUnavailable(f"--target {config.target}: {why}")
     data = load_data_for(config)
     pixels = input_format(config.input_format, data.spec)  # uint8 pixels need 8-bit data: refused before training, not at the export
     teacher = resolve_teacher(config.teacher, data.spec, weights=config.teacher_weights, trust_code=trust_code)
@@ -348,16 +392,20 @@ def _prunable_teacher(config: CompressConfig, teacher: ResolvedTeacher, data: Da
     return teacher.model, teacher.spec
 
 
-def _pruned_student(plan: BundlePlan, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+def _pruned_student(plan: BundlePlan, *, progress: bool, log: Callable[[str], None],
+                    budget: dict[str, Any] | None = None) -> tuple[BundlePlan, RunResult]:
     """``--prune SPEEDUP``: the student is the teacher pruned to that measured speedup (onnxruntime on the CPU, ``bench_threads``
-    threads, default 1, batch 1) and recovered by distillation from it with this run's recipe (:func:`kdedge.prune`)."""
+    threads, default 1, batch 1) and recovered by distillation from it with this run's recipe (:func:`kdedge.prune`).
+    ``budget`` replaces the speedup and target (``{"speedup"|"latency_budget": ..., "target": ...}``; a decision's contender)."""
     from kdedge.pruning import prune
 
     config = plan.config
     if plan.data.val is None:  # held out here, as kdedge prune would, so the manifest describes the data the student saw
         plan = dataclasses.replace(plan, data=hold_out(plan.data, 0.1))
     fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume", "teacher", "student")}
-    prune_cfg = PruneConfig(**fields | {"model": config.teacher, "speedup": config.prune, "target": "ort-cpu", "target_threads": config.bench_threads or 1,
+    threads = (config.bench_threads or 1) if budget is None else config.deploy_threads  # --prune's measurement, or the deployment's
+    budget = budget or {"speedup": config.prune, "target": "ort-cpu"}
+    prune_cfg = PruneConfig(**fields | budget | {"model": config.teacher, "target_threads": threads,
                                         "target_batch": 1, "criterion": config.prune_criterion, "allocation": config.prune_allocation, "steps": config.prune_steps,
                                         "step_epochs": config.prune_step_epochs, "round_to": config.prune_round_to,
                                         "ignore_layers": config.prune_ignore_layers, "lr": config.prune_lr})
@@ -518,7 +566,7 @@ def _compress_and_export(config: CompressConfig, claim: Claim, *, progress: bool
             f"({len(data.train)} train{val} / {len(data.test)} test, {config.epochs} epochs)")
         start = time.perf_counter()
         if config.latency_budget is not None:
-            plan, result = _searched_student(plan, Path(work), search, progress=progress, log=log)
+            plan, result = _decided_student(plan, Path(work), search, progress=progress, log=log)
         elif config.prune is not None:
             plan, result = _pruned_student(plan, progress=progress, log=log)
         else:
@@ -540,27 +588,109 @@ def _compress_and_export(config: CompressConfig, claim: Claim, *, progress: bool
     return BundleResult(out=out, manifest=manifest, report=report, archive=archive)
 
 
-def _searched_student(plan: BundlePlan, work: Path, base: SearchConfig | None, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
-    """``--latency-budget``: the student is the one :func:`kdedge.search.search` finds, trained with this run's recipe.
+def _search_precision(target: str) -> str:
+    """What a budget on ``target`` is searched at: INT8 where the target runs it (the bundle ships INT8), else FP32."""
+    return "int8" if "int8" in TARGET_PRECISIONS[target] else "fp32"
 
-    Latency is measured on ort-cpu with ``bench_threads`` (default 1) at batch 1; the search's
-    record (``search.json``, the plot) goes into the bundle's ``search/`` folder.
+
+def _decided_student(plan: BundlePlan, work: Path, base: SearchConfig | None, *, progress: bool,
+                     log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+    """``--latency-budget MS --target T``: every contender of ``--contenders`` trained, made into T's files at FP32 and INT8, proven and
+    timed there together (:func:`kdedge.search.decide`); the most accurate on validation within the budget is the student.
+
+    A contender that cannot be made (a search with no candidate in budget, an ONNX teacher to prune) is recorded with its
+    reason. When no file meets the budget the fastest contender is bundled and the ``latency_budget`` gate rejects it.
     """
-    from kdedge.search import search
+    from kdedge.search import Contender, decide
 
     config = plan.config
     if plan.data.val is None:  # held out here, as kdedge search would, so the manifest describes the data the student saw
         plan = dataclasses.replace(plan, data=hold_out(plan.data, 0.1))
+    built: dict[str, tuple[BundlePlan, RunResult]] = {}
+    contenders, not_built = [], {}
+    for lever in config.contenders:
+        log(f"decide: making the {lever} contender")
+        try:
+            if lever == "searched":
+                built[lever] = _searched_student(plan, work, base, progress=progress, log=log)
+            elif lever == "pruned":
+                built[lever] = _pruned_to_budget(plan, work, progress=progress, log=log)
+            else:
+                built[lever] = plan, distill(plan.student, plan.teacher.model, plan.data.train, plan.data.test, val_data=plan.data.val,
+                                             config=plan.distill_config, student_spec=plan.student_spec, teacher_name=plan.teacher.name,
+                                             teacher_input=plan.teacher.input, progress=progress)
+        except KdedgeError as exc:
+            not_built[lever] = str(exc)
+            log(f"decide: no {lever} contender: {exc}")
+            continue
+        p, r = built[lever]
+        contenders.append(Contender(lever, r.model, p.student_spec, how=_how(lever, p)))
+    calibration = plan.data.train.sample(config.calibration_samples, seed=0).numpy()
+    teacher = None if plan.teacher.is_onnx else plan.teacher.model
+    decision = decide(contenders, plan.data.val, target=config.target, budget_ms=config.latency_budget, calibration=calibration,  # type: ignore[arg-type]
+                      teacher=teacher, teacher_spec=plan.teacher.spec, threads=config.deploy_threads, work=work / "decide",
+                      not_built=not_built, log=log)
+    record = decision.to_dict()
+    chosen = decision.winner_contender()
+    if chosen is None:  # nothing meets the budget: the fastest is bundled for the record and the latency_budget gate rejects it
+        timed = [r for r in decision.rows if "p50_ms" in r]
+        if not timed:
+            raise ExportError(f"no contender could run on {config.target}: " + "; ".join(f"{r['contender']} {r['precision']}: {r.get('error')}" for r in decision.rows))
+        chosen = min(timed, key=lambda r: r["p50_ms"])["contender"]
+    plan, result = built[chosen]
+    return dataclasses.replace(plan, decision=record), result
+
+
+def _how(lever: str, plan: BundlePlan) -> str:
+    if lever == "searched":
+        return f"kdedge search on {plan.config.target} at {_search_precision(plan.config.target)}: {plan.student_spec.name}"
+    if lever == "pruned":
+        result = (plan.pruning or {}).get("result") or {}
+        return f"the teacher pruned (kdedge prune, {result.get('speedup', float('nan')):.1f}x on {result.get('target', 'ort-cpu')}) and recovered"
+    return f"--student {plan.config.student} distilled"
+
+
+def _searched_student(plan: BundlePlan, work: Path, base: SearchConfig | None, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+    """The student :func:`kdedge.search.search` finds, trained with this run's recipe.
+
+    Latency is measured on ``target`` (INT8 where it runs INT8) with ``deploy_threads`` at batch 1;
+    the search's record (``search.json``, the plot) goes into the bundle's ``search/`` folder.
+    """
+    from kdedge.search import search
+
+    config = plan.config
     fields = {k: v for k, v in vars(config).items() if k in DistillConfig.__dataclass_fields__ and k not in ("out", "resume")}
     search_cfg = dataclasses.replace(base or SearchConfig(latency_budget=config.latency_budget), **fields | {
-        "val_split": config.val_split or 0.1, "latency_budget": config.latency_budget, "target": "ort-cpu",
-        "target_threads": config.bench_threads or 1, "target_batch": 1})
+        "val_split": config.val_split or 0.1, "latency_budget": config.latency_budget, "target": config.target,
+        "target_precision": _search_precision(config.target), "target_threads": config.deploy_threads, "target_batch": 1})
     found = search(plan.teacher.model, plan.data, config=search_cfg, out=work / "search", teacher_name=plan.teacher.name,
                    teacher_input=plan.teacher.input, progress=progress, log=log)
     assert found.student is not None  # a fresh search trains its finalists
     spec = load_checkpoint(found.out / "student").spec
     plan = dataclasses.replace(plan, student=found.student.model, student_spec=spec, search=found.out)
     return plan, found.student
+
+
+def _pruned_to_budget(plan: BundlePlan, work: Path, *, progress: bool, log: Callable[[str], None]) -> tuple[BundlePlan, RunResult]:
+    """The teacher pruned toward the budget: to it directly where pruning times on the target at FP32, else to the speedup the budget
+    asks of the teacher on the target (its p50 there at the search precision ÷ the budget), timed on onnxruntime."""
+    from kdedge.search import LatencyMeter
+
+    config = plan.config
+    if plan.teacher.is_onnx:
+        raise ConfigError(f"the teacher {plan.teacher.path} is an ONNX file: its channels cannot be pruned (pass its PyTorch checkpoint)")
+    _prunable_teacher(config, plan.teacher, plan.data)
+    precision = _search_precision(config.target)
+    if config.target in PRUNE_TARGETS and precision == "fp32":
+        return _pruned_student(plan, progress=progress, log=log, budget={"latency_budget": config.latency_budget, "target": config.target})
+    meter = LatencyMeter(plan.data.train.batch_of(LatencyMeter.CALIBRATION), num_classes=plan.data.spec.num_classes, target=config.target,
+                         threads=config.deploy_threads, precision=precision, log=log)
+    teacher_p50 = meter.measure({"teacher": plan.teacher.spec}, modules={"teacher": plan.teacher.model})["teacher"]["p50_ms"]
+    speedup = teacher_p50 / config.latency_budget  # type: ignore[operator]
+    if speedup <= 1:
+        raise ConfigError(f"the teacher already meets the budget on {config.target} ({teacher_p50:.4f} ms <= {config.latency_budget} ms): nothing to prune")
+    log(f"decide: the teacher takes {1000 * teacher_p50:.1f} µs on {config.target} {precision}: pruning it {speedup:.1f}x (timed on ort-cpu)")
+    return _pruned_student(plan, progress=progress, log=log, budget={"speedup": speedup, "target": "ort-cpu"})
 
 
 def _search_summary(search_dir: Path) -> dict[str, Any]:
@@ -611,21 +741,24 @@ def _write_candidate(tmp: Path, plan: BundlePlan, result: RunResult, timings: di
                             threads=config.bench_threads, export_variants=("fp32",), warmup_s=0.1, min_iters=20)  # nothing left to export
     log(f"bench: teacher and student on {', '.join(targets)} at batch {','.join(map(str, config.batch_sizes))}")
     report = benchmark([plan.teacher_bench, student_bm], data, bench_cfg, log=log)
-    # frontier.png on the target the search measured the budget on (ort-cpu) when it was timed, else the fastest student's target
-    on_search_target = config.latency_budget is not None and any(r["target"] == "ort-cpu" and r.get("accuracy") for r in report["rows"])
-    write_report_files(report, tmp, frontier=True, target="ort-cpu" if on_search_target else None,
-                       budget_ms=config.latency_budget if on_search_target else None, title="kdedge bundle")
+    if plan.decision is not None:  # report.md/html's decision table and frontier.png: every contender on the budget's target
+        report["decision"] = _decision_entry(plan.decision)
+    write_report_files(report, tmp, frontier=True, budget_ms=config.latency_budget, title="kdedge bundle")
     if config.log_dir:  # the latency and accuracy tables beside the training curves
         from kdedge.tblog import write_text
 
         write_text(config.log_dir, "bundle/report", (tmp / "report.md").read_text(), step=config.epochs)
     timings["bench"] = time.perf_counter() - start
 
-    recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop)
+    winner = (plan.decision or {}).get("winner")
+    recommended = recommend(report["rows"], artifacts, max_quant_drop=config.max_quant_drop,
+                            decided=(config.target, winner["precision"]) if winner else None)
     # With a validation split the gates judge validation accuracy: the test split stays the final report's, not a tuning signal.
     judged = (result.val, result.teacher_val, "validation") if result.val is not None and result.teacher_val is not None else (result.test, result.teacher_test, "test")
     gates = evaluate_gates(student_acc=judged[0].accuracy, teacher_acc=judged[1].accuracy, artifacts=artifacts, recommended=recommended,  # type: ignore[union-attr]
                            rows=report["rows"], config=config, split=judged[2])
+    if plan.decision is not None:
+        gates["latency_budget"] = _budget_gate(plan.decision)
     tuned: list[dict[str, Any]] = []
     if config.tune_runtime and all(g["passed"] for g in gates.values()):  # a rejected candidate is not deployed: no time spent tuning it
         start = time.perf_counter()
@@ -893,6 +1026,7 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
         ],
         "skipped": exported.skipped,
         "gates": gates,
+        **({"decision": _decision_entry(plan.decision)} if plan.decision is not None else {}),
         "recommended": recommended,
         "fastest": fastest_target(recommended),
         "performance": {"rows": len(report["rows"]), "comparison": [c for c in report["comparison"] if c["batch"] == min(config.batch_sizes)],
@@ -901,6 +1035,14 @@ def _manifest(plan: BundlePlan, result: RunResult, exported: ExportResult, repor
         "reproducibility": {"seed": config.seed, "torch": torch.__version__, "numpy": np.__version__, "device": plan.distill_config.device},
         "timings_s": timings,
     }
+
+
+def _decision_entry(decision: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``decision``: every contender's row without its per-block timings (their p10-p90 stays)."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "blocks_ms"} for r in rows]  # noqa: E731
+    winner = decision["winner"]
+    return decision | {"rows": strip(decision["rows"]), "teacher": strip(decision["teacher"]),
+                       "winner": None if winner is None else {k: v for k, v in winner.items() if k != "blocks_ms"}}
 
 
 def _smoke_inputs(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:

@@ -85,8 +85,11 @@ _HELP = {
                     "runtimes for `fastest` head to head at those settings.",
     "deploy_threads": "Threads the deployment gives the model: runtime tuning tries thread counts up to it, so `fastest` compares runtimes as they "
                       "will run.",
-    "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs): kdedge search finds the most accurate student within it "
-                      "(compress-and-export: measured in onnxruntime on the CPU with --bench-threads, default 1, at batch 1; --student is then ignored).",
+    "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs). search: the most accurate student within it. "
+                      "compress-and-export: every --contenders lever is trained, made into --target's files at FP32 and INT8, proven and timed "
+                      "there together (--deploy-threads, batch 1), and the most accurate on validation within it ships (--student is then a contender).",
+    "contenders": "compress-and-export with --latency-budget: what competes for the budget, comma-separated: searched (kdedge search on --target), "
+                  "pruned (the teacher pruned toward the budget), student (--student distilled).",
     "speedup": "prune: the pruned model's p50 on --target must be this many times faster than the original's (e.g. 4).",
     "flops_ratio": "prune: the pruned model's FLOPs as a fraction of the original's (e.g. 0.25), instead of a measured budget.",
     "criterion": 'prune: channel importance: magnitude (group L2), bn_scale (BatchNorm |γ|), taylor (|w·∂L/∂w|), or auto (each on step 1, best on validation).',
@@ -107,8 +110,9 @@ _HELP = {
     "prune_lr": "With --prune: the recovery's peak learning rate (a fine-tune of the teacher's weights).",
     "prune_round_to": 'With --prune: keep channel counts multiples of this.',
     "prune_ignore_layers": 'With --prune: teacher layers to keep whole (module names, comma-separated).',
-    "target": "search, prune: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch); search also "
-              "executorch-cpu, litert-cpu, openvino-cpu, ort-mobile-cpu (each candidate exported to that runtime) and, with a GPU, torch-cuda, ort-cuda.",
+    "target": "search, prune, compress-and-export --latency-budget: where latency is measured: ort-cpu (the exported ONNX in onnxruntime) or torch-cpu (eager PyTorch); search also "
+              "executorch-cpu, litert-cpu, openvino-cpu, ort-mobile-cpu (each candidate exported to that runtime) and, with a GPU, torch-cuda, ort-cuda; "
+              "compress-and-export takes all of search's.",
     "target_precision": "search: what the target runs: fp32, int8 (ort-cpu and the edge runtimes: the candidate quantized as kdedge export does) "
                         "or fp16 (CUDA targets).",
     "target_threads": "search, prune: intra-op threads of the deployment, used for every latency measurement.",

@@ -446,6 +446,8 @@ class CompressConfig(DistillConfig):
     tune_runtime: bool = True
     deploy_threads: int = 1
     latency_budget: float | None = None
+    target: str = "ort-cpu"
+    contenders: tuple[str, ...] = ("searched", "pruned", "student")
     prune: float | None = None
     prune_criterion: str = "auto"
     prune_allocation: str = "auto"
@@ -522,7 +524,17 @@ class CompressConfig(DistillConfig):
             p.append(f"min_speedup must be > 0 or null, got {self.min_speedup}")
         if self.latency_budget is not None and not self.latency_budget > 0:
             p.append(f"latency_budget must be a positive number of milliseconds or null, got {self.latency_budget}")
+        p += _choices(self, ("target", SEARCH_TARGETS))
+        if self.target != "ort-cpu" and self.latency_budget is None:
+            p.append(f"target {self.target} is where --latency-budget is measured, and no latency_budget is given; pass --latency-budget MS")
+        if not self.contenders or any(c not in CONTENDERS for c in self.contenders) or len(set(self.contenders)) != len(self.contenders):
+            p.append(f"contenders must be one or more of {', '.join(CONTENDERS)} (each once), got {','.join(self.contenders) or 'none'}")
         return p
+
+
+#: What ``compress-and-export --latency-budget`` weighs against each other (each at FP32 and, where the target has it, INT8):
+#: the student ``kdedge search`` finds on the target, the teacher pruned to the budget, and ``--student`` distilled as it is.
+CONTENDERS = ("searched", "pruned", "student")
 
 
 #: Where ``kdedge search`` times candidates: every bench target that runs one exported model (the edge runtimes' too, each

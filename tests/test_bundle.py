@@ -530,22 +530,52 @@ def test_auto_formats_and_targets_follow_the_machine():
 
 
 @pytest.mark.slow
-def test_compress_with_a_latency_budget_bundles_the_searched_student(tmp_path):
-    """--latency-budget: the student comes from kdedge search (a small one here), and the bundle carries its record."""
+def test_compress_with_a_latency_budget_ships_the_most_accurate_contender_within_it(tmp_path):
+    """Issue 27, item 5: --latency-budget weighs the searched student and --student, each at FP32 and INT8 on --target, proven and timed
+    there together; the most accurate on validation within the budget ships, and the manifest says why every other row lost."""
     from kdedge.bundle import compress_and_export
     from kdedge.config import CompressConfig, SearchConfig
 
-    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "targets": ("ort-cpu",), "latency_budget": 1.0, "tune_runtime": False,
-                                        "out": str(tmp_path / "b")}))
+    budget = 1.0
+    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "targets": ("ort-cpu",), "latency_budget": budget, "tune_runtime": False,
+                                        "contenders": ("searched", "student"), "out": str(tmp_path / "b")}))
     # One sampled candidate and no zoo: what is checked here is the hand-over from search to bundle (tests/test_search.py ranks the zoo).
-    small_search = SearchConfig(latency_budget=1.0, candidates=1, include_zoo=False, proxy_samples=500, proxy_epochs=1, finalists=1, generations=0)
+    small_search = SearchConfig(latency_budget=budget, candidates=1, include_zoo=False, proxy_samples=500, proxy_epochs=1, finalists=1, generations=0)
     result = compress_and_export(config, search=small_search)
     m = result.manifest
-    searched = m["student"]["searched"]
-    assert searched["latency_budget_ms"] == 1.0 and searched["p50_ms"] <= 1.0 and searched["record"] == "search/search.json"
-    rec = json.loads((result.out / "search" / "search.json").read_text())
-    assert m["student"]["model"]["arch"] == rec["winner"] and rec["config"]["epochs"] == 1  # the bundle's recipe trained the finalist
-    assert {"search/search.json", "search/accuracy_vs_latency.png"} <= {f["path"] for f in m["files"]}
+    d = m["decision"]
+    assert d["target"] == "ort-cpu" and d["budget_ms"] == budget and d["threads"] == 1 and d["not_built"] == {}
+    assert sorted((r["contender"], r["precision"]) for r in d["rows"]) == [(c, p) for c in ("searched", "student") for p in ("fp32", "int8")]
+    assert [(r["contender"], r["precision"]) for r in d["teacher"]] == [("teacher", "fp32"), ("teacher", "int8")]
+    within = [r for r in d["rows"] if r["p50_ms"] <= budget]
+    best = max(r["val_accuracy"] for r in within)
+    assert d["winner"]["val_accuracy"] == best and d["winner"]["verdict"] == "shipped" and d["winner"]["p50_ms"] <= budget
+    for r in d["rows"]:
+        assert r["verdict"] == "shipped" or r["verdict"].startswith(("over budget", "less accurate", "as accurate")), r
+        assert r["p50_range_ms"][0] <= r["p50_ms"] <= r["p50_range_ms"][1] and 0.1 < r["val_accuracy"] <= 1
+    assert m["gates"]["latency_budget"]["passed"] and m["gates"]["latency_budget"]["value"] == d["winner"]["p50_ms"]
+    assert m["student"]["model"]["arch"] == d["winner"]["architecture"] or d["winner"]["architecture"] == m["student"]["model"]["name"]
+    if d["winner"]["contender"] == "searched":
+        rec = json.loads((result.out / "search" / "search.json").read_text())
+        assert rec["target"]["precision"] == "int8" and rec["config"]["epochs"] == 1  # searched at INT8: the bundle ships INT8
+    report_md = (result.out / "report.md").read_text()
+    assert "## Decision: every contender on ort-cpu" in report_md and report_md.count("| searched |") == 2
+    assert (result.out / "plots" / "frontier.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_no_contender_within_the_budget_is_rejected_with_the_record(tmp_path):
+    from kdedge.cli import main
+
+    out = tmp_path / "b"
+    args = ["compress-and-export", "--train-limit", "600", "--test-limit", "200", "--epochs", "1", "--batch-sizes", "1", "--targets", "ort-cpu",
+            "--bench-min-s", "0.02", "--parity-samples", "50", "--calibration-samples", "32", "--no-tune-runtime", "--quiet", "--cache", "memory",
+            "--latency-budget", "0.000001", "--contenders", "student", "--out", str(out)]
+    assert main(args) == 3 and not out.exists()
+    m = json.loads((tmp_path / "b.rejected" / "manifest.json").read_text())
+    gate = m["gates"]["latency_budget"]
+    assert not gate["passed"] and gate["limit"] == 0.000001 and "no contender meets the budget" in gate["detail"] and m["decision"]["winner"] is None
+    assert all(r["verdict"].startswith("over budget") for r in m["decision"]["rows"])
 
 
 def test_report_html_renders_offline_in_chromium(bundle, tmp_path):

@@ -44,7 +44,7 @@ NOT_RUN = re.compile(r"^<!-- not-run: (.{20,}) -->$")
 
 # How many ```python blocks PAGES hold, and how many of them this test runs. A new block
 # changes these numbers on purpose: add it here (and to CHEAP if it is slow), never let it slip by.
-EXPECTED_BLOCKS = 11
+EXPECTED_BLOCKS = 12
 EXPECTED_SCRIPTS = 1  # the consumer example, run by tests/test_bundle.py
 
 SCRIPT_MARKER = "<!-- consumer-example -->"
@@ -156,18 +156,20 @@ def test_docs_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # What the blocks print and write is what the pages say they do (a run may log progress
     # lines first; a block's own print is its last line).
-    api, bundle, export, edge, bench, searched, pruned, qat, kept, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
+    api, bundle, export, edge, bench, searched, decided, pruned, qat, kept, viewed = (out.strip().splitlines()[-1] if out.strip() else "" for _, out in ran)
     # Sensitivity: every convolution and linear layer of the student ranked, and the most sensitive one float in the INT8 file.
     from kdedge.sensitivity import quantizable_layers
 
-    ranked = ast.literal_eval(ran[8][1].strip().splitlines()[-2])
+    ranked = ast.literal_eval(ran[9][1].strip().splitlines()[-2])
     assert sorted(layer for layer, _ in ranked) == sorted(quantizable_layers(namespace["student"])) and ast.literal_eval(kept) == [ranked[0][0]], kept
     # Quantization-aware: the fake-quantized student's accuracy, and its two INT8 artifacts scored in their runtimes; then the
     # export of both together: FP32 from the student (no drop), INT8 from the QAT model with its drop against that FP32 file.
-    qat_acc, shipped = ran[7][1].strip().splitlines()[-2].split(" ", 1)
+    qat_acc, shipped = ran[8][1].strip().splitlines()[-2].split(" ", 1)
     assert 0.3 < float(qat_acc) <= 1 and set(ast.literal_eval(shipped)) == {"model.int8.onnx"}, qat
     both = ast.literal_eval(qat)
     assert set(both) == {"model.onnx", "model.int8.onnx"} and both["model.onnx"] is None and abs(both["model.int8.onnx"]) < 50, qat
+    # The decision over the searched student: its FP32 and INT8 LiteRT files, each with a verdict.
+    assert "('fp32', " in decided and "('int8', " in decided and decided.count("'shipped'") <= 1, decided
     # The pruned teacher: its name carries the digest of its kept widths, and the FLOPs budget was met.
     assert pruned.startswith("resnet-pruned-") and "'met': True" in pruned and " magnitude " in pruned, pruned
     student_acc, student_f1, teacher_acc = (float(v) for v in api.split())

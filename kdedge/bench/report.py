@@ -72,11 +72,22 @@ def _tables(report: dict[str, Any]) -> list[tuple[str | None, list[str], list[li
                          f"{c['latency_speedup']:.1f}×", f"{c['throughput_speedup']:.1f}×", _ratio(c, "params_ratio"), _ratio(c, "flops_ratio"),
                          _ratio(c, "bytes_ratio"), f"{c.get('accuracy_delta_pt', float('nan')):+.2f}", f"{c.get('accuracy_retention', float('nan')):.4f}"]
                         for c in comp]))
+    decision = report.get("decision")
+    if decision:
+        us = lambda ms: f"{1000 * ms:.1f}"  # noqa: E731
+        rows_ = [[r["contender"], r["precision"], r["architecture"], f"{100 * r['val_accuracy']:.2f}" if "val_accuracy" in r else "-",
+                  us(r["p50_ms"]) if "p50_ms" in r else "-", "–".join(us(v) for v in r["p50_range_ms"]) if "p50_range_ms" in r else "-",
+                  r["verdict"]] for r in decision["rows"] + decision["teacher"]]
+        rows_ += [[name, "-", "-", "-", "-", "-", f"not built: {why}"] for name, why in decision.get("not_built", {}).items()]
+        tables.append((f"Decision: every contender on {decision['target']} at {decision['threads']} thread(s), batch 1, budget {us(decision['budget_ms'])} µs "
+                       "(validation accuracy in the target's runtime; all timed interleaved in one run)",
+                       ["contender", "precision", "architecture", "val top-1 %", "p50 µs", "p10–p90 µs", "verdict"], rows_))
     return tables
 
 
 def _numeric(header: str) -> bool:
-    return header not in ("model", "role", "variant", "target", "student variant @ target", "vs teacher variant @ target")
+    return header not in ("model", "role", "variant", "target", "student variant @ target", "vs teacher variant @ target", "contender", "precision",
+                          "architecture", "verdict")
 
 
 def _timing_line(report: dict[str, Any]) -> str:
@@ -208,25 +219,33 @@ def frontier_target(report: dict[str, Any]) -> str | None:
 def write_frontier(report: dict[str, Any], out_dir: Path, *, target: str | None = None, budget_ms: float | None = None) -> Path | None:
     """``frontier.png``: test accuracy vs p50 at the smallest batch on one ``target`` (default :func:`frontier_target`), every
     model and variant timed there, the teacher as squares, the Pareto front, and ``budget_ms`` as a vertical line. None when
-    no row on that target has an accuracy."""
+    no row on that target has an accuracy. A report with a ``decision`` (a bundle's ``--latency-budget``) plots that
+    measurement instead: every contender and the teacher on the decision's target, validation accuracy in its runtime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    target = target or frontier_target(report)
-    rows = [r for r in report["rows"] if r["target"] == target and r.get("accuracy")]
-    if not rows:
+    decision = report.get("decision")
+    if decision:  # the decision's own measurement: every contender and the teacher, timed interleaved, accuracy in the runtime
+        points = [(r["p50_ms"], 100 * r["val_accuracy"], f"{r['contender']} {r['precision']}" + (" (shipped)" if r["verdict"] == "shipped" else ""),
+                   r["contender"] == "teacher") for r in decision["rows"] + decision["teacher"] if "p50_ms" in r and "val_accuracy" in r]
+        target, smallest, budget_ms, split = decision["target"], 1, decision["budget_ms"], "validation"
+    else:
+        target = target or frontier_target(report)
+        rows = [r for r in report["rows"] if r["target"] == target and r.get("accuracy")]
+        smallest = min((r["batch"] for r in rows), default=1)
+        points = [(r["latency_ms"]["p50_ms"], 100 * r["accuracy"]["top1"], f"{r['model']} {r['variant']}" + (" (teacher)" if r["role"] == "teacher" else ""),
+                   r["role"] == "teacher") for r in rows if r["batch"] == smallest]
+        split = "test"
+    if not points:
         return None
-    smallest = min(r["batch"] for r in rows)
-    rows = [r for r in rows if r["batch"] == smallest]
-    xy = [(r["latency_ms"]["p50_ms"], 100 * r["accuracy"]["top1"]) for r in rows]
+    xy = [(x, y) for x, y, _label, _teacher in points]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r, (x, y) in zip(rows, xy):
-        teacher = r["role"] == "teacher"
+    for x, y, label, teacher in points:
         ax.scatter(x, y, s=50, marker="s" if teacher else "o", color="tab:red" if teacher else "tab:blue", zorder=3)
-        ax.annotate(f"{r['model']} {r['variant']}" + (" (teacher)" if teacher else ""), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = pareto_front(xy)
     ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="tab:green", label="Pareto front")
     if budget_ms is not None:
@@ -234,7 +253,7 @@ def write_frontier(report: dict[str, Any], out_dir: Path, *, target: str | None 
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log range overlap
     ax.set_xlabel(f"p50 latency on {target} at batch {smallest} (ms, log scale)")
-    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylabel(f"{split} top-1 accuracy (%)" + (" in the target's runtime" if decision else ""))
     ax.set_title(f"Accuracy vs latency on {target}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -173,18 +173,20 @@ class LatencyMeter:
         log: Called with one line per measured group.
         exporter: ``"torchscript"`` (fast; falls back to torch.export's for a model it cannot export)
             or ``"dynamo"`` (torch.export's, what ships; never cached).
+        calibration: What an INT8 :meth:`artifact` calibrates on instead of the first :attr:`CALIBRATION` ``inputs``: a
+            file whose accuracy matters (:func:`kdedge.search.decide.decide`) is calibrated as ``kdedge export`` does.
     """
 
     def __init__(self, inputs: np.ndarray, *, num_classes: int, target: str = "ort-cpu", threads: int = 1, batch: int = 1,
                  cache: LatencyCache | None = None, group: int = 8, rounds: int = 7, log: Callable[[str], None] | None = None,
-                 exporter: str = "torchscript", precision: str = "fp32") -> None:
+                 exporter: str = "torchscript", precision: str = "fp32", calibration: np.ndarray | None = None) -> None:
         if exporter not in ("dynamo", "torchscript"):
             raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
         if precision not in TARGET_PRECISIONS.get(target, ()):
             raise ConfigError(f"{target} does not time {precision}; it times {' or '.join(TARGET_PRECISIONS.get(target, ('nothing',)))}")
         self.exporter, self.precision = exporter, precision
         self.x = np.ascontiguousarray(inputs[:batch], dtype=np.float32)
-        self.calibration = np.ascontiguousarray(inputs[: self.CALIBRATION], dtype=np.float32)
+        self.calibration = np.ascontiguousarray(inputs[: self.CALIBRATION] if calibration is None else calibration, dtype=np.float32)
         self.target, self.threads, self.batch, self.cache = target, threads, batch, cache
         self.group, self.rounds = max(2, group), rounds
         self.log = log or (lambda _line: None)
