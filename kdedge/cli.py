@@ -84,10 +84,11 @@ _HELP = {
                     "OpenVINO's threads at its LATENCY hint) for the recommended artifact and the teacher, record the best in the manifest, and rank the "
                     "runtimes for `fastest` head to head at those settings.",
     "deploy_threads": "Threads the deployment gives the model: runtime tuning tries thread counts up to it, so `fastest` compares runtimes as they "
-                      "will run.",
+                      "will run; with --latency-budget, the search, the pruning and the decision time at it.",
     "latency_budget": "The student's p50 latency limit in milliseconds (e.g. 0.02 = 20 µs). search: the most accurate student within it. "
-                      "compress-and-export: every --contenders lever is trained, made into --target's files at FP32 and INT8, proven and timed "
-                      "there together (--deploy-threads, batch 1), and the most accurate on validation within it ships (--student is then a contender).",
+                      "compress-and-export: every --contenders lever is trained, made into --target's files at each precision it runs (FP32 and, "
+                      "where it has it, INT8 by post-training quantization), scored on validation by that runtime and timed there together "
+                      "(--deploy-threads, batch 1); the most accurate within the budget ships (--student is then a contender).",
     "contenders": "compress-and-export with --latency-budget: what competes for the budget, comma-separated: searched (kdedge search on --target), "
                   "pruned (the teacher pruned toward the budget), student (--student distilled).",
     "speedup": "prune: the pruned model's p50 on --target must be this many times faster than the original's (e.g. 4).",

@@ -490,7 +490,8 @@ class CompressConfig(DistillConfig):
         if self.prune is not None and not self.prune > 1:
             p.append(f"prune must be a speedup > 1 (the teacher's p50 ÷ the pruned student's, e.g. --prune 4), got {self.prune}")
         if self.prune is not None and self.latency_budget is not None:
-            p.append("prune and latency_budget both choose the student: --prune SPEEDUP prunes the teacher, --latency-budget searches; give one")
+            p.append("prune and latency_budget both choose the student: --prune SPEEDUP prunes the teacher, --latency-budget decides among "
+                     "--contenders (the pruned teacher among them); give one")
         p += _choices(self, ("prune_criterion", PRUNE_CRITERIA), ("prune_allocation", PRUNE_ALLOCATIONS))
         if not self.prune_lr > 0:
             p.append(f"prune_lr must be > 0, got {self.prune_lr}")
@@ -527,6 +528,13 @@ class CompressConfig(DistillConfig):
         p += _choices(self, ("target", SEARCH_TARGETS))
         if self.target != "ort-cpu" and self.latency_budget is None:
             p.append(f"target {self.target} is where --latency-budget is measured, and no latency_budget is given; pass --latency-budget MS")
+        if self.contenders != CONTENDERS and self.latency_budget is None:
+            p.append(f"contenders {','.join(self.contenders)} compete for a latency budget, and no latency_budget is given; pass --latency-budget MS")
+        if self.latency_budget is not None and self.input_format != "float":
+            p.append(f"latency_budget decides on files that take float input, and input_format is {self.input_format}; "
+                     "decide with --input-format float, then export the winner's checkpoint with --input-format")
+        if self.latency_budget is not None and self.keep_float is not None:
+            p.append("latency_budget decides on fully quantized INT8 files, and keep_float keeps layers float in the shipped one; give one of the two")
         if not self.contenders or any(c not in CONTENDERS for c in self.contenders) or len(set(self.contenders)) != len(self.contenders):
             p.append(f"contenders must be one or more of {', '.join(CONTENDERS)} (each once), got {','.join(self.contenders) or 'none'}")
         return p

@@ -266,6 +266,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str, int]] = {
     "`kdedge search --target-precision` the target does not time": (
         lambda t: ["search", "--latency-budget", "0.05", "--target", "torch-cpu", "--target-precision", "int8", "--out", str(t / "s")],
         "target_precision int8 is not timed on torch-cpu, which times fp32; int8 is timed on ort-cpu, executorch-cpu", 2),
+    "`kdedge compress-and-export --latency-budget` whose target the formats leave out": (
+        lambda t: ["compress-and-export", "--latency-budget", "0.02", "--target", "litert-cpu", "--formats", "onnx,onnx-int8", "--out", str(t / "b")],
+        "--target litert-cpu: the decision ships its litert or litert-int8 file, and --formats lacks litert, litert-int8; add it to --formats", 2),
     "searched architecture name with a bad block": (lambda t: ["distill", "--student", "net:c16k4s2-fc", "--out", str(t / "r")],
                                                     "architecture 'net:c16k4s2-fc': 'c16k4s2': channels must be 1..2048, kernel 1, 3, 5 or 7, stride 1 or 2", 2),
     "`--out` that already exists": (_out_exists, "already exists; pass another --out or remove it", 2),

@@ -39,3 +39,20 @@ def test_decide_refuses_what_it_cannot_weigh(tmp_path):
     with pytest.raises(ConfigError, match="at least one trained contender; searched: no candidate meets"):
         decide([], None, target="ort-cpu", budget_ms=1.0, calibration=None, work=tmp_path,  # type: ignore[arg-type]
                not_built={"searched": "no candidate meets the budget"})
+
+
+def test_a_budget_refuses_what_would_ship_another_file_than_the_one_decided():
+    from kdedge.bundle import resolve_auto
+    from kdedge.config import CompressConfig
+
+    for kwargs, message in [({"input_format": "uint8"}, "decides on files that take float input"),
+                            ({"keep_float": 1}, "quantized INT8 files, and keep_float"),
+                            ({"contenders": ("x",)}, "contenders must be one or more of searched, pruned, student")]:
+        with pytest.raises(ConfigError, match=message):
+            CompressConfig(latency_budget=0.02, **kwargs)
+    with pytest.raises(ConfigError, match="compete for a latency budget, and no latency_budget"):
+        CompressConfig(contenders=("student",))
+    formats, targets = resolve_auto(CompressConfig(latency_budget=0.02, target="litert-cpu"))
+    assert {"litert", "litert-int8"} <= set(formats) and "litert-cpu" in targets
+    with pytest.raises(ConfigError, match="--targets lacks it"):
+        resolve_auto(CompressConfig(latency_budget=0.02, target="ort-cpu", targets=("torch-cpu",)))

@@ -104,7 +104,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for title, header, rows in _tables(report):
         out += ["", f"## {title}", ""] if title else [""]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if _numeric(h) else "---" for h in header) + "|"]
-        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out += ["| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |" for row in rows]  # a reason may hold either
     return "\n".join(out) + "\n"
 
 

@@ -47,13 +47,25 @@ from kdedge.models.zoo import ModelSpec, count_flops, count_parameters, load_che
 from kdedge.pruning.graph import CRITERIA, ChannelGraph
 from kdedge.runs import RunResult, _output, distill
 
-__all__ = ["PruneResult", "prune"]
+__all__ = ["BudgetUnreachable", "PruneResult", "prune"]
 
 #: How a step spreads its removals over the groups: by importance per measured µs saved, or the same share from every group.
 ALLOCATIONS = ("latency", "uniform")
 
 STATE_FILE = "prune-step.safetensors"  # in OUT.partial: the model after its last finished step, and the record so far
 RESUMABLE = ("checkpoint.pt", STATE_FILE)  # a prune run resumes from its final recovery's checkpoint or its last finished step
+
+
+class BudgetUnreachable(ConfigError):
+    """The narrowest model the pruner can make misses the budget (found before anything is trained).
+
+    Attributes:
+        reachable_speedup: With a latency budget, the narrowest model's measured speedup over the original (else None).
+    """
+
+    def __init__(self, message: str, *, reachable_speedup: float | None = None) -> None:
+        super().__init__(message)
+        self.reachable_speedup = reachable_speedup
 
 
 @dataclass
@@ -358,9 +370,10 @@ def _check_reachable(original: nn.Module, record: dict[str, Any], config: PruneC
     record["narrowest"] = {"cost": best, "p50_ms": cost.ms(best)}
     if best > record["target_cost"]:
         asked = _describe(cost, record["target_cost"], c0)
-        raise ConfigError(f"the budget cannot be reached: it asks for {asked}, and the narrowest model this pruner makes (every group at "
-                          f"{config.round_to} channels) runs at {_describe(cost, best, c0)}; "
-                          "ask for less, lower --round-to, or start from a smaller architecture")
+        raise BudgetUnreachable(f"the budget cannot be reached: it asks for {asked}, and the narrowest model this pruner makes (every group at "
+                                f"{config.round_to} channels) runs at {_describe(cost, best, c0)}; "
+                                "ask for less, lower --round-to, or start from a smaller architecture",
+                                reachable_speedup=c0 / best if cost.kind == "latency" else None)
 
 
 def _min_keep(channels: int, round_to: int) -> int:

@@ -134,10 +134,10 @@ def decide(contenders: list[Contender], val: ImageDataset, *, target: str, budge
             try:
                 runner = _runner(target, precision, threads, model.eval(), spec, calibration, work / f"{i}-{name}-{precision}")
                 row["val_accuracy"] = _accuracy(runner, val)
-                calls[str(i)] = runner.prepare(x1)
-            except KdedgeError as exc:
-                row["error"] = str(exc)
-                log(f"decide: {name} {precision} cannot run on {target}: {exc}")
+                calls[str(i)] = _synced(target, runner.prepare(x1))
+            except Exception as exc:  # noqa: BLE001 - a converter or runtime refusing one file: that row loses, the trained others are still weighed
+                row["error"] = str(exc) if isinstance(exc, KdedgeError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log(f"decide: {name} {precision} cannot run on {target}: {row['error']}")
         log(f"decide: timing {len(calls)} files on {target} ({threads} thread{'s' if threads > 1 else ''}, batch 1), interleaved")
         stats = time_within(calls, budget_s=seconds_per_file * len(calls), rounds=rounds) if calls else {}
     finally:
@@ -175,6 +175,19 @@ def _runner(target: str, precision: str, threads: int, model: nn.Module, spec: M
     runner = make_runner(target, path=path, precision=precision, threads=threads)
     runner.check_batch(1)
     return runner
+
+
+def _synced(target: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """On a CUDA target, a call that returns when the GPU has finished (the host clock then times the deployment's latency)."""
+    if TARGETS[target][1] == "cpu":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _accuracy(runner: Any, val: ImageDataset) -> float:
