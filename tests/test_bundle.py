@@ -533,12 +533,12 @@ def test_auto_formats_and_targets_follow_the_machine():
 def test_compress_with_a_latency_budget_ships_the_most_accurate_contender_within_it(tmp_path):
     """Issue 27, item 5: --latency-budget weighs the searched student and --student, each at FP32 and INT8 on --target, proven and timed
     there together; the most accurate on validation within the budget ships, and the manifest says why every other row lost."""
-    from kdedge.bundle import compress_and_export
+    from kdedge.bundle import compress_and_export, verify_bundle
     from kdedge.config import CompressConfig, SearchConfig
 
     budget = 1.0
-    config = CompressConfig(**(SMALL | {"archive": False, "batch_sizes": (1,), "targets": ("ort-cpu",), "latency_budget": budget, "tune_runtime": False,
-                                        "contenders": ("searched", "student"), "out": str(tmp_path / "b")}))
+    config = CompressConfig(**(SMALL | {"archive": False, "keep_float": None, "batch_sizes": (1,), "targets": ("ort-cpu",), "latency_budget": budget,
+                                        "tune_runtime": False, "contenders": ("searched", "student"), "out": str(tmp_path / "b")}))
     # One sampled candidate and no zoo: what is checked here is the hand-over from search to bundle (tests/test_search.py ranks the zoo).
     small_search = SearchConfig(latency_budget=budget, candidates=1, include_zoo=False, proxy_samples=500, proxy_epochs=1, finalists=1, generations=0)
     result = compress_and_export(config, search=small_search)
@@ -561,6 +561,7 @@ def test_compress_with_a_latency_budget_ships_the_most_accurate_contender_within
     report_md = (result.out / "report.md").read_text()
     assert "## Decision: every contender on ort-cpu" in report_md and report_md.count("| searched |") == 2
     assert (result.out / "plots" / "frontier.png").stat().st_size > 10_000
+    assert len(verify_bundle(result.out)["models_run"]) >= 2  # the decision in the manifest does not trouble a deployment's check
 
 
 @pytest.mark.slow
