@@ -569,14 +569,16 @@ def test_no_contender_within_the_budget_is_rejected_with_the_record(tmp_path):
     from kdedge.cli import main
 
     out = tmp_path / "b"
-    args = ["compress-and-export", "--train-limit", "600", "--test-limit", "200", "--epochs", "1", "--batch-sizes", "1", "--targets", "ort-cpu",
-            "--bench-min-s", "0.02", "--parity-samples", "50", "--calibration-samples", "32", "--no-tune-runtime", "--quiet", "--cache", "memory",
-            "--latency-budget", "0.000001", "--contenders", "student", "--out", str(out)]
+    # On torch-cpu (the module itself, FP32 only) with only the ONNX FP32 file exported: the gate's path, at the least cost.
+    args = ["compress-and-export", "--train-limit", "600", "--test-limit", "200", "--epochs", "1", "--batch-sizes", "1", "--targets", "torch-cpu",
+            "--formats", "onnx", "--bench-min-s", "0.02", "--parity-samples", "50", "--no-tune-runtime", "--quiet", "--cache", "memory",
+            "--latency-budget", "0.000001", "--target", "torch-cpu", "--contenders", "student", "--out", str(out)]
     assert main(args) == 3 and not out.exists()
     m = json.loads((tmp_path / "b.rejected" / "manifest.json").read_text())
     gate = m["gates"]["latency_budget"]
     assert not gate["passed"] and gate["limit"] == 0.000001 and "no contender meets the budget" in gate["detail"] and m["decision"]["winner"] is None
-    assert all(r["verdict"].startswith("over budget") for r in m["decision"]["rows"])
+    assert [(r["contender"], r["precision"]) for r in m["decision"]["rows"]] == [("student", "fp32")] and m["decision"]["target"] == "torch-cpu"
+    assert all(r["verdict"].startswith("over budget") for r in m["decision"]["rows"]) and m["decision"]["teacher"][0]["p50_ms"] > 0
 
 
 def test_report_html_renders_offline_in_chromium(bundle, tmp_path):
