@@ -31,6 +31,7 @@ from kdedge.data.spec import ImageDataset
 from kdedge.errors import ConfigError, KdedgeError
 from kdedge.metrics import evaluation_from_predictions
 from kdedge.models import ModelSpec
+from kdedge.search.latency import LatencyMeter, synced
 
 __all__ = ["Contender", "Decision", "decide"]
 
@@ -134,7 +135,7 @@ def decide(contenders: list[Contender], val: ImageDataset, *, target: str, budge
             try:
                 runner = _runner(target, precision, threads, model.eval(), spec, calibration, work / f"{i}-{name}-{precision}")
                 row["val_accuracy"] = _accuracy(runner, val)
-                calls[str(i)] = _synced(target, runner.prepare(x1))
+                calls[str(i)] = synced(target, runner.prepare(x1))
             except Exception as exc:  # noqa: BLE001 - a converter or runtime refusing one file: that row loses, the trained others are still weighed
                 row["error"] = str(exc) if isinstance(exc, KdedgeError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log(f"decide: {name} {precision} cannot run on {target}: {row['error']}")
@@ -165,8 +166,6 @@ def decide(contenders: list[Contender], val: ImageDataset, *, target: str, budge
 
 def _runner(target: str, precision: str, threads: int, model: nn.Module, spec: ModelSpec, calibration: np.ndarray, work: Path) -> Any:
     """The target's runner for ``model`` at ``precision``: the module itself on a torch target, else the file the target runs."""
-    from kdedge.search.latency import LatencyMeter
-
     if TARGETS[target][0] == "torch":
         return make_runner(target, module=model, precision=precision, threads=threads)
     meter = LatencyMeter(calibration, num_classes=spec.num_classes, target=target, threads=threads, batch=1, precision=precision,
@@ -175,19 +174,6 @@ def _runner(target: str, precision: str, threads: int, model: nn.Module, spec: M
     runner = make_runner(target, path=path, precision=precision, threads=threads)
     runner.check_batch(1)
     return runner
-
-
-def _synced(target: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """On a CUDA target, a call that returns when the GPU has finished (the host clock then times the deployment's latency)."""
-    if TARGETS[target][1] == "cpu":
-        return fn
-
-    def run() -> Any:
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def _accuracy(runner: Any, val: ImageDataset) -> float:

@@ -52,7 +52,7 @@ from kdedge.errors import ConfigError, KdedgeError
 from kdedge.exporters.edge import EDGE_FORMATS
 from kdedge.models import ModelSpec, create_model
 
-__all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "time_candidates"]
+__all__ = ["ANCHOR", "LatencyCache", "LatencyMeter", "environment_key", "synced", "time_candidates"]
 
 CACHE_FORMAT = 5  # 2: ratios to the anchor; 3: blocks start with untimed calls, kdedge's version in the key; 4: TorchScript's export timed;
 #                  5: the precision and the edge runtimes' versions in the key
@@ -298,14 +298,14 @@ class LatencyMeter:
             torch.manual_seed(0)
             module = create_model(spec).eval()
         if TARGETS[self.target][0] == "torch":
-            return self._synced(make_runner(self.target, module=module, precision=self.precision, threads=self.threads).prepare(self.x))
+            return synced(self.target, make_runner(self.target, module=module, precision=self.precision, threads=self.threads).prepare(self.x))
         work = path.parent / path.stem
         try:
-            return self._synced(self._prepare(self.artifact(module, spec, work / "trial", exporter=exporter)))
+            return synced(self.target, self._prepare(self.artifact(module, spec, work / "trial", exporter=exporter)))
         except Exception:  # noqa: BLE001 - a trace that does not run at this batch, or that a converter refuses: time the shipped export instead
             if exporter != "torchscript" or not self._from_onnx:
                 raise
-        return self._synced(self._prepare(self.artifact(module, spec, work / "shipped", exporter="dynamo")))
+        return synced(self.target, self._prepare(self.artifact(module, spec, work / "shipped", exporter="dynamo")))
 
     @property
     def _from_onnx(self) -> bool:
@@ -356,18 +356,6 @@ class LatencyMeter:
         runner.check_batch(self.batch)
         return runner.prepare(self.x)
 
-    def _synced(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """On a CUDA target, one call that returns when the GPU has finished: the host clock then times the deployment's latency."""
-        if TARGETS[self.target][1] == "cpu":
-            return fn
-
-        def run() -> Any:
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-
-        return run
-
     def _measure_group(self, names: list[str], specs: dict[str, ModelSpec], modules: dict[str, nn.Module],
                        files: dict[str, Path], exporter: str | None = None, rounds: int | None = None,
                        cacheable: set[str] = frozenset()) -> dict[str, dict[str, Any]]:  # type: ignore[assignment]
@@ -408,6 +396,20 @@ class LatencyMeter:
             self.log(f"search: timed {len(timed)} models + the anchor on {self.target} {self.precision} ({self.threads} thread{'s' if self.threads > 1 else ''}, "
                      f"batch {self.batch}) in {time.perf_counter() - t0:.1f} s")
         return out
+
+
+def synced(target: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` on a CUDA target as one call that returns when the GPU has finished: the host clock then times the deployment's
+    latency. A CPU target's ``fn`` as it is."""
+    if TARGETS[target][1] == "cpu":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _spread(per_round: np.ndarray | list[float]) -> float:
